@@ -1,0 +1,37 @@
+"""netshrink: make trained PyTorch models smaller and faster, and prove it by measuring."""
+
+from netshrink import distill, lowrank, prune, quantize
+from netshrink.context import Context
+from netshrink.errors import (
+    ArtifactError,
+    ConfigError,
+    DataError,
+    InputError,
+    MissingInputError,
+    NetshrinkError,
+    RecipeError,
+    TargetError,
+    UnsupportedModuleError,
+)
+from netshrink.targets import Targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArtifactError",
+    "ConfigError",
+    "Context",
+    "DataError",
+    "InputError",
+    "MissingInputError",
+    "NetshrinkError",
+    "RecipeError",
+    "TargetError",
+    "Targets",
+    "UnsupportedModuleError",
+    "__version__",
+    "distill",
+    "lowrank",
+    "prune",
+    "quantize",
+]

@@ -1,0 +1,41 @@
+"""Helpers for ``(inputs, targets)`` batches, where inputs is a tensor or a tuple of tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from netshrink.context import Batch
+from netshrink.errors import DataError
+
+
+def as_args(inputs: Any) -> tuple[Any, ...]:
+    """Return the positional arguments of a forward call: a tuple stays, anything else wraps."""
+    return tuple(inputs) if isinstance(inputs, tuple | list) else (inputs,)
+
+
+def run(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on ``inputs`` (a tensor or a tuple of positional tensors)."""
+    return model(*as_args(inputs))
+
+
+def materialize(batches: Iterable[Batch], what: str) -> list[Batch]:
+    """Return ``batches`` as a list, raising :class:`DataError` when it is empty or non-finite."""
+    out = list(batches)
+    if not out:
+        raise DataError(f"{what} is empty; give at least one (inputs, targets) batch")
+    for i, (inputs, _) in enumerate(out):
+        for t in as_args(inputs):
+            if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+                raise DataError(f"{what} batch {i} contains NaN or Inf values")
+    return out
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise :class:`DataError` naming the first parameter or buffer holding NaN or Inf."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DataError(f"weight '{name}' contains NaN or Inf; fix the checkpoint first")

@@ -1,0 +1,5 @@
+"""The prune family: every technique is callable as ``netshrink.prune.<name>(model, ...)``."""
+
+from netshrink.registry import export_family
+
+export_family(globals(), "prune")
