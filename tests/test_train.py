@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,6 +15,16 @@ from netshrink.errors import ConfigError, DataError
 from netshrink.metrics import accuracy
 from netshrink.train import finetune, fit
 from netshrink.training.optim import lr_factor
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: several threads each only wait on each other
+    (50x slower under load); other test files of this area import this fixture."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _data(n: int = 128, batch: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -19,6 +19,7 @@ from torch import nn
 
 from netshrink.metrics import accuracy
 from netshrink.train import fit
+from test_train import one_thread  # noqa: F401  (autouse fixture)
 
 SCRIPT = """
 import json, sys, torch
@@ -59,7 +60,11 @@ def model() -> nn.Module:
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     subprocess.run(

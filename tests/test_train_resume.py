@@ -19,6 +19,7 @@ from netshrink.metrics import accuracy
 from netshrink.train import cross_entropy, fit
 from netshrink.training.checkpoint import load_checkpoint, save_checkpoint
 from netshrink.training.loop import CHECKPOINT_NAME
+from test_train import one_thread  # noqa: F401  (autouse fixture)
 
 
 def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,7 +147,11 @@ save_file(dict(ref.state_dict()), out + "/reference.safetensors")
 def test_sigkill_mid_training_then_restart(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        "OMP_NUM_THREADS": "1",
+    }
     cmd = [sys.executable, str(script), str(tmp_path)]
     ckpt = tmp_path / CHECKPOINT_NAME
     proc = subprocess.Popen(cmd, env=env)
