@@ -238,3 +238,37 @@ def test_options_are_validated() -> None:
         ns.distill.kd(built(TinyCNN, 4), temperture=2.0, train_data=images())
     with pytest.raises(ns.MissingInputError, match="train_data"):
         ns.distill.kd(built(TinyCNN, 4))
+
+
+def test_distillation_resumes_bit_identical_with_its_adapters(tmp_path) -> None:
+    options = dict(
+        train_data=images(),
+        epochs=3,
+        lr=0.02,
+        features=["conv1"],
+        progress=False,
+        cache_teacher=False,
+        checkpoint_every=2,
+    )
+    teacher = built(TinyCNN, 8)
+    reference = ns.distill.kd(built(TinyCNN, 4), teacher=teacher, **options)
+
+    calls = {"n": 0}
+
+    def crash_at_step_7(*_: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1 + 7:  # the shape probe, then one teacher call a step
+            raise KeyboardInterrupt
+
+    handle = teacher.register_forward_pre_hook(crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        ns.distill.kd(built(TinyCNN, 4), teacher=teacher, checkpoint_dir=str(tmp_path), **options)
+    handle.remove()
+    calls["n"] = 0
+    teacher.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    resumed = ns.distill.kd(
+        built(TinyCNN, 4), teacher=teacher, checkpoint_dir=str(tmp_path), **options
+    )
+    assert calls["n"] == 1 + (12 - 6)  # resumed from the checkpoint of step 6 of 12
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
