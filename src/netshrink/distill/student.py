@@ -78,9 +78,19 @@ def shrink_depth(model: nn.Module, depth: float) -> nn.Module:
 
 
 def zoo_name(model: nn.Module) -> str | None:
-    """The zoo name a model was built under (``netshrink.zoo`` sets ``zoo_name``), else None."""
+    """The zoo name of a model built by ``netshrink.zoo``, else None.
+
+    A ``zoo_name`` string attribute wins; otherwise the model's class is looked up among the zoo
+    catalog's architectures (a pruned zoo model keeps its class, and its name).
+    """
     name = getattr(model, "zoo_name", None)
-    return name if isinstance(name, str) else None
+    if isinstance(name, str):
+        return name
+    try:
+        from netshrink.zoo.catalog import MODELS
+    except ImportError:  # the zoo is optional for this module
+        return None
+    return next((n for n, entry in MODELS.items() if type(model) is entry.build), None)
 
 
 def _zoo_narrower(name: str, width: float) -> nn.Module:
