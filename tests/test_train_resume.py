@@ -88,6 +88,8 @@ def test_resume_after_exception_is_bit_identical(
     for name, a in reference.state_dict().items():
         assert torch.equal(a, resumed_state[name]), name
 
+    best = load_file(tmp_path / "best.safetensors")
+    assert best.keys() == reference.state_dict().keys()
     # Calling once more finds the finished run and returns its weights without training.
     again = _model()
     assert fit(again, data, checkpoint_dir=tmp_path, checkpoint_every=5, **KW).steps == ref.steps

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -33,11 +34,12 @@ from netshrink.errors import ConfigError
 from netshrink.metrics import accuracy
 from netshrink.progress import track
 from netshrink.training import distributed as dd
-from netshrink.training.checkpoint import load_checkpoint, save_checkpoint
+from netshrink.training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
 from netshrink.training.optim import make_optimizer, make_schedule
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.safetensors"
+BEST_NAME = "best.safetensors"  # the best epoch's model weights, plain safetensors
 
 
 def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -221,6 +223,8 @@ class _Trainer:
             self.result.best_metric, self.result.best_epoch = metric, self.epoch - 1
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.bad_epochs = 0
+            if self.path is not None and self.world.main:
+                write_atomic(self.path.with_name(BEST_NAME), save_tensors(self.best_state))
         else:
             self.bad_epochs += 1
             if patience is not None and self.bad_epochs >= patience:
@@ -264,7 +268,8 @@ def fit(
       at the end; ``patience`` stops after that many epochs without a gain over ``min_delta``.
     - ``checkpoint_dir``: a checkpoint is written there after every epoch and every
       ``checkpoint_every`` steps (0: epochs only); calling ``fit`` again with the same arguments
-      resumes from it and ends with the weights an uninterrupted run would have.
+      resumes from it and ends with the weights an uninterrupted run would have. The best
+      epoch's weights are also kept there as ``best.safetensors``.
     - ``aux``: extra trainable module (e.g. distillation adapters) optimized and checkpointed
       with the model. ``device``: where to train (default: the model's device).
     - ``distributed``: train with DistributedDataParallel over the ``torchrun`` processes
