@@ -165,7 +165,9 @@ def test_sigkill_mid_training_then_restart(tmp_path: Path) -> None:
     killed_at = load_checkpoint(ckpt)
     assert not killed_at["done"] and 0 < killed_at["result"]["steps"] < 60
 
+    (tmp_path / f".{CHECKPOINT_NAME}.x1y2.tmp").write_bytes(b"half a checkpoint")
     subprocess.run(cmd, env=env, check=True, timeout=120)
+    assert not list(tmp_path.glob(".*.tmp"))
     resumed = load_file(tmp_path / "resumed.safetensors")
     reference = load_file(tmp_path / "reference.safetensors")
     assert resumed.keys() == reference.keys()

@@ -145,7 +145,12 @@ class _Trainer:
 
     def restore(self) -> None:
         """Continue from the checkpoint at ``self.path`` if there is one."""
-        if self.path is None or not self.path.exists():
+        if self.path is None:
+            return
+        if self.world.main:  # temporary files of writes a kill interrupted
+            for stale in self.path.parent.glob(".*.safetensors.*.tmp"):
+                stale.unlink(missing_ok=True)
+        if not self.path.exists():
             return
         state = load_checkpoint(self.path)
         if state["fingerprint"] != self.fingerprint:
