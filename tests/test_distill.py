@@ -272,3 +272,18 @@ def test_distillation_resumes_bit_identical_with_its_adapters(tmp_path) -> None:
     assert calls["n"] == 1 + (12 - 6)  # resumed from the checkpoint of step 6 of 12
     for name, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_width_without_pruning_or_zoo_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netshrink import registry
+
+    real_get = registry.get
+
+    def no_channels(name: str):
+        if name == "prune.channels":
+            raise ConfigError("unknown technique 'prune.channels'")
+        return real_get(name)
+
+    monkeypatch.setattr(registry, "get", no_channels)
+    with pytest.raises(UnsupportedModuleError, match=r"width=0\.5 needs structured pruning"):
+        ns.distill.kd(built(TinyCNN, 8), student={"width": 0.5}, train_data=images())

@@ -22,8 +22,8 @@ from netshrink.distill.losses import attention_transfer_loss
 from netshrink.errors import ConfigError, TargetError
 
 # Attention transfer's maps are unit vectors: their squared differences are tiny, so the paper
-# weighs them by beta = 1000 (Zagoruyko & Komodakis 2017, sec. 4.1).
-DEFAULT_WEIGHT = {"hint": 1.0, "attention": 1000.0}
+# weighs them by beta / 2 with beta = 1000 (Zagoruyko & Komodakis 2017, eq. 2 and sec. 4.1).
+DEFAULT_WEIGHT = {"hint": 1.0, "attention": 500.0}
 
 
 class FeatureMatch(Options):
@@ -35,7 +35,7 @@ class FeatureMatch(Options):
         "hint", description="hint: MSE through an adapter (FitNets); attention: attention maps"
     )
     weight: float | None = Field(
-        None, ge=0, le=1e6, description="loss weight (default 1 for hint, 1000 for attention)"
+        None, ge=0, le=1e6, description="loss weight (default 1 for hint, 500 for attention)"
     )
 
     @property
