@@ -115,48 +115,43 @@ def test_checkpoint_round_trip_and_corrupt_file(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "c.safetensors")
 
 
-SCRIPT = """
-import sys, time, torch
-from safetensors.torch import save_file
-from torch import nn
-from netshrink.train import cross_entropy, fit
-
-def data():
+def _sk_data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(160, 6, generator=g)
     y = (x[:, 0] > 0).long()
     return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 160, 8)]
 
-def model():
+
+def _sk_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
+
+
+SK_KW = dict(epochs=3, lr=0.02, seed=5, progress=False, checkpoint_every=4)
+
+SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from netshrink.train import cross_entropy, fit
+from test_train_resume import SK_KW, _sk_data, _sk_model
 
 def slow_loss(m, batch):
     time.sleep(0.02)  # slow enough for the parent to kill the run mid-training
     return cross_entropy(m, batch)
 
-out = sys.argv[1]
-kw = dict(epochs=3, lr=0.02, seed=5, progress=False)
-m = model()
-fit(m, data(), loss_fn=slow_loss, checkpoint_dir=out, checkpoint_every=4, **kw)
-save_file(dict(m.state_dict()), out + "/resumed.safetensors")
-ref = model()
-fit(ref, data(), **kw)
-save_file(dict(ref.state_dict()), out + "/reference.safetensors")
+fit(_sk_model(), _sk_data(), loss_fn=slow_loss, checkpoint_dir=sys.argv[1], **SK_KW)
 """
 
 
 def test_sigkill_mid_training_then_restart(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [sys.executable, str(script), str(tmp_path)]
+    src = str(Path(__file__).parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
     ckpt = tmp_path / CHECKPOINT_NAME
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)], env=env
+    )
     deadline = time.monotonic() + 60
     while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -165,11 +160,13 @@ def test_sigkill_mid_training_then_restart(tmp_path: Path) -> None:
     killed_at = load_checkpoint(ckpt)
     assert not killed_at["done"] and 0 < killed_at["result"]["steps"] < 60
 
+    # Restart (here, in this process: same code, one thread like the child) and compare.
     (tmp_path / f".{CHECKPOINT_NAME}.x1y2.tmp").write_bytes(b"half a checkpoint")
-    subprocess.run(cmd, env=env, check=True, timeout=120)
+    resumed = _sk_model()
+    res = fit(resumed, _sk_data(), checkpoint_dir=tmp_path, **SK_KW)
+    assert res.resumed_from_step == killed_at["result"]["steps"]
     assert not list(tmp_path.glob(".*.tmp"))
-    resumed = load_file(tmp_path / "resumed.safetensors")
-    reference = load_file(tmp_path / "reference.safetensors")
-    assert resumed.keys() == reference.keys()
-    for k in reference:
-        assert torch.equal(resumed[k], reference[k]), k
+    reference = _sk_model()
+    fit(reference, _sk_data(), **SK_KW)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
