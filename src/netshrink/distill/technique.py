@@ -84,7 +84,7 @@ def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
     batches = materialize(ctx.train_data or [], "train_data")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)  # a built student and the adapters start the same every run
-        student = build_student(model, config.student, ctx)
+        student = build_student(model, config.student, ctx.with_(train_data=batches))
         teacher = ctx.teacher if ctx.teacher is not None else model
         if teacher is student:  # self-distillation: learn from a frozen copy of oneself
             teacher = copy.deepcopy(model)
