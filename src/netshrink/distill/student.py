@@ -78,19 +78,13 @@ def shrink_depth(model: nn.Module, depth: float) -> nn.Module:
 
 
 def zoo_name(model: nn.Module) -> str | None:
-    """The zoo name of a model built by ``netshrink.zoo``, else None.
+    """The zoo name of a model built by ``netshrink.zoo`` (its ``netshrink_zoo`` tag), else None.
 
-    A ``zoo_name`` string attribute wins; otherwise the model's class is looked up among the zoo
-    catalog's architectures (a pruned zoo model keeps its class, and its name).
+    A pruned or copied zoo model keeps the tag, so ``width`` stays relative to the zoo's
+    architecture.
     """
-    name = getattr(model, "zoo_name", None)
-    if isinstance(name, str):
-        return name
-    try:
-        from netshrink.zoo.catalog import MODELS
-    except ImportError:  # the zoo is optional for this module
-        return None
-    return next((n for n, entry in MODELS.items() if type(model) is entry.build), None)
+    name = getattr(model, "netshrink_zoo", None)
+    return name if isinstance(name, str) else None
 
 
 def _zoo_narrower(name: str, width: float) -> nn.Module:
