@@ -123,3 +123,13 @@ def test_finetune_evaluates_on_val_data_and_keeps_the_best() -> None:
     ctx = Context(train_data=_data(), val_data=_data(32), progress=False)
     out = finetune(model, FinetuneConfig(epochs=3, lr=0.02), ctx, desc="ft")
     assert out is model and not model.training and accuracy(model, _data(32)) > 0.8
+
+
+def test_sharding_gives_every_rank_as_many_batches_and_covers_all() -> None:
+    from netshrink.training.distributed import World, shard
+
+    parts = [shard(range(5), World(rank, 2)) for rank in range(2)]
+    assert parts == [[0, 2, 4], [1, 3, 0]]  # padded by wrapping, like DistributedSampler
+    assert shard([3, 1, 2], World()) == [3, 1, 2]
+    three = [shard(range(7), World(rank, 3)) for rank in range(3)]
+    assert {len(p) for p in three} == {3} and set().union(*three) == set(range(7))
