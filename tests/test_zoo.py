@@ -174,8 +174,8 @@ def test_short_seeded_training_beats_chance_and_repeats(monkeypatch: pytest.Monk
     entry = catalog.MODELS["digits-mlp"]
     quick = dataclasses.replace(entry, plan=dataclasses.replace(entry.plan, epochs=1))
     monkeypatch.setitem(catalog.MODELS, "digits-mlp", quick)
-    a = catalog._trained("digits-mlp", seed=0, progress=False)
-    b = catalog._trained("digits-mlp", seed=0, progress=False)
+    a = catalog.train_from_scratch("digits-mlp", seed=0, progress=False)
+    b = catalog.train_from_scratch("digits-mlp", seed=0, progress=False)
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(ta, tb), name
     assert accuracy(a, zoo.data("digits-mlp").test) > 0.6  # one epoch; chance is 0.1
