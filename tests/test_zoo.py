@@ -11,6 +11,7 @@ import torch
 import torch.fx
 
 import netshrink.zoo as zoo
+from netshrink import artifact
 from netshrink.artifact.modules import build as build_from_spec
 from netshrink.artifact.modules import spec_of
 from netshrink.errors import ConfigError, ModelReferenceError
@@ -100,6 +101,25 @@ def test_self_attention_with_a_head_removed() -> None:
     rebuilt = build_from_spec(spec_of(layer))
     rebuilt.load_state_dict(layer.state_dict())
     torch.testing.assert_close(rebuilt(x), out)
+
+
+def test_head_pruned_student_round_trips_through_an_artifact(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = zoo.build("digits-transformer", width=0.5).eval()
+    attn = model.blocks[0].attn
+    keep = torch.arange(attn.head_dim, attn.num_heads * attn.head_dim)  # drop head 0
+    for proj in (attn.q, attn.k, attn.v):
+        proj.weight = torch.nn.Parameter(proj.weight.detach()[keep])
+        proj.bias = torch.nn.Parameter(proj.bias.detach()[keep])
+        proj.out_features = len(keep)
+    attn.out.weight = torch.nn.Parameter(attn.out.weight.detach()[:, keep])
+    attn.out.in_features = len(keep)
+    attn.num_heads -= 1
+    x = zoo.example_inputs("digits-transformer", batch=4)
+    artifact.save(model, tmp_path / "student")
+    loaded = artifact.load(tmp_path / "student")  # no model=: rebuilt from "zoo:<name>"
+    assert loaded.blocks[0].attn.num_heads == 3
+    torch.testing.assert_close(loaded(*x), model(*x), rtol=0, atol=0)
 
 
 def test_self_attention_rejects_empty_shapes() -> None:

@@ -67,7 +67,10 @@ def build(name: str, *, width: float = 1.0) -> nn.Module:
     entry = _entry(name)
     if not 0 < width <= 16:
         raise ConfigError(f"width must be in (0, 16], got {width}; 0.5 halves every hidden width")
-    return entry.build(width)
+    model = entry.build(width)
+    # Artifacts record this as architecture "zoo:<name>", so loading needs no model argument.
+    model.netshrink_zoo = name
+    return model
 
 
 def data(name: str, batch_size: int = 64) -> DataSplits:
@@ -99,7 +102,7 @@ def train_from_scratch(name: str, seed: int = 0, progress: bool = True) -> nn.Mo
     entry = _entry(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = entry.build(1.0)
+        model = build(name)
     train_data = digits(batch_size=entry.plan.batch_size).train
     train(model, train_data, entry.plan, seed=seed, progress=progress, desc=f"train zoo:{name}")
     return model
