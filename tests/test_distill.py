@@ -287,3 +287,15 @@ def test_width_without_pruning_or_zoo_is_a_clear_error(monkeypatch: pytest.Monke
     monkeypatch.setattr(registry, "get", no_channels)
     with pytest.raises(UnsupportedModuleError, match=r"width=0\.5 needs structured pruning"):
         ns.distill.kd(built(TinyCNN, 8), student={"width": 0.5}, train_data=images())
+
+
+def test_width_rebuilds_a_zoo_model_narrower() -> None:
+    from netshrink import zoo
+
+    teacher = zoo.build("digits-cnn")
+    data = zoo.data("digits-cnn").train[:1]
+    out = ns.distill.kd(teacher, student={"width": 0.5}, train_data=data, epochs=0, progress=False)
+    assert type(out) is type(teacher)
+    assert sum(p.numel() for p in out.parameters()) < 0.3 * sum(
+        p.numel() for p in teacher.parameters()
+    )
