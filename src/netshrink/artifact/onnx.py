@@ -1,0 +1,190 @@
+"""Export a model to one self-contained ONNX file, written atomically and checked.
+
+Two exporters ship with torch 2.13 and each maps a different quantization idiom to ONNX's
+QuantizeLinear/DequantizeLinear (QDQ) pairs, which ONNX Runtime fuses into integer kernels
+(QGemm, QLinearConv, QLinearMatMul):
+
+- ``dynamo`` (torch's default, ``torch.export`` + onnxscript) translates the
+  ``quantized_decomposed::{quantize,dequantize}_per_{tensor,channel}`` ops. A layer that stores
+  int8 weights and calls ``dequantize_per_channel`` on them exports int8 initializers: the ONNX
+  file holds the weights at one byte each. It cannot trace ``torch.fake_quantize_*`` (no fake
+  tensor kernel for their ``_cachemask`` form).
+- ``torchscript`` (``dynamo=False``, deprecated by torch) translates ``torch.fake_quantize_*``
+  — the QAT idiom — but keeps fp32 weights in the file, and rejects ``quantized_decomposed`` ops.
+
+``exporter="auto"`` tries ``dynamo`` and falls back to ``torchscript`` with a warning, so QAT
+models still export; quantized layers should use the ``quantized_decomposed`` ops for the
+smaller file. See docs/measure.md for the measurements behind this choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from netshrink.errors import ArtifactError, ConfigError, DataError
+
+Exporter = Literal["auto", "dynamo", "torchscript"]
+
+
+def _example_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    args = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    if not args or not all(torch.is_tensor(a) for a in args):
+        raise DataError(
+            "example_inputs must be a non-empty tuple of tensors, e.g. (x,); got "
+            f"{type(example_inputs).__name__}"
+        )
+    return args
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress prints, torchvision notices and deprecation warnings."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export_dynamo(
+    model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int | None, dyn: bool
+) -> None:
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} if a.dim() > 0 else {} for a in args) if dyn else None
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        dynamo=True,
+        external_data=False,
+        opset_version=opset,
+        dynamic_shapes=shapes,
+        verbose=False,
+    )
+
+
+def _export_torchscript(
+    model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int | None, dyn: bool
+) -> None:
+    with torch.no_grad():
+        n_out = len(tree_leaves(model(*args)))
+    inputs = [f"input_{i}" for i in range(len(args))]
+    outputs = [f"output_{i}" for i in range(n_out)]
+    axes = {name: {0: "batch"} for name in inputs + outputs} if dyn else None
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=axes,
+    )
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why an exporter failed (torch.export buries it under a summary head)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    _, found, summary = text.partition("## Exception summary")
+    lines = [ln.strip() for ln in (summary if found else text).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+_EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+
+
+def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
+    """Run the file in ONNX Runtime at another batch size: a baked-in batch fails here."""
+    from netshrink.runtime.ort import OrtRunner
+
+    bigger = tuple(torch.cat([a, a[:1]]) if a.dim() > 0 else a for a in args)
+    try:
+        out = OrtRunner(path, threads=1)(bigger)
+    except Exception as exc:  # ORT raises its own types (Fail, InvalidArgument, ...)
+        raise ArtifactError(
+            f"the exported graph fails at batch {bigger[0].shape[0]}, so its batch is not "
+            f"dynamic; export with dynamic_batch=False or fix the model ({exc})"
+        ) from exc
+    first = out[0] if isinstance(out, tuple) else out
+    if first.ndim == 0 or first.shape[0] != bigger[0].shape[0]:
+        raise ArtifactError(
+            f"the exported graph does not keep a dynamic batch: batch {bigger[0].shape[0]} "
+            f"gave an output of shape {tuple(first.shape)}"
+        )
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: tuple[Any, ...],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    exporter: Exporter = "auto",
+) -> Path:
+    """Export ``model`` (in eval mode) to one ONNX file at ``path``; return the path.
+
+    ``example_inputs`` is the tuple of positional tensors of one forward call. With
+    ``dynamic_batch`` the first dimension of every input and output is symbolic (verified by
+    running the file at another batch size). ``opset`` None takes the exporter's default. The
+    file is written to a temporary name in the same folder, checked with ``onnx.checker`` and
+    renamed into place, so ``path`` never holds a partial model.
+    """
+    if exporter not in ("auto", *_EXPORTERS):
+        raise ConfigError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
+    if opset is not None and not 13 <= opset <= 25:
+        raise ConfigError(f"opset must be in 13..25 (per-channel QDQ needs 13), got {opset}")
+    args = _example_args(example_inputs)
+    if dynamic_batch and any(a.dim() > 0 and a.shape[0] == 1 for a in args):
+        # A batch of one would be specialised to a constant 1 while tracing; trace with two.
+        args = tuple(torch.cat([a, a]) if a.dim() > 0 else a for a in args)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    names = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    was_training = model.training
+    model.eval()
+    errors: list[str] = []
+    try:
+        for name in names:
+            try:
+                with _quiet():
+                    _EXPORTERS[name](model, args, tmp, opset, dynamic_batch)
+                break
+            except Exception as exc:  # each exporter fails in its own way; report them all
+                errors.append(f"{name}: {_reason(exc)}")
+        else:
+            raise ArtifactError(
+                f"ONNX export of {type(model).__name__} failed; " + " | ".join(errors)
+            )
+        if errors:
+            warnings.warn(f"ONNX export fell back to torchscript ({errors[0]})", stacklevel=2)
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:
+            raise ArtifactError(f"the exported ONNX graph is invalid: {exc}") from exc
+        if dynamic_batch:
+            _check_batch(tmp, args)
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        tmp.unlink(missing_ok=True)
+    return path
