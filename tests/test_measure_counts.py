@@ -8,9 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from measure_models import tiny_models
 from torch import nn
 
+from measure_models import tiny_models
 from netshrink.measure import count_macs, count_nonzero, count_params, peak_memory
 
 FAST = settings(max_examples=15, deadline=None)
