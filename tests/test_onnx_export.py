@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.ao.quantization.fx._decomposed
+import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
 from torch import nn
 
 from measure_models import tiny_models
