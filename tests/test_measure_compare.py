@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -41,7 +43,9 @@ def test_compare_rates_come_from_its_own_measurements() -> None:
     assert b.runs == c.runs == 20 and b.batch_size == 4
     table = str(result)
     assert "compression rate 2.00x" in table and "size on disk (bytes" in table
-    assert result.to_dict()["compression_rate"] == result.compression_rate
+    as_json = json.loads(json.dumps(result.to_dict()))
+    assert as_json["compression_rate"] == result.compression_rate
+    assert as_json["candidate"]["bytes"] == c.bytes
 
 
 def test_measure_records_threads_restores_state_and_prints_definitions() -> None:

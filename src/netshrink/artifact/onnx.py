@@ -34,13 +34,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from netshrink.batches import as_args
 from netshrink.errors import ArtifactError, ConfigError, DataError
 
 Exporter = Literal["auto", "dynamo", "torchscript"]
 
 
 def _example_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    args = tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
+    args = as_args(example_inputs)
     if not args or not all(torch.is_tensor(a) for a in args):
         raise DataError(
             "example_inputs must be a non-empty tuple of tensors, e.g. (x,); got "

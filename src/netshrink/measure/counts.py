@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
+from netshrink.batches import as_args
+
 _WEIGHT_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
 
 
@@ -100,7 +102,7 @@ class _SeenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs`` (the whole batch).
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` on the aten ops that actually run
@@ -112,7 +114,7 @@ def count_macs(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
     seen = _SeenOps()
     counter = FlopCounterMode(display=False, custom_mapping=formulas)
     with torch.no_grad(), counter, seen:
-        model(*example_inputs)
+        model(*as_args(example_inputs))
     missed = sorted(
         str(op)
         for op in seen.seen

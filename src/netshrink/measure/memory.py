@@ -16,6 +16,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from netshrink.batches import as_args
+
 
 class _LiveBytes(TorchDispatchMode):
     def __init__(self, existing: set[int]):
@@ -50,14 +52,14 @@ def _storages(tensors: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in tensors if t.layout == torch.strided}
 
 
-def peak_memory(model: nn.Module, example_inputs: tuple[Any, ...]) -> int:
+def peak_memory(model: nn.Module, example_inputs: Any) -> int:
     """Peak bytes held at once by tensors that one eager forward on ``example_inputs`` creates.
 
     Counts activations, temporaries and the output; excludes the weights and inputs (alive
     before the call) and backend scratch space that never becomes a tensor (oneDNN
     workspaces). Runs under ``torch.inference_mode`` after one untracked warm-up call.
     """
-    args = tuple(example_inputs)
+    args = as_args(example_inputs)
     existing = _storages([*model.parameters(), *model.buffers()])
     existing |= _storages(a for a in args if torch.is_tensor(a))
     with torch.inference_mode():
