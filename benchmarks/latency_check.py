@@ -7,13 +7,15 @@ Use it to confirm a latency netshrink reported (same runtime, threads and batch)
     python benchmarks/latency_check.py model.onnx --shape 1,8,8 --expect-ms 0.42
 
 A source is ``zoo:<name>`` (trained zoo model), an artifact directory (``netshrink.artifact
-.load``; the manifest must name a zoo model or give --shape), or an ``.onnx`` file (ONNX
-Runtime only). The input is standard-normal noise of shape (batch, *shape), seeded.
+.load``; a non-zoo one needs ``--build package.module:function`` for a fresh instance and
+``--shape``), or an ``.onnx`` file (ONNX Runtime only). The input is seeded standard-normal
+noise of shape (batch, *shape), or the zoo's example input.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import tempfile
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 
-def _load(source: str) -> tuple[Any, str | None]:
+def _load(source: str, build: str | None) -> tuple[Any, str | None]:
     """The model (a torch module, or a path for an ONNX file) and its zoo name if known."""
     if source.endswith(".onnx"):
         return Path(source), None
@@ -36,7 +38,11 @@ def _load(source: str) -> tuple[Any, str | None]:
     from netshrink.artifact import load, read_manifest
 
     arch = str(read_manifest(source).get("architecture", ""))
-    return load(source), (arch[4:] if arch.startswith("zoo:") else None)
+    fresh = None
+    if build:  # the user's own architecture: package.module:function returning an nn.Module
+        module, _, function = build.partition(":")
+        fresh = getattr(importlib.import_module(module), function)()
+    return load(source, model=fresh), (arch[4:] if arch.startswith("zoo:") else None)
 
 
 def _input(zoo_name: str | None, shape: str | None, batch: int) -> torch.Tensor:
@@ -92,6 +98,7 @@ def main() -> None:
     parser.add_argument("--runtime", choices=["eager", "onnxruntime"], default="eager")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--shape", help="input shape without batch, e.g. 1,8,8")
+    parser.add_argument("--build", help="package.module:function building a non-zoo artifact")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
@@ -99,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, zoo_name = _load(args.source)
+    model, zoo_name = _load(args.source, args.build)
     x = _input(zoo_name, args.shape, args.batch)
     fn = _callable(model, x, args.runtime, args.threads)
     for _ in range(args.warmup):
