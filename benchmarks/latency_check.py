@@ -4,7 +4,7 @@ Use it to confirm a latency netshrink reported (same runtime, threads and batch)
 
     python benchmarks/latency_check.py zoo:digits-cnn --batch 64 --threads 2
     python benchmarks/latency_check.py runs/r1/artifact --shape 1,8,8 --runtime eager
-    python benchmarks/latency_check.py model.onnx --shape 1,8,8 --expect-ms 0.42
+    python benchmarks/latency_check.py m.onnx --runtime onnxruntime --shape 1,8,8 --expect-ms 0.4
 
 A source is ``zoo:<name>`` (trained zoo model), an artifact directory (``netshrink.artifact
 .load``; a non-zoo one needs ``--build package.module:function`` for a fresh instance and
