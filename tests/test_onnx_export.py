@@ -94,7 +94,8 @@ def test_quantization_idioms_become_qdq(model: nn.Module, exporter: str, tmp_pat
 
 def test_fixed_batch_export_rejects_other_batches(tmp_path: Path) -> None:
     model = tiny_models()["mlp"]
-    path = export_onnx(model, tmp_path / "m.onnx", (torch.randn(3, 1, 8, 8),), dynamic_batch=False)
+    x = (torch.randn(3, 1, 8, 8),)
+    path = export_onnx(model, tmp_path / "m.onnx", x, dynamic_batch=False, exporter="torchscript")
     assert _ort(path, torch.randn(3, 1, 8, 8)).shape == (3, 10)
     with pytest.raises(Exception, match=r"(?i)dimension|shape"):
         _ort(path, torch.randn(4, 1, 8, 8))
@@ -125,3 +126,13 @@ def test_failed_export_keeps_the_old_file(tmp_path: Path) -> None:
 def test_bad_arguments(inputs: tuple, kwargs: dict, error: type, tmp_path: Path) -> None:
     with pytest.raises(error):
         export_onnx(tiny_models()["mlp"], tmp_path / "m.onnx", inputs, **kwargs)
+
+
+def test_a_baked_in_batch_is_caught_and_not_written(tmp_path: Path) -> None:
+    class Baked(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(4, -1).sum(1)  # the tracer records the literal 4
+
+    with pytest.raises(ArtifactError, match="batch is not dynamic"):
+        export_onnx(Baked(), tmp_path / "b.onnx", (torch.randn(4, 3),), exporter="torchscript")
+    assert not list(tmp_path.iterdir())

@@ -113,23 +113,29 @@ _EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
 def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
-    """Run the file in ONNX Runtime at another batch size: a baked-in batch fails here."""
+    """Run the file in ONNX Runtime at the traced batch and one more: a baked-in batch fails.
+
+    Every output whose first dimension was the batch must grow with it.
+    """
     from netshrink.runtime.ort import OrtRunner
 
+    runner = OrtRunner(path, threads=1)
+    n = args[0].shape[0]
     bigger = tuple(torch.cat([a, a[:1]]) if a.dim() > 0 else a for a in args)
     try:
-        out = OrtRunner(path, threads=1)(bigger)
+        outs = [runner(a) for a in (args, bigger)]
     except Exception as exc:  # ORT raises its own types (Fail, InvalidArgument, ...)
         raise ArtifactError(
-            f"the exported graph fails at batch {bigger[0].shape[0]}, so its batch is not "
-            f"dynamic; export with dynamic_batch=False or fix the model ({exc})"
+            f"the exported graph fails at batch {n + 1}, so its batch is not dynamic; "
+            f"export with dynamic_batch=False or fix the model ({exc})"
         ) from exc
-    first = out[0] if isinstance(out, tuple) else out
-    if first.ndim == 0 or first.shape[0] != bigger[0].shape[0]:
-        raise ArtifactError(
-            f"the exported graph does not keep a dynamic batch: batch {bigger[0].shape[0]} "
-            f"gave an output of shape {tuple(first.shape)}"
-        )
+    before, after = (o if isinstance(o, tuple) else (o,) for o in outs)
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        if b.ndim and b.shape[0] == n and (a.ndim == 0 or a.shape[0] != n + 1):
+            raise ArtifactError(
+                f"the exported graph does not keep a dynamic batch: output {i} has shape "
+                f"{tuple(a.shape)} at batch {n + 1}; export with dynamic_batch=False"
+            )
 
 
 def export_onnx(
