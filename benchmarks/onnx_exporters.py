@@ -1,10 +1,10 @@
 """Which torch ONNX exporter to use for quantized (QDQ) graphs: file size and ORT latency.
 
-The same 4-layer 512-wide MLP three ways, run in ONNX Runtime (2 threads unless --threads):
-fp32; int8 weights stored as int8 and dequantized with ``quantized_decomposed`` ops (exported
-by the dynamo exporter); fake-quantized with ``torch.fake_quantize_*`` (the QAT idiom, exported
-by the TorchScript exporter). Prints bytes of each .onnx file, the op types ORT runs after its
-graph optimizations, and median latency timed interleaved in one process.
+The same 4-layer 512-wide MLP, run in ONNX Runtime (2 threads unless --threads): fp32; int8
+weights stored as int8 and dequantized with ``quantized_decomposed`` ops (dynamo exporter);
+fake-quantized with ``torch.fake_quantize_*`` (the QAT idiom) through each exporter. Prints
+the bytes of each .onnx file, the op types ORT runs after its graph optimizations, and the
+median latency, timed interleaved in one process.
 
     python benchmarks/onnx_exporters.py [--threads 2] [--batch 64] [--runs 200]
 """
@@ -97,6 +97,7 @@ def main() -> None:
             nn.Sequential(*[DecomposedInt8(m) for m in layers]),
             "dynamo",
         ),
+        "fake-quant (dynamo)": (nn.Sequential(*[FakeQuant(m) for m in layers]), "dynamo"),
         "fake-quant (torchscript)": (nn.Sequential(*[FakeQuant(m) for m in layers]), "torchscript"),
     }
     x = torch.randn(args.batch, WIDTH)

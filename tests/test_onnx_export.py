@@ -73,23 +73,34 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, w)
 
 
-@pytest.mark.parametrize(
-    ("model", "exporter"), [(FakeQuantLinear(), "torchscript"), (Int8Linear(), "dynamo")]
-)
-def test_quantization_idioms_become_qdq(model: nn.Module, exporter: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("model", "int8_file"), [(FakeQuantLinear(), False), (Int8Linear(), True)])
+def test_quantization_idioms_become_qdq(model: nn.Module, int8_file: bool, tmp_path: Path) -> None:
     x = torch.randn(6, 1, 8, 8)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        path = export_onnx(model, tmp_path / "q.onnx", (x,))
-    fell_back = any("fell back to torchscript" in str(w.message) for w in caught)
-    assert fell_back == (exporter == "torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to torchscript would warn
+        path = export_onnx(model, tmp_path / "q.onnx", (x[:1],))  # batch 1: traced as dynamic
     graph = onnx.load(str(path)).graph
-    ops = {n.op_type for n in graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
     int8 = [list(t.dims) for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert ([10, 64] in int8) == (exporter == "dynamo")  # only dynamo stores the weight as int8
+    assert ([10, 64] in int8) == int8_file  # quantized_decomposed keeps the weight as int8
     with torch.no_grad():
         np.testing.assert_allclose(_ort(path, x), model(x).numpy(), atol=TOL, rtol=0)
+
+
+class DataDependent(nn.Module):
+    """A Python branch on tensor values: torch.export refuses it, TorchScript tracing bakes it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x - 1
+
+
+def test_auto_falls_back_to_torchscript_with_a_warning(tmp_path: Path) -> None:
+    x = torch.rand(3, 4)  # positive: the branch traced is x * 2
+    with pytest.warns(UserWarning, match="fell back to torchscript"):
+        path = export_onnx(DataDependent(), tmp_path / "d.onnx", (x,))
+    np.testing.assert_allclose(_ort(path, x), (x * 2).numpy(), atol=TOL, rtol=0)
+    with pytest.raises(ArtifactError, match="dynamo"):
+        export_onnx(DataDependent(), tmp_path / "e.onnx", (x,), exporter="dynamo")
 
 
 def test_fixed_batch_export_rejects_other_batches(tmp_path: Path) -> None:

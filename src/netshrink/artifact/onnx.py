@@ -1,20 +1,18 @@
 """Export a model to one self-contained ONNX file, written atomically and checked.
 
-Two exporters ship with torch 2.13 and each maps a different quantization idiom to ONNX's
-QuantizeLinear/DequantizeLinear (QDQ) pairs, which ONNX Runtime fuses into integer kernels
-(QGemm, QLinearConv, QLinearMatMul):
+torch 2.13 ships two exporters. ``dynamo`` (its default: ``torch.export`` + onnxscript) is used
+first because it turns both quantization idioms into QuantizeLinear/DequantizeLinear (QDQ)
+pairs, which ONNX Runtime fuses into integer kernels (QGemm, QLinearConv):
 
-- ``dynamo`` (torch's default, ``torch.export`` + onnxscript) translates the
-  ``quantized_decomposed::{quantize,dequantize}_per_{tensor,channel}`` ops. A layer that stores
-  int8 weights and calls ``dequantize_per_channel`` on them exports int8 initializers: the ONNX
-  file holds the weights at one byte each. It cannot trace ``torch.fake_quantize_*`` (no fake
-  tensor kernel for their ``_cachemask`` form).
-- ``torchscript`` (``dynamo=False``, deprecated by torch) translates ``torch.fake_quantize_*``
-  — the QAT idiom — but keeps fp32 weights in the file, and rejects ``quantized_decomposed`` ops.
+- ``torch.ops.quantized_decomposed`` quantize/dequantize ops: a layer that stores int8 weights
+  and dequantizes them in forward exports int8 initializers, so the file holds one byte a weight;
+- ``torch.fake_quantize_*`` (QAT): Q/DQ around float weights. torch lacks shape-only ("fake")
+  kernels for the per-tensor ``_cachemask`` forms these decompose into, so tracing with a
+  dynamic batch fails; :func:`_register_fake_quant_shapes` supplies them.
 
-``exporter="auto"`` tries ``dynamo`` and falls back to ``torchscript`` with a warning, so QAT
-models still export; quantized layers should use the ``quantized_decomposed`` ops for the
-smaller file. See docs/measure.md for the measurements behind this choice.
+``torchscript`` (``dynamo=False``, deprecated by torch) is the fallback for models
+``torch.export`` cannot trace (data-dependent Python control flow); it maps ``fake_quantize_*``
+but not ``quantized_decomposed`` ops. docs/measure.md has the measurements behind this choice.
 """
 
 from __future__ import annotations
@@ -64,9 +62,34 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+_FAKE_QUANT_SHAPES: list[str] = []
+
+
+def _register_fake_quant_shapes() -> None:
+    """Give the per-tensor fake-quant ``_cachemask`` ops a shape-only kernel (once).
+
+    Both return ``(output like x, bool mask like x)``. Without it, ``torch.export`` can trace
+    them only with static shapes, by running the real kernel on stand-in tensors.
+    """
+    for name in (
+        "fake_quantize_per_tensor_affine_cachemask",
+        "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+    ):
+        op = f"aten::{name}"
+        if name in _FAKE_QUANT_SHAPES or torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"):
+            continue  # done already, or a newer torch has its own
+        torch.library.register_fake(op, _cachemask_shapes)
+        _FAKE_QUANT_SHAPES.append(name)
+
+
+def _cachemask_shapes(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
 def _export_dynamo(
     model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int | None, dyn: bool
 ) -> None:
+    _register_fake_quant_shapes()
     batch = torch.export.Dim("batch")
     shapes = tuple({0: batch} if a.dim() > 0 else {} for a in args) if dyn else None
     torch.onnx.export(

@@ -39,10 +39,7 @@ class Measurement:
             (f"size on disk (bytes of the saved {self.bytes_of})", self.bytes),
             (f"latency median (ms per forward, batch {self.batch_size})", self.latency_ms),
             ("latency p90 (ms, 90th percentile)", self.latency_p90_ms),
-            (
-                "peak memory (bytes of tensors alive at once in one eager forward)",
-                self.peak_memory_bytes,
-            ),
+            ("peak memory (bytes of tensors alive at once, eager)", self.peak_memory_bytes),
             (f"{self.metric_name or 'metric'} (higher is better)", self.metric),
         ]
 
