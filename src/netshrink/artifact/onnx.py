@@ -86,42 +86,20 @@ def _cachemask_shapes(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
-def _export_dynamo(
-    model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int | None, dyn: bool
-) -> None:
+def _dynamo_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool) -> dict:
     _register_fake_quant_shapes()
     batch = torch.export.Dim("batch")
     shapes = tuple({0: batch} if a.dim() > 0 else {} for a in args) if dyn else None
-    torch.onnx.export(
-        model,
-        args,
-        str(path),
-        dynamo=True,
-        external_data=False,
-        opset_version=opset,
-        dynamic_shapes=shapes,
-        verbose=False,
-    )
+    return {"external_data": False, "dynamic_shapes": shapes, "verbose": False}
 
 
-def _export_torchscript(
-    model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int | None, dyn: bool
-) -> None:
+def _torchscript_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool) -> dict:
     with torch.no_grad():
         n_out = len(tree_leaves(model(*args)))
     inputs = [f"input_{i}" for i in range(len(args))]
     outputs = [f"output_{i}" for i in range(n_out)]
     axes = {name: {0: "batch"} for name in inputs + outputs} if dyn else None
-    torch.onnx.export(
-        model,
-        args,
-        str(path),
-        dynamo=False,
-        opset_version=opset,
-        input_names=inputs,
-        output_names=outputs,
-        dynamic_axes=axes,
-    )
+    return {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
 
 
 def _reason(exc: Exception) -> str:
@@ -132,7 +110,8 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-_EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+_EXPORTERS = {"dynamo": _dynamo_options, "torchscript": _torchscript_options}
+"""Each exporter's ``torch.onnx.export`` keyword arguments (names, dynamic batch axes)."""
 
 
 def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
@@ -197,7 +176,9 @@ def export_onnx(
         for name in names:
             try:
                 with _quiet():
-                    _EXPORTERS[name](model, args, tmp, opset, dynamic_batch)
+                    options = _EXPORTERS[name](model, args, dynamic_batch)
+                    options.update(dynamo=name == "dynamo", opset_version=opset)
+                    torch.onnx.export(model, args, str(tmp), **options)
                 break
             except Exception as exc:  # each exporter fails in its own way; report them all
                 errors.append(f"{name}: {_reason(exc)}")
