@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from measure_models import MLP
-from netshrink.errors import ConfigError, MissingInputError
+from netshrink.errors import ConfigError, DataError, MissingInputError
 from netshrink.measure import compare, measure, saved_bytes
 
 X = (torch.randn(4, 512),)
@@ -67,6 +67,11 @@ def test_default_metric_is_accuracy_on_the_timed_runtime(tmp_path) -> None:  # t
     data = [(x, model(x).argmax(-1))]  # the model's own predictions: accuracy 1.0
     m = measure(model, (x,), data=data, runtime="onnxruntime", threads=1, runs=20, warmup=1)
     assert m.metric == 1.0 and m.metric_name == "accuracy" and m.runtime == "onnxruntime"
+
+
+def test_models_with_different_output_shapes_are_not_compared() -> None:
+    with pytest.raises(DataError, match=r"output shapes"):
+        compare(nn.Linear(512, 10), nn.Linear(512, 5), X, runs=20, warmup=0)
 
 
 @pytest.mark.parametrize(

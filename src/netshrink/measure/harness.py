@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from netshrink.batches import as_args
 from netshrink.context import Batch, Evaluate
@@ -75,6 +76,16 @@ def _static(model: Any, args: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
+def _check_same_shapes(outputs: list[Any]) -> None:
+    """Raise :class:`DataError` when the models' outputs differ in shape: not comparable."""
+    shapes = [[tuple(o.shape) for o in tree_leaves(out)] for out in outputs]
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise DataError(
+            f"the baseline's outputs have shapes {shapes[0]} but the candidate's {shapes[1]}; "
+            "a compressed model must keep the original's output shapes"
+        )
+
+
 def _score(
     model: Any, runner: Runner, evaluate: Evaluate | None, data: list[Batch] | None
 ) -> float | None:
@@ -112,7 +123,9 @@ def _measure_all(
     with _eval_mode(models):
         runners = [make_runner(m, runtime, n, args) for m in models]
         with torch_threads(n):
-            timings = time_interleaved([r.bind(args) for r in runners], runs, warmup)
+            fns = [r.bind(args) for r in runners]
+            _check_same_shapes([fn() for fn in fns])
+            timings = time_interleaved(fns, runs, warmup)
             static = [_static(m, args) for m in models]
         metrics = [_score(m, r, evaluate, batches) for m, r in zip(models, runners, strict=True)]
     name = getattr(evaluate, "__name__", "metric") if evaluate is not None else None
