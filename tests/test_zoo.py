@@ -27,8 +27,9 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_names() -> None:
+def test_names_and_descriptions() -> None:
     assert zoo.names() == NAMES
+    assert "transformer" in zoo.describe("digits-transformer")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -179,6 +180,18 @@ def test_corrupt_cache_retrains_with_warning(
         model = zoo.load("digits-mlp", progress=False)
     assert len(quick_zoo) == 2
     assert cache.load(path).keys() == model.state_dict().keys()
+
+
+def test_unwritable_cache_warns_and_still_returns_the_model(
+    quick_zoo: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(cache.CACHE_ENV, str(blocker))
+    with pytest.warns(RuntimeWarning, match="could not cache zoo:digits-mlp"):
+        model = zoo.load("digits-mlp", progress=False)
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+    assert quick_zoo == ["train zoo:digits-mlp"]
 
 
 def test_cache_key_names_model_seed_code_and_torch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,6 @@
 >>> zoo.evaluate("digits-cnn")(model, splits.test)
 """
 
-from netshrink.zoo.catalog import build, data, evaluate, example_inputs, load, names
+from netshrink.zoo.catalog import build, data, describe, evaluate, example_inputs, load, names
 
-__all__ = ["build", "data", "evaluate", "example_inputs", "load", "names"]
+__all__ = ["build", "data", "describe", "evaluate", "example_inputs", "load", "names"]

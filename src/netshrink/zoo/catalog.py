@@ -62,6 +62,11 @@ def _entry(name: str) -> Entry:
     return MODELS[name]
 
 
+def describe(name: str) -> str:
+    """One line saying what zoo model ``name`` is (for listings)."""
+    return _entry(name).summary
+
+
 def build(name: str, *, width: float = 1.0) -> nn.Module:
     """An untrained zoo model; ``width`` scales every hidden width (multiples of 8, at least 8)."""
     entry = _entry(name)
@@ -124,5 +129,13 @@ def load(name: str, seed: int = 0, progress: bool = True) -> nn.Module:
         except (ArtifactError, RuntimeError) as exc:
             warnings.warn(f"retraining zoo:{name}: {exc}", RuntimeWarning, stacklevel=2)
     model = train_from_scratch(name, seed, progress)
-    cache.save(model.state_dict(), path)
+    try:
+        cache.save(model.state_dict(), path)
+    except OSError as exc:
+        warnings.warn(
+            f"could not cache zoo:{name} at {path} ({exc}); the next load trains again. "
+            f"Set {cache.CACHE_ENV} to a writable folder.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return model.eval()
