@@ -289,13 +289,16 @@ def test_width_without_pruning_or_zoo_is_a_clear_error(monkeypatch: pytest.Monke
         ns.distill.kd(built(TinyCNN, 8), student={"width": 0.5}, train_data=images())
 
 
-def test_width_rebuilds_a_zoo_model_narrower() -> None:
+def test_width_rebuilds_a_zoo_model_narrower_that_saves_and_loads(tmp_path) -> None:
     from netshrink import zoo
 
     teacher = zoo.build("digits-cnn")
     data = zoo.data("digits-cnn").train[:1]
-    out = ns.distill.kd(teacher, student={"width": 0.5}, train_data=data, epochs=0, progress=False)
+    out = ns.distill.kd(teacher, student={"width": 0.5}, train_data=data, epochs=1, progress=False)
     assert type(out) is type(teacher)
     assert sum(p.numel() for p in out.parameters()) < 0.3 * sum(
         p.numel() for p in teacher.parameters()
     )
+    ns.save(out, tmp_path / "student")
+    x = data[0][0]
+    assert torch.equal(ns.load(tmp_path / "student")(x), out(x))
