@@ -72,59 +72,62 @@ class Point:
     error: float
 
 
-def lower_hull(points: list[Point]) -> list[Point]:
-    """The points on the lower convex hull of (cost, error), cheapest first.
-
-    Points that cost more for no less error are dropped, then points above the segment joining
-    their neighbours: on the hull each extra unit of cost buys less error than the one before.
-    """
-    frontier: list[Point] = []
+def frontier(points: list[Point]) -> list[Point]:
+    """The points that no other point beats on both cost and error, cheapest first."""
+    out: list[Point] = []
     for p in sorted(points, key=lambda p: (p.cost, p.error)):
-        if not frontier or p.error < frontier[-1].error:
-            frontier.append(p)
-    hull: list[Point] = []
-    for p in frontier:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # b stays only if it lies strictly below the segment from a to p
-            if (b.cost - a.cost) * (p.error - a.error) > (b.error - a.error) * (p.cost - a.cost):
-                break
-            hull.pop()
-        hull.append(p)
-    return hull
+        if not out or p.error < out[-1].error:
+            out.append(p)
+    return out
+
+
+def _best_step(front: list[Point], at: int, room: float) -> tuple[float, int] | None:
+    """From ``front[at]``, the affordable point (extra cost <= ``room``) with the largest error
+    decrease per unit of extra cost, as ``(gain, index)``; None when nothing further fits."""
+    here, best = front[at], None
+    for j in range(at + 1, len(front)):
+        extra = front[j].cost - here.cost
+        if extra > room:
+            break
+        gain = (here.error - front[j].error) / extra
+        if best is None or gain > best[0]:
+            best = (gain, j)
+    return best
 
 
 def allocate(curves: dict[str, list[Point]], budget: float) -> dict[str, Point] | None:
-    """One point per layer with total cost <= ``budget`` and the least total error.
+    """One point per layer with total cost <= ``budget`` and (near) the least total error.
 
-    Every layer starts at its cheapest hull point; then the step with the largest error
-    decrease per unit of cost, over all layers, is taken while it fits the budget. On convex
-    per-layer curves this greedy order solves the continuous relaxation of the multiple-choice
-    knapsack exactly (Sinha & Zoltners 1979, "The multiple-choice knapsack problem", sec. 2);
-    the integer answer can miss the optimum only by the one step that did not fit. Returns None
-    when even the cheapest points exceed ``budget``.
+    Every layer starts at its cheapest point; then, over all layers, the move with the largest
+    error decrease per unit of cost that still fits the budget is taken, until none fits. On
+    convex per-layer curves the moves are the steps along each lower convex hull, and taking
+    them in order of decreasing gain solves the continuous relaxation of this multiple-choice
+    knapsack exactly (Sinha & Zoltners 1979, "The multiple-choice knapsack problem", sec. 2).
+    Real curves are not convex (keeping a layer dense is a jump), so a move is recomputed over
+    the points still affordable whenever the budget left shrinks below it. Returns None when
+    even the cheapest points exceed ``budget``.
     """
-    hulls = {name: lower_hull(points) for name, points in curves.items()}
-    at = dict.fromkeys(hulls, 0)
-    total = sum(h[0].cost for h in hulls.values())
+    fronts = {name: frontier(points) for name, points in curves.items()}
+    at = dict.fromkeys(fronts, 0)
+    total = sum(f[0].cost for f in fronts.values())
     if total > budget:
         return None
-    moves: list[tuple[float, str]] = []
+    moves: list[tuple[float, str, int]] = []
 
     def push(name: str) -> None:
-        h, i = hulls[name], at[name]
-        if i + 1 < len(h):
-            gain = (h[i].error - h[i + 1].error) / (h[i + 1].cost - h[i].cost)
-            heapq.heappush(moves, (-gain, name))
+        step = _best_step(fronts[name], at[name], budget - total)
+        if step is not None:
+            heapq.heappush(moves, (-step[0], name, step[1]))
 
-    for name in hulls:
+    for name in fronts:
         push(name)
+    # A recomputed move is never better than the stale one (less room, fewer choices), so the
+    # top of the heap is always the best move once it is checked to still fit.
     while moves:
-        _, name = heapq.heappop(moves)
-        h, i = hulls[name], at[name]
-        step = h[i + 1].cost - h[i].cost
-        if total + step <= budget:
-            total += step
-            at[name] = i + 1
-            push(name)
-    return {name: hulls[name][i] for name, i in at.items()}
+        _, name, j = heapq.heappop(moves)
+        extra = fronts[name][j].cost - fronts[name][at[name]].cost
+        if total + extra <= budget:
+            total += extra
+            at[name] = j
+        push(name)
+    return {name: fronts[name][i] for name, i in at.items()}
