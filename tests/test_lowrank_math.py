@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from netshrink.lowrank import ranks
 from netshrink.lowrank.calibrate import input_vectors
 from netshrink.lowrank.decompose import spectrum, whitening
 from netshrink.lowrank.layers import (
@@ -17,7 +18,10 @@ from netshrink.lowrank.layers import (
     spatial_from_factors,
 )
 
-torch.manual_seed(0)
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    torch.manual_seed(0)
 
 
 def _factorize_linear(layer: nn.Linear, rank: int, cov: torch.Tensor | None = None):
@@ -118,17 +122,19 @@ def test_whitened_svd_has_lower_output_error_on_its_inputs() -> None:
         assert float(err2) == pytest.approx(float(exact.s2[k:].sum()), rel=1e-6)
 
 
-def test_whitened_conv_has_lower_output_error() -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_whitened_conv_has_lower_output_error(seed: int) -> None:
+    torch.manual_seed(seed)
     conv = nn.Conv2d(6, 8, 3, padding=1)
     # channels mixed by a random rotation, their variances spanning four orders of magnitude
-    x = _anisotropic(8 * 10 * 10, 6, seed=1).reshape(8, 10, 10, 6).permute(0, 3, 1, 2)
+    x = _anisotropic(8 * 10 * 10, 6, seed=seed).reshape(8, 10, 10, 6).permute(0, 3, 1, 2)
     v = input_vectors(conv, x).double()
     cov = v.T @ v / v.shape[0]
     y = conv(x)
     for k in (3, 6):
         plain = (conv_from_factors(conv, *spectrum(conv, "channel").factors(k))(x) - y).norm()
         aware_conv = conv_from_factors(conv, *spectrum(conv, "channel", cov).factors(k))
-        assert (aware_conv(x) - y).norm() < 0.8 * plain
+        assert (aware_conv(x) - y).norm() < 0.9 * plain
 
 
 @pytest.mark.parametrize(
@@ -153,3 +159,35 @@ def test_whitening_survives_a_singular_covariance() -> None:
     assert torch.equal(
         whitening(torch.zeros(3, 3, dtype=torch.float64), 0.01), torch.eye(3).double()
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    curves=st.lists(
+        st.lists(st.tuples(st.integers(1, 50), st.floats(0.0, 1.0)), min_size=1, max_size=6),
+        min_size=1,
+        max_size=5,
+    ),
+    share=st.floats(0.0, 1.0),
+)
+def test_allocation_fits_the_budget_and_leaves_no_affordable_gain(
+    curves: list[list[tuple[int, float]]], share: float
+) -> None:
+    """The greedy allocation stays within budget, and ends only when no layer can still lower
+    its error with the budget left (no affordable improvement is left on the table)."""
+    points = {
+        f"layer{i}": [ranks.Point(None, j, float(c), e) for j, (c, e) in enumerate(curve)]
+        for i, curve in enumerate(curves)
+    }
+    least = sum(min(p.cost for p in ps) for ps in points.values())
+    most = sum(max(p.cost for p in ps) for ps in points.values())
+    budget = least + share * (most - least)
+    chosen = ranks.allocate(points, budget)
+    assert chosen is not None
+    total = sum(p.cost for p in chosen.values())
+    assert total <= budget + 1e-9
+    for name, p in chosen.items():
+        assert all(q.error >= p.error or q.cost - p.cost > budget - total for q in points[name]), (
+            name
+        )
+    assert ranks.allocate(points, least - 0.5) is None

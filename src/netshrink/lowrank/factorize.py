@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -217,7 +218,9 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
     """Replace every planned layer of ``model``; one record per layer of ``layers``."""
     records = []
     for name, module in layers.items():
-        before, kind, shape = _params(module), type(module).__name__, tuple(module.weight.shape)
+        weight = getattr(module, "weight", None)
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        before, kind = _params(module), type(module).__name__
         step = plan[name]
         if isinstance(step, str):
             records.append(LayerRecord(name, kind, shape, before, before, skipped=step))
