@@ -211,3 +211,21 @@ def test_missing_inputs_and_impossible_budget() -> None:
         ns.lowrank.svd(_net(), budget=0.5, budget_metric="macs")
     with pytest.raises(ConfigError, match=r"budget 0\.01 is below"):
         _svd(_net(), budget=0.01, round_to=16)
+
+
+def test_zoo_transformer_factorizes_and_reloads_by_name(tmp_path) -> None:
+    """Attention's q/k/v/out Linears are factorized; the artifact reloads without model=."""
+    from netshrink import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build("digits-transformer").eval()
+    x = zoo.example_inputs("digits-transformer", 4)
+    calib = [(x[0], None)]
+    out = _svd(model, ratio=0.5, round_to=8, activation_aware=True, calib_data=calib)
+    report = report_of(out)
+    attention = [r for r in report.factorized if r.name.endswith((".q", ".k", ".v", ".out"))]
+    assert attention and all(r.rank % 8 == 0 for r in report.factorized)
+    assert out(*x).shape == model(*x).shape
+    save(out, tmp_path / "t")
+    back = load(tmp_path / "t")
+    assert torch.equal(back(*x), out(*x))

@@ -42,7 +42,7 @@ def test_rank_k_is_the_best_rank_k_approximation(m: int, n: int, frac: float, se
     k = 1 + round(frac * (min(m, n) - 1))
     low = _factorize_linear(layer, k)
     w_k = (low.second.weight @ low.first.weight).detach().double()
-    w = layer.weight.double()
+    w = layer.weight.detach().double()
     s = torch.linalg.svdvals(w)
     expected = s[k:].square().sum().sqrt()
     assert torch.linalg.matrix_rank(w_k, atol=1e-5) <= k
