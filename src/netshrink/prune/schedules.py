@@ -1,0 +1,79 @@
+"""When to prune: all at once, in k equal steps, or on the polynomial schedule of Zhu & Gupta.
+
+A schedule turns a final pruning fraction into the cumulative fraction reached after each step;
+between steps the model is fine-tuned with the project's one training loop
+(:func:`netshrink.train.fit`), so later steps rank weights that have adapted to earlier ones.
+
+- ``oneshot``: one step straight to the final fraction.
+- ``iterative``: k equal steps, s_j = s * j / k.
+- ``gradual``: s_j = s * (1 - (1 - j/k)^3) (Zhu & Gupta 2017, "To prune, or not to prune",
+  sec. 3, eq. 1 with s_i = 0): prunes fast while redundancy is plentiful and slowly near the
+  end. Zhu & Gupta update the mask every few hundred training steps; here one update happens
+  every ``epochs`` epochs of training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from netshrink.config import Options
+from netshrink.context import Context
+from netshrink.train import fit
+
+
+class Schedule(Options):
+    """How a pruning technique reaches its final fraction."""
+
+    kind: Literal["oneshot", "iterative", "gradual"] = Field(
+        "oneshot", description="oneshot, iterative (k equal steps) or gradual (Zhu & Gupta)"
+    )
+    steps: int = Field(4, ge=1, le=100, description="pruning steps of iterative and gradual")
+    epochs: int = Field(1, ge=0, le=1000, description="fine-tuning epochs between steps")
+    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the fine-tuning between steps")
+
+
+def fractions(schedule: Schedule, final: float) -> list[float]:
+    """Cumulative fraction pruned after each step, ending at ``final``."""
+    if schedule.kind == "oneshot":
+        return [final]
+    k = schedule.steps
+    if schedule.kind == "iterative":
+        return [final * j / k for j in range(1, k + 1)]
+    return [final * (1 - (1 - j / k) ** 3) for j in range(1, k + 1)]
+
+
+def schedule_needs(schedule: Schedule) -> tuple[str, ...]:
+    """Context items a schedule needs: training data when it fine-tunes between steps."""
+    trains = schedule.kind != "oneshot" and schedule.steps > 1 and schedule.epochs > 0
+    return ("train_data",) if trains else ()
+
+
+def run_schedule(
+    model: nn.Module,
+    schedule: Schedule,
+    final: float,
+    step: Callable[[nn.Module, float, float], None],
+    ctx: Context,
+    desc: str,
+) -> None:
+    """Call ``step(model, previous, target)`` for each step, fine-tuning between steps."""
+    previous = 0.0
+    targets = fractions(schedule, final)
+    for j, target in enumerate(targets):
+        step(model, previous, target)
+        previous = target
+        if j < len(targets) - 1 and schedule.epochs > 0:
+            assert ctx.train_data is not None
+            fit(
+                model,
+                ctx.train_data,
+                epochs=schedule.epochs,
+                lr=schedule.lr,
+                seed=ctx.seed + j,
+                progress=ctx.progress,
+                desc=f"{desc} step {j + 1}/{len(targets)}",
+            )
