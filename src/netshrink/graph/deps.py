@@ -106,8 +106,14 @@ class DepGraph:
             self.freeze(slot.ids)
 
     def groups(self) -> list[Group]:
-        """Removable units, grouped by the slots they share (each unit in exactly one group)."""
-        per_slot = [(s, sorted(set(self.roots(s.ids).tolist()) - {FROZEN})) for s in self.slots.values()]
+        """Removable units, grouped by the slots they share (each unit in exactly one group).
+
+        Consumer (``in``) slots do not link units: a layer reading a concatenation must not
+        make its producers compete, or one of them could lose every channel.
+        """
+        per_slot = [
+            (s, sorted(set(self.roots(s.ids).tolist()) - {FROZEN})) for s in self.slots.values()
+        ]
         link: dict[int, int] = {}
 
         def top(u: int) -> int:
@@ -115,7 +121,9 @@ class DepGraph:
                 u = link[u]
             return u
 
-        for _, units in per_slot:
+        for slot, units in per_slot:
+            if slot.role == "in":
+                continue
             for u in units[1:]:
                 ru, r0 = top(u), top(units[0])
                 if ru != r0:
@@ -124,11 +132,10 @@ class DepGraph:
                 top(units[0])
         by_top: dict[int, Group] = {}
         for slot, units in per_slot:
-            if not units:
-                continue
-            group = by_top.setdefault(top(units[0]), Group([], []))
-            group.slots.append(slot)
-            group.heads |= slot.role == "heads"
+            for t in dict.fromkeys(top(u) for u in units):
+                group = by_top.setdefault(t, Group([], []))
+                group.slots.append(slot)
+                group.heads |= slot.role == "heads"
         for u in link:
             by_top[top(u)].units.append(u)
         for g in by_top.values():

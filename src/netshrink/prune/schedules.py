@@ -33,7 +33,9 @@ class Schedule(Options):
     )
     steps: int = Field(4, ge=1, le=100, description="pruning steps of iterative and gradual")
     epochs: int = Field(1, ge=0, le=1000, description="fine-tuning epochs between steps")
-    lr: float = Field(1e-3, gt=0, le=10, description="learning rate of the fine-tuning between steps")
+    lr: float = Field(
+        1e-3, gt=0, le=10, description="learning rate of the fine-tuning between steps"
+    )
 
 
 def fractions(schedule: Schedule, final: float) -> list[float]:

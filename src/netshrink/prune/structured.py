@@ -131,7 +131,7 @@ def choose(
     ranked.sort()
     budget = round(ratio * len(ranked))
     cut = [0] * len(groups)
-    for _, unit, i in ranked:
+    for _, _unit, i in ranked:
         if budget == 0:
             break
         if len(groups[i].units) - cut[i] > _floor_of(groups[i], round_to):
@@ -144,6 +144,15 @@ def choose(
     return removed
 
 
+def _keep_one_per_layer(graph: DepGraph, scores: dict[int, float], removed: set[int]) -> None:
+    """Spare the best unit of any layer that would lose every channel (a group can span
+    several producers, e.g. a concatenation added to another tensor)."""
+    for slot in graph.slots.values():
+        units = set(graph.roots(slot.ids).tolist())
+        if slot.role != "in" and units and units <= removed:
+            removed.discard(max(units, key=lambda u: (scores[u], u)))
+
+
 def plan_channels(model: nn.Module, cfg: ChannelsConfig, ctx: Context, ratio: float) -> ChannelPlan:
     """Trace ``model``, rank its units by ``cfg.criterion`` and choose ``ratio`` of them."""
     assert ctx.example_inputs is not None
@@ -151,12 +160,12 @@ def plan_channels(model: nn.Module, cfg: ChannelsConfig, ctx: Context, ratio: fl
     _freeze_excluded(graph, model, cfg)
     groups = graph.groups()
     batches = islice(ctx.train_data, cfg.taylor_batches) if ctx.train_data is not None else None
-    scores, notes = unit_scores(
-        model, graph, groups, cfg.criterion, seed=ctx.seed, batches=batches
-    )
+    scores, notes = unit_scores(model, graph, groups, cfg.criterion, seed=ctx.seed, batches=batches)
     for note in [*graph.warnings, *notes]:
         warnings.warn(f"prune.channels: {note}", stacklevel=3)
-    return ChannelPlan(graph, choose(groups, scores, ratio, cfg.scope, cfg.round_to))
+    removed = choose(groups, scores, ratio, cfg.scope, cfg.round_to)
+    _keep_one_per_layer(graph, scores, removed)
+    return ChannelPlan(graph, removed)
 
 
 def _shapes(value: object) -> object:
