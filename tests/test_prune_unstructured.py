@@ -88,7 +88,7 @@ def test_nm_keeps_n_largest_of_every_m(n: int, extra: int, blocks: int) -> None:
     torch.manual_seed(n * 100 + m)
     model = nn.Sequential(nn.Linear(m * blocks, 6), nn.Conv2d(m * blocks, 4, 3))
     pruned = ns.prune.nm(model, n=n, m=m, kernel="dense")
-    for layer, orig in zip(pruned, model, strict=True):
+    for layer in pruned:
         assert nm_layout_ok(layer.weight, n, m)
         assert int((layer.weight != 0).sum()) == layer.weight.numel() * n // m
     w, o = pruned[0].weight.view(6, blocks, m), model[0].weight.view(6, blocks, m)
