@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netshrink.artifact.modules import rebuildable
 from netshrink.errors import UnsupportedModuleError
 from netshrink.graph import FROZEN, analyze
 
 
-class SelfAttention(nn.Module):
+@rebuildable
+class Attention(nn.Module):
     """The interface of netshrink.zoo.layers.SelfAttention: Linear q k v out, head attributes."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
         inner = num_heads * head_dim
         self.q, self.k, self.v = (nn.Linear(dim, inner) for _ in range(3))
         self.out = nn.Linear(inner, dim)
@@ -30,6 +32,13 @@ class SelfAttention(nn.Module):
 
         y = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
         return self.out(y.transpose(1, 2).flatten(2))
+
+    def spec(self) -> dict[str, int]:
+        return {"dim": self.dim, "num_heads": self.num_heads, "head_dim": self.head_dim}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, int]) -> Attention:
+        return cls(**spec)
 
 
 class ConvNet(nn.Module):
@@ -68,14 +77,14 @@ class TinyTransformer(nn.Module):
     def __init__(self, dim: int = 16, heads: int = 4, hidden: int = 32) -> None:
         super().__init__()
         self.embed = nn.Linear(8, dim)
-        self.pos = nn.Parameter(torch.randn(8, dim) * 0.1)
+        self.pos = nn.Embedding(8, dim)  # added as a tensor, like zoo:digits-transformer
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads, dim // heads)
+        self.attn = Attention(dim, heads, dim // heads)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.embed(x.flatten(1, 2)) + self.pos
+        x = self.embed(x.flatten(1, 2)) + self.pos.weight
         x = x + self.attn(self.norm1(x))
         x = x + self.mlp(self.norm2(x))
         return self.head(x.mean(dim=1))
@@ -143,7 +152,7 @@ def test_attention_heads_couple_q_k_v_rows_and_out_columns() -> None:
     # The residual stream joins embed, the position parameter, attn.out and the MLP output.
     stream = units_of(graph, "embed", "out")
     assert units_of(graph, "attn.out", "out") == stream == units_of(graph, "mlp.2", "out")
-    assert graph.slots[("", "param", "pos")].dim == 1
+    assert graph.slots[("pos", "param", "weight")].dim == 1
 
 
 def test_embedding_columns_are_units() -> None:

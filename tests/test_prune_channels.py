@@ -118,7 +118,8 @@ def test_transformer_prunes_whole_heads_and_mlp_neurons_not_the_normalised_strea
 def test_prune_norm_also_narrows_the_residual_stream() -> None:
     model, x = TinyTransformer().eval(), image()
     pruned = ns.prune.channels(model, ratio=0.5, prune_norm=True, example_inputs=x)
-    assert pruned.embed.out_features == 8 and pruned.pos.shape == (8, 8)
+    assert pruned.embed.out_features == 8 and pruned.pos.weight.shape == (8, 8)
+    assert pruned.pos.embedding_dim == 8
     assert pruned.norm2.normalized_shape == (8,) and pruned.head.in_features == 8
     assert pruned(*x).shape == (4, 10)
 
@@ -199,3 +200,22 @@ def test_unhandled_layers_are_named_in_a_warning_and_left_alone() -> None:
     with pytest.warns(UserWarning, match=r"1 \(grouped Conv, groups=2\) is left untouched"):
         pruned = ns.prune.channels(model, ratio=0.5, example_inputs=image())
     assert [m.out_channels for m in pruned] == [8, 8, 4]
+
+
+class BareBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bias, self.head = (
+            nn.Linear(4, 16),
+            nn.Parameter(torch.ones(16)),
+            nn.Linear(16, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin(x) + self.bias)
+
+
+def test_a_bare_parameter_keeps_its_channels_because_an_artifact_could_not_rebuild_it() -> None:
+    with pytest.warns(UserWarning, match="parameter 'bias' is not in a layer an artifact can"):
+        pruned = ns.prune.channels(BareBias(), ratio=0.5, example_inputs=(torch.randn(2, 4),))
+    assert pruned.lin.out_features == 16 and pruned.bias.shape == (16,)

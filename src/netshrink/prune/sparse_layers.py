@@ -124,10 +124,10 @@ class SparseConv2d(_Masked, nn.Conv2d):
     def pointwise(self) -> bool:
         """True for a 1x1, stride-1, ungrouped, unpadded conv: a matmul over channels."""
         return (
-            self.kernel_size == (1, 1)
-            and self.stride == (1, 1)
+            tuple(self.kernel_size) == (1, 1)
+            and tuple(self.stride) == (1, 1)
             and self.groups == 1
-            and self.padding in ((0, 0), "valid")
+            and (self.padding == "valid" or tuple(self.padding) == (0, 0))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,11 +20,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from netshrink.artifact.modules import spec_of
 from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.graph import DepGraph, Group, Slot, analyze, prune_slot
+from netshrink.graph import FROZEN, DepGraph, Group, Slot, analyze, prune_slot
 from netshrink.prune.importance import unit_scores
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
 from netshrink.registry import technique
@@ -90,10 +91,20 @@ class ChannelPlan:
 
 
 def _freeze_excluded(graph: DepGraph, model: nn.Module, cfg: ChannelsConfig) -> None:
+    """Freeze units of layers the caller excluded, and of bare parameters an artifact could
+    not rebuild at a new shape (a module without a spec, e.g. a Parameter on the model)."""
     selected = set(cfg.targets.select(model, default_types=PRODUCERS))
     for slot in graph.slots.values():
+        bare = slot.role == "param" and spec_of(model.get_submodule(slot.module)) is None
+        if bare and set(graph.roots(slot.ids).tolist()) != {FROZEN}:
+            where = f"{slot.module}.{slot.attr}" if slot.module else slot.attr
+            graph.warnings.append(
+                f"parameter '{where}' is not in a layer an artifact can rebuild (use an "
+                "nn.Embedding or a Linear); the channels it touches are kept"
+            )
         excluded = (
-            (slot.role == "out" and slot.module not in selected)
+            bare
+            or (slot.role == "out" and slot.module not in selected)
             or (slot.role == "heads" and not (cfg.heads and f"{slot.module}.q" in selected))
             or (slot.role == "norm" and not cfg.prune_norm)
         )
