@@ -121,6 +121,7 @@ def test_prune_norm_also_narrows_the_residual_stream() -> None:
     assert pruned.embed.out_features == 8 and pruned.pos.weight.shape == (8, 8)
     assert pruned.pos.embedding_dim == 8
     assert pruned.norm2.normalized_shape == (8,) and pruned.head.in_features == 8
+    assert pruned.attn.spec() == {"dim": 8, "num_heads": 2, "head_dim": 4}
     assert pruned(*x).shape == (4, 10)
 
 

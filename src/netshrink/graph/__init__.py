@@ -15,7 +15,7 @@ from torch import nn
 
 from netshrink.graph.deps import FROZEN, DepGraph, Group, Slot
 from netshrink.graph.rules import build_graph
-from netshrink.graph.surgery import prune_slot, slot_weights
+from netshrink.graph.surgery import prune_slot, slot_weights, sync_attention
 from netshrink.graph.trace import Traced, is_attention, trace
 
 
@@ -41,5 +41,6 @@ __all__ = [
     "is_attention",
     "prune_slot",
     "slot_weights",
+    "sync_attention",
     "trace",
 ]

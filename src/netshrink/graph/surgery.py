@@ -73,6 +73,18 @@ def _heads(m: nn.Module, keep: torch.Tensor) -> None:
     m.num_heads = int(keep.numel())  # type: ignore[assignment]
 
 
+def sync_attention(model: nn.Module) -> None:
+    """Make every attention module's ``num_heads`` (and ``dim``, when it keeps one) agree with
+    its sliced ``q`` layer, so its spec records the shapes it now has."""
+    for m in model.modules():
+        if isinstance(getattr(m, "q", None), nn.Linear) and isinstance(
+            getattr(m, "head_dim", None), int
+        ):
+            m.num_heads = m.q.out_features // m.head_dim  # type: ignore[union-attr, operator]
+            if isinstance(getattr(m, "dim", None), int):
+                m.dim = m.q.in_features  # type: ignore[union-attr]
+
+
 def prune_slot(model: nn.Module, slot: Slot, keep: torch.Tensor) -> None:
     """Keep only positions ``keep`` (sorted indices) of ``slot`` in ``model``'s layer."""
     module = model.get_submodule(slot.module)

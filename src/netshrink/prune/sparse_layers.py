@@ -168,7 +168,7 @@ def make_sparse(module: nn.Module) -> SparseLayer:
     return out.train(module.training)
 
 
-def _median_ms(fn: Callable[[], Any], other: Callable[[], Any], runs: int) -> tuple[float, float]:
+def time_pair(fn: Callable[[], Any], other: Callable[[], Any], runs: int) -> tuple[float, float]:
     """Median milliseconds of ``fn`` and ``other``, timed alternately after a warm-up."""
     for _ in range(3):
         fn(), other()
@@ -199,7 +199,7 @@ def calibrate(layer: SparseLayer, x: torch.Tensor, runs: int = 25, margin: float
 
         return call
 
-    dense, csr = _median_ms(with_kernel("dense"), with_kernel("csr"), runs)
+    dense, csr = time_pair(with_kernel("dense"), with_kernel("csr"), runs)
     layer.kernel = "csr" if csr < margin * dense else "dense"
     layer.timing = {"dense_ms": round(dense, 4), "csr_ms": round(csr, 4)}
     layer.train(was_training)

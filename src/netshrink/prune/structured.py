@@ -25,7 +25,7 @@ from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.graph import FROZEN, DepGraph, Group, Slot, analyze, prune_slot
+from netshrink.graph import FROZEN, DepGraph, Group, Slot, analyze, prune_slot, sync_attention
 from netshrink.prune.importance import unit_scores
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
 from netshrink.registry import technique
@@ -88,6 +88,7 @@ class ChannelPlan:
             keep = self.keep(slot)
             if keep.numel() < slot.ids.numel():
                 prune_slot(model, slot, keep)
+        sync_attention(model)
 
 
 def _freeze_excluded(graph: DepGraph, model: nn.Module, cfg: ChannelsConfig) -> None:
