@@ -15,6 +15,16 @@ from netshrink.errors import UnsupportedModuleError
 from netshrink.graph import FROZEN, analyze
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny and the test machine's cores are shared (with
+    two threads each small conv waited tens of ms on the other core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @rebuildable
 class Attention(nn.Module):
     """The interface of netshrink.zoo.layers.SelfAttention: Linear q k v out, head attributes."""

@@ -11,7 +11,7 @@ from torch import nn
 import netshrink as ns
 from netshrink.artifact import artifact_bytes, load, save
 from netshrink.prune import SparseLinear
-from test_graph import ConvNet, EmbeddingNet, TinyTransformer, image
+from test_graph import ConvNet, EmbeddingNet, TinyTransformer, image, one_thread  # noqa: F401
 
 
 def mlp() -> nn.Module:

@@ -13,7 +13,7 @@ import netshrink as ns
 from netshrink.context import Context
 from netshrink.errors import ConfigError, MissingInputError, TargetError
 from netshrink.prune.structured import ChannelsConfig, plan_channels
-from test_graph import ConvNet, EmbeddingNet, TinyTransformer, image
+from test_graph import ConvNet, EmbeddingNet, TinyTransformer, image, one_thread  # noqa: F401
 
 
 def params(model: nn.Module) -> int:

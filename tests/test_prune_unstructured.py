@@ -13,6 +13,7 @@ from netshrink.errors import ConfigError
 from netshrink.prune import SparseConv2d, SparseLinear, nm_layout_ok, sparsity_report
 from netshrink.prune.schedules import Schedule, fractions
 from netshrink.prune.sparse_layers import calibrate, make_sparse
+from test_graph import one_thread  # noqa: F401
 
 
 def mlp(seed: int = 0) -> nn.Module:
