@@ -220,3 +220,28 @@ def test_a_bare_parameter_keeps_its_channels_because_an_artifact_could_not_rebui
     with pytest.warns(UserWarning, match="parameter 'bias' is not in a layer an artifact can"):
         pruned = ns.prune.channels(BareBias(), ratio=0.5, example_inputs=(torch.randn(2, 4),))
     assert pruned.lin.out_features == 16 and pruned.bias.shape == (16,)
+
+
+class ClassToken(nn.Module):
+    """A class token concatenated along tokens, then nn.MultiheadAttention (not handled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.cls = nn.Linear(8, 16), nn.Parameter(torch.zeros(1, 1, 16))
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.emb(x.flatten(1, 2))
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1)
+        t = t + self.mha(t, t, t)[0]
+        return self.head((t + self.fc2(torch.relu(self.fc(t))))[:, 0])
+
+
+def test_class_token_and_multihead_attention_keep_the_stream_and_are_named() -> None:
+    model, x = ClassToken().eval(), image()
+    with pytest.warns(UserWarning, match=r"mha \(MultiheadAttention\) is not understood"):
+        pruned = ns.prune.channels(model, ratio=0.5, example_inputs=x)
+    assert pruned.emb.out_features == 16 and pruned.fc.out_features == 16
+    with torch.no_grad():
+        assert pruned(*x).shape == (4, 3)

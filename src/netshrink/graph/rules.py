@@ -82,12 +82,13 @@ class Builder:
         return None
 
     def freeze_all(self, value: Any) -> None:
-        """Freeze every label reachable from ``value`` (a node, an info, or nested lists)."""
-        info = self.get(value) if isinstance(value, fx.Node | list | tuple) else value
-        if isinstance(info, Chan):
-            self.graph.freeze(info.ids)
-        elif isinstance(info, list):
-            for item in info:
+        """Freeze every label reachable from ``value``: a node, an info, or nested lists."""
+        if isinstance(value, fx.Node):
+            value = self.info.get(value)
+        if isinstance(value, Chan):
+            self.graph.freeze(value.ids)
+        elif isinstance(value, list | tuple):
+            for item in value:
                 self.freeze_all(item)
 
     def warn(self, node: fx.Node, what: str) -> None:
@@ -158,7 +159,8 @@ class Builder:
             return Chan(-1, ids)
         if is_attention(m):
             return self.attention(name, m, node, x, ndim)
-        self.warn(node, f"{name} ({type(m).__name__}) is not understood and left untouched")
+        if any(True for _ in m.parameters()):
+            g.warnings.append(f"{name} ({type(m).__name__}) is not understood; left untouched")
         self.freeze_all(list(node.args))
         return None
 
