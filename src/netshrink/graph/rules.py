@@ -143,7 +143,7 @@ class Builder:
             return Chan(-1, ids)
         if isinstance(m, nn.Conv1d | nn.Conv2d):
             return self.conv(name, m, x, ndim, out_ndim)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             chan = self.chan_at(x, 1, ndim)
             if chan is not None:
                 g.add_slot(Slot(name, "through", chan.ids))
