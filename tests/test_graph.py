@@ -199,3 +199,21 @@ def test_grouped_conv_is_left_untouched_with_a_warning() -> None:
     assert any("1 (grouped Conv, groups=2)" in w for w in graph.warnings)
     assert set(units_of(graph, "0", "out")) == {FROZEN}
     assert set(units_of(graph, "2", "in")) == {FROZEN}
+
+
+class Splitter(nn.Module):
+    """torch.split into unequal parts along channels, each part read by its own layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.a, self.b = nn.Conv2d(1, 12, 1), nn.Conv2d(4, 2, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right = torch.split(self.conv(x), [4, 8], dim=1)
+        return torch.cat([self.a(left), self.b(right)], dim=1)
+
+
+def test_split_gives_each_consumer_its_slice_of_the_labels() -> None:
+    graph = analyze(Splitter(), image())
+    conv = units_of(graph, "conv", "out")
+    assert units_of(graph, "a", "in") == conv[:4] and units_of(graph, "b", "in") == conv[4:]

@@ -2,9 +2,10 @@
 
 A tensor's channel labels are a :class:`Chan`: the (negative) dimension that holds channels and
 one label per position along it. Negative dimensions survive ops that add or drop leading
-(batch, token) dimensions. Layers are handled by :data:`MODULE_RULES`; functions and methods by
-name. Anything not understood freezes the labels it receives, so a wrong model is impossible:
-at worst fewer channels are prunable, and the graph's warnings say where.
+(batch, token) dimensions. Layers are handled by type (:meth:`Builder.module`), functions and
+methods by name (:meth:`Builder.function`). Anything not understood freezes the labels it
+receives, so a wrong model is impossible: at worst fewer channels are prunable, and the graph's
+warnings say where.
 """
 
 from __future__ import annotations
@@ -310,7 +311,7 @@ class Builder:
         metas = node.meta.get("tensor_meta")
         if not isinstance(info, Chan) or not isinstance(metas, list | tuple):
             return None
-        dim = _arg(node, 2 if name == "chunk" else 1, "dim", 0)
+        dim = _arg(node, 2, "dim", 0)  # split(x, sizes, dim) and chunk(x, n, dim)
         ndim = len(metas[0].shape)
         if dim % ndim != info.dim % ndim:
             return [info for _ in metas]
