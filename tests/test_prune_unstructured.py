@@ -160,3 +160,20 @@ def test_schedules_reach_the_final_fraction() -> None:
     )
     for mask in zeros(pruned).values():
         assert int(mask.sum()) == round(0.75 * mask.numel())
+
+
+def test_weights_moved_by_momentum_are_zeroed_again_for_eval_and_saving() -> None:
+    layer = make_sparse(nn.Linear(8, 4))
+    with torch.no_grad():
+        layer.weight[:, :4] = 0
+    layer.refresh_mask()
+    layer.train()
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # what Adam's momentum does to a freshly pruned weight
+    x = torch.randn(3, 8)
+    expected = nn.functional.linear(x, layer.weight * layer.mask, layer.bias)
+    torch.testing.assert_close(layer(x), expected)  # training forward uses the mask
+    assert (layer.state_dict()["weight"][:, :4] == 0).all()
+    layer.eval()
+    assert (layer.weight[:, :4] == 0).all()
+    torch.testing.assert_close(layer(x), expected)

@@ -8,8 +8,9 @@ between steps the model is fine-tuned with the project's one training loop
 - ``iterative``: k equal steps, s_j = s * j / k.
 - ``gradual``: s_j = s * (1 - (1 - j/k)^3) (Zhu & Gupta 2017, "To prune, or not to prune",
   sec. 3, eq. 1 with s_i = 0): prunes fast while redundancy is plentiful and slowly near the
-  end. Zhu & Gupta update the mask every few hundred training steps; here one update happens
-  every ``epochs`` epochs of training.
+  end. For unstructured pruning the mask is raised inside one training run, every ``epochs``
+  epochs' worth of optimizer steps (their delta t); structured pruning, which replaces tensors,
+  fine-tunes between steps like ``iterative``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
+from netshrink.batches import materialize
 from netshrink.config import Options
-from netshrink.context import Context
-from netshrink.train import fit
+from netshrink.context import Batch, Context
+from netshrink.train import cross_entropy, fit
 
 
 class Schedule(Options):
@@ -61,8 +64,16 @@ def run_schedule(
     step: Callable[[nn.Module, float, float], None],
     ctx: Context,
     desc: str,
+    in_training: bool = False,
 ) -> None:
-    """Call ``step(model, previous, target)`` for each step, fine-tuning between steps."""
+    """Call ``step(model, previous, target)`` for each step, fine-tuning between steps.
+
+    With ``in_training`` (the step only re-masks weights, never replaces tensors), a gradual
+    schedule prunes inside one training run instead, as Zhu & Gupta do.
+    """
+    if schedule.kind == "gradual" and in_training and schedule_needs(schedule):
+        _gradual_in_training(model, schedule, final, step, ctx, desc)
+        return
     previous = 0.0
     targets = fractions(schedule, final)
     for j, target in enumerate(targets):
@@ -79,3 +90,40 @@ def run_schedule(
                 progress=ctx.progress,
                 desc=f"{desc} step {j + 1}/{len(targets)}",
             )
+
+
+def _gradual_in_training(
+    model: nn.Module,
+    schedule: Schedule,
+    final: float,
+    step: Callable[[nn.Module, float, float], None],
+    ctx: Context,
+    desc: str,
+) -> None:
+    """Train ``steps * epochs`` epochs; every ``epochs`` epochs' worth of optimizer steps (Zhu &
+    Gupta's delta t), raise the sparsity to the next target before the batch's forward. The last
+    interval trains at the final sparsity."""
+    assert ctx.train_data is not None
+    batches = materialize(ctx.train_data, "train_data")
+    every = schedule.epochs * len(batches)
+    targets = fractions(schedule, final)
+    done = {"steps": 0, "previous": 0.0}
+
+    def loss(m: nn.Module, batch: Batch) -> torch.Tensor:
+        j, at = divmod(done["steps"], every)
+        if at == 0 and j < len(targets):
+            step(m, done["previous"], targets[j])
+            done["previous"] = targets[j]
+        done["steps"] += 1
+        return cross_entropy(m, batch)
+
+    fit(
+        model,
+        batches,
+        epochs=schedule.epochs * schedule.steps,
+        lr=schedule.lr,
+        loss_fn=loss,
+        seed=ctx.seed,
+        progress=ctx.progress,
+        desc=f"{desc} gradual",
+    )

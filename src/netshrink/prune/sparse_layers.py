@@ -3,8 +3,9 @@
 :class:`SparseLinear` and :class:`SparseConv2d` subclass the torch layers, so their state dict
 is the plain dense ``weight`` (the artifact stores mostly-zero tensors packed, bitmask or CSR).
 The mask is not stored: it is ``weight != 0``, rebuilt whenever weights are loaded. In training
-mode the forward multiplies the weight by the mask, so gradients of pruned weights are zero and
-any optimizer (AdamW included) leaves them at zero during fine-tuning.
+mode the forward multiplies the weight by the mask, so pruned weights get no gradient and
+contribute nothing; ``eval()`` and ``state_dict()`` set them back to exactly zero, in case an
+optimizer's momentum moved them (a mask applied while Adam state exists, as in gradual pruning).
 
 In eval mode a layer whose ``kernel`` is ``"csr"`` multiplies with the weight in compressed
 sparse row form (``torch.addmm`` with a CSR matrix); the choice is made by :func:`calibrate`,
@@ -43,9 +44,27 @@ class _Masked:
         """Recompute the mask from the weights (after pruning more, or loading)."""
         self.mask = self.weight.detach() != 0
 
+    @torch.no_grad()
+    def apply_mask(self) -> None:
+        """Set the masked weights back to exactly zero (optimizer momentum may have moved them:
+        their gradient is zero but Adam's running average of earlier gradients is not)."""
+        if (self.weight[~self.mask] != 0).any():
+            self.weight.mul_(self.mask)
+
+    def train(self, mode: bool = True) -> Any:
+        out = super().train(mode)  # type: ignore[misc]
+        if not mode:
+            self.apply_mask()
+        return out
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
         self.refresh_mask()
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
+        if not keep_vars:
+            destination[prefix + "weight"] = destination[prefix + "weight"] * self.mask
 
     def sparsity(self) -> float:
         """Fraction of weights that are zero."""

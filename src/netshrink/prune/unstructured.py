@@ -97,8 +97,8 @@ def zero_lowest(
         drop[torch.argsort(flat, stable=True)[: round(fraction * flat.numel())]] = True
         for name, part in zip(names, drop.split([keys[n].numel() for n in names]), strict=True):
             layer = layers[name]
-            layer.weight[part.view_as(layer.weight)] = 0
-            layer.refresh_mask()
+            layer.mask = layer.mask & ~part.view_as(layer.mask)  # pruned weights stay pruned
+            layer.weight.mul_(layer.mask)
 
 
 @torch.no_grad()
@@ -132,7 +132,7 @@ def choose_kernels(
 
 
 def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
-    return {n: layer.weight.detach().abs() for n, layer in layers.items()}
+    return {n: (layer.weight.detach() * layer.mask).abs() for n, layer in layers.items()}
 
 
 @technique("prune.magnitude", MagnitudeConfig, needs=lambda cfg: schedule_needs(cfg.schedule))
@@ -143,7 +143,9 @@ def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: Context) -> nn.Mod
     def step(_m: nn.Module, _previous: float, target: float) -> None:
         zero_lowest(layers, _magnitude_keys(layers), target, config.scope)
 
-    run_schedule(model, config.schedule, config.sparsity, step, ctx, "prune.magnitude")
+    run_schedule(
+        model, config.schedule, config.sparsity, step, ctx, "prune.magnitude", in_training=True
+    )
     choose_kernels(model, layers, config.kernel, ctx)
     return model
 
