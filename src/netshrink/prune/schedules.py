@@ -15,7 +15,7 @@ between steps the model is fine-tuned with the project's one training loop
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.config import Options
 from netshrink.context import Batch, Context
-from netshrink.train import cross_entropy, fit
+from netshrink.train import LossFn, cross_entropy, fit
 
 
 class Schedule(Options):
@@ -81,15 +81,21 @@ def run_schedule(
         previous = target
         if j < len(targets) - 1 and schedule.epochs > 0:
             assert ctx.train_data is not None
-            fit(
-                model,
-                ctx.train_data,
-                epochs=schedule.epochs,
-                lr=schedule.lr,
-                seed=ctx.seed + j,
-                progress=ctx.progress,
-                desc=f"{desc} step {j + 1}/{len(targets)}",
-            )
+            _train(model, ctx.train_data, schedule.epochs, schedule, ctx.with_(seed=ctx.seed + j),
+                   f"{desc} step {j + 1}/{len(targets)}")  # fmt: skip
+
+
+def _train(
+    model: nn.Module,
+    data: Iterable[Batch],
+    epochs: int,
+    schedule: Schedule,
+    ctx: Context,
+    desc: str,
+    loss_fn: LossFn = cross_entropy,
+) -> None:
+    fit(model, data, epochs=epochs, lr=schedule.lr, loss_fn=loss_fn, seed=ctx.seed,
+        progress=ctx.progress, desc=desc)  # fmt: skip
 
 
 def _gradual_in_training(
@@ -117,13 +123,4 @@ def _gradual_in_training(
         done["steps"] += 1
         return cross_entropy(m, batch)
 
-    fit(
-        model,
-        batches,
-        epochs=schedule.epochs * schedule.steps,
-        lr=schedule.lr,
-        loss_fn=loss,
-        seed=ctx.seed,
-        progress=ctx.progress,
-        desc=f"{desc} gradual",
-    )
+    _train(model, batches, schedule.epochs * schedule.steps, schedule, ctx, f"{desc} gradual", loss)
