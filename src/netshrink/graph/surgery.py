@@ -96,6 +96,9 @@ def prune_slot(model: nn.Module, slot: Slot, keep: torch.Tensor) -> None:
     {"out": _out, "in": _in, "through": _through, "norm": _through, "dw": _dw, "heads": _heads}[
         slot.role
     ](module, keep)
+    refresh = getattr(module, "refresh_mask", None)
+    if callable(refresh):  # a sparse layer's mask follows its sliced weight
+        refresh()
 
 
 def _value(param: torch.Tensor | None, grad: bool) -> torch.Tensor | None:

@@ -40,6 +40,10 @@ class _Masked:
         self.register_buffer("mask", self.weight.detach() != 0, persistent=False)  # type: ignore[attr-defined]
         self._csr: tuple[tuple[int, int], torch.Tensor] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The CSR cache is derived data, and torch cannot deep-copy or pickle a CSR tensor.
+        return {**self.__dict__, "_csr": None}
+
     def refresh_mask(self) -> None:
         """Recompute the mask from the weights (after pruning more, or loading)."""
         self.mask = self.weight.detach() != 0
