@@ -193,12 +193,13 @@ def test_untraceable_model_raises_unsupported() -> None:
         analyze(Untraceable(), (torch.randn(3, 8),))
 
 
-def test_grouped_conv_is_left_untouched_with_a_warning() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
+def test_grouped_conv_groups_are_whole_units_with_their_input_blocks() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 6, 3, groups=2), nn.Conv2d(6, 4, 1))
     graph = analyze(model, image())
-    assert any("1 (grouped Conv, groups=2)" in w for w in graph.warnings)
-    assert set(units_of(graph, "0", "out")) == {FROZEN}
-    assert set(units_of(graph, "2", "in")) == {FROZEN}
+    first, grouped = units_of(graph, "0", "out"), units_of(graph, "1", "grouped")
+    assert first == [first[0]] * 4 + [first[4]] * 4 and first[0] != first[4]
+    assert grouped == [first[0]] * 3 + [first[4]] * 3
+    assert units_of(graph, "2", "in") == grouped
 
 
 class Splitter(nn.Module):

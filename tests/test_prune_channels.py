@@ -50,15 +50,26 @@ def masked(model: nn.Module, plan) -> nn.Module:
     return out
 
 
+def grouped() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(12, 4, 1), nn.Flatten(),
+        nn.Linear(4 * 64, 3),
+    )  # fmt: skip
+
+
 CASES = [
     (ConvNet, image),
+    (grouped, image),
     (TinyTransformer, image),
     (EmbeddingNet, lambda: (torch.randint(0, 20, (3, 5), generator=torch.Generator()),)),
 ]
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-@pytest.mark.parametrize(("make", "inputs"), CASES, ids=["conv", "transformer", "embedding"])
+@pytest.mark.parametrize(
+    ("make", "inputs"), CASES, ids=["conv", "grouped", "transformer", "embedding"]
+)
 def test_pruned_model_equals_original_on_kept_channels(make, inputs, ratio: float) -> None:
     torch.manual_seed(0)
     model, x = trained_like(make()), inputs()
@@ -72,12 +83,13 @@ def test_pruned_model_equals_original_on_kept_channels(make, inputs, ratio: floa
         # unpruned input) or the masked original's (deeper layers read pruned inputs).
         first, deep = {
             "ConvNet": ("stem.0", "pw"),
+            "grouped": ("0", "5"),
             "TinyTransformer": ("attn.v", "mlp.0"),
             "EmbeddingNet": ("emb", "proj"),
         }[make.__name__]
         for name, reference in ((first, model), (deep, masked(model, plan))):
             keep = plan.keep(plan.graph.slots[(name, "out", "")])
-            dim = -1 if name != "stem.0" and make is not ConvNet else 1
+            dim = 1 if make in (ConvNet, grouped) else -1
             before, after = activation(reference, name, x), activation(pruned, name, x)
             assert 0 < keep.numel() < before.shape[dim] or name == "emb"
             torch.testing.assert_close(after, before.index_select(dim, keep))
@@ -197,8 +209,8 @@ def test_bad_options_and_missing_inputs_fail_before_touching_the_model() -> None
 
 
 def test_unhandled_layers_are_named_in_a_warning_and_left_alone() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 4, 1))
-    with pytest.warns(UserWarning, match=r"1 \(grouped Conv, groups=2\) is left untouched"):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ConvTranspose2d(8, 8, 3), nn.Conv2d(8, 4, 1))
+    with pytest.warns(UserWarning, match=r"1 \(ConvTranspose2d\) is not understood"):
         pruned = ns.prune.channels(model, ratio=0.5, example_inputs=image())
     assert [m.out_channels for m in pruned] == [8, 8, 4]
 
@@ -245,3 +257,12 @@ def test_class_token_and_multihead_attention_keep_the_stream_and_are_named() -> 
     assert pruned.emb.out_features == 16 and pruned.fc.out_features == 16
     with torch.no_grad():
         assert pruned(*x).shape == (4, 3)
+
+
+def test_grouped_conv_loses_whole_groups_with_their_input_channels() -> None:
+    model, x = grouped().eval(), image()
+    pruned = ns.prune.channels(model, ratio=0.5, example_inputs=x)
+    conv = pruned[3]
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 4, 6)
+    assert pruned[0].out_channels == 4 and pruned[5].in_channels == 6
+    assert pruned(*x).shape == (4, 3)

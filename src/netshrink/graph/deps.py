@@ -26,10 +26,10 @@ import torch
 
 FROZEN = 0
 
-ROLES = ("out", "in", "through", "norm", "dw", "heads", "param")
+ROLES = ("out", "in", "through", "norm", "dw", "grouped", "heads", "param")
 """Slot roles: producer rows, consumer columns, BatchNorm parameters, LayerNorm parameters
-(pruning them changes the normalisation statistics), depthwise conv groups, attention heads, a
-bare parameter sliced along ``dim``."""
+(pruning them changes the normalisation statistics), depthwise conv groups, the output rows of a
+grouped conv (whole groups only), attention heads, a bare parameter sliced along ``dim``."""
 
 
 @dataclass

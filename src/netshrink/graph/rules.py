@@ -182,10 +182,16 @@ class Builder:
             ids = chan.ids if chan is not None else torch.zeros(m.in_channels, dtype=torch.long)
             g.add_slot(Slot(name, "dw", ids))
             return Chan(dim, ids.repeat_interleave(m.out_channels // m.in_channels))
-        g.warnings.append(f"{name} (grouped Conv, groups={m.groups}) is left untouched")
-        if chan is not None:
-            g.freeze(chan.ids)
-        return Chan(dim, torch.zeros(m.out_channels, dtype=torch.long))
+        # Grouped conv: group j reads input block j and writes output block j, and every group
+        # must keep the same width, so a whole group is one unit: its input channels (pruned
+        # upstream) and its output channels are merged into one label.
+        ins = chan.ids if chan is not None else torch.zeros(m.in_channels, dtype=torch.long)
+        ids = g.fresh(m.out_channels)
+        for block_in, block_out in zip(ins.chunk(m.groups), ids.chunk(m.groups), strict=True):
+            merged = torch.cat([block_in, block_out])
+            g.union(merged, merged[:1].expand_as(merged))
+        g.add_slot(Slot(name, "grouped", ids))
+        return Chan(dim, ids)
 
     def attention(self, name: str, m: nn.Module, node: fx.Node, x: Any, ndim: int | None) -> Chan:
         g = self.graph

@@ -3,7 +3,8 @@
 One function per slot role (see :mod:`netshrink.graph.deps`): ``out`` removes a producer's rows
 (conv filters, linear neurons, embedding columns) with their bias; ``in`` removes a consumer's
 input columns; ``through``/``norm`` remove BatchNorm/LayerNorm parameters and statistics;
-``dw`` removes depthwise conv groups; ``heads`` lowers an attention module's head count;
+``dw`` removes depthwise conv groups; ``grouped`` removes whole groups of a grouped conv;
+``heads`` lowers an attention module's head count;
 ``param`` slices a bare parameter. :func:`slot_weights` gives, per position, the weights an
 importance criterion scores.
 """
@@ -69,6 +70,15 @@ def _dw(m: nn.Module, keep: torch.Tensor) -> None:
     m.out_channels = int(rows.numel())
 
 
+def _grouped(m: nn.Module, keep: torch.Tensor) -> None:
+    assert isinstance(m, nn.Conv1d | nn.Conv2d)
+    width_in, width_out = m.in_channels // m.groups, m.out_channels // m.groups
+    _slice(m, "weight", 0, keep)  # whole groups: each group's input columns are unchanged
+    _slice(m, "bias", 0, keep)
+    m.groups = int(keep.numel()) // width_out
+    m.in_channels, m.out_channels = m.groups * width_in, int(keep.numel())
+
+
 def _heads(m: nn.Module, keep: torch.Tensor) -> None:
     m.num_heads = int(keep.numel())  # type: ignore[assignment]
 
@@ -85,6 +95,18 @@ def sync_attention(model: nn.Module) -> None:
                 m.dim = m.q.in_features  # type: ignore[union-attr]
 
 
+SURGERY = {
+    "out": _out,
+    "in": _in,
+    "through": _through,
+    "norm": _through,
+    "dw": _dw,
+    "grouped": _grouped,
+    "heads": _heads,
+}
+"""The surgery function of each slot role (``param`` slots are sliced directly)."""
+
+
 def prune_slot(model: nn.Module, slot: Slot, keep: torch.Tensor) -> None:
     """Keep only positions ``keep`` (sorted indices) of ``slot`` in ``model``'s layer."""
     module = model.get_submodule(slot.module)
@@ -93,9 +115,7 @@ def prune_slot(model: nn.Module, slot: Slot, keep: torch.Tensor) -> None:
         if isinstance(module, nn.Embedding):  # a model adding ``embedding.weight`` directly
             module.embedding_dim = module.weight.shape[1]
         return
-    {"out": _out, "in": _in, "through": _through, "norm": _through, "dw": _dw, "heads": _heads}[
-        slot.role
-    ](module, keep)
+    SURGERY[slot.role](module, keep)
     refresh = getattr(module, "refresh_mask", None)
     if callable(refresh):  # a sparse layer's mask follows its sliced weight
         refresh()
@@ -124,7 +144,7 @@ def slot_weights(model: nn.Module, slot: Slot, grad: bool = False) -> torch.Tens
     weight = _value(getattr(module, "weight", None), grad)
     if weight is None or slot.role == "heads":
         return None
-    if slot.role == "out":
+    if slot.role in ("out", "grouped"):
         if isinstance(module, nn.Embedding):
             return weight.t()
         bias = _value(getattr(module, "bias", None), grad)

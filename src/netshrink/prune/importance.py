@@ -23,7 +23,7 @@ from netshrink.batches import run
 from netshrink.context import Batch
 from netshrink.graph import DepGraph, Group, slot_weights
 
-WEIGHTED = ("out", "in", "dw", "param")
+WEIGHTED = ("out", "in", "dw", "grouped", "param")
 
 
 def _sum_per_unit(

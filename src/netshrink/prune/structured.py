@@ -105,7 +105,7 @@ def _freeze_excluded(graph: DepGraph, model: nn.Module, cfg: ChannelsConfig) -> 
             )
         excluded = (
             bare
-            or (slot.role == "out" and slot.module not in selected)
+            or (slot.role in ("out", "grouped") and slot.module not in selected)
             or (slot.role == "heads" and not (cfg.heads and f"{slot.module}.q" in selected))
             or (slot.role == "norm" and not cfg.prune_norm)
         )
