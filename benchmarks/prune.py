@@ -5,7 +5,8 @@
 For zoo:digits-cnn and zoo:digits-transformer, every method starts from the same trained model
 and gets the same fine-tuning budget (netshrink.train.fit, same epochs, learning rate and seed):
 
-- netshrink ``prune.channels`` (50% of channels / neurons / heads, physically removed),
+- netshrink ``prune.channels`` (50% of channels / neurons / heads, physically removed), with
+  the default L1 criterion and with first-order Taylor scores from training batches,
 - Torch-Pruning ``MetaPruner`` with L1 magnitude importance at the same 50% ratio,
 - ``torch.nn.utils.prune.global_unstructured`` at 80% (masks, then ``prune.remove``),
 - netshrink ``prune.magnitude`` at 80% (sparse layers, CSR where it measured faster).
@@ -188,6 +189,16 @@ def main() -> None:
                 "netshrink channels 50%": tuned(
                     lambda m, x=x: ns.prune.channels(m, ratio=0.5, example_inputs=x), name
                 ),
+                "netshrink channels 50% taylor": tuned(
+                    lambda m, x=x, n=name: ns.prune.channels(
+                        m,
+                        ratio=0.5,
+                        criterion="taylor",
+                        example_inputs=x,
+                        train_data=zoo.data(n).train,
+                    ),
+                    name,
+                ),  # fmt: skip
                 "Torch-Pruning L1 50%": tuned(lambda m, x=x: torch_pruning(m, x, 0.5), name),
                 "torch.nn.utils.prune 80%": tuned(lambda m: torch_unstructured(m, 0.8), name),
                 "netshrink magnitude 80%": tuned(
