@@ -127,14 +127,16 @@ def _value(param: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
     return param.grad if param.grad is not None else torch.zeros_like(param)
 
 
-def slot_weights(model: nn.Module, slot: Slot, grad: bool = False) -> torch.Tensor | None:
+def slot_weights(
+    model: nn.Module, slot: Slot, grad: bool = False, bias: bool = False
+) -> torch.Tensor | None:
     """Weights (or, with ``grad``, their gradients) of each position of ``slot`` as the rows of
     a 2-D tensor; None when the slot has nothing to score.
 
-    ``out`` rows include the bias, so the first-order Taylor score of a row, sum(w * dL/dw),
-    equals activation x gradient summed over that output channel: the output is linear in its
-    weights and bias (Molchanov et al. 2019, "Importance Estimation for Neural Network
-    Pruning", sec. 3).
+    With ``bias``, ``out`` rows end with the bias: then the first-order Taylor score of a row,
+    sum(w * dL/dw), equals activation x gradient summed over that output channel, since the
+    output is linear in its weights and bias (Molchanov et al. 2019, "Importance Estimation for
+    Neural Network Pruning", sec. 3). Norm criteria score filter weights only (Li et al. 2017).
     """
     module = model.get_submodule(slot.module)
     if slot.role == "param":
@@ -147,9 +149,9 @@ def slot_weights(model: nn.Module, slot: Slot, grad: bool = False) -> torch.Tens
     if slot.role in ("out", "grouped"):
         if isinstance(module, nn.Embedding):
             return weight.t()
-        bias = _value(getattr(module, "bias", None), grad)
         rows = weight.flatten(1)
-        return rows if bias is None else torch.cat([rows, bias[:, None]], dim=1)
+        b = _value(getattr(module, "bias", None), grad) if bias else None
+        return rows if b is None else torch.cat([rows, b[:, None]], dim=1)
     if slot.role == "in":
         return weight.transpose(0, 1).flatten(1)
     if slot.role == "dw":

@@ -39,11 +39,12 @@ def _sum_per_unit(
     for slot in group.slots:
         if slot.role not in roles:
             continue
-        w = slot_weights(model, slot)
+        taylor = reduce == "taylor"
+        w = slot_weights(model, slot, bias=taylor)
         if w is None:
             continue
-        if reduce == "taylor":
-            g = slot_weights(model, slot, grad=True)
+        if taylor:
+            g = slot_weights(model, slot, grad=True, bias=True)
             assert g is not None
             per_pos = (w * g).sum(1)
         elif reduce == "l2":
