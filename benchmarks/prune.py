@@ -36,9 +36,8 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 import netshrink as ns
-from netshrink import zoo
+from netshrink import measure, zoo
 from netshrink.artifact import artifact_bytes, save
-from netshrink.measure import Timing, count_macs
 from netshrink.metrics import accuracy
 from netshrink.prune import sparsity_report
 from netshrink.train import fit
@@ -92,7 +91,7 @@ def finalize_torch_prune(model: nn.Module) -> nn.Module:
     return model
 
 
-def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[Timing]:
+def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[measure.Timing]:
     """Interleaved timing whose order rotates every round, so each callable spends as many rounds
     in every position. On this shared machine a fixed order showed the same model alternating
     between ~2 ms and ~10 ms by position alone (preemption phase), which rotation shares out."""
@@ -105,7 +104,7 @@ def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[Timing]:
             start = time.perf_counter_ns()
             fns[i]()
             samples[i].append((time.perf_counter_ns() - start) / 1e6)
-    return [Timing(tuple(s)) for s in samples]
+    return [measure.Timing(tuple(s)) for s in samples]
 
 
 def nonzero_params(model: nn.Module) -> int:
@@ -133,7 +132,7 @@ def bench(
         save(model, tmp / f"{name}-{label}")
         rows[label] = {
             "params": nonzero_params(model),
-            "macs": count_macs(model, x),
+            "macs": measure.count_macs(model, x),
             "bytes": artifact_bytes(tmp / f"{name}-{label}"),
             "acc": accuracy(model, splits.test),
         }
@@ -198,7 +197,7 @@ def main() -> None:
                         train_data=zoo.data(n).train,
                     ),
                     name,
-                ),  # fmt: skip
+                ),
                 "Torch-Pruning L1 50%": tuned(lambda m, x=x: torch_pruning(m, x, 0.5), name),
                 "torch.nn.utils.prune 80%": tuned(lambda m: torch_unstructured(m, 0.8), name),
                 "netshrink magnitude 80%": tuned(
