@@ -167,6 +167,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model (>= 20)")
     parser.add_argument("--batch", type=int, default=64, help="batch size of the timed input")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--models", nargs="+", default=["digits-cnn", "digits-transformer", "digits-mlp"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -182,7 +185,7 @@ def main() -> None:
         return run
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("digits-cnn", "digits-transformer"):
+        for name in [n for n in args.models if n != "digits-mlp"]:
             x = zoo.example_inputs(name, args.batch)
             methods = {
                 "netshrink channels 50%": tuned(
@@ -208,15 +211,18 @@ def main() -> None:
                 ),
             }
             bench(name, methods, args, Path(tmp))
-        x = zoo.example_inputs("digits-mlp", args.batch)
-        methods = {
-            "netshrink magnitude 90%": tuned(
-                lambda m: ns.prune.magnitude(m, sparsity=0.9, scope="global", example_inputs=x),
-                "digits-mlp",
-            ),
-            "torch.nn.utils.prune 90%": tuned(lambda m: torch_unstructured(m, 0.9), "digits-mlp"),
-        }
-        bench("digits-mlp", methods, args, Path(tmp))
+        if "digits-mlp" in args.models:
+            x = zoo.example_inputs("digits-mlp", args.batch)
+            methods = {
+                "netshrink magnitude 90%": tuned(
+                    lambda m: ns.prune.magnitude(m, sparsity=0.9, scope="global", example_inputs=x),
+                    "digits-mlp",
+                ),
+                "torch.nn.utils.prune 90%": tuned(
+                    lambda m: torch_unstructured(m, 0.9), "digits-mlp"
+                ),
+            }
+            bench("digits-mlp", methods, args, Path(tmp))
 
 
 if __name__ == "__main__":
