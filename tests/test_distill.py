@@ -302,3 +302,13 @@ def test_width_rebuilds_a_zoo_model_narrower_that_saves_and_loads(tmp_path) -> N
     ns.save(out, tmp_path / "student")
     x = data[0][0]
     assert torch.equal(ns.load(tmp_path / "student")(x), out(x))
+
+
+def test_width_prunes_a_non_zoo_model_keeping_the_teachers_channels() -> None:
+    teacher = built(TinyCNN, 8)
+    out = ns.distill.kd(
+        teacher, student={"width": 0.5}, train_data=images(), epochs=0, progress=False
+    )
+    assert (out.conv1.out_channels, out.conv2.out_channels, out.fc.out_features) == (4, 4, 3)
+    # Before training, every kept filter is one of the teacher's.
+    assert all(any(torch.equal(w, t) for t in teacher.conv1.weight) for w in out.conv1.weight)
