@@ -6,10 +6,10 @@ import copy
 import json
 
 import pytest
-import recipe_fakes
 import torch
 from torch import nn
 
+import recipe_fakes
 from netshrink.artifact import artifact_bytes, read_manifest
 from netshrink.metrics import accuracy
 from netshrink.recipe import compress, loads, save_run
@@ -32,7 +32,7 @@ def recipe(*lines: str):
 
 
 def run(model: nn.Module, *lines: str, **extra):
-    return compress(model, recipe(*lines), runs=3, **{**recipe_fakes.context(), **extra})
+    return compress(model, recipe(*lines), **{**recipe_fakes.context(), **extra})
 
 
 def test_stages_run_in_order_with_repetition_and_are_measured(trained: nn.Module) -> None:
@@ -131,17 +131,21 @@ def test_summary_and_saved_run(trained: nn.Module, tmp_path) -> None:
         compressed_bytes,
     )
     assert summary["compression_rate"] == pytest.approx(baseline_bytes / compressed_bytes)
-    final = result.report.final.measurement
-    assert summary["speedup_rate"] == pytest.approx(final.baseline_latency_ms / final.latency_ms)
+    final = result.report.final
+    assert summary["speedup_rate"] == pytest.approx(
+        final.baseline_latency_ms / final.measurement.latency_ms
+    )
+    assert summary["runtime"] == "eager" and summary["threads"] == torch.get_num_threads()
     assert summary["artifact"] == str(tmp_path / "out" / "model")
-    provenance = read_manifest(tmp_path / "out" / "model")["extra"]["provenance"]
+    manifest = read_manifest(tmp_path / "out" / "model")
+    provenance = manifest["extra"]["provenance"]
     assert provenance["recipe"] == result.report.recipe and provenance["seed"] == 0
-    assert provenance["model"] == "test:tiny" and provenance["environment"]["versions"]["torch"]
-    assert [s["name"] for s in provenance["stages"]] == [
-        "baseline",
-        "prune.fake_zero",
-        "lowrank.fake_shrink",
+    assert provenance["model"] == "test:tiny" and manifest["versions"]["torch"]
+    rows = [
+        dict(zip(provenance["stage_columns"], row, strict=True)) for row in provenance["stages"]
     ]
+    assert [r["stage"] for r in rows] == ["baseline", "0 prune.fake_zero", "1 lowrank.fake_shrink"]
+    assert rows[2]["bytes"] == final.measurement.bytes and rows[2]["status"] == "applied"
     data = json.loads(paths["json"].read_text())
     assert data["schema_version"] == 1 and data["summary"] == json.loads(json.dumps(summary))
 

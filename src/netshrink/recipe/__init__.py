@@ -2,14 +2,13 @@
 
 from netshrink.recipe.builtin import DEFAULT, load, names
 from netshrink.recipe.deliver import save_run
-from netshrink.recipe.result import Measurement, Report, Result, StageRecord
+from netshrink.recipe.result import Report, Result, StageRecord
 from netshrink.recipe.runner import compress
 from netshrink.recipe.schema import GuardConfig, Recipe, Stage, json_schema, loads, parse
 
 __all__ = [
     "DEFAULT",
     "GuardConfig",
-    "Measurement",
     "Recipe",
     "Report",
     "Result",

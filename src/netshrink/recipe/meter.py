@@ -1,8 +1,8 @@
 """Measuring the model after each stage: the runner's one door to ``netshrink.measure``.
 
-Every stage's model is saved as an artifact in a scratch folder (its bytes are what the disk
-holds), its MACs counted, its latency timed interleaved with the baseline in this process, and its
-metric evaluated. Per-layer sparsity, bit width and rank are read off the modules.
+Every stage's model is compared with the baseline by :func:`netshrink.measure.compare`: bytes of
+its saved artifact, parameters, MACs, latency timed interleaved with the baseline in this
+process, and the metric. Per-layer sparsity, bit width and rank are read off the modules.
 """
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ import os
 import platform
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from netshrink.measure import Measurement
+
 from netshrink.context import Batch, Evaluate
-from netshrink.recipe.result import Environment, LayerInfo, Measurement
+from netshrink.recipe.result import Environment, LayerInfo, StageRecord
 
 _FLOAT_BITS = {torch.float32: 32, torch.float64: 64, torch.float16: 16, torch.bfloat16: 16}
 
@@ -73,7 +76,7 @@ def layer_info(model: nn.Module) -> list[LayerInfo]:
 
 
 class Meter:
-    """Measures models against one baseline on fixed inputs, data and metric."""
+    """Measures models against one baseline on fixed inputs, data, metric and runtime settings."""
 
     def __init__(
         self,
@@ -81,45 +84,42 @@ class Meter:
         example_inputs: tuple[Any, ...],
         evaluate: Evaluate,
         data: Iterable[Batch],
-        scratch: Path,
+        *,
+        runtime: str = "eager",
+        threads: int | None = None,
         runs: int = 20,
     ) -> None:
         self.baseline = baseline
         self.example_inputs = example_inputs
-        self.evaluate = evaluate
-        self.data = list(data)
-        self.scratch = scratch
-        self.runs = runs
-        self.runtime = "torch-eager"
-        self.threads = torch.get_num_threads()
-        self._count = 0
+        self.settings = {
+            "evaluate": evaluate,
+            "data": list(data),
+            "runtime": runtime,
+            "threads": threads,
+            "runs": runs,
+        }
+        self.last: Measurement | None = None
 
-    def size(self, model: nn.Module) -> int:
-        """Bytes on disk of ``model`` saved as an artifact (no provenance)."""
-        from netshrink.artifact import artifact_bytes, save
+    def measure_baseline(self) -> StageRecord:
+        """The baseline's record: measured alone, its latency its own."""
+        from netshrink.measure import measure
 
-        self._count += 1
-        path = self.scratch / f"m{self._count}"
-        save(model, path)
-        return int(artifact_bytes(path))
-
-    def measure(self, model: nn.Module) -> Measurement:
-        """Params, non-zeros, MACs, bytes, latency (vs the baseline, interleaved) and metric."""
-        from netshrink.measure import compare, count_macs
-
-        timing = compare(self.baseline, model, self.example_inputs, runs=self.runs)
-        self.runtime = str(timing.runtime)
-        self.threads = int(timing.threads)
-        return Measurement(
-            params=sum(p.numel() for p in model.parameters()),
-            nonzero_params=sum(int(torch.count_nonzero(p)) for p in model.parameters()),
-            macs=int(count_macs(model, self.example_inputs)),
-            bytes=self.size(model),
-            latency_ms=float(timing.candidate.latency_ms),
-            baseline_latency_ms=float(timing.baseline.latency_ms),
-            metric=float(self.evaluate(model, self.data)),
+        m = self.last = measure(self.baseline, self.example_inputs, **self.settings)
+        return StageRecord(
+            None, "baseline", "baseline", m, m.latency_ms, layers=layer_info(self.baseline)
         )
 
+    def measure(self, model: nn.Module) -> tuple[Measurement, float]:
+        """``model``'s measurement and the baseline's latency, timed interleaved with it (ms)."""
+        from netshrink.measure import compare
+
+        both = compare(self.baseline, model, self.example_inputs, **self.settings)
+        self.last = both.candidate
+        return both.candidate, both.baseline.latency_ms
+
     def environment(self) -> Environment:
-        """Machine, runtime, threads and versions of the measurements taken so far."""
-        return Environment(machine(), self.runtime, self.threads, versions(), self.runs)
+        """Machine, runtime, threads, timed runs and versions of the measurements taken."""
+        assert self.last is not None, "measure something first"
+        return Environment(
+            machine(), self.last.runtime, self.last.threads, self.last.runs, versions()
+        )

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from netshrink.measure import Measurement
 
 SCHEMA_VERSION = 1
 """Version of the report.json layout; bumped when a field changes meaning or disappears."""
@@ -47,24 +50,6 @@ class LayerInfo:
     rank: int | None = None
 
 
-@dataclass(frozen=True)
-class Measurement:
-    """One model measured: sizes, work, timing against the baseline, and the metric."""
-
-    params: int
-    nonzero_params: int
-    macs: int
-    bytes: int
-    latency_ms: float
-    baseline_latency_ms: float
-    metric: float
-
-    @property
-    def speedup_vs_baseline(self) -> float:
-        """Baseline latency / this latency, from the same interleaved timing."""
-        return self.baseline_latency_ms / self.latency_ms
-
-
 @dataclass
 class StageRecord:
     """One row of the report: the baseline (index None) or one recipe stage."""
@@ -73,11 +58,25 @@ class StageRecord:
     name: str
     status: str  # "baseline", "applied", "rolled back" or "skipped"
     measurement: Measurement | None
+    baseline_latency_ms: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     guard_metric: float | None = None
     note: str = ""
     layers: list[LayerInfo] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        """Baseline latency / this stage's latency, timed interleaved in one run."""
+        if self.measurement is None or self.baseline_latency_ms is None:
+            return None
+        return self.baseline_latency_ms / self.measurement.latency_ms
+
+    @property
+    def metric(self) -> float:
+        """The stage's metric on the evaluation data (the runner always measures one)."""
+        assert self.measurement is not None and self.measurement.metric is not None
+        return self.measurement.metric
 
     @property
     def label(self) -> str:
@@ -92,8 +91,8 @@ class Environment:
     machine: str
     runtime: str
     threads: int
-    versions: dict[str, str]
     latency_runs: int
+    versions: dict[str, str]
 
 
 @dataclass
@@ -121,13 +120,13 @@ class Report:
         Once the run is saved, the bytes are those of the delivered baseline and compressed
         artifacts (the latter with its provenance); before, those measured after each stage.
         """
-        before = self.baseline.measurement
-        after = self.final.measurement
-        assert before is not None and after is not None
-        base_bytes, compressed = self.delivered_bytes or (before.bytes, after.bytes)
+        before, after = self.baseline, self.final
+        assert before.measurement is not None and after.measurement is not None
+        measured = (before.measurement.bytes, after.measurement.bytes)
+        base_bytes, compressed = self.delivered_bytes or measured
         return {
             "compression_rate": base_bytes / compressed,
-            "speedup_rate": after.speedup_vs_baseline,
+            "speedup_rate": after.speedup,
             "metric": self.metric_name,
             "metric_before": before.metric,
             "metric_after": after.metric,
@@ -135,7 +134,7 @@ class Report:
             "baseline_bytes": base_bytes,
             "compressed_bytes": compressed,
             "latency_ms_before": after.baseline_latency_ms,
-            "latency_ms_after": after.latency_ms,
+            "latency_ms_after": after.measurement.latency_ms,
             "runtime": self.environment.runtime,
             "threads": self.environment.threads,
             "machine": self.environment.machine,
@@ -154,13 +153,17 @@ class Report:
         }
 
     def provenance(self) -> dict[str, Any]:
-        """What the artifact manifest records: resolved recipe, seed, versions, stage numbers."""
+        """What the artifact manifest records: resolved recipe, seed, where measured, and each
+        stage's headline numbers (kept short: the manifest's bytes count in the artifact's size;
+        report.json holds everything, and the manifest already records the versions)."""
+        env = self.environment
         return {
             "recipe": self.recipe,
             "seed": self.seed,
             "metric": self.metric_name,
-            "environment": asdict(self.environment),
-            "stages": [_record(s, layers=False) for s in (self.baseline, *self.stages)],
+            "measured_on": [env.machine, env.runtime, env.threads, env.latency_runs],
+            "stage_columns": list(PROVENANCE_COLUMNS),
+            "stages": [_short(s) for s in (self.baseline, *self.stages)],
         }
 
     def __str__(self) -> str:
@@ -169,11 +172,32 @@ class Report:
         return plain_table(self)
 
 
-def _record(s: StageRecord, layers: bool = True) -> dict[str, Any]:
-    out = asdict(s)
-    if not layers:
-        out.pop("layers")
-    return out
+def _record(s: StageRecord) -> dict[str, Any]:
+    return {**asdict(s), "speedup": s.speedup}
+
+
+PROVENANCE_COLUMNS = (
+    "stage",
+    "status",
+    "params",
+    "nonzero_params",
+    "macs",
+    "bytes",
+    "latency_ms",
+    "baseline_latency_ms",
+    "metric",
+)
+
+
+def _short(s: StageRecord) -> list[Any]:
+    """One stage as a row of :data:`PROVENANCE_COLUMNS` (None where it was not measured)."""
+    m = s.measurement
+    numbers = [
+        getattr(m, k, None) if m is not None else None
+        for k in ("params", "nonzero_params", "macs", "bytes", "latency_ms")
+    ]
+    metric = m.metric if m is not None else None
+    return [s.label, s.status, *numbers, s.baseline_latency_ms, metric]
 
 
 @dataclass

@@ -10,7 +10,6 @@ skipped (``on_fail: stop``), and the report says so.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -88,17 +87,16 @@ class _Run:
         start = time.perf_counter()
         candidate = stage.technique.apply(self.model, stage.config, self.ctx).eval()
         seconds = time.perf_counter() - start
-        measured = self.meter.measure(candidate)
+        measured, baseline_ms = self.meter.measure(candidate)
         record = StageRecord(
             stage.index,
             stage.name,
             "applied",
             measured,
+            baseline_ms,
             options,
             seconds,
-            None,
-            "",
-            layer_info(candidate),
+            layers=layer_info(candidate),
         )
         after = None
         if stage.guard is not None:
@@ -124,6 +122,8 @@ def compress(
     recipe: Recipe | Mapping[str, Any] | str | Path,
     *,
     eval_data: Iterable[Batch] | None = None,
+    runtime: str = "eager",
+    threads: int | None = None,
     runs: int = 20,
     **context: Any,
 ) -> Result:
@@ -132,11 +132,18 @@ def compress(
     ``context`` holds the items techniques need (``example_inputs``, ``calib_data``,
     ``train_data``, ``val_data``, ``teacher``, ``evaluate``, ``seed``, ...). The teacher defaults
     to ``model`` as given, the metric to top-1 accuracy. The reported metric is measured on
-    ``eval_data`` (default ``val_data``); guards judge on ``val_data``. ``runs`` is the number of
-    timed forward passes per model and stage (after warm-up). ``model`` is left unchanged.
+    ``eval_data`` (default ``val_data``); guards judge on ``val_data``. Latency is the median of
+    ``runs`` timed forward passes on ``example_inputs`` with ``runtime`` ("eager" or
+    "onnxruntime") and ``threads`` intra-op threads (None: torch's current count). The weights
+    of ``model`` are left unchanged (it is put in eval mode).
     """
+    from netshrink.measure.latency import check_runs
+    from netshrink.runtime import check_runtime
+
     plan = as_recipe(recipe)
     ctx = make_context(context)
+    check_runtime(runtime)
+    check_runs(runs, warmup=10)
     baseline = model.eval()
     if ctx.teacher is None:
         ctx = ctx.with_(teacher=baseline)
@@ -153,13 +160,18 @@ def compress(
     guard_data = materialize(ctx.val_data, "val_data") if ctx.val_data is not None else data
     check_finite_weights(baseline)
     assert ctx.example_inputs is not None and ctx.evaluate is not None
-    with tempfile.TemporaryDirectory(prefix="netshrink-") as scratch:
-        meter = Meter(baseline, ctx.example_inputs, ctx.evaluate, data, Path(scratch), runs)
-        first = StageRecord(
-            None, "baseline", "baseline", meter.measure(baseline), layers=layer_info(baseline)
-        )
-        run = _Run(baseline, ctx, meter, guard_data)
-        records = [run.stage(stage) for stage in plan.stages]
+    meter = Meter(
+        baseline,
+        ctx.example_inputs,
+        ctx.evaluate,
+        data,
+        runtime=runtime,
+        threads=threads,
+        runs=runs,
+    )
+    first = meter.measure_baseline()
+    run = _Run(baseline, ctx, meter, guard_data)
+    records = [run.stage(stage) for stage in plan.stages]
     report = Report(
         baseline=first,
         stages=records,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from netshrink.recipe.result import LayerInfo, Measurement, Report, StageRecord
+from netshrink.recipe.result import LayerInfo, Report, StageRecord
 from netshrink.report.tables import human_bytes, measured_on
 
 
@@ -50,7 +50,7 @@ def _bytes_axis(ax: Any, xs: list[float]) -> None:
 
 
 def _tradeoff(
-    report: Report, x_of: Callable[[Measurement], float], xlabel: str, footer: str, bytes_axis: bool
+    report: Report, x_of: Callable[[Any], float], xlabel: str, footer: str, bytes_axis: bool
 ) -> bytes:
     """Metric (y) against ``x_of`` of each measured stage, in recipe order."""
     from matplotlib.figure import Figure as MplFigure
@@ -61,7 +61,7 @@ def _tradeoff(
     for record in measured(report):
         m = record.measurement
         assert m is not None
-        x, y = x_of(m), m.metric
+        x, y = x_of(m), record.metric
         undone = record.status == "rolled back"
         ax.scatter([x], [y], s=40, facecolors="none" if undone else "C0", edgecolors="C0")
         ax.annotate(

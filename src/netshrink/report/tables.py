@@ -84,20 +84,20 @@ def stage_row(record: StageRecord, baseline: StageRecord) -> list[str]:
     """One row of the per-stage table (blank measurements for a skipped stage)."""
     m, b = record.measurement, baseline.measurement
     assert b is not None
-    if m is None:
+    if m is None or record.speedup is None:
         return [record.label, record.status, *([""] * (len(STAGE_HEADERS) - 2))]
     return [
         record.label,
         record.status,
-        human_count(m.params),
-        human_count(m.nonzero_params),
-        human_count(m.macs),
+        human_count(m.params or 0),
+        human_count(m.nonzero_params or 0),
+        human_count(m.macs or 0),
         human_bytes(m.bytes),
         rate(b.bytes / m.bytes),
         f"{m.latency_ms:.3g}",
-        rate(m.speedup_vs_baseline),
-        f"{m.metric:.4f}",
-        f"{b.metric - m.metric:+.4f}",
+        rate(record.speedup),
+        f"{record.metric:.4f}",
+        f"{baseline.metric - record.metric:+.4f}",
         f"{record.seconds:.1f}",
     ]
 
