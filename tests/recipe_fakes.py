@@ -144,3 +144,19 @@ def context() -> dict:
         "val_data": tiny_data(4, 2),
         "progress": False,
     }
+
+
+def untrained_model() -> nn.Sequential:
+    """The MLP's architecture with its initial weights (a ``--model`` factory for --weights)."""
+    return tiny_model(trained=False)
+
+
+def cli_data() -> dict:
+    """A ``--data`` function: the splits of :func:`context` under the names the CLI wants."""
+    ctx = context()
+    return {"train": ctx["train_data"], "val": ctx["val_data"], "calib": ctx["calib_data"]}
+
+
+def bad_metric(model: nn.Module, batches) -> str:
+    """A ``--eval`` function that breaks the contract: it returns text."""
+    return "high"
