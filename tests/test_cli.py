@@ -171,7 +171,7 @@ BAD_INPUT = [
     ),
     (
         ["compress", "{recipe}", "--model", "zoo:no-such-model", "--out", "o"],
-        "no built-in model 'zoo:no-such-model'",
+        "unknown zoo model 'no-such-model'",
     ),
     (["compress", "{bad_recipe}", *MODEL, "--out", "o"], "option 'fracton': unknown option"),
     (["compress", "{recipe}", *MODEL, "--out", "o", "--runtime", "tpu"], "unknown runtime"),

@@ -39,19 +39,9 @@ class Data:
         return as_args(self.val[0][0])
 
 
-def zoo_name(ref: str) -> str | None:
-    """The model name of a ``zoo:<name>`` reference, else None."""
-    return ref[len(ZOO) :] if ref.startswith(ZOO) else None
-
-
-def _zoo_check(name: str) -> None:
-    from netshrink import zoo
-
-    if name not in zoo.names():
-        raise ModelReferenceError(
-            f"no built-in model 'zoo:{name}'; built-ins: "
-            + ", ".join(f"zoo:{n}" for n in zoo.names())
-        )
+def zoo_name(ref: object) -> str | None:
+    """The model name of a ``zoo:<name>`` reference, else None (also for a non-string)."""
+    return ref[len(ZOO) :] if isinstance(ref, str) and ref.startswith(ZOO) else None
 
 
 def load_object(ref: str, what: str) -> Any:
@@ -92,7 +82,6 @@ def build_model(ref: str, seed: int = 0, trained: bool = True) -> nn.Module:
     if name is not None:
         from netshrink import zoo
 
-        _zoo_check(name)
         return zoo.load(name, seed=seed) if trained else zoo.build(name)
     model = _call(ref, "--model")
     if not isinstance(model, nn.Module):
@@ -147,7 +136,6 @@ def data_from(ref: str) -> Data:
     if name is not None:
         from netshrink import zoo
 
-        _zoo_check(name)
         raw: Any = zoo.data(name)
     else:
         raw = _call(ref, "--data")
@@ -163,12 +151,20 @@ def data_from(ref: str) -> Data:
     return Data(splits["train"], val, splits["calib"], splits["test"] or val)
 
 
-def evaluate_from(ref: str | None) -> Evaluate:
-    """The metric ``--eval ref`` names (``fn(model, batches) -> float``); top-1 accuracy if None."""
+def evaluate_from(ref: str | None, model_ref: str = "") -> Evaluate:
+    """The metric ``--eval ref`` names (``fn(model, batches) -> float``, higher is better).
+
+    Without ``ref``: the zoo model's own metric for a ``zoo:`` model, else top-1 accuracy.
+    """
     if ref is None:
         from netshrink.metrics import accuracy
 
-        return accuracy
+        name = zoo_name(model_ref)
+        if name is None:
+            return accuracy
+        from netshrink import zoo
+
+        return zoo.evaluate(name)
     fn = load_object(ref, "--eval")
     if not callable(fn):
         raise ModelReferenceError(f"--eval {ref!r} is not callable: {type(fn).__name__}")

@@ -47,7 +47,7 @@ def resolve(
     seed: int = 0,
 ) -> Inputs:
     """Resolve the references; a zoo model brings its own data when ``data_ref`` is None."""
-    evaluate = refs.evaluate_from(eval_ref)
+    evaluate = refs.evaluate_from(eval_ref, model_ref)
     model = refs.model_from(model_ref, weights, seed=seed)
     if data_ref is None:
         if refs.zoo_name(model_ref) is None:
@@ -127,7 +127,7 @@ def reopen(artifact: Path, model_ref: str | None = None) -> tuple[nn.Module, dic
 
     info = provenance(artifact)
     recorded = info.get("model")
-    if model_ref is None and isinstance(recorded, str) and refs.zoo_name(recorded):
+    if model_ref is None and refs.zoo_name(recorded):
         model_ref = recorded
     skeleton = None if model_ref is None else refs.build_model(model_ref, trained=False)
     return load(artifact, model=skeleton).eval(), info
@@ -168,13 +168,14 @@ def measure_target(
     else:
         model, info = reopen(Path(target), model_ref)
         recorded = info.get("data")
-        if data_ref is None and isinstance(recorded, str) and refs.zoo_name(recorded):
+        if data_ref is None and refs.zoo_name(recorded):
             data_ref = recorded
         if data_ref is None:
             raise ModelReferenceError(
                 f"{target} records no zoo data; give --data package.module:function"
             )
-        given = Inputs(model, refs.data_from(data_ref), refs.evaluate_from(eval_ref), "", data_ref)
+        evaluate = refs.evaluate_from(eval_ref, model_ref or info.get("model", ""))
+        given = Inputs(model, refs.data_from(data_ref), evaluate, "", data_ref)
     measured = measure(
         model,
         given.data.example_inputs(),
