@@ -98,7 +98,9 @@ def test_guard_stop_skips_the_remaining_stages(trained: nn.Module) -> None:
     statuses = [s.status for s in result.report.stages]
     assert statuses == ["applied", "rolled back", "skipped"]
     assert "later stages skipped" in result.report.stages[1].note
-    assert result.report.stages[2].measurement is None
+    skipped = result.report.stages[2]
+    assert skipped.measurement is None and skipped.baseline_latency_ms is None
+    assert skipped.options == {"finetune": None, "hidden": 8}
     assert result.report.final is result.report.stages[0]
 
 

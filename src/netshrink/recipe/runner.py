@@ -21,6 +21,7 @@ from torch import nn
 from netshrink.batches import check_finite_weights, materialize
 from netshrink.context import Batch, Context
 from netshrink.errors import ConfigError, MissingInputError, RecipeError
+from netshrink.progress import track
 from netshrink.recipe import builtin
 from netshrink.recipe.meter import Meter, layer_info
 from netshrink.recipe.result import Report, Result, StageRecord
@@ -82,7 +83,7 @@ class _Run:
         options = stage.config.model_dump(mode="json")
         if self.stopped:
             note = "skipped: an earlier guard stopped the recipe"
-            return StageRecord(stage.index, stage.name, "skipped", None, options, note=note)
+            return StageRecord(stage.index, stage.name, "skipped", None, options=options, note=note)
         torch.manual_seed(self.ctx.seed)
         start = time.perf_counter()
         candidate = stage.technique.apply(self.model, stage.config, self.ctx).eval()
@@ -171,7 +172,8 @@ def compress(
     )
     first = meter.measure_baseline()
     run = _Run(baseline, ctx, meter, guard_data)
-    records = [run.stage(stage) for stage in plan.stages]
+    stages = track(plan.stages, f"recipe ({len(plan.stages)} stages)", show=ctx.progress)
+    records = [run.stage(stage) for stage in stages]
     report = Report(
         baseline=first,
         stages=records,
