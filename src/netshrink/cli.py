@@ -20,6 +20,7 @@ from rich.table import Table
 
 from netshrink import progress
 from netshrink.errors import InputError, NetshrinkError
+from netshrink.recipe.builtin import DEMO_RUNTIME
 
 app = typer.Typer(
     add_completion=False,
@@ -30,8 +31,10 @@ app = typer.Typer(
 
 
 def out() -> Console:
-    """A console on stdout, sized to the terminal as it is now."""
-    return Console(highlight=False)
+    """A console on stdout: the terminal's width, or 160 columns when stdout is not a terminal
+    (a log file), so the stage table keeps one line per stage."""
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=160)
 
 
 def err() -> Console:
@@ -178,17 +181,18 @@ def compress(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-demo"),
     seed: SeedOpt = 0,
+    runtime: RuntimeOpt = DEMO_RUNTIME,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Compress the built-in digits CNN with the default recipe, end to end, offline."""
-    from netshrink.recipe import DEFAULT
+    from netshrink.recipe import DEFAULT, DEMO_MODEL
     from netshrink.recipe.commands import run
 
     scripted = _scripted(quiet, as_json)
     if not scripted:
-        err().print(f"netshrink demo: recipe '{DEFAULT}' on zoo:digits-cnn -> {out}")
-    result, paths = run(DEFAULT, "zoo:digits-cnn", out, seed=seed, progress=not scripted)
+        err().print(f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}")
+    result, paths = run(DEFAULT, DEMO_MODEL, out, seed=seed, runtime=runtime, progress=not scripted)
     _finish_run(result, paths, quiet, as_json)
 
 

@@ -1,6 +1,6 @@
 """Recipes: declared chains of techniques, validated in full, run stage by stage and measured."""
 
-from netshrink.recipe.builtin import DEFAULT, load, names
+from netshrink.recipe.builtin import DEFAULT, DEMO_MODEL, DEMO_RUNTIME, load, names
 from netshrink.recipe.deliver import save_run
 from netshrink.recipe.result import Report, Result, StageRecord
 from netshrink.recipe.runner import compress
@@ -8,6 +8,8 @@ from netshrink.recipe.schema import GuardConfig, Recipe, Stage, json_schema, loa
 
 __all__ = [
     "DEFAULT",
+    "DEMO_MODEL",
+    "DEMO_RUNTIME",
     "GuardConfig",
     "Recipe",
     "Report",
