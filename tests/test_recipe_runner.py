@@ -13,6 +13,7 @@ import recipe_fakes
 from netshrink.artifact import artifact_bytes, read_manifest
 from netshrink.metrics import accuracy
 from netshrink.recipe import compress, loads, save_run
+from netshrink.recipe.meter import layer_info
 from netshrink.recipe.result import SUMMARY_FIELDS
 
 
@@ -154,3 +155,30 @@ def test_summary_and_saved_run(trained: nn.Module, tmp_path) -> None:
 
 def _zero_config(fraction: float):
     return recipe_fakes.ZeroConfig(fraction=fraction)
+
+
+class _Int8Layer(nn.Module):
+    """Stands in for a quantized layer: int8 codes, a ``bits`` attribute, no float weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bits = 4
+        self.register_buffer("weight_q", torch.tensor([[0, 3], [0, 0]], dtype=torch.int8))
+
+
+class _LowRank(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank = 2
+        self.first, self.second = nn.Linear(6, 2, bias=False), nn.Linear(2, 6, bias=False)
+
+
+def test_layer_info_reads_sparsity_bits_and_rank() -> None:
+    dense = nn.Linear(4, 2)
+    dense.weight.data[0] = 0
+    model = nn.Sequential(dense, _Int8Layer(), _LowRank(), nn.ReLU())
+    layers = {x.name: x for x in layer_info(model)}
+    assert set(layers) == {"0", "1", "2", "2.first", "2.second"}
+    assert (layers["0"].sparsity, layers["0"].bits, layers["0"].rank) == (0.5, 32, None)
+    assert (layers["1"].sparsity, layers["1"].bits, layers["1"].kind) == (0.75, 4, "_Int8Layer")
+    assert (layers["2"].sparsity, layers["2"].bits, layers["2"].rank) == (None, None, 2)

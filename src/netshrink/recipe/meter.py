@@ -48,30 +48,42 @@ def versions() -> dict[str, str]:
     }
 
 
-def layer_info(model: nn.Module) -> list[LayerInfo]:
-    """Sparsity, bit width and rank of every module that holds a ``weight`` tensor.
+def _int_attr(module: nn.Module, name: str) -> int | None:
+    value = getattr(module, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    sparsity = fraction of the weight's elements that are exactly zero (floating weights only);
-    bits = the module's ``bits`` attribute, else the width of a floating weight's dtype;
-    rank = the module's ``rank`` attribute (low-rank layers). Unknown values stay None.
+
+def _weight(module: nn.Module) -> torch.Tensor | None:
+    """The module's floating ``weight``, else its int8 ``weight_q`` codes, else None."""
+    for attr, ok in (("weight", torch.is_floating_point), ("weight_q", _is_int8)):
+        t = getattr(module, attr, None)
+        if torch.is_tensor(t) and ok(t):
+            return t
+    return None
+
+
+def _is_int8(t: torch.Tensor) -> bool:
+    return t.dtype == torch.int8
+
+
+def layer_info(model: nn.Module) -> list[LayerInfo]:
+    """Sparsity, bit width and rank of every layer: a module with a weight, ``bits`` or ``rank``.
+
+    sparsity = fraction of the weight's elements that are exactly zero, read from a floating
+    ``weight`` or from int8 ``weight_q`` codes (weights are quantized symmetrically, so a zero
+    weight is a zero code; packed codes are not read); bits = the module's ``bits`` attribute,
+    else the width of its floating weight's dtype; rank = the module's ``rank`` attribute.
+    Values a module does not expose stay None rather than guessed.
     """
     out = []
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not name or not torch.is_tensor(weight):
+        weight, bits, rank = _weight(module), _int_attr(module, "bits"), _int_attr(module, "rank")
+        if not name or (weight is None and bits is None and rank is None):
             continue
-        floating = weight.is_floating_point()
-        bits = getattr(module, "bits", None)
-        rank = getattr(module, "rank", None)
-        out.append(
-            LayerInfo(
-                name=name,
-                kind=type(module).__name__,
-                sparsity=float((weight == 0).float().mean()) if floating else None,
-                bits=int(bits) if isinstance(bits, int) else _FLOAT_BITS.get(weight.dtype),
-                rank=int(rank) if isinstance(rank, int) else None,
-            )
-        )
+        if bits is None and weight is not None:
+            bits = _FLOAT_BITS.get(weight.dtype)
+        sparsity = float((weight == 0).float().mean()) if weight is not None else None
+        out.append(LayerInfo(name, type(module).__name__, sparsity, bits, rank))
     return out
 
 
