@@ -193,7 +193,7 @@ def measure_target(
 
 def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None = None) -> Path:
     """``netshrink export``: load ``artifact`` and write it as ONNX, traced on recorded inputs."""
-    from netshrink.artifact.onnx import export_onnx as export
+    from netshrink.artifact import export_onnx as export
 
     model, info = reopen(artifact, model_ref)
     inputs = recorded_inputs(info)
