@@ -7,6 +7,7 @@ threads), so a figure cut out of the report still says what it shows.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +26,10 @@ class Figure:
     png: bytes
 
 
-def _png(fig: object, footer: str) -> bytes:
-    """Render ``fig`` with ``footer`` (definition, machine, runtime, threads) under the axes."""
-    fig.text(0.0, -0.02, footer, fontsize=7, wrap=True, va="top")  # type: ignore[attr-defined]
+def _png(fig: Any, caption: str) -> bytes:
+    """Render ``fig`` with ``caption`` (definition, machine, runtime, threads) above its axes,
+    where rotated tick labels cannot cover it."""
+    fig.axes[0].set_title(textwrap.fill(caption, 110), fontsize=7, loc="left")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")  # type: ignore[attr-defined]
     return buffer.getvalue()
