@@ -193,3 +193,21 @@ def test_json_schema_covers_every_technique_and_the_guard() -> None:
 
 def test_guard_limits() -> None:
     assert GuardConfig(max_drop=0.0).on_fail == "rollback"
+
+
+def test_option_docs_expand_nested_models_and_mark_required_fields() -> None:
+    from pydantic import BaseModel, Field
+
+    from netshrink.recipe.describe import options
+
+    class Inner(BaseModel):
+        name: str = Field(description="required name")
+
+    class Outer(BaseModel):
+        inner: Inner | None = Field(None, description="optional nested")
+        level: int = Field(3, ge=1, lt=10, description="a level")
+
+    rows = {o.name: o for o in options(Outer)}
+    assert list(rows) == ["inner", "inner.name", "level"]
+    assert (rows["inner.name"].default, rows["inner"].type) == ("(required)", "mapping | None")
+    assert (rows["level"].range, rows["level"].default) == (">= 1, < 10", "3")

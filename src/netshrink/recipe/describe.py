@@ -60,6 +60,8 @@ def bounds(field: FieldInfo) -> str:
 
 
 def _default(field: FieldInfo) -> str:
+    if field.is_required():
+        return "(required)"
     value = field.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "(see below)"
