@@ -39,14 +39,16 @@ class _QuantWeights(nn.Module):
 
     def _init_storage(self, bits: int, bias: bool, quant_output: bool) -> None:
         self.bits, self.has_bias, self.quant_output = bits, bias, quant_output
+        # codes live in the smallest packable container: 2, 4 or 8 bits
+        self.storage_bits = next(b for b in (2, 4, 8) if bits <= b)
         out_channels, numel = self.weight_shape[0], 1
         for d in self.weight_shape:
             numel *= d
-        if bits == 8:
+        if self.storage_bits == 8:
             self.register_buffer("weight_q", torch.zeros(self.weight_shape, dtype=torch.int8))
         else:
             self.register_buffer(
-                "weight_packed", torch.zeros(-(-numel * bits // 8), dtype=torch.uint8)
+                "weight_packed", torch.zeros(-(-numel * self.storage_bits // 8), dtype=torch.uint8)
             )
         self.register_buffer("weight_scale", torch.ones(out_channels))
         if bias:
@@ -65,13 +67,19 @@ class _QuantWeights(nn.Module):
         per_channel: bool,
         input_qparams: tuple[torch.Tensor, torch.Tensor],
         output_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+        weight_scale: torch.Tensor | None = None,
     ) -> None:
-        q, scale, _ = quantize_weight(weight, self.bits, True, Granularity(per_channel))
+        if weight_scale is None:
+            q, scale, _ = quantize_weight(weight, self.bits, True, Granularity(per_channel))
+        else:  # a scale learned by QAT: codes on exactly the grid training saw
+            lo, hi = qrange(self.bits, True)
+            scale = weight_scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            q = torch.clamp(torch.round(weight / scale), lo, hi).to(torch.int32)
         scale = scale.reshape(-1).expand(weight.shape[0]).contiguous()
-        if self.bits == 8:
+        if self.storage_bits == 8:
             self.weight_q.copy_(q.to(torch.int8))
         else:
-            self.weight_packed.copy_(pack(to_unsigned(q, self.bits), self.bits))
+            self.weight_packed.copy_(pack(to_unsigned(q, self.storage_bits), self.storage_bits))
         self.weight_scale.copy_(scale)
         self.input_scale.copy_(input_qparams[0])
         self.input_zero_point.copy_(input_qparams[1])
@@ -84,12 +92,13 @@ class _QuantWeights(nn.Module):
 
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes as int8, shaped like the float weight."""
-        if self.bits == 8:
+        if self.storage_bits == 8:
             return self.weight_q
         numel = 1
         for d in self.weight_shape:
             numel *= d
-        flat = to_signed(unpack(self.weight_packed, self.bits, numel), self.bits)
+        flat = unpack(self.weight_packed, self.storage_bits, numel)
+        flat = to_signed(flat, self.storage_bits)
         return flat.reshape(self.weight_shape)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -159,9 +168,10 @@ class QuantConv2d(_QuantWeights):
 
     @classmethod
     def from_float(
-        cls, conv: nn.Conv2d, bits: int, per_channel: bool, inp: Any, out: Any
+        cls, conv: nn.Conv2d, bits: int, per_channel: bool, inp: Any, out: Any, wscale: Any = None
     ) -> QuantConv2d:
-        """Quantize ``conv`` with input qparams ``inp`` and output qparams ``out`` (or None)."""
+        """Quantize ``conv`` with input qparams ``inp``, output qparams ``out`` (or None) and
+        optionally given per-channel weight scales ``wscale``."""
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError("only numeric zero padding")
         q = cls(
@@ -169,7 +179,7 @@ class QuantConv2d(_QuantWeights):
             list(conv.padding), list(conv.dilation), conv.groups, conv.bias is not None,
             bits, out is not None,
         )  # fmt: skip
-        q._fill(conv.weight, conv.bias, per_channel, inp, out)
+        q._fill(conv.weight, conv.bias, per_channel, inp, out, wscale)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,13 +227,13 @@ class QuantLinear(_QuantWeights):
 
     @classmethod
     def from_float(
-        cls, linear: nn.Linear, bits: int, per_channel: bool, inp: Any, out: Any
+        cls, linear: nn.Linear, bits: int, per_channel: bool, inp: Any, out: Any, wscale: Any = None
     ) -> QuantLinear:
-        """Quantize ``linear`` with input qparams ``inp`` and output qparams ``out`` (or None)."""
+        """Quantize ``linear`` like :meth:`QuantConv2d.from_float`."""
         q = cls(
             linear.in_features, linear.out_features, linear.bias is not None, bits, out is not None
         )
-        q._fill(linear.weight, linear.bias, per_channel, inp, out)
+        q._fill(linear.weight, linear.bias, per_channel, inp, out, wscale)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -114,26 +114,36 @@ def calibrate(
     return {k: choose_qparams(*o.range(), 8, False) for k, o in observers.items()}
 
 
-def convert(
-    model: nn.Module,
-    bits: dict[str, int],
-    qparams: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    per_channel: bool,
-) -> nn.Module:
-    """Swap the calibrated conv/linear layers and ReLUs for their quantized versions."""
-    for name, b in bits.items():
-        mod = model.get_submodule(name)
-        layer_cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
-        out = qparams.get(f"{name}:out")
-        set_submodule(
-            model, name, layer_cls.from_float(mod, b, per_channel, qparams[f"{name}:in"], out)
-        )
+def quantize_relus(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Swap every calibrated nn.ReLU for a :class:`QuantReLU` with its frozen output qparams."""
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.ReLU and f"{name}:out" in qparams:
             q = QuantReLU()
             q.scale.copy_(qparams[f"{name}:out"][0])
             q.zero_point.copy_(qparams[f"{name}:out"][1])
             set_submodule(model, name, q)
+
+
+def convert(
+    model: nn.Module,
+    bits: dict[str, int],
+    qparams: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    per_channel: bool,
+    weight_scales: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Swap the calibrated conv/linear layers and ReLUs for their quantized versions.
+
+    ``weight_scales`` (from QAT) fixes the weight scale of the layers it names; the others get
+    min-max scales.
+    """
+    scales = weight_scales or {}
+    for name, b in bits.items():
+        mod = model.get_submodule(name)
+        layer_cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+        inp, out = qparams[f"{name}:in"], qparams.get(f"{name}:out")
+        new = layer_cls.from_float(mod, b, per_channel, inp, out, scales.get(name))
+        set_submodule(model, name, new)
+    quantize_relus(model, qparams)
     return model
 
 

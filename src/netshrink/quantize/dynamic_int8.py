@@ -1,0 +1,139 @@
+"""``quantize.dynamic``: int8 weights, int8 activations quantized per token at run time.
+
+The matrix multiply runs on integers for real: ``torch._int_mm`` (int8 x int8 -> int32,
+VNNI/AMX kernels on x86) between the per-token quantized input and the per-channel quantized
+weight, then one rescale by ``input_scale * weight_scale`` (Dettmers et al. 2022,
+"LLM.int8()", Sec. 3.1: vector-wise quantization). The extra elementwise passes cost about what
+the integer GEMM saves in eager mode; under ``torch.compile`` they fuse into neighbouring kernels
+and the integer GEMM's speed shows (see docs/benchmarks/quantize.md). Embedding tables are stored
+as int8 rows with one scale per row and dequantized after the lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from netshrink.artifact.modules import rebuildable
+from netshrink.config import TechniqueConfig
+from netshrink.context import Context
+from netshrink.quantize.affine import Granularity, quantize_weight
+from netshrink.quantize.tracing import set_submodule
+from netshrink.registry import technique
+from netshrink.targets import Targets
+
+
+@rebuildable
+class DynamicInt8Linear(nn.Module):
+    """Linear computing int8 x int8 -> int32 with per-token input and per-channel weight scales."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> DynamicInt8Linear:
+        """Empty layer; values come from the state dict."""
+        return cls(**spec)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, m: nn.Linear) -> DynamicInt8Linear:
+        """Quantize ``m``'s weight symmetrically per output channel."""
+        q = cls(m.in_features, m.out_features, m.bias is not None)
+        codes, scale, _ = quantize_weight(m.weight, 8, True, Granularity(True))
+        q.weight_q.copy_(codes.to(torch.int8))
+        q.weight_scale.copy_(scale.reshape(-1))
+        if m.bias is not None:
+            q.bias.copy_(m.bias)  # type: ignore[union-attr]
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = (q_x @ q_w^T) * s_x * s_w + b, q_x per token in [-127, 127]."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        # per-token absmax in one pass (no |x| temporary); the floor keeps all-zero rows finite
+        s = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_min(1e-12) / 127
+        q = torch.round(x2 / s).to(torch.int8)
+        y = torch._int_mm(q, self.weight_q.t())
+        y = y.to(torch.float32) * (s * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+@rebuildable
+class Int8Embedding(nn.Module):
+    """Embedding table of int8 rows, one float scale per row (symmetric)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.register_buffer(
+            "weight_q", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8)
+        )
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, 1))
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        return {
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Int8Embedding:
+        """Empty table; values come from the state dict."""
+        return cls(**spec)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, m: nn.Embedding) -> Int8Embedding:
+        """Quantize every row of ``m`` symmetrically."""
+        q = cls(m.num_embeddings, m.embedding_dim, m.padding_idx)
+        codes, scale, _ = quantize_weight(m.weight, 8, True, Granularity(True))
+        q.weight_q.copy_(codes.to(torch.int8))
+        q.weight_scale.copy_(scale)
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Look the int8 rows up, then scale them to float."""
+        return F.embedding(ids, self.weight_q).to(torch.float32) * F.embedding(
+            ids, self.weight_scale
+        )
+
+
+class DynamicConfig(TechniqueConfig):
+    """Options of quantize.dynamic."""
+
+    targets: Targets = Field(default_factory=Targets, description="Linear layers to quantize")
+    embeddings: bool = Field(True, description="also store nn.Embedding tables as int8 rows")
+
+
+@technique("quantize.dynamic", DynamicConfig)
+def dynamic(model: nn.Module, config: DynamicConfig, ctx: Context) -> nn.Module:
+    """int8 weights and per-token int8 activations, integer matmuls via torch._int_mm."""
+    for name, mod in config.targets.select(model, (nn.Linear,)).items():
+        set_submodule(model, name, DynamicInt8Linear.from_float(mod))  # type: ignore[arg-type]
+    if config.embeddings:
+        for name, mod in list(model.named_modules()):
+            if type(mod) is nn.Embedding and mod.max_norm is None:
+                set_submodule(model, name, Int8Embedding.from_float(mod))
+    return model
