@@ -50,8 +50,12 @@ class WeightOnlyConfig(TechniqueConfig):
     """Options of quantize.weight_only."""
 
     bits: Literal[8, 4] = Field(8, description="weight bits: 8 (int8) or 4 (int4, packed)")
-    group_size: int = Field(
-        32, ge=0, le=4096, description="inputs sharing a scale in Linear layers (0: per channel)"
+    group_size: int | None = Field(
+        None,
+        ge=0,
+        le=4096,
+        description="inputs sharing a scale in Linear layers; 0: per channel; "
+        "default: per channel for 8 bits, 32 for 4 bits",
     )
     targets: Targets = Field(default_factory=Targets, description="Linear/Conv2d to quantize")
 
@@ -61,7 +65,10 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
     names = list(config.targets.select(model, KINDS))
     codec: Codec = "int8" if config.bits == 8 else "int4"
-    return encode_layers(model, names, codec, config.group_size)
+    group_size = config.group_size
+    if group_size is None:
+        group_size = 0 if config.bits == 8 else 32
+    return encode_layers(model, names, codec, group_size)
 
 
 class SignConfig(TechniqueConfig):

@@ -3,8 +3,10 @@
 The model is prepared like static PTQ (BatchNorm folded, activations calibrated and their
 uint8 scales frozen), then each conv/linear trains with fake-quantized weights whose
 per-channel scales are learned: Learned Step Size Quantization (Esser et al. 2020, "Learned
-Step Size Quantization", Sec. 2), with the step-size gradient scaled by 1/sqrt(N * qmax)
-(Sec. 2.2) and the straight-through estimator for rounding. Training runs through
+Step Size Quantization", Sec. 2) with the straight-through estimator for rounding. The project's
+optimizer is AdamW, whose per-parameter normalization makes LSQ's gradient scaling (Sec. 2.2)
+moot and would move a raw step size by ``lr`` per update; the step size is therefore learned
+in log space, so each update changes it by a bounded relative amount. Training runs through
 :func:`netshrink.train.fit`; the learned scales become the integer layers' weight scales.
 """
 
@@ -46,16 +48,14 @@ class LSQLayer(nn.Module):
         self.qmin, self.qmax = qrange(bits, True)
         w = inner.weight.detach()
         init = w.reshape(w.shape[0], -1).abs().amax(1).clamp_min(1e-8) / self.qmax
-        self.scale = nn.Parameter(init.reshape(-1, *([1] * (w.dim() - 1))))
-        self.grad_factor = 1.0 / (w[0].numel() * self.qmax) ** 0.5
+        self.log_scale = nn.Parameter(init.reshape(-1, *([1] * (w.dim() - 1))).log())
         self.register_buffer("in_scale", inp[0].clone())
         self.register_buffer("in_zp", inp[1].clone())
         self.out = None if out is None else (out[0].clone(), out[1].clone())
 
     def quantized_weight(self) -> torch.Tensor:
         """Fake-quantized weight; gradients reach both the weight and the scale (LSQ eq. 3)."""
-        s = self.scale
-        s = (s - s * self.grad_factor).detach() + s * self.grad_factor
+        s = self.log_scale.exp()
         return round_ste(torch.clamp(self.inner.weight / s, self.qmin, self.qmax)) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +106,6 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     for name in bits:
         layer = model.get_submodule(name)
         assert isinstance(layer, LSQLayer)
-        scales[name] = layer.scale.detach().reshape(-1)
+        scales[name] = layer.log_scale.detach().exp().reshape(-1)
         set_submodule(model, name, layer.inner)
     return convert(model.eval(), bits, qparams, True, scales)
