@@ -1,0 +1,239 @@
+"""Save and load compressed models: a directory of ``model.safetensors`` + ``manifest.json``.
+
+The manifest (format version 1) records:
+
+- ``architecture``: ``zoo:<name>`` for built-in models, else the model class's qualified name
+  (information only: ``load`` never imports what a manifest names);
+- ``modules``: for every submodule netshrink can rebuild, its type and the constructor arguments
+  that fix its shapes (:mod:`netshrink.artifact.modules`). ``load`` replays these on a freshly
+  built model, so pruned, factorized and quantized layers come back with the right structure;
+- ``tensors``: each state-dict entry's dtype, shape and encoding (dense, bitmask or CSR, see
+  :mod:`netshrink.artifact.codec`); ``aliases`` for tied tensors stored once;
+- ``sha256`` of the tensor file, provenance (versions) and ``extra`` (the recipe, seed, measurements
+  a caller passes).
+
+Every file is written atomically: the directory is assembled under a temporary name beside the
+target and renamed into place, so a crash never leaves a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from netshrink.artifact.codec import decode, encode
+from netshrink.artifact.modules import build, spec_of
+from netshrink.errors import ArtifactError
+
+FORMAT = "netshrink-artifact"
+FORMAT_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+ARTIFACT_FILES = (TENSORS_FILE, MANIFEST_FILE)
+
+
+def architecture_of(model: nn.Module) -> str:
+    """``zoo:<name>`` for a built-in model (attribute ``netshrink_zoo``), else the class path."""
+    zoo_name = getattr(model, "netshrink_zoo", None)
+    if zoo_name:
+        return f"zoo:{zoo_name}"
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Store tied tensors (same storage, offset, shape and strides) once; map the rest to it."""
+    seen: dict[tuple, str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        if not torch.is_tensor(t):
+            raise ArtifactError(f"state entry '{name}' is a {type(t).__name__}, not a tensor")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t
+    return unique, aliases
+
+
+def _versions() -> dict[str, str]:
+    from netshrink import __version__
+
+    return {
+        "netshrink": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished ``tmp`` directory to ``target``, replacing an older artifact there."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / "a")
+    os.replace(tmp, target)
+    shutil.rmtree(old)
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | None = None) -> Path:
+    """Write ``model`` as an artifact directory at ``path`` (replaced if present); return it.
+
+    ``manifest_extra`` (JSON-serialisable) is stored under the manifest's ``extra`` key.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    unique, aliases = _split_aliases(model.state_dict())
+    stored: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {}
+    for name, tensor in unique.items():
+        parts, entries[name] = encode(name, tensor)
+        stored.update(parts)
+    modules = {name: spec for name, m in model.named_modules() if (spec := spec_of(m))}
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture_of(model),
+        "modules": modules,
+        "tensors": entries,
+        "aliases": aliases,
+        "versions": _versions(),
+        "extra": manifest_extra or {},
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(stored, str(tmp / TENSORS_FILE))
+        manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
+        try:
+            text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ArtifactError(f"manifest_extra is not JSON-serialisable: {exc}") from exc
+        (tmp / MANIFEST_FILE).write_text(text)
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of the artifact at ``path``: its tensor file plus its manifest."""
+    return sum((Path(path) / f).stat().st_size for f in ARTIFACT_FILES)
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check an artifact's manifest; raise ArtifactError for anything else."""
+    root = Path(path)
+    file = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not an artifact directory (expected {ARTIFACT_FILES})")
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{root} has no {MANIFEST_FILE}; not a netshrink artifact") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{file} is corrupt or truncated: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{file} is not a netshrink manifest (no format: {FORMAT})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{root} has format version {version!r}; this netshrink reads up to {FORMAT_VERSION}"
+            " — upgrade netshrink"
+        )
+    for key in ("modules", "tensors", "aliases", "sha256"):
+        if key not in manifest:
+            raise ArtifactError(f"{file} lacks '{key}'; the artifact is incomplete")
+    return manifest
+
+
+def _fresh_model(manifest: dict[str, Any]) -> nn.Module:
+    arch = str(manifest.get("architecture", ""))
+    if not arch.startswith("zoo:"):
+        raise ArtifactError(
+            f"this artifact holds a {arch}; pass model= a freshly built instance of it "
+            "(load never imports code named by a file)"
+        )
+    from netshrink import zoo
+
+    return zoo.build(arch.removeprefix("zoo:"))
+
+
+def _replay_structure(model: nn.Module, modules: dict[str, Any]) -> nn.Module:
+    """Rebuild every recorded module whose type or shape differs from ``model``'s, parents first.
+
+    Returns the model, which is itself rebuilt when the root module's record differs.
+    """
+    for name in sorted(modules, key=lambda n: (n != "", n.count("."))):
+        if name == "":
+            if spec_of(model) != modules[name]:
+                model = build(modules[name])
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        if not (leaf.isidentifier() or leaf.isdigit()) or leaf.startswith("_"):
+            raise ArtifactError(f"the manifest names an invalid module path {name!r}")
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError as exc:
+            raise ArtifactError(f"the model has no module '{parent_name}' for '{name}'") from exc
+        current = getattr(parent, leaf, None)
+        if not isinstance(current, nn.Module) or spec_of(current) != modules[name]:
+            setattr(parent, leaf, build(modules[name]))
+    return model
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load the artifact at ``path`` into ``model`` (a fresh instance of the original
+    architecture; may be omitted for zoo models) and return it in eval mode.
+
+    The manifest's structural changes are replayed on ``model`` before the weights are loaded.
+    Raises :class:`ArtifactError` for a missing, corrupt, truncated or foreign artifact, or one
+    that does not fit ``model``.
+    """
+    from netshrink.registry import load_all
+
+    root = Path(path)
+    manifest = read_manifest(root)
+    tensors_file = root / TENSORS_FILE
+    if not tensors_file.is_file():
+        raise ArtifactError(f"{root} has no {TENSORS_FILE}")
+    if _sha256(tensors_file) != manifest["sha256"]:
+        raise ArtifactError(f"{tensors_file} does not match its manifest checksum: corrupt")
+    try:
+        parts = load_file(str(tensors_file))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{tensors_file} is corrupt or truncated: {exc}") from exc
+    load_all()  # registers netshrink's own rebuildable layers
+    model = model if model is not None else _fresh_model(manifest)
+    model = _replay_structure(model, manifest["modules"])
+    state = {name: decode(name, entry, parts) for name, entry in manifest["tensors"].items()}
+    for alias, original in manifest["aliases"].items():
+        state[alias] = state[original]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(
+            f"the artifact at {root} does not fit the given {type(model).__name__}: {exc}"
+        ) from exc
+    return model.eval()
