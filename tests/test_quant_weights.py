@@ -90,12 +90,16 @@ def test_dynamic_runs_integer_matmul_exactly(model) -> None:
     q = ns.quantize.dynamic(model)
     layer = q.fc1
     assert isinstance(layer, DynamicInt8Linear) and isinstance(q.emb, Int8Embedding)
-    x = torch.randn(5, 64)
-    s = x.abs().amax(1, keepdim=True) / 127
-    qx = torch.round(x / s).to(torch.int64)
-    ref = (qx @ layer.weight_q.to(torch.int64).t()).double() * s.double() * layer.weight_scale
-    ref = ref + layer.bias.double()
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).relu()  # one-sided
+    # reference: per-token affine int8 codes, exact int64 matmul, then the float rescale
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True)
+    s = (hi - lo) / 255
+    z = torch.round(-128 - lo / s)
+    qx = torch.clamp(torch.round(x / s + z), -128, 127).to(torch.int64)
+    acc = (qx - z.to(torch.int64)) @ layer.weight_q.to(torch.int64).t()
+    ref = acc.double() * s.double() * layer.weight_scale.double() + layer.bias.double()
     assert torch.allclose(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert int(qx.min()) == -128 and int(qx.max()) == 127  # all 256 codes in use
     assert torch.isfinite(layer(torch.zeros(2, 64))).all()  # all-zero rows
 
 

@@ -1,12 +1,12 @@
 """``quantize.dynamic``: int8 weights, int8 activations quantized per token at run time.
 
 The matrix multiply runs on integers for real: ``torch._int_mm`` (int8 x int8 -> int32,
-VNNI/AMX kernels on x86) between the per-token quantized input and the per-channel quantized
-weight, then one rescale by ``input_scale * weight_scale`` (Dettmers et al. 2022,
-"LLM.int8()", Sec. 3.1: vector-wise quantization). The extra elementwise passes cost about what
-the integer GEMM saves in eager mode; under ``torch.compile`` they fuse into neighbouring kernels
-and the integer GEMM's speed shows (see docs/benchmarks/quantize.md). Embedding tables are stored
-as int8 rows with one scale per row and dequantized after the lookup.
+VNNI/AMX kernels on x86) between the per-token (affine) quantized input and the per-channel
+(symmetric) quantized weight, then one rescale by ``input_scale * weight_scale`` (Dettmers et
+al. 2022, "LLM.int8()", Sec. 3.1: vector-wise quantization). The extra elementwise passes cost
+about what the integer GEMM saves in eager mode; under ``torch.compile`` they fuse into
+neighbouring kernels (see docs/benchmarks/quantize.md). Embedding tables are stored as int8 rows
+with one scale per row and dequantized after the lookup.
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ class DynamicInt8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
+        # row sums of the codes, for the zero-point correction; derived, so not saved
+        self.register_buffer("weight_sum", torch.zeros(out_features), persistent=False)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_load_state_dict_post_hook(lambda m, _keys: m.refresh())
+
+    def refresh(self) -> None:
+        """Recompute the derived row sums after the codes changed."""
+        self.weight_sum.copy_(self.weight_q.sum(1, dtype=torch.int32).float())
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -59,21 +66,32 @@ class DynamicInt8Linear(nn.Module):
         codes, scale, _ = quantize_weight(m.weight, 8, True, Granularity(True))
         q.weight_q.copy_(codes.to(torch.int8))
         q.weight_scale.copy_(scale.reshape(-1))
+        q.refresh()
         if m.bias is not None:
             q.bias.copy_(m.bias)  # type: ignore[union-attr]
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = (q_x @ q_w^T) * s_x * s_w + b, q_x per token in [-127, 127]."""
+        """y = s_x * s_w * (q_x @ q_w^T - z_x * sum_k q_w) + b, q_x per token in [-128, 127].
+
+        Each token gets its own affine range (scale and zero point): one-sided inputs such as
+        GELU outputs then use all 256 codes instead of half. The zero point's contribution is
+        one rank-1 correction with the weight's precomputed row sums.
+        """
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        # per-token absmax in one pass (no |x| temporary); the floor keeps all-zero rows finite
-        s = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_min(1e-12) / 127
-        q = torch.round(x2 / s).to(torch.int8)
-        y = torch._int_mm(q, self.weight_q.t())
-        y = y.to(torch.float32) * (s * self.weight_scale)
+        lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # zero stays exact
+        s = (hi - lo).clamp_min(1e-12) / 255
+        z = torch.round(-128 - lo / s)
+        # in-place ops: each elementwise pass costs about as much as the int8 GEMM saves
+        q = torch.div(x2, s).add_(z).round_().clamp_(-128, 127).to(torch.int8)
+        y = torch._int_mm(q, self.weight_q.t()).to(torch.float32)
+        y.addr_(z.reshape(-1), self.weight_sum, alpha=-1).mul_(s)
         if self.bias is not None:
-            y = y + self.bias
+            y = torch.addcmul(self.bias, y, self.weight_scale)
+        else:
+            y.mul_(self.weight_scale)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
