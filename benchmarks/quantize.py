@@ -69,8 +69,21 @@ def export(model: nn.Module, args: tuple, path: Path, names: list[str]) -> Path:
 
 
 def nbytes(model: nn.Module, name: str) -> int:
+    """Bytes of the netshrink artifact of ``model``."""
     save(model, TMP / name)
     return artifact_bytes(TMP / name)
+
+
+def torch_bytes(model: nn.Module, name: str) -> int:
+    """Bytes of ``torch.save(state_dict)``: how peers' quantized models are stored."""
+    torch.save(model.state_dict(), TMP / name)
+    return os.path.getsize(TMP / name)
+
+
+def onnx_bytes(path: Path) -> int:
+    """Bytes of an ONNX model, with its external data file if the exporter wrote one."""
+    data = Path(str(path) + ".data")
+    return os.path.getsize(path) + (os.path.getsize(data) if data.exists() else 0)
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
@@ -178,9 +191,9 @@ def bench_cnn(runs: int, batch: int) -> str:
     rows = {k: {"path": k, "size ratio": "", "accuracy": ""} for k in paths}
     rows["fp32 (ORT)"]["size ratio"] = "1.00x"
     rows["netshrink static int8 (ORT)"]["size ratio"] = f"{base_bytes / nbytes(q, 'cnn_q'):.2f}x"
-    fp32_onnx = os.path.getsize(paths["fp32 (ORT)"])
+    fp32_onnx = onnx_bytes(paths["fp32 (ORT)"])
     rows["ORT quantize_static (ORT)"]["size ratio"] = (
-        f"{fp32_onnx / os.path.getsize(paths['ORT quantize_static (ORT)']):.2f}x (onnx)"
+        f"{fp32_onnx / onnx_bytes(paths['ORT quantize_static (ORT)']):.2f}x (onnx)"
     )
     for threads in (1, 2):
         sessions = {k: session(p, threads) for k, p in paths.items()}
@@ -296,6 +309,8 @@ def bench_minilm(runs: int, compile_: bool) -> str:
     sizes["netshrink dynamic eager"] = nbytes(ns_dyn, "minilm_ns")
     ao = torch.ao.quantization.quantize_dynamic(fp32, {nn.Linear}, dtype=torch.qint8)
     models["torch.ao quantize_dynamic"] = ao
+    sizes["fp32 (torch.save)"] = torch_bytes(fp32, "minilm_fp32.pt")
+    sizes["torch.ao quantize_dynamic"] = torch_bytes(ao, "minilm_ao.pt")
     try:
         import copy
 
@@ -304,6 +319,7 @@ def bench_minilm(runs: int, compile_: bool) -> str:
         tao = copy.deepcopy(fp32)
         quantize_(tao, Int8DynamicActivationInt8WeightConfig())
         models["torchao int8 dyn eager"] = tao
+        sizes["torchao int8 dyn eager"] = torch_bytes(tao, "minilm_tao.pt")
     except ImportError:
         tao = None
     if compile_:
@@ -317,7 +333,7 @@ def bench_minilm(runs: int, compile_: bool) -> str:
     quantize_dynamic(str(onnx_fp32), str(onnx_dyn), per_channel=True, weight_type=QuantType.QInt8)
     onnx_paths = {"ORT fp32": onnx_fp32, "ORT quantize_dynamic": onnx_dyn}
     for k, p in onnx_paths.items():
-        sizes[k] = os.path.getsize(p)
+        sizes[k] = onnx_bytes(p)
     rows: dict[str, dict] = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -340,7 +356,11 @@ def bench_minilm(runs: int, compile_: bool) -> str:
         for k, m in models.items():
             emb = torch.cat([m(*b) for b in batches])
             rows[k]["cosine"] = f"{float((emb * ref).sum(-1).mean()):.5f}"
-            fp32_size = sizes["ORT fp32"] if k.startswith("ORT") else sizes["fp32 eager"]
+            fp32_size = sizes["fp32 eager"]  # netshrink artifacts
+            if k.startswith("ORT"):
+                fp32_size = sizes["ORT fp32"]
+            elif k.startswith("torch"):
+                fp32_size = sizes["fp32 (torch.save)"]
             if k in sizes:
                 rows[k]["size ratio"] = f"{fp32_size / sizes[k]:.2f}x"
     cols = ["path", "size ratio", "cosine", "ms 1t", "speedup 1t", "ms 2t", "speedup 2t"]

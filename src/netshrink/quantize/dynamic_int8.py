@@ -36,14 +36,17 @@ class DynamicInt8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
-        # row sums of the codes, for the zero-point correction; derived, so not saved
-        self.register_buffer("weight_sum", torch.zeros(out_features), persistent=False)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        # [s_w * row sums of the codes ; bias]: derived from the rest, so not saved
+        self.register_buffer("correction", torch.zeros(2, out_features), persistent=False)
+        # a buffer, not a parameter: the integer kernel has no gradient to train it with
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.register_load_state_dict_post_hook(lambda m, _keys: m.refresh())
 
+    @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the derived row sums after the codes changed."""
-        self.weight_sum.copy_(self.weight_q.sum(1, dtype=torch.int32).float())
+        """Recompute the derived correction rows after codes, scales or bias changed."""
+        self.correction[0] = self.weight_q.sum(1, dtype=torch.int32) * self.weight_scale
+        self.correction[1] = self.bias if self.bias is not None else 0.0
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -66,9 +69,9 @@ class DynamicInt8Linear(nn.Module):
         codes, scale, _ = quantize_weight(m.weight, 8, True, Granularity(True))
         q.weight_q.copy_(codes.to(torch.int8))
         q.weight_scale.copy_(scale.reshape(-1))
-        q.refresh()
         if m.bias is not None:
             q.bias.copy_(m.bias)  # type: ignore[union-attr]
+        q.refresh()
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,14 +87,16 @@ class DynamicInt8Linear(nn.Module):
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # zero stays exact
         s = (hi - lo).clamp_min(1e-12) / 255
         z = torch.round(-128 - lo / s)
-        # in-place ops: each elementwise pass costs about as much as the int8 GEMM saves
-        q = torch.div(x2, s).add_(z).round_().clamp_(-128, 127).to(torch.int8)
-        y = torch._int_mm(q, self.weight_q.t()).to(torch.float32)
-        y.addr_(z.reshape(-1), self.weight_sum, alpha=-1).mul_(s)
-        if self.bias is not None:
-            y = torch.addcmul(self.bias, y, self.weight_scale)
-        else:
-            y.mul_(self.weight_scale)
+        # Every elementwise pass over these tensors costs about as much as the int8 GEMM saves,
+        # so they are few and in place: codes = round(z + x / s), clamped (2 passes + cast) ...
+        q = torch.addcmul(z, x2, 1 / s).round_().clamp_(-128, 127).to(torch.int8)
+        acc = torch._int_mm(q, self.weight_q.t())
+        # ... and the output: int32 * s_w promotes to float in one pass, * s_x in a second, and
+        # the zero-point correction and the bias in a third, as one K=2 matmul-accumulate:
+        # [-s_x z, 1] @ [s_w * sum_k q_w ; b]
+        y = torch.mul(acc, self.weight_scale).mul_(s)
+        left = torch.cat([-s * z, torch.ones_like(s)], dim=1)
+        y.addmm_(left, self.correction)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
