@@ -147,6 +147,21 @@ def stand_in_cnn() -> tuple[nn.Module, list, list, list]:
     return model.eval(), train[:8], test, train
 
 
+def fused_ops(path: Path) -> str:
+    """Node counts of the graph ONNX Runtime actually runs (its optimized model)."""
+    import collections
+
+    import onnx
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(
+        n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node
+    )
+    return ", ".join(f"{k} {v}" for k, v in sorted(ops.items()))
+
+
 def ort_accuracy(sess: ort.InferenceSession, batches: list) -> float:
     correct = total = 0
     for x, y in batches:
@@ -221,6 +236,8 @@ def bench_cnn(runs: int, batch: int) -> str:
     return (
         f"### digits CNN, batch {batch}, ONNX Runtime {ort.__version__}\n\n"
         + table(list(rows.values()), cols)
+        + "\n\nnodes ORT runs for netshrink static int8: "
+        + fused_ops(paths["netshrink static int8 (ORT)"])
         + "\n\n"
         + table(qat_rows, ["model", "accuracy"])
     )

@@ -16,6 +16,7 @@ import netshrink as ns
 from netshrink.artifact.modules import build, spec_of
 from netshrink.errors import ConfigError, DataError, TargetError
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
+from netshrink.quantize.ptq import fold_batchnorms
 from quant_fixtures import ResCNN, digits
 
 
@@ -139,3 +140,37 @@ def test_bad_options_and_data_are_refused() -> None:
     bad = [(torch.full((2, 1, 8, 8), float("nan")), torch.zeros(2))]
     with pytest.raises(DataError):
         ns.quantize.static(model, calib_data=bad, progress=False)
+
+
+def test_bn_folding_keeps_the_float_function() -> None:
+    model, folded = random_cnn(8), random_cnn(8)
+
+    feeds_add = fold_batchnorms(folded, ["stem.0", "blocks.0.conv1", "blocks.0.conv2"])
+    assert {"blocks.0.conv2", "blocks.1.conv2"} <= feeds_add  # conv -> BN -> add
+    assert "blocks.0.conv1" not in feeds_add
+    assert isinstance(folded.stem[1], nn.Identity) and isinstance(
+        folded.blocks[1].bn1, nn.BatchNorm2d
+    )
+    x = digits()[1][0][0]
+    assert torch.allclose(folded(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(144, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 1.0
+        return self.fc(torch.flatten(self.bn(self.conv(x)), 1))
+
+
+def test_untraceable_model_is_quantized_without_folding() -> None:
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    with pytest.warns(UserWarning, match="cannot trace"):
+        q = ns.quantize.static(model, calib_data=calib(), progress=False)
+    assert isinstance(q.conv, QuantConv2d) and isinstance(q.bn, nn.BatchNorm2d)
+    x = digits()[1][0][0]
+    assert rel_err(q(x), model(x)) < 0.05

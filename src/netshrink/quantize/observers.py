@@ -166,7 +166,7 @@ class EntropyObserver(SampleObserver):
         hist = torch.histc(v, bins=self.bins, min=0.0, max=top).double()
         levels = 2 ** (self.bits - 1)
         best_i, best_kl = self.bins, float("inf")
-        for i in range(levels, self.bins + 1, max(1, (self.bins - levels) // 128)):
+        for i in range(levels, self.bins + 1, max(1, (self.bins - levels) // 64)):
             p = hist[:i].clone()
             p[-1] += hist[i:].sum()  # outliers are clipped into the last bin
             # Q: the unclipped bins merged into `levels` quantization bins and spread back over

@@ -18,7 +18,9 @@ import torch
 from torch import fx, nn
 
 _ADDS = {operator.add, operator.iadd, torch.add}
-_FOLDABLE = {nn.Conv2d: nn.BatchNorm2d, nn.Conv1d: nn.BatchNorm1d, nn.Linear: nn.BatchNorm1d}
+# Linear -> BatchNorm1d is not folded: on (N, C, L) inputs BN normalizes a different axis than
+# the one Linear produces, which the trace cannot tell apart without shapes.
+_FOLDABLE = {nn.Conv2d: nn.BatchNorm2d}
 
 
 @dataclass
@@ -70,7 +72,7 @@ def analyze(model: nn.Module) -> Flow:
 
 
 @torch.no_grad()
-def fold_bn(layer: nn.Conv2d | nn.Conv1d | nn.Linear, bn: nn.modules.batchnorm._BatchNorm) -> None:
+def fold_bn(layer: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """Fold inference-mode ``bn`` into ``layer``'s weight and bias, in place.
 
     y = gamma * (W x + b - mean) / sqrt(var + eps) + beta, so W' = W * k and
