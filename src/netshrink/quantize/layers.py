@@ -27,12 +27,43 @@ _INT32 = (-(2**31), 2**31 - 1)
 ACT_RANGE = (0, 255)  # activations: asymmetric uint8, what ONNX Runtime's x86 kernels expect
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """Quantize ``x`` to uint8 and back (exports to ONNX QuantizeLinear + DequantizeLinear)."""
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, *ACT_RANGE)
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    frozen: tuple[float, int] | None = None,
+) -> torch.Tensor:
+    """Quantize ``x`` to uint8 and back (exports to ONNX QuantizeLinear + DequantizeLinear).
+
+    With ``frozen`` (the same scale and zero point as Python numbers) and no gradient needed,
+    the decomposed quantize/dequantize ops run: they export with dynamic shapes, which the
+    autograd-friendly ``fake_quantize_per_tensor_affine`` (used for training) does not.
+    """
+    if frozen is None or (torch.is_grad_enabled() and x.requires_grad):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, *ACT_RANGE)
+    s, z = frozen
+    q = _QD.quantize_per_tensor(x, s, z, *ACT_RANGE, torch.uint8)
+    return _QD.dequantize_per_tensor(q, s, z, *ACT_RANGE, torch.uint8)
 
 
-class _QuantWeights(nn.Module):
+class _FrozenQParams(nn.Module):
+    """Keeps Python copies of per-tensor qparams buffers, refreshed whenever they are loaded."""
+
+    _frozen: dict[str, tuple[float, int]]
+
+    def _track(self, *prefixes: str) -> None:
+        self._prefixes = prefixes
+        self._frozen = {}
+        self.register_load_state_dict_post_hook(lambda m, _keys: m.freeze())
+
+    def freeze(self) -> None:
+        """Copy the scale/zero-point buffers into Python numbers (after they changed)."""
+        for p in self._prefixes:
+            scale, zero_point = getattr(self, f"{p}scale"), getattr(self, f"{p}zero_point")
+            self._frozen[p] = (float(scale), int(zero_point))
+
+
+class _QuantWeights(_FrozenQParams):
     """Shared storage and dequantization of integer weights, integer bias and input qparams."""
 
     weight_shape: tuple[int, ...]
@@ -58,6 +89,8 @@ class _QuantWeights(nn.Module):
         if quant_output:
             self.register_buffer("output_scale", torch.tensor(1.0))
             self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
+        self._track("input_", *(("output_",) if quant_output else ()))
+        self.freeze()
 
     @torch.no_grad()
     def _fill(
@@ -89,6 +122,7 @@ class _QuantWeights(nn.Module):
         if output_qparams is not None:
             self.output_scale.copy_(output_qparams[0])
             self.output_zero_point.copy_(output_qparams[1])
+        self.freeze()
 
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes as int8, shaped like the float weight."""
@@ -115,10 +149,10 @@ class _QuantWeights(nn.Module):
         return w, b
 
     def _around(self, x: torch.Tensor, op: Any) -> torch.Tensor:
-        x = fake_quant(x, self.input_scale, self.input_zero_point)
+        x = fake_quant(x, self.input_scale, self.input_zero_point, self._frozen["input_"])
         y = op(x, *self.dequantized())
         if self.quant_output:
-            y = fake_quant(y, self.output_scale, self.output_zero_point)
+            y = fake_quant(y, self.output_scale, self.output_zero_point, self._frozen["output_"])
         return y
 
 
@@ -242,13 +276,22 @@ class QuantLinear(_QuantWeights):
 
 
 @rebuildable
-class QuantReLU(nn.Module):
+class QuantReLU(_FrozenQParams):
     """ReLU whose output is quantized to uint8 with a frozen scale (zero point 0)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self._track("")
+        self.freeze()
+
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set the output scale and zero point."""
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self.freeze()
 
     def spec(self) -> dict[str, Any]:
         """No constructor arguments."""
@@ -261,4 +304,4 @@ class QuantReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """relu then fake quantization; ONNX Runtime folds the ReLU into the quantization."""
-        return fake_quant(torch.relu(x), self.scale, self.zero_point)
+        return fake_quant(torch.relu(x), self.scale, self.zero_point, self._frozen[""])

@@ -119,8 +119,7 @@ def quantize_relus(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torc
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.ReLU and f"{name}:out" in qparams:
             q = QuantReLU()
-            q.scale.copy_(qparams[f"{name}:out"][0])
-            q.zero_point.copy_(qparams[f"{name}:out"][1])
+            q.set_qparams(*qparams[f"{name}:out"])
             set_submodule(model, name, q)
 
 
