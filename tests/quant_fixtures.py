@@ -8,8 +8,6 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from netshrink.train import fit
-
 
 class Block(nn.Module):
     """conv-BN-ReLU-conv-BN, plus the input, then ReLU (a ResNet basic block)."""
@@ -51,12 +49,3 @@ def digits(batch: int = 64) -> tuple[list, list]:
     train = [(x[i : i + batch], y[i : i + batch]) for i in range(0, split, batch)]
     test = [(x[i : i + batch], y[i : i + batch]) for i in range(split, len(y), batch)]
     return train, test
-
-
-@functools.cache
-def trained_cnn(epochs: int = 4) -> ResCNN:
-    """A ResCNN trained on digits (seeded; about 2 s on 2 cores)."""
-    torch.manual_seed(0)
-    model = ResCNN()
-    fit(model, digits()[0], epochs=epochs, lr=3e-3, progress=False)
-    return model.eval()

@@ -176,3 +176,12 @@ def test_untraceable_model_is_quantized_without_folding() -> None:
     assert isinstance(q.conv, QuantConv2d) and isinstance(q.bn, nn.BatchNorm2d)
     x = digits()[1][0][0]
     assert rel_err(q(x), model(x)) < 0.05
+
+
+def test_per_tensor_weights_share_one_scale() -> None:
+    model = random_cnn(8)
+    q = ns.quantize.static(model, calib_data=calib()[:1], per_channel=False, progress=False)
+    scale = q.blocks[0].conv1.weight_scale
+    assert torch.all(scale == scale[0])
+    x = digits()[1][0][0]
+    assert rel_err(q(x), model(x)) < 0.1
