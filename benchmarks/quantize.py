@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -395,10 +396,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, cpus {os.cpu_count()}")
-    if args.part in ("cnn", "all"):
-        print(bench_cnn(args.runs, args.batch), flush=True)
-    if args.part in ("minilm", "all"):
-        print(bench_minilm(args.runs, not args.no_compile), flush=True)
+    try:
+        if args.part in ("cnn", "all"):
+            print(bench_cnn(args.runs, args.batch), flush=True)
+        if args.part in ("minilm", "all"):
+            print(bench_minilm(args.runs, not args.no_compile), flush=True)
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)
 
 
 if __name__ == "__main__":
