@@ -64,7 +64,7 @@ def export(model: nn.Module, args: tuple, path: Path, names: list[str]) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, args, str(path), dynamo=True, dynamic_shapes=shapes, input_names=names,
-            verbose=False, optimize=True,
+            verbose=False, optimize=True, external_data=False,
         )  # fmt: skip
     return path
 
@@ -144,7 +144,7 @@ def stand_in_cnn() -> tuple[nn.Module, list, list, list]:
     train, test = batches[:22], batches[22:]
     torch.manual_seed(0)
     model = CNN()
-    fit(model, train, epochs=15, lr=3e-3, progress=False)
+    fit(model, train, epochs=8, lr=3e-3, progress=False)
     return model.eval(), train[:8], test, train
 
 
