@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,7 +30,8 @@ def track(
     items: Iterable[T], desc: str, total: int | None = None, show: bool = True
 ) -> Iterator[T]:
     """Yield ``items`` while drawing a progress bar titled ``desc`` on stderr."""
-    if not (show and _enabled):
+    console = Console(stderr=True)
+    if not (show and _enabled and console.is_terminal):
         yield from items
         return
     if total is None and hasattr(items, "__len__"):
@@ -41,7 +43,7 @@ def track(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task(desc, total=total)
         for item in items:
             yield item

@@ -1,0 +1,201 @@
+"""Export a model to one self-contained ONNX file, written atomically and checked.
+
+torch 2.13 ships two exporters. ``dynamo`` (its default: ``torch.export`` + onnxscript) is used
+first because it turns both quantization idioms into QuantizeLinear/DequantizeLinear (QDQ)
+pairs, which ONNX Runtime fuses into integer kernels (QGemm, QLinearConv):
+
+- ``torch.ops.quantized_decomposed`` quantize/dequantize ops: a layer that stores int8 weights
+  and dequantizes them in forward exports int8 initializers, so the file holds one byte a weight;
+- ``torch.fake_quantize_*`` (QAT): Q/DQ around float weights. torch lacks shape-only ("fake")
+  kernels for the per-tensor ``_cachemask`` forms these decompose into, so tracing with a
+  dynamic batch fails; :func:`_register_fake_quant_shapes` supplies them.
+
+``torchscript`` (``dynamo=False``, deprecated by torch) is the fallback for models
+``torch.export`` cannot trace (data-dependent Python control flow); it maps ``fake_quantize_*``
+but not ``quantized_decomposed`` ops. docs/measure.md has the measurements behind this choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from netshrink.batches import as_args
+from netshrink.errors import ArtifactError, ConfigError, DataError
+
+Exporter = Literal["auto", "dynamo", "torchscript"]
+
+
+def _example_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    args = as_args(example_inputs)
+    if not args or not all(torch.is_tensor(a) for a in args):
+        raise DataError(
+            "example_inputs must be a non-empty tuple of tensors, e.g. (x,); got "
+            f"{type(example_inputs).__name__}"
+        )
+    return args
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress prints, torchvision notices and deprecation warnings."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+_FAKE_QUANT_SHAPES: list[str] = []
+
+
+def _register_fake_quant_shapes() -> None:
+    """Give the per-tensor fake-quant ``_cachemask`` ops a shape-only kernel (once).
+
+    Both return ``(output like x, bool mask like x)``. Without it, ``torch.export`` can trace
+    them only with static shapes, by running the real kernel on stand-in tensors.
+    """
+    for name in (
+        "fake_quantize_per_tensor_affine_cachemask",
+        "_fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+    ):
+        op = f"aten::{name}"
+        if name in _FAKE_QUANT_SHAPES or torch._C._dispatch_has_kernel_for_dispatch_key(op, "Meta"):
+            continue  # done already, or a newer torch has its own
+        torch.library.register_fake(op, _cachemask_shapes)
+        _FAKE_QUANT_SHAPES.append(name)
+
+
+def _cachemask_shapes(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _dynamo_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool) -> dict:
+    _register_fake_quant_shapes()
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} if a.dim() > 0 else {} for a in args) if dyn else None
+    return {"external_data": False, "dynamic_shapes": shapes, "verbose": False}
+
+
+def _torchscript_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool) -> dict:
+    with torch.no_grad():
+        n_out = len(tree_leaves(model(*args)))
+    inputs = [f"input_{i}" for i in range(len(args))]
+    outputs = [f"output_{i}" for i in range(n_out)]
+    axes = {name: {0: "batch"} for name in inputs + outputs} if dyn else None
+    return {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why an exporter failed (torch.export buries it under a summary head)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    _, found, summary = text.partition("## Exception summary")
+    lines = [ln.strip() for ln in (summary if found else text).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+_EXPORTERS = {"dynamo": _dynamo_options, "torchscript": _torchscript_options}
+"""Each exporter's ``torch.onnx.export`` keyword arguments (names, dynamic batch axes)."""
+
+
+def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
+    """Run the file in ONNX Runtime at the traced batch and one more: a baked-in batch fails.
+
+    Every output whose first dimension was the batch must grow with it.
+    """
+    from netshrink.runtime.ort import OrtRunner
+
+    runner = OrtRunner(path, threads=1)
+    n = args[0].shape[0]
+    bigger = tuple(torch.cat([a, a[:1]]) if a.dim() > 0 else a for a in args)
+    try:
+        outs = [runner(a) for a in (args, bigger)]
+    except Exception as exc:  # ORT raises its own types (Fail, InvalidArgument, ...)
+        raise ArtifactError(
+            f"the exported graph fails at batch {n + 1}, so its batch is not dynamic; "
+            f"export with dynamic_batch=False or fix the model ({exc})"
+        ) from exc
+    before, after = (o if isinstance(o, tuple) else (o,) for o in outs)
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        if b.ndim and b.shape[0] == n and (a.ndim == 0 or a.shape[0] != n + 1):
+            raise ArtifactError(
+                f"the exported graph does not keep a dynamic batch: output {i} has shape "
+                f"{tuple(a.shape)} at batch {n + 1}; export with dynamic_batch=False"
+            )
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    example_inputs: tuple[Any, ...],
+    *,
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    exporter: Exporter = "auto",
+) -> Path:
+    """Export ``model`` (in eval mode) to one ONNX file at ``path``; return the path.
+
+    ``example_inputs`` is the tuple of positional tensors of one forward call. With
+    ``dynamic_batch`` the first dimension of every input and output is symbolic (verified by
+    running the file at another batch size). ``opset`` None takes the exporter's default. The
+    file is written to a temporary name in the same folder, checked with ``onnx.checker`` and
+    renamed into place, so ``path`` never holds a partial model.
+    """
+    if exporter not in ("auto", *_EXPORTERS):
+        raise ConfigError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
+    if opset is not None and not 13 <= opset <= 25:
+        raise ConfigError(f"opset must be in 13..25 (per-channel QDQ needs 13), got {opset}")
+    args = _example_args(example_inputs)
+    if dynamic_batch and any(a.dim() > 0 and a.shape[0] == 1 for a in args):
+        # A batch of one would be specialised to a constant 1 while tracing; trace with two.
+        args = tuple(torch.cat([a, a]) if a.dim() > 0 else a for a in args)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    names = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]
+    was_training = model.training
+    model.eval()
+    errors: list[str] = []
+    try:
+        for name in names:
+            try:
+                with _quiet():
+                    options = _EXPORTERS[name](model, args, dynamic_batch)
+                    options.update(dynamo=name == "dynamo", opset_version=opset)
+                    torch.onnx.export(model, args, str(tmp), **options)
+                break
+            except Exception as exc:  # each exporter fails in its own way; report them all
+                errors.append(f"{name}: {_reason(exc)}")
+        else:
+            raise ArtifactError(
+                f"ONNX export of {type(model).__name__} failed; " + " | ".join(errors)
+            )
+        if errors:
+            warnings.warn(f"ONNX export fell back to torchscript ({errors[0]})", stacklevel=2)
+        try:
+            onnx.checker.check_model(str(tmp))
+        except onnx.checker.ValidationError as exc:
+            raise ArtifactError(f"the exported ONNX graph is invalid: {exc}") from exc
+        if dynamic_batch:
+            _check_batch(tmp, args)
+        os.replace(tmp, path)
+    finally:
+        model.train(was_training)
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,128 @@
+"""Static counts of a model: parameters, non-zero parameters, multiply-accumulates (MACs).
+
+Parameters are the elements of each module's own ``nn.Parameter`` tensors, plus its integer
+buffers (int8/uint8/int16/int32: quantized weights stored as buffers; int64 counters such as
+BatchNorm's ``num_batches_tracked`` are not weights). A layer whose stored tensors are not one
+element per weight (two int4 in one uint8, CSR) defines ``num_params()`` and ``num_nonzero()``
+for its own tensors; those override the element count for that module.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
+
+from netshrink.batches import as_args
+
+_WEIGHT_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
+
+
+def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from module.parameters(recurse=False)
+    for b in module.buffers(recurse=False):
+        if b.dtype in _WEIGHT_INT_DTYPES:
+            yield b
+
+
+def _sum(model: nn.Module, hook: str, count: Any) -> int:
+    total = 0
+    for module in model.modules():
+        own = getattr(module, hook, None)
+        total += int(own()) if callable(own) else sum(int(count(t)) for t in _own_tensors(module))
+    return total
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (weights), see the module docstring for what counts."""
+    return _sum(model, "num_params", torch.Tensor.numel)
+
+
+def count_nonzero(model: nn.Module) -> int:
+    """Number of parameter elements that are not zero (same tensors as :func:`count_params`)."""
+    return _sum(model, "num_nonzero", torch.count_nonzero)
+
+
+# Formulas for kernels torch.utils.flop_counter does not know: integer and packed matmuls run
+# by quantized layers, and the CPU attention kernel. Each gets shapes, returns FLOPs (2 per MAC).
+def _linear_like(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """x[..., k] -> out[..., n]: one MAC per input element per output feature."""
+    return 2 * _numel(x_shape) * int(out_shape[-1])
+
+
+def _mm(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """a[m, k] @ b[k, n]."""
+    return 2 * int(a_shape[0]) * int(a_shape[1]) * int(b_shape[1])
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _sdpa_cpu(q: Any, k: Any, v: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _extra_formulas() -> dict[Any, Any]:
+    aten, quantized = torch.ops.aten, torch.ops.quantized
+    extra: dict[Any, Any] = {
+        aten._int_mm: _mm,
+        aten._weight_int8pack_mm: _linear_like,
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    }
+    for name in ("_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu"):
+        if hasattr(aten, name):
+            extra[getattr(aten, name)] = _linear_like
+    for name in ("linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic"):
+        extra[getattr(quantized, name)] = _linear_like
+    return extra
+
+
+_COMPUTE = re.compile(r"mm|matmul|linear|conv|attention|einsum")
+
+
+class _SeenOps(TorchDispatchMode):
+    """Records every op packet that runs, to name compute ops no formula counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[Any] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.seen.add(func.overloadpacket)
+        return func(*args, **(kwargs or {}))
+
+
+def count_macs(model: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (the whole batch).
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on the aten ops that actually run
+    (MACs = FLOPs / 2), with formulas added for integer/packed matmuls and CPU attention.
+    Sparse tensors are counted by their dense shape. A matmul- or convolution-like op without a
+    formula is reported in a warning, never silently counted as zero.
+    """
+    formulas = _extra_formulas()
+    seen = _SeenOps()
+    counter = FlopCounterMode(display=False, custom_mapping=formulas)
+    with torch.no_grad(), counter, seen:
+        model(*as_args(example_inputs))
+    missed = sorted(
+        str(op)
+        for op in seen.seen
+        if op not in flop_registry and op not in formulas and _COMPUTE.search(str(op))
+    )
+    if missed:
+        warnings.warn(
+            f"count_macs: no FLOP formula for {', '.join(missed)}; their MACs are not counted",
+            stacklevel=2,
+        )
+    return counter.get_total_flops() // 2

@@ -1,0 +1,189 @@
+"""``measure`` one model or ``compare`` two, timing them interleaved in one process."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from netshrink.batches import as_args
+from netshrink.context import Batch, Evaluate
+from netshrink.errors import DataError, MissingInputError
+from netshrink.measure.counts import count_macs, count_nonzero, count_params
+from netshrink.measure.latency import check_runs, time_interleaved
+from netshrink.measure.memory import peak_memory
+from netshrink.measure.results import Comparison, Measurement
+from netshrink.runtime import (
+    OrtModule,
+    OrtRunner,
+    Runner,
+    check_runtime,
+    make_runner,
+    onnx_bytes,
+    resolve_threads,
+    torch_threads,
+)
+
+Measurable = nn.Module | str | Path | bytes
+"""A torch module, or (for runtime="onnxruntime") an ONNX file path or ONNX bytes."""
+
+
+def saved_bytes(model: nn.Module) -> int:
+    """Bytes on disk of ``model`` saved with ``netshrink.artifact.save`` (tensors + manifest)."""
+    from netshrink.artifact import artifact_bytes, save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return artifact_bytes(save(model, Path(tmp) / "artifact"))
+
+
+@contextmanager
+def _eval_mode(models: Iterable[Any]) -> Iterator[None]:
+    modules = [m for m in models if isinstance(m, nn.Module)]
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags, strict=True):
+            m.train(flag)
+
+
+def _static(model: Any, args: tuple[Any, ...]) -> dict[str, Any]:
+    """Counts, bytes and memory; a bare ONNX model has only its file size."""
+    if not isinstance(model, nn.Module):
+        return {
+            "params": None,
+            "nonzero_params": None,
+            "macs": None,
+            "peak_memory_bytes": None,
+            "bytes": len(onnx_bytes(model)),
+            "bytes_of": "ONNX file",
+        }
+    return {
+        "params": count_params(model),
+        "nonzero_params": count_nonzero(model),
+        "macs": count_macs(model, args),
+        "peak_memory_bytes": peak_memory(model, args),
+        "bytes": saved_bytes(model),
+        "bytes_of": "netshrink artifact",
+    }
+
+
+def _check_same_shapes(outputs: list[Any]) -> None:
+    """Raise :class:`DataError` when the models' outputs differ in shape: not comparable."""
+    shapes = [[tuple(o.shape) for o in tree_leaves(out)] for out in outputs]
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise DataError(
+            f"the baseline's outputs have shapes {shapes[0]} but the candidate's {shapes[1]}; "
+            "a compressed model must keep the original's output shapes"
+        )
+
+
+def _score(
+    model: Any, runner: Runner, evaluate: Evaluate | None, data: list[Batch] | None
+) -> float | None:
+    """``evaluate`` on what the runtime computes: the module itself, or ORT's outputs."""
+    if evaluate is None or data is None:
+        return None
+    target = OrtModule(runner) if isinstance(runner, OrtRunner) else model
+    with torch_threads(runner.threads):
+        return float(evaluate(target, data))
+
+
+def _measure_all(
+    models: list[Any],
+    example_inputs: Any,
+    evaluate: Evaluate | None,
+    data: Iterable[Batch] | None,
+    runtime: str,
+    threads: int | None,
+    runs: int,
+    warmup: int,
+) -> list[Measurement]:
+    check_runtime(runtime)
+    check_runs(runs, warmup)
+    n = resolve_threads(threads)
+    args = as_args(example_inputs)
+    if not args or not all(torch.is_tensor(a) for a in args):
+        raise DataError("example_inputs must be a tuple of tensors, e.g. (x,)")
+    if evaluate is not None and data is None:
+        raise MissingInputError("evaluate needs data: an iterable of (inputs, targets) batches")
+    if data is not None and evaluate is None:
+        from netshrink.metrics import accuracy
+
+        evaluate = accuracy
+    batches = list(data) if data is not None else None
+    with _eval_mode(models):
+        runners = [make_runner(m, runtime, n, args) for m in models]
+        with torch_threads(n):
+            fns = [r.bind(args) for r in runners]
+            _check_same_shapes([fn() for fn in fns])
+            timings = time_interleaved(fns, runs, warmup)
+            static = [_static(m, args) for m in models]
+        metrics = [_score(m, r, evaluate, batches) for m, r in zip(models, runners, strict=True)]
+    name = getattr(evaluate, "__name__", "metric") if evaluate is not None else None
+    return [
+        Measurement(
+            **s,
+            latency_ms=t.median_ms,
+            latency_p90_ms=t.p90_ms,
+            runtime=runtime,
+            threads=n,
+            batch_size=int(args[0].shape[0]) if args[0].dim() else 1,
+            runs=t.runs,
+            metric=metric,
+            metric_name=name,
+        )
+        for s, t, metric in zip(static, timings, metrics, strict=True)
+    ]
+
+
+def measure(
+    model: Measurable,
+    example_inputs: Any,
+    *,
+    evaluate: Evaluate | None = None,
+    data: Iterable[Batch] | None = None,
+    runtime: str = "eager",
+    threads: int | None = None,
+    runs: int = 50,
+    warmup: int = 10,
+) -> Measurement:
+    """Measure ``model`` on ``example_inputs`` (a tuple of positional tensors).
+
+    Latency: ``warmup`` untimed then ``runs`` (>= 20) timed forwards on ``runtime`` ("eager"
+    or "onnxruntime") with ``threads`` intra-op threads (None: torch's current count). With
+    ``data``, ``evaluate(model, data)`` (default: top-1 accuracy) scores what that runtime
+    computes. The model is measured in eval mode; its training flag is restored after.
+    """
+    return _measure_all([model], example_inputs, evaluate, data, runtime, threads, runs, warmup)[0]
+
+
+def compare(
+    baseline: Measurable,
+    candidate: Measurable,
+    example_inputs: Any,
+    *,
+    evaluate: Evaluate | None = None,
+    data: Iterable[Batch] | None = None,
+    runtime: str = "eager",
+    threads: int | None = None,
+    runs: int = 50,
+    warmup: int = 10,
+) -> Comparison:
+    """Measure ``baseline`` and ``candidate`` alike, timing them interleaved in one process.
+
+    Same runtime, thread count and input for both (see :func:`measure` for the options); the
+    result holds both measurements and the compression rate, speedup rate and metric drop.
+    """
+    base, cand = _measure_all(
+        [baseline, candidate], example_inputs, evaluate, data, runtime, threads, runs, warmup
+    )
+    return Comparison(base, cand)

@@ -1,0 +1,85 @@
+"""Wall-clock latency: warm-up, then timed runs of one or several callables, interleaved.
+
+Several callables are timed in rounds A, B, A, B, ... in one process, so drift in the machine's
+state (frequency, other load) reaches all of them alike; their ratio is what is trustworthy.
+The garbage collector is paused while timing, as ``timeit`` does.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from netshrink.errors import ConfigError
+
+MIN_RUNS = 20
+"""Fewest timed runs accepted: a median of fewer is too noisy to report."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Timed runs of one callable, in milliseconds."""
+
+    samples_ms: tuple[float, ...]
+
+    @property
+    def median_ms(self) -> float:
+        """Median latency of one call, in milliseconds."""
+        return float(np.median(self.samples_ms))
+
+    @property
+    def p90_ms(self) -> float:
+        """90th percentile latency of one call, in milliseconds (linear interpolation)."""
+        return float(np.percentile(self.samples_ms, 90))
+
+    @property
+    def runs(self) -> int:
+        """Number of timed runs."""
+        return len(self.samples_ms)
+
+
+def check_runs(runs: int, warmup: int) -> None:
+    """Raise :class:`ConfigError` unless ``runs >= MIN_RUNS`` and ``warmup >= 0``."""
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < MIN_RUNS:
+        raise ConfigError(f"runs must be an integer >= {MIN_RUNS} timed runs, got {runs!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+
+
+def time_interleaved(
+    fns: Sequence[Callable[[], Any]], runs: int = 50, warmup: int = 10
+) -> list[Timing]:
+    """Time each zero-argument callable ``runs`` times, alternating between them.
+
+    Every callable first runs ``warmup`` untimed times (also interleaved). Returns one
+    :class:`Timing` per callable, in order.
+    """
+    check_runs(runs, warmup)
+    if not fns:
+        raise ConfigError("time_interleaved needs at least one callable")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(runs):
+            for fn, out in zip(fns, samples, strict=True):
+                start = time.perf_counter_ns()
+                fn()
+                out.append((time.perf_counter_ns() - start) / 1e6)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return [Timing(tuple(s)) for s in samples]
+
+
+def time_latency(fn: Callable[[], Any], runs: int = 50, warmup: int = 10) -> Timing:
+    """Time one zero-argument callable: ``warmup`` untimed calls, then ``runs`` timed ones."""
+    return time_interleaved([fn], runs, warmup)[0]

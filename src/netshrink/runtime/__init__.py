@@ -1,0 +1,25 @@
+"""Running a model for measurement: eager PyTorch and ONNX Runtime behind one call interface.
+
+A runner takes the positional inputs of one forward call (a tuple) and returns the output;
+``bind(inputs)`` returns a zero-argument callable that runs only the model, with any input
+conversion done beforehand, so a timer sees the model and nothing else.
+"""
+
+from netshrink.runtime.base import RUNTIMES, Runner, check_runtime, make_runner, resolve_threads
+from netshrink.runtime.eager import EagerRunner, torch_threads
+from netshrink.runtime.ort import OnnxSource, OrtModule, OrtRunner, onnx_bytes, onnx_session
+
+__all__ = [
+    "RUNTIMES",
+    "EagerRunner",
+    "OnnxSource",
+    "OrtModule",
+    "OrtRunner",
+    "Runner",
+    "check_runtime",
+    "make_runner",
+    "onnx_bytes",
+    "onnx_session",
+    "resolve_threads",
+    "torch_threads",
+]

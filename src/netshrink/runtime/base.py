@@ -1,0 +1,67 @@
+"""What every runner offers, and choosing one by runtime name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from netshrink.errors import ConfigError
+
+RUNTIMES = ("eager", "onnxruntime")
+"""Runtime names: eager PyTorch under ``torch.inference_mode``, ONNX Runtime on CPU."""
+
+
+class Runner(Protocol):
+    """A model made callable on one runtime with a fixed number of intra-op threads."""
+
+    runtime: str
+    threads: int
+
+    def __call__(self, inputs: tuple[Any, ...]) -> Any:
+        """Run one forward pass on ``inputs`` (a tuple of positional tensors)."""
+        ...
+
+    def bind(self, inputs: tuple[Any, ...]) -> Callable[[], Any]:
+        """Return a zero-argument callable running the model on ``inputs``, for timing."""
+        ...
+
+
+def check_runtime(runtime: str) -> str:
+    """Return ``runtime`` when it names a known runtime, else raise :class:`ConfigError`."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    return runtime
+
+
+def resolve_threads(threads: int | None) -> int:
+    """Intra-op thread count to use: ``threads``, or torch's current setting when ``None``."""
+    if threads is None:
+        return torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
+    return threads
+
+
+def make_runner(
+    model: Any, runtime: str, threads: int | None, example_inputs: tuple[Any, ...]
+) -> Runner:
+    """Build the runner for ``model`` on ``runtime`` with ``threads`` intra-op threads.
+
+    ``model`` is an ``nn.Module``; for ``onnxruntime`` it may also be anything
+    :func:`~netshrink.runtime.ort.onnx_bytes` accepts (an ONNX file path, bytes, a ModelProto).
+    """
+    from netshrink.runtime.eager import EagerRunner
+    from netshrink.runtime.ort import OrtRunner
+
+    check_runtime(runtime)
+    n = resolve_threads(threads)
+    if runtime == "eager":
+        if not isinstance(model, torch.nn.Module):
+            raise ConfigError(
+                f"runtime 'eager' needs a torch.nn.Module, got {type(model).__name__}; "
+                "use runtime='onnxruntime' for an ONNX file"
+            )
+        return EagerRunner(model, n)
+    return OrtRunner(model, example_inputs, n)

@@ -1,0 +1,140 @@
+"""ONNX Runtime runner (CPUExecutionProvider, all graph optimizations, explicit thread count).
+
+A model reaches ONNX Runtime as ONNX bytes, from (first match wins):
+
+1. a path to an ``.onnx`` file, ``bytes``, or an ``onnx.ModelProto``;
+2. a module with a method ``netshrink_onnx(example_inputs)`` returning one of those — the hook
+   that lets a model bring its own graph (e.g. a quantized model exported as QDQ);
+3. any other ``nn.Module``: :func:`netshrink.artifact.onnx.export_onnx` on ``example_inputs``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from netshrink.errors import ArtifactError, DataError
+from netshrink.runtime.base import resolve_threads
+
+OnnxSource = str | Path | bytes | onnx.ModelProto | nn.Module
+"""Anything :func:`onnx_bytes` turns into a serialized ONNX model."""
+
+
+def onnx_bytes(source: OnnxSource, example_inputs: tuple[Any, ...] | None = None) -> bytes:
+    """Serialized ONNX model for ``source`` (see the module docstring for what is accepted)."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, onnx.ModelProto):
+        return source.SerializeToString()
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.is_file():
+            raise ArtifactError(f"no ONNX file at {path}; give the path of an exported .onnx")
+        # onnx.load pulls in external-data files, so the bytes hold the whole model.
+        return onnx.load(str(path)).SerializeToString()
+    if not isinstance(source, nn.Module):
+        raise ArtifactError(
+            f"cannot run a {type(source).__name__} in ONNX Runtime; give an nn.Module, an ONNX "
+            "file path, ONNX bytes or an onnx.ModelProto"
+        )
+    hook = getattr(source, "netshrink_onnx", None)
+    if callable(hook):
+        own = hook(example_inputs)
+        if isinstance(own, nn.Module):
+            raise ArtifactError("netshrink_onnx() must return a path, bytes or a ModelProto")
+        return onnx_bytes(own)
+    if example_inputs is None:
+        raise DataError("exporting a module to ONNX needs example_inputs, e.g. (x,)")
+    from netshrink.artifact.onnx import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_onnx(source, Path(tmp) / "model.onnx", example_inputs).read_bytes()
+
+
+def onnx_session(
+    source: OnnxSource, example_inputs: tuple[Any, ...] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """An ORT CPU session for ``source`` with ``threads`` intra-op threads and one inter-op.
+
+    Graph optimizations are all on (``ORT_ENABLE_ALL``: constant folding, fusions such as
+    QDQ -> QLinearConv/QGemm); execution is sequential so ``threads`` is the whole budget.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = resolve_threads(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 4  # fatal only: errors are raised anyway; stderr stays clean
+    return ort.InferenceSession(
+        onnx_bytes(source, example_inputs), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().cpu().contiguous().numpy()
+    return np.asarray(x)
+
+
+class OrtRunner:
+    """Runs an ONNX model in ONNX Runtime; outputs are numpy arrays (one, or a tuple)."""
+
+    runtime = "onnxruntime"
+
+    def __init__(
+        self,
+        source: OnnxSource,
+        example_inputs: tuple[Any, ...] | None = None,
+        threads: int | None = None,
+    ):
+        self.threads = resolve_threads(threads)
+        self.session = onnx_session(source, example_inputs, self.threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def feeds(self, inputs: tuple[Any, ...]) -> dict[str, np.ndarray]:
+        """Map positional ``inputs`` onto the graph's input names, as numpy arrays."""
+        if len(inputs) != len(self.input_names):
+            raise DataError(
+                f"the ONNX graph takes {len(self.input_names)} inputs "
+                f"({', '.join(self.input_names)}), got {len(inputs)}"
+            )
+        return {name: _numpy(x) for name, x in zip(self.input_names, inputs, strict=True)}
+
+    def __call__(self, inputs: tuple[Any, ...]) -> Any:
+        """Run one forward pass on ``inputs``."""
+        return self.bind(inputs)()
+
+    def bind(self, inputs: tuple[Any, ...]) -> Callable[[], Any]:
+        """Zero-argument run on ``inputs``, converted to numpy once, outside the timed call."""
+        session, feeds = self.session, self.feeds(inputs)
+
+        def run() -> Any:
+            out = session.run(None, feeds)
+            return out[0] if len(out) == 1 else tuple(out)
+
+        return run
+
+
+class OrtModule(nn.Module):
+    """An ``nn.Module`` face on an :class:`OrtRunner`: tensors in, tensors out.
+
+    It lets an ``evaluate(model, batches)`` function score exactly what ONNX Runtime computes.
+    """
+
+    def __init__(self, runner: OrtRunner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, *inputs: Any) -> Any:
+        out = self.runner(inputs)
+        if isinstance(out, tuple):
+            return tuple(torch.from_numpy(o) for o in out)
+        return torch.from_numpy(out)

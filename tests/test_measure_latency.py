@@ -1,0 +1,30 @@
+"""Latency timing: run counts, units, interleaving, bad settings."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from netshrink.errors import ConfigError
+from netshrink.measure import MIN_RUNS, time_interleaved, time_latency
+
+
+def test_latency_has_runs_samples_in_milliseconds() -> None:
+    timing = time_latency(lambda: time.sleep(0.002), runs=20, warmup=1)
+    assert timing.runs == len(timing.samples_ms) == 20
+    assert 2.0 <= timing.median_ms <= timing.p90_ms  # sleep(2 ms) takes at least 2 ms
+
+
+def test_interleaved_alternates_and_warms_up_each() -> None:
+    calls: list[str] = []
+    timings = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 20, 3)
+    assert calls == ["a", "b"] * (3 + 20)
+    assert [t.runs for t in timings] == [20, 20]
+    assert all(t.median_ms > 0 and t.p90_ms >= t.median_ms for t in timings)
+
+
+@pytest.mark.parametrize(("runs", "warmup"), [(MIN_RUNS - 1, 0), (0, 0), (20.5, 0), (20, -1)])
+def test_bad_run_counts_are_config_errors(runs: object, warmup: object) -> None:
+    with pytest.raises(ConfigError, match=r"runs|warmup"):
+        time_latency(lambda: None, runs=runs, warmup=warmup)  # type: ignore[arg-type]

@@ -1,0 +1,81 @@
+"""Runners: the same interface and outputs on eager torch and ONNX Runtime, thread control."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from measure_models import tiny_models
+from netshrink.artifact.onnx import export_onnx
+from netshrink.errors import ConfigError, DataError
+from netshrink.measure import measure
+from netshrink.metrics import accuracy
+from netshrink.runtime import EagerRunner, OrtModule, OrtRunner, make_runner, torch_threads
+
+X = (torch.randn(3, 1, 8, 8),)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each test model as ONNX, via the fast TorchScript exporter (dynamo is tested elsewhere)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    return {
+        name: export_onnx(m, folder / f"{name}.onnx", X, exporter="torchscript")
+        for name, m in tiny_models().items()
+    }
+
+
+def test_eager_and_ort_runners_agree_and_keep_threads() -> None:
+    model = tiny_models()["cnn"]
+    x = (torch.randn(5, 1, 8, 8),)
+    eager = make_runner(model, "eager", 1, x)
+    ort = make_runner(model, "onnxruntime", 1, x)
+    assert isinstance(eager, EagerRunner) and isinstance(ort, OrtRunner)
+    assert eager.threads == ort.threads == 1
+    assert ort.session.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_allclose(ort(x), eager(x).numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ort.bind(x)(), eager.bind(x)().numpy(), atol=1e-4, rtol=0)
+
+
+def test_ort_module_scores_like_the_torch_model(exported: dict[str, Path]) -> None:
+    model = tiny_models()["attention"]
+    x = torch.randn(16, 1, 8, 8)
+    batches = [(x, torch.arange(16) % 10)]
+    wrapped = OrtModule(OrtRunner(exported["attention"], threads=1))
+    assert accuracy(wrapped, batches) == accuracy(model, batches)
+
+
+def test_a_model_can_bring_its_own_onnx(exported: dict[str, Path]) -> None:
+    models = tiny_models()
+    own = exported["mlp"]
+
+    class BringsGraph(type(models["cnn"])):  # type: ignore[misc]
+        def netshrink_onnx(self, example_inputs: tuple) -> Path:
+            return own
+
+    model = BringsGraph().eval()
+    np.testing.assert_allclose(
+        OrtRunner(model, X)(X), models["mlp"](*X).detach().numpy(), atol=1e-4, rtol=0
+    )
+    from_file = measure(own, X, runtime="onnxruntime", threads=1, runs=20, warmup=1)
+    assert from_file.bytes == own.stat().st_size and from_file.bytes_of == "ONNX file"
+    assert from_file.params is None and from_file.macs is None
+
+
+def test_runner_errors(exported: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="unknown runtime 'tvm'"):
+        make_runner(tiny_models()["mlp"], "tvm", 1, X)
+    with pytest.raises(ConfigError, match=r"needs a torch\.nn\.Module"):
+        make_runner(b"onnx bytes", "eager", 1, X)
+    with pytest.raises(DataError, match="takes 1 inputs"):
+        OrtRunner(exported["mlp"], threads=1)((X[0], X[0]))
+
+
+def test_torch_threads_restores_the_count() -> None:
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
