@@ -393,7 +393,8 @@ def bench_minilm(runs: int, compile_: bool, thread_counts: tuple[int, ...] = (1,
                 fp32_size = sizes["fp32 (torch.save)"]
             if k in sizes:
                 rows[k]["size ratio"] = f"{fp32_size / sizes[k]:.2f}x"
-    cols = ["path", "size ratio", "cosine", "ms 1t", "speedup 1t", "ms 2t", "speedup 2t"]
+    cols = ["path", "size ratio", "cosine"]
+    cols += [f"{c} {t}t" for t in thread_counts for c in ("ms", "speedup")]
     return f"### all-MiniLM-L6-v2, batch 32 x 128 tokens, {len(ids)} sentences\n\n" + table(
         list(rows.values()), cols
     )
