@@ -15,6 +15,7 @@ from netshrink.errors import (
     UnsupportedModuleError,
 )
 from netshrink.measure import compare, measure
+from netshrink.recipe import compress
 from netshrink.targets import Targets
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "UnsupportedModuleError",
     "__version__",
     "compare",
+    "compress",
     "distill",
     "export_onnx",
     "load",
