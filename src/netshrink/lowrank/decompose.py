@@ -1,0 +1,135 @@
+"""The singular value decomposition of a layer, plain or whitened by its inputs.
+
+A layer's weight is read as a matrix (rows x cols) in one of three ways, its *variants*:
+
+- ``linear``: a Linear's weight (out x in);
+- ``channel``: a Conv2d's weight reshaped to (Cout, Cin*kh*kw), factored into a kh x kw conv to
+  k channels and a 1x1 conv;
+- ``spatial``: a Conv2d's weight rearranged to (Cin*kh, Cout*kw), factored into a kh x 1 conv and
+  a 1 x kw conv (Jaderberg et al. 2014, sec. 3).
+
+Every variant holds the same numbers, so all have the same Frobenius norm and their errors are
+comparable. Truncating the SVD at rank k gives the best rank-k approximation in the Frobenius
+norm (Eckart-Young): the squared error is the sum of the discarded squared singular values.
+
+Activation-aware (SVD-LLM, Wang et al. 2024, sec. 3.1): with C = XᵀX/N the covariance of the
+layer's inputs (rows of X are input vectors, or conv patches) and C = LLᵀ its Cholesky factor,
+||(W - W')Xᵀ||² = ||(W - W')L||² · N. So the SVD of WL, truncated, then multiplied back by
+L⁻¹ on the right, gives the rank-k weight with the least error on the layer's real outputs, and
+the discarded squared singular values of WL are exactly that error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """The SVD of one variant of a layer's weight: ``matrix @ L = u @ diag(s) @ vh``.
+
+    ``chol`` is the whitening factor L (cols x cols) or None for the plain SVD. ``s2`` holds
+    the squared singular values in descending order (float64).
+    """
+
+    variant: str
+    rows: int
+    cols: int
+    u: torch.Tensor
+    s2: torch.Tensor
+    vh: torch.Tensor
+    chol: torch.Tensor | None
+
+    @property
+    def max_rank(self) -> int:
+        """The full rank: min(rows, cols)."""
+        return min(self.rows, self.cols)
+
+    def params(self, rank: int) -> int:
+        """Weights of the two factors at ``rank``: rank * (rows + cols)."""
+        return rank * (self.rows + self.cols)
+
+    @property
+    def dense_params(self) -> int:
+        """Weights of the unfactored matrix: rows * cols."""
+        return self.rows * self.cols
+
+    def energy(self, rank: int) -> float:
+        """Fraction of the sum of squared singular values kept by the first ``rank``, in [0, 1]."""
+        total = float(self.s2.sum())
+        return 1.0 if total == 0.0 else float(self.s2[:rank].sum()) / total
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, b)``: a (rows x rank), b (rank x cols), a @ b the best rank-``rank`` matrix.
+
+        The singular values are split evenly (sqrt into each factor) so both factors have the
+        same scale, which keeps later quantization of either factor well conditioned.
+        """
+        root = self.s2[:rank].sqrt().sqrt()  # sqrt(sigma)
+        a = self.u[:, :rank] * root
+        b = root[:, None] * self.vh[:rank]
+        if self.chol is not None:  # b L = (truncated rows of vh)  =>  b = (...) L^-1
+            b = torch.linalg.solve_triangular(self.chol, b, upper=False, left=False)
+        return a, b
+
+
+def weight_matrix(module: nn.Module, variant: str) -> torch.Tensor:
+    """The weight of ``module`` read as the matrix of ``variant`` (float64 copy)."""
+    w = module.weight.detach().double()
+    if variant == "linear":
+        return w.clone()
+    cout, cin, kh, kw = w.shape
+    if variant == "channel":
+        return w.reshape(cout, cin * kh * kw)
+    if variant == "spatial":  # M[(cin, y), (cout, x)] = W[cout, cin, y, x]
+        return w.permute(1, 2, 0, 3).reshape(cin * kh, cout * kw)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def whitening(cov: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower Cholesky factor L of ``cov + damping * mean(diag(cov)) * I``.
+
+    The damping keeps L invertible when some input directions never vary (SVD-LLM, sec. 3.1,
+    adds to the diagonal for the same reason); when that is still not enough the damping grows
+    tenfold, at most six times. A covariance of zeros (inputs always 0) gives the identity.
+    """
+    n = cov.shape[0]
+    eye = torch.eye(n, dtype=cov.dtype, device=cov.device)
+    scale = float(cov.diagonal().mean())
+    if scale <= 0.0:
+        return eye
+    for attempt in range(7):
+        chol, info = torch.linalg.cholesky_ex(cov + damping * 10**attempt * scale * eye)
+        if int(info) == 0:
+            return chol
+    return torch.sqrt(torch.tensor(scale, dtype=cov.dtype)) * eye
+
+
+def spectrum(
+    module: nn.Module, variant: str, cov: torch.Tensor | None = None, damping: float = 0.01
+) -> Spectrum:
+    """SVD of ``module``'s weight as ``variant``; whitened by ``cov`` (cols x cols) if given."""
+    matrix = weight_matrix(module, variant)
+    chol = None if cov is None else whitening(cov.double(), damping)
+    target = matrix if chol is None else matrix @ chol
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    return Spectrum(variant, matrix.shape[0], matrix.shape[1], u, s.square(), vh, chol)
+
+
+def variants(module: nn.Module, activation_aware: bool) -> tuple[str, ...]:
+    """The variants that apply to ``module`` (empty for grouped or non-2-D convolutions).
+
+    The spatial variant needs a kernel at least 2 wide on both axes, and is not offered when
+    whitening: its rows mix channels with kernel rows, so the input covariance does not whiten
+    it.
+    """
+    if isinstance(module, nn.Linear):
+        return ("linear",)
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        kh, kw = module.kernel_size
+        spatial = kh > 1 and kw > 1 and not activation_aware
+        return ("channel", "spatial") if spatial else ("channel",)
+    return ()

@@ -1,0 +1,270 @@
+"""``lowrank.svd``: replace Linear and Conv2d layers by two thinner ones from a truncated SVD."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from netshrink.batches import materialize
+from netshrink.config import TechniqueConfig
+from netshrink.context import Context
+from netshrink.errors import ConfigError
+from netshrink.lowrank import ranks
+from netshrink.lowrank.calibrate import LayerInputs, collect
+from netshrink.lowrank.decompose import Spectrum, spectrum, variants
+from netshrink.lowrank.layers import conv_from_factors, linear_from_factors, spatial_from_factors
+from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
+from netshrink.registry import technique
+from netshrink.targets import Targets
+
+_MODES = ("energy", "ratio", "rank", "budget")
+
+_BUILD: dict[str, Callable[..., nn.Module]] = {
+    "linear": linear_from_factors,
+    "channel": conv_from_factors,
+    "spatial": spatial_from_factors,
+}
+
+
+class SvdConfig(TechniqueConfig):
+    """Options of ``lowrank.svd``: exactly one of energy, ratio, rank or budget sets the ranks."""
+
+    energy: float | None = Field(
+        None, gt=0, le=1, description="per layer: smallest rank keeping this fraction of Σσ²"
+    )
+    ratio: float | None = Field(
+        None, gt=0, lt=1, description="per layer: fraction of its weights the factors may hold"
+    )
+    rank: int | None = Field(None, ge=1, le=65536, description="the same rank for every layer")
+    budget: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="global: fraction of the layers' weights (or MACs) to keep, least total error",
+    )
+    budget_metric: Literal["params", "macs"] = Field(
+        "params", description="what budget counts; macs needs example_inputs"
+    )
+    activation_aware: bool = Field(
+        False, description="whiten by the layers' input covariance on calib_data (SVD-LLM)"
+    )
+    damping: float = Field(
+        0.01, ge=0, le=1, description="added to the covariance diagonal, relative to its mean"
+    )
+    round_to: int = Field(1, ge=1, le=256, description="ranks are multiples of this, e.g. 8")
+    conv_variant: Literal["auto", "channel", "spatial"] = Field(
+        "auto",
+        description="Conv2d: kxk then 1x1 (channel), kx1 then 1xk (spatial), or the better one",
+    )
+    targets: Targets = Field(
+        default_factory=Targets, description="which Linear / Conv2d layers to factorize"
+    )
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> SvdConfig:
+        chosen = {m: getattr(self, m) for m in _MODES if getattr(self, m) is not None}
+        if len(chosen) != 1:
+            got = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "none of them"
+            raise ValueError(
+                f"give exactly one of energy, ratio, rank, budget (got {got}); "
+                "e.g. energy=0.9, ratio=0.5, rank=32 or budget=0.5"
+            )
+        if self.conv_variant == "spatial" and self.activation_aware:
+            raise ValueError(
+                "conv_variant='spatial' cannot be activation-aware (the input covariance does "
+                "not whiten it); use conv_variant='channel' or 'auto'"
+            )
+        return self
+
+    @property
+    def selection(self) -> str:
+        """The chosen rank rule as ``name=value``."""
+        mode = next(m for m in _MODES if getattr(self, m) is not None)
+        return f"{mode}={getattr(self, mode)}"
+
+
+def _needs(cfg: SvdConfig) -> tuple[str, ...]:
+    needs = ("calib_data",) if cfg.activation_aware else ()
+    if cfg.budget is not None and cfg.budget_metric == "macs":
+        needs += ("example_inputs",)
+    return needs
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _cost(spec: Spectrum, rank: int | None, metric: str, stats: LayerInputs) -> float:
+    """Weights (``params``) or multiply-adds (``macs``) of ``spec`` at ``rank`` (None: dense)."""
+    if metric == "params":
+        return spec.dense_params if rank is None else spec.params(rank)
+    out = stats.out_shape
+    if spec.variant == "linear":
+        positions = second = math.prod(out[:-1])
+    else:  # (N, C, H, W): the output grid; spatial's first conv keeps the input's width
+        positions = second = out[0] * out[2] * out[3]
+        if spec.variant == "spatial":
+            positions = out[0] * out[2] * stats.in_shape[3]
+    if rank is None:
+        return second * spec.dense_params
+    return rank * (positions * spec.rows + second * spec.cols)
+
+
+def _unsupported(model: nn.Module, layers: dict[str, nn.Module], aware: bool) -> dict[str, str]:
+    """Why each layer that cannot be factorized is left alone."""
+    inside_mha = {
+        f"{name}.{child}"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_children()
+    }
+    why = {}
+    for name, m in layers.items():
+        if name in inside_mha:
+            why[name] = "MultiheadAttention reads this layer's weight directly"
+        elif isinstance(m, nn.Conv2d) and m.groups > 1:
+            why[name] = f"grouped convolution (groups={m.groups}) is not factorized"
+        elif not variants(m, aware):
+            why[name] = f"{type(m).__name__} is not supported (Linear and Conv2d are)"
+    return why
+
+
+def _spectra(
+    layers: dict[str, nn.Module], config: SvdConfig, stats: dict[str, LayerInputs]
+) -> dict[str, list[Spectrum]]:
+    out = {}
+    for name, m in layers.items():
+        names = variants(m, config.activation_aware)
+        if config.conv_variant != "auto" and config.conv_variant in names:
+            names = (config.conv_variant,)
+        cov = stats[name].cov if config.activation_aware else None
+        if config.activation_aware and cov is None:
+            warnings.warn(f"lowrank.svd: {name} never ran on calib_data; plain SVD", stacklevel=3)
+        out[name] = [spectrum(m, v, cov, config.damping) for v in names]
+    return out
+
+
+Plan = dict[str, tuple[Spectrum, int] | str]
+
+
+def _per_layer(spectra: dict[str, list[Spectrum]], config: SvdConfig) -> Plan:
+    """Each layer's variant and rank by energy, ratio or rank; or why it stays dense."""
+    plan: Plan = {}
+    rt = config.round_to
+    for name, specs in spectra.items():
+        if config.energy is not None:
+            chosen = [ranks.by_energy(s, config.energy, rt) for s in specs]
+        elif config.ratio is not None:
+            chosen = [ranks.by_ratio(s, config.ratio, rt) for s in specs]
+        else:
+            assert config.rank is not None
+            chosen = [ranks.by_rank(s, config.rank, rt) for s in specs]
+        spec, k = ranks.pick(specs, chosen, "energy" if config.ratio is not None else "params")
+        if ranks.saves(spec, k):
+            plan[name] = (spec, k)
+        elif k == 0:
+            plan[name] = f"ratio {config.ratio} fits no rank that is a multiple of {rt}"
+        else:
+            plan[name] = (
+                f"rank {k} needs {spec.params(k):,} weights, dense {spec.dense_params:,}: "
+                "factorizing saves nothing"
+            )
+    return plan
+
+
+def _global(
+    spectra: dict[str, list[Spectrum]], config: SvdConfig, stats: dict[str, LayerInputs]
+) -> Plan:
+    """Ranks for all layers together: total cost within the budget, least total error."""
+    assert config.budget is not None
+    metric, rt = config.budget_metric, config.round_to
+    curves = {}
+    for name, specs in spectra.items():
+        dense = ranks.Point(None, 0, _cost(specs[0], None, metric, stats[name]), 0.0)
+        curves[name] = [dense] + [
+            ranks.Point(s, k, _cost(s, k, metric, stats[name]), 1.0 - s.energy(k))
+            for s in specs
+            for k in range(rt, s.max_rank + 1, rt)
+            if ranks.saves(s, k)
+        ]
+    total = sum(c[0].cost for c in curves.values())
+    chosen = ranks.allocate(curves, config.budget * total)
+    if chosen is None:
+        least = sum(min(p.cost for p in c) for c in curves.values()) / total
+        fix = f"a budget >= {least:.3f} or " if least < 1 else ""
+        raise ConfigError(
+            f"budget {config.budget} is below what the smallest ranks (multiples of {rt}) need: "
+            f"{least:.3f} of the {metric}; give {fix}a smaller round_to",
+            stage="lowrank.svd",
+            key="budget",
+        )
+    return {
+        name: "kept dense by the budget allocation" if p.spec is None else (p.spec, p.rank)
+        for name, p in chosen.items()
+    }
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, new)
+
+
+def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[LayerRecord]:
+    """Replace every planned layer of ``model``; one record per layer of ``layers``."""
+    records = []
+    for name, module in layers.items():
+        weight = getattr(module, "weight", None)
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
+        before, kind = _params(module), type(module).__name__
+        step = plan[name]
+        if isinstance(step, str):
+            records.append(LayerRecord(name, kind, shape, before, before, skipped=step))
+            continue
+        spec, k = step
+        new = _BUILD[spec.variant](module, *spec.factors(k))
+        _replace(model, name, new)
+        after = _params(new)
+        energy = spec.energy(k)
+        records.append(
+            LayerRecord(name, kind, shape, before, after, spec.variant, k, spec.max_rank, energy)
+        )
+    return records
+
+
+@technique("lowrank.svd", SvdConfig, needs=_needs)
+def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
+    """Factorize Linear and Conv2d layers into two thinner ones by truncated (whitened) SVD.
+
+    The returned model carries a :class:`~netshrink.lowrank.summary.LowRankReport` (read it
+    with :func:`~netshrink.lowrank.summary.report_of`): per layer, rank, weights before and
+    after, energy kept, or why the layer was left as it was.
+    """
+    layers = config.targets.select(model, default_types=(nn.Linear, nn.Conv2d))
+    unsupported = _unsupported(model, layers, config.activation_aware)
+    if unsupported:
+        names = ", ".join(f"{n} ({why})" for n, why in unsupported.items())
+        warnings.warn(f"lowrank.svd leaves these layers as they are: {names}", stacklevel=2)
+    todo = {n: m for n, m in layers.items() if n not in unsupported}
+    stats = {n: LayerInputs() for n in todo}
+    if config.activation_aware:
+        calib = materialize(ctx.calib_data or [], "calib_data")
+        stats = collect(model, todo, calib, covariance=True, show=ctx.progress)
+    if config.budget is not None and config.budget_metric == "macs":
+        example = [(ctx.example_inputs, None)]
+        for name, seen in collect(model, todo, example, covariance=False, show=False).items():
+            stats[name].in_shape, stats[name].out_shape = seen.in_shape, seen.out_shape
+    spectra = _spectra(todo, config, stats)
+    if config.budget is not None:
+        plan = _global(spectra, config, stats)
+    else:
+        plan = _per_layer(spectra, config)
+    records = _apply(model, layers, plan | unsupported)
+    report = LowRankReport(config.selection, config.activation_aware, tuple(records))
+    setattr(model, REPORT_ATTR, report)
+    return model
