@@ -1,0 +1,5 @@
+"""Sensitivity analysis and target-driven compression (``analyze``, ``auto``)."""
+
+from netshrink.search.analysis import Sensitivity, analyze
+
+__all__ = ["Sensitivity", "analyze"]
