@@ -76,7 +76,7 @@ def layer_options(sens: Sensitivity, layer: str, resource: str) -> list[Option]:
                 Option(layer, cost(p["bytes"]), loss["quant", p["value"]], bits=int(p["value"]))
             )
         elif p["bytes"] < info["bytes"]:  # lowrank; a layer too small to factorize is skipped
-            macs = full * p["bytes"] / info["bytes"]
+            macs = full * _lowrank_share(sens, layer, p["value"])
             options.append(
                 Option(
                     layer,
@@ -87,9 +87,18 @@ def layer_options(sens: Sensitivity, layer: str, resource: str) -> list[Option]:
             )
     for c in sens.combined:
         if c["layer"] == layer:
-            both = loss["prune", c["sparsity"]] + loss["quant", c["bits"]]
-            options.append(Option(layer, cost(c["bytes"]), both, c["sparsity"], int(c["bits"])))
+            both = loss[c["family"], c["value"]] + loss["quant", c["bits"]]
+            first = {"sparsity" if c["family"] == "prune" else "ratio": c["value"]}
+            share = _lowrank_share(sens, layer, c["value"]) if c["family"] == "lowrank" else 1.0
+            spent = c["bytes"] if resource == "bytes" else full * share
+            options.append(Option(layer, spent, both, bits=int(c["bits"]), **first))
     return options
+
+
+def _lowrank_share(sens: Sensitivity, layer: str, ratio: float) -> float:
+    """Fraction of the layer's weights (hence MACs) its factors at ``ratio`` hold."""
+    point = next(p for p in sens.curve(layer, "lowrank") if p["value"] == ratio)
+    return point["bytes"] / sens.layers[layer]["bytes"]
 
 
 def hull(options: list[Option]) -> list[Option]:

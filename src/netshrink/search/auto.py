@@ -37,7 +37,9 @@ def to_recipe(choice: dict[str, Option], finetune_epochs: int = 0) -> dict[str, 
     for name, o in choice.items():
         for family, value in (("lowrank", o.ratio), ("prune", o.sparsity), ("quant", o.bits)):
             if value is not None:
-                groups.setdefault((family, value), []).append(name)
+                # Once factorized, a layer's weights live in its children.
+                factors = family == "quant" and o.ratio is not None
+                groups.setdefault((family, value), []).append(f"{name}.*" if factors else name)
     order = {"lowrank": 0, "prune": 1, "quant": 2}
     stages: list[dict[str, Any]] = []
     for (family, value), names in sorted(groups.items(), key=lambda g: (order[g[0][0]], g[0][1])):

@@ -27,7 +27,7 @@ FAMILIES = ("prune", "quant", "lowrank")
 """Families probed: prune.magnitude sparsity, quantize.weight_only bits, lowrank.svd ratio."""
 
 DEFAULT_SETTINGS: dict[str, tuple[float, ...]] = {
-    "prune": (0.5, 0.75, 0.9, 0.95),
+    "prune": (0.5, 0.75, 0.9, 0.95, 0.98),
     "quant": (8, 4),
     "lowrank": (0.5, 0.25, 0.1),
 }
@@ -153,22 +153,35 @@ def probe_layers(
 def combined_bytes(
     model: nn.Module, names: Sequence[str], settings: dict[str, tuple[float, ...]], ctx: Context
 ) -> list[dict[str, Any]]:
-    """Stored bytes of each layer pruned then quantized (no metric: loss is taken as additive)."""
+    """Stored bytes of each layer pruned or factorized, then quantized (no metric is measured:
+    the allocator takes the loss of two changes to one layer as the sum of their losses)."""
     out = []
     for name in names:
-        for sparsity in settings.get("prune", ()):
-            pruned = apply_stage(model, stage_for("prune", sparsity, [name]), ctx)
-            for bits in settings.get("quant", ()):
-                both = apply_stage(pruned, stage_for("quant", bits, [name]), ctx)
-                out.append(
-                    {
-                        "layer": name,
-                        "sparsity": sparsity,
-                        "bits": bits,
-                        "bytes": layer_bytes(both, name),
-                    }
-                )
+        for family in ("prune", "lowrank"):
+            for value in settings.get(family, ()):
+                first = apply_stage(model, stage_for(family, value, [name]), ctx)
+                if family == "lowrank" and layer_bytes(first, name) >= layer_bytes(model, name):
+                    continue  # too small to factorize: the technique left it alone
+                for bits in settings.get("quant", ()):
+                    both = apply_stage(
+                        first, stage_for("quant", bits, quant_names(first, name)), ctx
+                    )
+                    out.append(
+                        {
+                            "layer": name,
+                            "family": family,
+                            "value": value,
+                            "bits": bits,
+                            "bytes": layer_bytes(both, name),
+                        }
+                    )
     return out
+
+
+def quant_names(model: nn.Module, name: str) -> list[str]:
+    """Target patterns reaching layer ``name``'s weights: itself, or its factors once factorized."""
+    module = model.get_submodule(name)
+    return [name] if isinstance(module, nn.Linear | nn.Conv2d) else [f"{name}.*"]
 
 
 def copy_model(model: nn.Module) -> nn.Module:
