@@ -12,6 +12,7 @@ per-layer sensitivity (Dong et al., 2019, §3), measured rather than approximate
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,11 @@ def apply_stage(model: nn.Module, stage: dict[str, Any], ctx: Context) -> nn.Mod
     """Run one recipe stage through the registry (which works on a copy)."""
     ((name, options),) = stage.items()
     tech = registry.get(name)
-    return tech.apply(model, tech.make_config(options, stage=name), ctx).eval()
+    with warnings.catch_warnings():
+        # A probe tries every setting on every layer: a technique's note about one layer
+        # (e.g. a group size that does not divide it) would repeat for each probe.
+        warnings.simplefilter("ignore")
+        return tech.apply(model, tech.make_config(options, stage=name), ctx).eval()
 
 
 def layer_bytes(model: nn.Module, name: str) -> int:
