@@ -1,8 +1,8 @@
 """The greedy allocator on synthetic sensitivity curves."""
 
+from netshrink.recipe import parse
 from netshrink.search import Sensitivity, allocate, to_recipe
 from netshrink.search.allocate import hull, layer_options, predicted
-from netshrink.recipe import parse
 
 
 def synthetic(sensitive_drop: float = 0.5, quant: bool = True) -> Sensitivity:
@@ -81,7 +81,7 @@ def test_recipe_from_an_allocation_validates_with_per_layer_targets():
     choice, _ = allocate(synthetic(quant=False), budget=3000)
     recipe = to_recipe(choice, finetune_epochs=1)
     parsed = parse(recipe)
-    assert [s.name for s in parsed.stages][0] == "prune.magnitude"
+    assert parsed.stages[0].name == "prune.magnitude"
     includes = [set(s.config.targets.include) for s in parsed.stages]
     assert set().union(*includes) <= {"a", "b"}
     assert parsed.stages[0].config.finetune.epochs == 1

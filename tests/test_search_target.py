@@ -1,9 +1,11 @@
 """Target strings of ``netshrink compress --target`` and ``ns.search.auto``."""
 
 import pytest
+import torch
+from torch import nn
 
 from netshrink.errors import ConfigError
-from netshrink.search import Target, parse_target
+from netshrink.search import Target, auto, parse_target
 
 
 def test_parses_rates_numbers_and_drop():
@@ -34,6 +36,15 @@ def test_parses_rates_numbers_and_drop():
     ],
 )
 def test_bad_targets_raise_config_error_naming_the_problem(text, says):
-    with pytest.raises(ConfigError, match=None) as info:
+    with pytest.raises(ConfigError) as info:
         parse_target(text)
     assert says in str(info.value)
+
+
+def test_auto_checks_target_and_rounds_before_touching_the_model():
+    model = nn.Linear(2, 2)
+    kwargs = {"example_inputs": (torch.zeros(1, 2),), "val_data": []}
+    with pytest.raises(ConfigError, match="exactly one of"):
+        auto(model, "max_drop=0.1", **kwargs)
+    with pytest.raises(ConfigError, match="at least one round"):
+        auto(model, "size=2x", rounds=0, **kwargs)

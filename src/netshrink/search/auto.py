@@ -15,7 +15,7 @@ from torch import nn
 
 from netshrink.batches import materialize
 from netshrink.context import Batch
-from netshrink.errors import MissingInputError
+from netshrink.errors import ConfigError
 from netshrink.recipe import Result, compress, parse
 from netshrink.search.allocate import Option, allocate, predicted
 from netshrink.search.analysis import Sensitivity, analyze
@@ -84,6 +84,7 @@ def auto(
     sensitivity: Sensitivity | None = None,
     finetune_epochs: int = 2,
     rounds: int = 4,
+    runtime: str = "eager",
     runs: int = 20,
     seed: int = 0,
     cache: bool | str = True,
@@ -92,8 +93,9 @@ def auto(
     """Find a recipe meeting ``target`` (e.g. ``"size=20x,max_drop=0.01"``) and return it, measured.
 
     Sensitivity is probed on ``val_data`` (unless ``sensitivity`` is given); candidates are
-    measured on ``eval_data`` (default ``val_data``) by the recipe runner; ``train_data`` turns
-    on ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates are
+    measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency on
+    ``runtime`` ("eager" or "onnxruntime") over ``runs`` timed passes; ``train_data`` turns on
+    ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates are
     measured. When none meets the target the result says so and holds the closest one.
     """
     from netshrink.measure import measure
@@ -101,7 +103,7 @@ def auto(
 
     goal = parse_target(target)
     if rounds < 1:
-        raise MissingInputError(f"rounds={rounds}: auto needs at least one round")
+        raise ConfigError(f"rounds={rounds}: auto needs at least one round (e.g. rounds=4)")
     evaluate = evaluate or accuracy
     val = materialize(val_data, "val_data")
     sens = sensitivity or analyze(
@@ -114,7 +116,7 @@ def auto(
         progress=progress,
         seed=seed,
     )
-    base = measure(model.eval(), example_inputs, runs=runs)
+    base = measure(model.eval(), example_inputs, runtime=runtime, runs=runs)
     rate = goal_rate(goal, base.bytes, base.latency_ms)
     layer_total = sum(info[goal.resource] for info in sens.layers.values())
     fixed = base.bytes - sum(info["bytes"] for info in sens.layers.values())
@@ -138,7 +140,7 @@ def auto(
         choice, fits = allocate(sens, budget, goal.resource)
         recipe = to_recipe(choice, epochs)
         parse(recipe)  # a recipe the runner (and netshrink compress) accepts
-        result = compress(model, recipe, eval_data=eval_data, runs=runs, **context)
+        result = compress(model, recipe, eval_data=eval_data, runtime=runtime, runs=runs, **context)
         cand = Candidate.measured(round_, budget, recipe, result.report.summary(), goal, rate)
         cand.predicted_loss = predicted(choice)[1]
         candidates.append(cand)

@@ -73,6 +73,7 @@ def run_auto(
         calib_data=given.data.calib,
         train_data=given.data.train,
         evaluate=given.evaluate,
+        runtime=runtime,
         runs=runs,
         seed=seed,
         progress=progress,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,6 @@ class AutoResult:
     best: Candidate
     result: Result
     sensitivity: Sensitivity
-    notes: list[str] = field(default_factory=list)
 
     @staticmethod
     def pick(candidates: list[Candidate], goal: Target, rate: float) -> Candidate:
