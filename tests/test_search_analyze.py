@@ -40,6 +40,12 @@ def trained():
     return model.eval(), train, batches(3, 2)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache folder for the module: the first analysis is probed, the rest are hits."""
+    return tmp_path_factory.mktemp("sensitivity-cache")
+
+
 def run_analyze(model, val, cache):
     return analyze(
         model,
@@ -52,10 +58,10 @@ def run_analyze(model, val, cache):
     )
 
 
-def test_curves_have_the_right_shape_and_grow_with_compression(trained, tmp_path):
+def test_curves_have_the_right_shape_and_grow_with_compression(trained, cache):
     model, _, val = trained
     before = [p.clone() for p in model.parameters()]
-    sens = run_analyze(model, val, tmp_path)
+    sens = run_analyze(model, val, cache)
     assert list(sens.layers) == ["0", "2", "4"]
     assert len(sens.points) == 3 * 6
     assert sens.baseline_metric > 0.8
@@ -70,13 +76,13 @@ def test_curves_have_the_right_shape_and_grow_with_compression(trained, tmp_path
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-def test_second_call_is_a_cache_hit_and_json_round_trips(trained, tmp_path, monkeypatch):
+def test_second_call_is_a_cache_hit_and_json_round_trips(trained, cache, tmp_path, monkeypatch):
     model, _, val = trained
-    first = run_analyze(model, val, tmp_path)
+    first = run_analyze(model, val, cache)
     monkeypatch.setattr(analysis_module, "probe_layers", lambda *a, **k: pytest.fail("probed"))
-    again = run_analyze(model, val, tmp_path)
+    again = run_analyze(model, val, cache)
     assert again == first
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    assert len(list(cache.glob("*.json"))) == 1
     assert Sensitivity.from_json(first.to_json()) == first
     data = json.loads(first.to_json())
     data["version"] = 99
@@ -92,9 +98,9 @@ def test_unknown_family_is_rejected_before_probing(trained):
         analyze(model, example_inputs=(val[0][0],), data=val, families=("distill",), cache=False)
 
 
-def test_auto_meets_a_size_target_and_its_recipe_reruns_to_the_same_size(trained, tmp_path):
+def test_auto_meets_a_size_target_and_its_recipe_reruns_to_the_same_size(trained, cache, tmp_path):
     model, train, val = trained
-    sens = run_analyze(model, val, tmp_path)
+    sens = run_analyze(model, val, cache)
     found = auto(
         model,
         "size=3x,max_drop=0.2",
@@ -123,9 +129,9 @@ def test_auto_meets_a_size_target_and_its_recipe_reruns_to_the_same_size(trained
     assert "| round |" in paths["pareto"].read_text()
 
 
-def test_an_impossible_target_is_reported_with_the_closest_candidate(trained, tmp_path):
+def test_an_impossible_target_is_reported_with_the_closest_candidate(trained, cache):
     model, _, val = trained
-    sens = run_analyze(model, val, tmp_path)
+    sens = run_analyze(model, val, cache)
     found = auto(
         model,
         "size=500x",
