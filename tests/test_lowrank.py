@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import netshrink as ns
 from netshrink.artifact import load, save
-from netshrink.errors import ConfigError, MissingInputError
+from netshrink.errors import ConfigError, DataError, MissingInputError
 from netshrink.lowrank import LowRankLinear, report_of
 
 
@@ -229,3 +229,16 @@ def test_zoo_transformer_factorizes_and_reloads_by_name(tmp_path) -> None:
     save(out, tmp_path / "t")
     back = load(tmp_path / "t")
     assert torch.equal(back(*x), out(*x))
+
+
+class FirstOnly(nn.Sequential):
+    """Two Linears of which forward only uses the first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[0](x)
+
+
+def test_mac_budget_needs_every_layer_to_run() -> None:
+    model = FirstOnly(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.raises(DataError, match=r"but 1 never ran on them"):
+        _svd(model, budget=0.5, budget_metric="macs", example_inputs=(torch.randn(2, 32),))

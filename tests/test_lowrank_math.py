@@ -104,6 +104,7 @@ def _anisotropic(rows: int, n: int, seed: int = 0) -> torch.Tensor:
     return (torch.randn(rows, n, generator=g) * scales) @ q.T
 
 
+@torch.no_grad()
 def test_whitened_svd_has_lower_output_error_on_its_inputs() -> None:
     layer = nn.Linear(32, 24)
     x = _anisotropic(512, 32)

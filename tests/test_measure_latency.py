@@ -16,11 +16,13 @@ def test_latency_has_runs_samples_in_milliseconds() -> None:
     assert 2.0 <= timing.median_ms <= timing.p90_ms  # sleep(2 ms) takes at least 2 ms
 
 
-def test_interleaved_alternates_and_warms_up_each() -> None:
+def test_interleaved_rotates_the_order_and_warms_up_each() -> None:
     calls: list[str] = []
-    timings = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], 20, 3)
-    assert calls == ["a", "b"] * (3 + 20)
-    assert [t.runs for t in timings] == [20, 20]
+    fns = [lambda: calls.append("a"), lambda: calls.append("b"), lambda: calls.append("c")]
+    timings = time_interleaved(fns, 20, 3)
+    rotations = [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert calls == ["a", "b", "c"] * 3 + [x for r in range(20) for x in rotations[r % 3]]
+    assert [t.runs for t in timings] == [20, 20, 20]
     assert all(t.median_ms > 0 and t.p90_ms >= t.median_ms for t in timings)
 
 

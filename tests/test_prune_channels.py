@@ -171,9 +171,10 @@ def test_round_to_keeps_multiples_and_global_scope_hits_the_ratio() -> None:
     assert pruned.body[0].out_channels == 16 and pruned.right.out_channels == 16
     assert pruned.left.out_channels == 8
     glob = ns.prune.channels(model, ratio=0.5, scope="global", example_inputs=x)
-    widths = [glob.body[0].out_channels, glob.left.out_channels, glob.right.out_channels,
-              glob.dw.groups, glob.pw.out_channels, glob.fc.out_features]  # fmt: skip
-    assert abs(sum(widths) - 0.5 * (16 + 8 + 16 + 12 + 16 + 32)) <= 1
+    widths = [glob.stem[0].out_channels, glob.body[0].out_channels, glob.left.out_channels,
+              glob.right.out_channels, glob.dw.groups, glob.pw.out_channels,
+              glob.fc.out_features]  # fmt: skip
+    assert sum(widths) == 0.5 * (16 + 16 + 8 + 16 + 12 + 16 + 32)  # every group, half overall
     assert min(widths) >= 1
 
 

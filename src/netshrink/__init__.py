@@ -1,6 +1,7 @@
 """netshrink: make trained PyTorch models smaller and faster, and prove it by measuring."""
 
-from netshrink import distill, lowrank, prune, quantize
+from netshrink import distill, lowrank, prune, quantize, zoo
+from netshrink.artifact import export_onnx, load, save
 from netshrink.context import Context
 from netshrink.errors import (
     ArtifactError,
@@ -13,6 +14,7 @@ from netshrink.errors import (
     TargetError,
     UnsupportedModuleError,
 )
+from netshrink.measure import compare, measure
 from netshrink.targets import Targets
 
 __version__ = "0.1.0"
@@ -30,8 +32,14 @@ __all__ = [
     "Targets",
     "UnsupportedModuleError",
     "__version__",
+    "compare",
     "distill",
+    "export_onnx",
+    "load",
     "lowrank",
+    "measure",
     "prune",
     "quantize",
+    "save",
+    "zoo",
 ]

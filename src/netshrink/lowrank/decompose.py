@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class Spectrum:
     """The SVD of one variant of a layer's weight: ``matrix @ L = u @ diag(s) @ vh``.
 

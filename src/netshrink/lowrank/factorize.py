@@ -14,7 +14,7 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
-from netshrink.errors import ConfigError
+from netshrink.errors import ConfigError, DataError
 from netshrink.lowrank import ranks
 from netshrink.lowrank.calibrate import LayerInputs, collect
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
@@ -204,10 +204,15 @@ def _global(
             stage="lowrank.svd",
             key="budget",
         )
-    return {
-        name: "kept dense by the budget allocation" if p.spec is None else (p.spec, p.rank)
-        for name, p in chosen.items()
-    }
+    plan: Plan = {}
+    for name, p in chosen.items():
+        if p.spec is not None:
+            plan[name] = (p.spec, p.rank)
+        elif len(curves[name]) == 1:
+            plan[name] = f"no rank that is a multiple of {rt} saves weights"
+        else:
+            plan[name] = "kept dense by the budget allocation"
+    return plan
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -259,6 +264,12 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
         example = [(ctx.example_inputs, None)]
         for name, seen in collect(model, todo, example, covariance=False, show=False).items():
             stats[name].in_shape, stats[name].out_shape = seen.in_shape, seen.out_shape
+        idle = [name for name, s in stats.items() if not s.out_shape]
+        if idle:
+            raise DataError(
+                f"budget_metric='macs' counts MACs on example_inputs, but {', '.join(idle)} "
+                "never ran on them; exclude them with targets or use budget_metric='params'"
+            )
     spectra = _spectra(todo, config, stats)
     if config.budget is not None:
         plan = _global(spectra, config, stats)

@@ -1,7 +1,9 @@
 """Wall-clock latency: warm-up, then timed runs of one or several callables, interleaved.
 
-Several callables are timed in rounds A, B, A, B, ... in one process, so drift in the machine's
-state (frequency, other load) reaches all of them alike; their ratio is what is trustworthy.
+Several callables are timed in rounds in one process, so drift in the machine's state
+(frequency, other load) reaches all of them alike; their ratio is what is trustworthy. The order
+within a round rotates (A B C, B C A, C A B, ...) because on a shared machine the position in a
+round alone was seen to change one model's median up to 5x (cache and scheduler effects).
 The garbage collector is paused while timing, as ``timeit`` does.
 """
 
@@ -54,7 +56,7 @@ def check_runs(runs: int, warmup: int) -> None:
 def time_interleaved(
     fns: Sequence[Callable[[], Any]], runs: int = 50, warmup: int = 10
 ) -> list[Timing]:
-    """Time each zero-argument callable ``runs`` times, alternating between them.
+    """Time each zero-argument callable ``runs`` times, interleaved, rotating the order.
 
     Every callable first runs ``warmup`` untimed times (also interleaved). Returns one
     :class:`Timing` per callable, in order.
@@ -69,11 +71,12 @@ def time_interleaved(
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(runs):
-            for fn, out in zip(fns, samples, strict=True):
+        for r in range(runs):
+            for k in range(len(fns)):
+                i = (r + k) % len(fns)
                 start = time.perf_counter_ns()
-                fn()
-                out.append((time.perf_counter_ns() - start) / 1e6)
+                fns[i]()
+                samples[i].append((time.perf_counter_ns() - start) / 1e6)
     finally:
         if gc_was_on:
             gc.enable()

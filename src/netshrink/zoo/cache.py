@@ -24,7 +24,7 @@ from netshrink.errors import ArtifactError
 
 CACHE_ENV = "NETSHRINK_CACHE"
 _PACKAGE = Path(__file__).resolve().parents[1]
-_SOURCES = ("zoo", "data", "train.py")
+_SOURCES = ("zoo", "data", "train.py", "training")
 
 
 def cache_dir() -> Path:

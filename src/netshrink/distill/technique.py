@@ -1,0 +1,127 @@
+"""``distill.kd``: knowledge distillation from a teacher into a (smaller) student.
+
+The teacher is ``ctx.teacher`` when given (a recipe passes the model as it was before the
+recipe), else the model handed in. The student is the model handed in, or one derived from it by
+``student: {width, depth}``. Training runs through :func:`netshrink.train.fit` with the
+:class:`~netshrink.distill.objective.Distiller` as the loss and its adapters as extra trainable
+parameters, so checkpoints, resume and ``torchrun`` DDP work here as everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from netshrink.batches import materialize
+from netshrink.config import TechniqueConfig
+from netshrink.context import Context
+from netshrink.distill.features import FeatureMatch
+from netshrink.distill.objective import Distiller, OutputLoss
+from netshrink.distill.student import StudentConfig, build_student
+from netshrink.metrics import accuracy
+from netshrink.registry import technique
+from netshrink.train import fit
+
+
+class KDConfig(TechniqueConfig):
+    """Options of ``distill.kd``."""
+
+    temperature: float = Field(
+        4.0, gt=0, le=100, description="softmax temperature T of the soft targets (Hinton 2015)"
+    )
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="weight of the teacher (soft) loss; 1 - alpha: hard labels"
+    )
+    epochs: int = Field(10, ge=0, le=10_000, description="passes over the training data")
+    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled weight decay (AdamW)")
+    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate decay over all steps, after warm-up"
+    )
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="steps of linear LR warm-up")
+    patience: int | None = Field(
+        None, ge=1, le=1000, description="stop after this many epochs without gain (val_data)"
+    )
+    student: StudentConfig = Field(
+        default_factory=StudentConfig, description="derive the student: {width, depth} fractions"
+    )
+    features: tuple[FeatureMatch, ...] = Field(
+        (), description="layers to match: names, or {student, teacher, loss, weight}"
+    )
+    output_loss: OutputLoss = Field(
+        "auto", description="kl on softmax outputs, mse for embeddings; auto picks by targets"
+    )
+    cache_teacher: bool = Field(True, description="compute teacher outputs once per batch")
+    checkpoint_dir: str | None = Field(
+        None, description="folder for resumable checkpoints; a rerun continues from them"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, le=10_000_000, description="also checkpoint every this many steps (0: epochs)"
+    )
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _names_are_pairs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple):
+            return [{"student": v} if isinstance(v, str) else v for v in value]
+        return value
+
+
+def _needs(config: KDConfig) -> tuple[str, ...]:
+    return ("train_data", "val_data") if config.patience else ("train_data",)
+
+
+@technique("distill.kd", KDConfig, needs=_needs)
+def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
+    """Knowledge distillation: train a student on a teacher's soft targets, features, labels."""
+    batches = materialize(ctx.train_data or [], "train_data")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)  # a built student and the adapters start the same every run
+        student = build_student(model, config.student, ctx.with_(train_data=batches))
+        teacher = ctx.teacher if ctx.teacher is not None else model
+        if teacher is student:  # self-distillation: learn from a frozen copy of oneself
+            teacher = copy.deepcopy(model)
+        teacher.to(next(student.parameters()).device)
+        distiller = Distiller(
+            teacher,
+            student,
+            temperature=config.temperature,
+            alpha=config.alpha,
+            output_loss=config.output_loss,
+            features=config.features,
+            cache=config.cache_teacher,
+        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            distiller.prepare(student, batches[0])
+        fit(
+            student,
+            batches,
+            epochs=config.epochs,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            optimizer=config.optimizer,
+            schedule=config.schedule,
+            warmup_steps=config.warmup_steps,
+            loss_fn=distiller,
+            aux=distiller,
+            seed=ctx.seed,
+            progress=ctx.progress,
+            desc="distill.kd",
+            val_data=ctx.val_data,
+            evaluate=ctx.evaluate or (accuracy if distiller.mode == "kl" else None),
+            patience=config.patience,
+            checkpoint_dir=config.checkpoint_dir,
+            checkpoint_every=config.checkpoint_every,
+        )
+    finally:
+        distiller.close()
+    return student

@@ -1,0 +1,375 @@
+"""The one training loop: fine-tuning after a technique, distillation and QAT all run through it.
+
+:func:`fit` trains a model on a list of ``(inputs, targets)`` batches. ``loss_fn(model, batch)
+-> scalar`` defines the objective (cross-entropy by default; distillation and QAT pass their
+own). Around it: a named optimizer and a per-step learning-rate schedule, evaluation after each
+epoch with best-weights keeping and early stopping, periodic atomic checkpoints from which the
+same call resumes after a crash, and DistributedDataParallel when launched under ``torchrun``.
+
+Determinism: the batch order of an epoch is a function of ``(seed, epoch)`` and the torch RNG is
+re-seeded before every step from ``(seed, rank, step)``. A run therefore depends only on its
+arguments and its step counter, which is what lets a resumed run reach bit-identical weights
+and lets each rank of a distributed run draw its own dropout masks without storing per-rank RNG
+states.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as save_tensors
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from netshrink.batches import as_args, materialize, run
+from netshrink.config import FinetuneConfig
+from netshrink.context import Batch, Context, Evaluate
+from netshrink.errors import ConfigError
+from netshrink.metrics import accuracy
+from netshrink.progress import track
+from netshrink.training import distributed as dd
+from netshrink.training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from netshrink.training.optim import make_optimizer, make_schedule
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+CHECKPOINT_NAME = "checkpoint.safetensors"
+BEST_NAME = "best.safetensors"  # the best epoch's model weights, plain safetensors
+
+
+def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Cross-entropy of ``model``'s logits against the batch's integer targets."""
+    inputs, targets = batch
+    return F.cross_entropy(run(model, inputs), targets)
+
+
+@dataclass
+class FitResult:
+    """What a training run did. Losses are means over batches (and ranks); metrics higher-better.
+
+    ``val_metrics`` holds ``evaluate(model, val_data)`` after each epoch, or minus the mean
+    validation loss when no ``evaluate`` was given. ``best_epoch`` counts from 0.
+    """
+
+    epoch_losses: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    val_metrics: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    stopped_early: bool = False
+    steps: int = 0
+    resumed_from_step: int | None = None
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    def move(x: Any) -> Any:
+        return x.to(device) if torch.is_tensor(x) else x
+
+    inputs, targets = batch
+    moved = tuple(move(t) for t in as_args(inputs))
+    return (moved if isinstance(inputs, tuple | list) else moved[0]), move(targets)
+
+
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _num_examples(batch: Batch) -> int:
+    targets = batch[1]
+    return int(targets.shape[0]) if torch.is_tensor(targets) and targets.ndim else 1
+
+
+def _validate(
+    epochs: int, lr: float, patience: int | None, val_data: Any, checkpoint_every: int
+) -> None:
+    if epochs < 0:
+        raise ConfigError(f"epochs must be >= 0, got {epochs}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be a positive number, got {lr}")
+    if patience is not None and (patience < 1 or val_data is None):
+        raise ConfigError(
+            f"early stopping needs val_data and patience >= 1; got patience={patience}, "
+            f"val_data={'given' if val_data is not None else 'None'}"
+        )
+    if checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 steps, got {checkpoint_every}")
+
+
+@dataclass
+class _Trainer:
+    """One run of :func:`fit`: the objects it trains and the counters a checkpoint restores."""
+
+    model: nn.Module
+    net: nn.Module  # the model, wrapped in DDP when distributed
+    aux: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    world: dd.World
+    device: torch.device
+    fingerprint: dict[str, Any]
+    path: Path | None
+    result: FitResult = field(default_factory=FitResult)
+    epoch: int = 0
+    epoch_loss_sum: float = 0.0
+    bad_epochs: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    done: bool = False
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "model": self.model.state_dict(),
+            "aux": self.aux.state_dict() if self.aux is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "result": asdict(self.result),
+            "epoch": self.epoch,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "bad_epochs": self.bad_epochs,
+            "best_state": self.best_state,
+            "done": self.done,
+        }
+
+    def save(self) -> None:
+        """Write the checkpoint (rank 0 only; the others hold identical state)."""
+        if self.path is not None and self.world.main:
+            save_checkpoint(self.path, self.state())
+
+    def restore(self) -> None:
+        """Continue from the checkpoint at ``self.path`` if there is one."""
+        if self.path is None:
+            return
+        if self.world.main:  # temporary files of writes a kill interrupted
+            for stale in self.path.parent.glob(".*.safetensors.*.tmp"):
+                stale.unlink(missing_ok=True)
+        if not self.path.exists():
+            return
+        state = load_checkpoint(self.path)
+        if state["fingerprint"] != self.fingerprint:
+            diff = {
+                k: (state["fingerprint"].get(k), v)
+                for k, v in self.fingerprint.items()
+                if state["fingerprint"].get(k) != v
+            }
+            raise ConfigError(
+                f"checkpoint {self.path} was written by a different run (saved vs now: {diff}); "
+                "delete it or choose another checkpoint_dir"
+            )
+        self.model.load_state_dict(state["model"])
+        if self.aux is not None:
+            self.aux.load_state_dict(state["aux"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.result = FitResult(**state["result"])
+        self.result.resumed_from_step = self.result.steps
+        self.epoch, self.epoch_loss_sum = state["epoch"], state["epoch_loss_sum"]
+        self.bad_epochs, self.best_state = state["bad_epochs"], state["best_state"]
+        self.done = state["done"]
+
+    def step(
+        self, batch: Batch, loss_fn: LossFn, params: list[nn.Parameter], clip: float | None
+    ) -> float:
+        """One optimizer step on ``batch``; the loss is averaged over ranks for the record."""
+        seed = self.fingerprint["seed"]
+        torch.manual_seed((seed * 1_000_003 + self.world.rank * 7_919 + self.result.steps) % 2**62)
+        loss = loss_fn(self.net, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.aux is not None:
+            dd.average_gradients(list(self.aux.parameters()))
+        if clip is not None:
+            nn.utils.clip_grad_norm_(params, clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        (total,) = dd.reduce_sums([float(loss.detach())], self.device)
+        mean = total / self.world.size
+        self.result.steps += 1
+        self.result.step_losses.append(mean)
+        self.epoch_loss_sum += mean
+        return mean
+
+    @torch.no_grad()
+    def validate(self, val: list[Batch], evaluate: Evaluate | None, loss_fn: LossFn) -> float:
+        """Metric on this rank's share of ``val``, averaged over ranks weighted by examples."""
+        mine = val[self.world.rank :: self.world.size]
+        self.model.eval()
+        if self.aux is not None:
+            self.aux.eval()
+        n = sum(_num_examples(b) for b in mine)
+        if not mine:
+            local = 0.0
+        elif evaluate is not None:
+            local = float(evaluate(self.model, mine)) * n
+        else:
+            local = -sum(float(loss_fn(self.model, b)) * _num_examples(b) for b in mine)
+        total, count = dd.reduce_sums([local, float(n)], self.device)
+        return total / count
+
+    def end_epoch(
+        self, steps: int, metric: float | None, patience: int | None, delta: float
+    ) -> None:
+        """Record the epoch's loss and metric; keep the best weights; decide early stopping."""
+        self.result.epoch_losses.append(self.epoch_loss_sum / steps)
+        self.epoch_loss_sum = 0.0
+        self.epoch += 1
+        if metric is None:
+            return
+        self.result.val_metrics.append(metric)
+        best = self.result.best_metric
+        if best is None or metric > best + delta:
+            self.result.best_metric, self.result.best_epoch = metric, self.epoch - 1
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.bad_epochs = 0
+            if self.path is not None and self.world.main:
+                write_atomic(self.path.with_name(BEST_NAME), save_tensors(self.best_state))
+        else:
+            self.bad_epochs += 1
+            if patience is not None and self.bad_epochs >= patience:
+                self.result.stopped_early = True
+
+
+def fit(
+    model: nn.Module,
+    train_data: Iterable[Batch],
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    loss_fn: LossFn = cross_entropy,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    schedule: str = "cosine",
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
+    shuffle: bool = True,
+    val_data: Iterable[Batch] | None = None,
+    evaluate: Evaluate | None = None,
+    keep_best: bool = True,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    aux: nn.Module | None = None,
+    device: str | torch.device | None = None,
+    distributed: bool | None = None,
+) -> FitResult:
+    """Train ``model`` in place for ``epochs`` passes over ``train_data``; return what happened.
+
+    - ``optimizer``: adamw | adam | sgd (``momentum``); ``schedule``: cosine | linear | constant,
+      stepped per batch after ``warmup_steps`` of linear warm-up; ``grad_clip``: max grad norm.
+    - ``val_data``: evaluated after every epoch with ``evaluate(model, batches)`` (higher is
+      better; default minus the mean ``loss_fn``). ``keep_best`` loads the best epoch's weights
+      at the end; ``patience`` stops after that many epochs without a gain over ``min_delta``.
+    - ``checkpoint_dir``: a checkpoint is written there after every epoch and every
+      ``checkpoint_every`` steps (0: epochs only); calling ``fit`` again with the same arguments
+      resumes from it and ends with the weights an uninterrupted run would have. The best
+      epoch's weights are also kept there as ``best.safetensors``.
+    - ``aux``: extra trainable module (e.g. distillation adapters) optimized and checkpointed
+      with the model. ``device``: where to train (default: the model's device).
+    - ``distributed``: train with DistributedDataParallel over the ``torchrun`` processes
+      (default: when launched with ``WORLD_SIZE`` > 1); batches are sharded across ranks,
+      losses and metrics averaged over them, and only rank 0 writes checkpoints.
+    """
+    _validate(epochs, lr, patience, val_data, checkpoint_every)
+    batches = materialize(train_data, "train_data")
+    val = materialize(val_data, "val_data") if val_data is not None else None
+    distributed = dd.wanted() if distributed is None else distributed
+    if device is not None:
+        dev = torch.device(device)
+    elif distributed:
+        dev = dd.local_device()
+    else:
+        dev = next(model.parameters(), torch.empty(0)).device
+    if distributed:
+        dd.setup(dev)
+    world = dd.current()
+    model.to(dev)
+    if aux is not None:
+        aux.to(dev)
+    params = [p for m in (model, aux) if m is not None for p in m.parameters() if p.requires_grad]
+    if epochs == 0 or not params:
+        return FitResult()
+    batches = [_to_device(b, dev) for b in batches]
+    val = [_to_device(b, dev) for b in val] if val is not None else None
+    steps_per_epoch = len(dd.shard(range(len(batches)), world))
+    opt = make_optimizer(params, optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    sched = make_schedule(opt, schedule, epochs * steps_per_epoch, warmup_steps)
+    net: nn.Module = model
+    if world.size > 1:
+        net = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    fingerprint = {
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "batches": len(batches),
+        "world_size": world.size,
+        "params": [[n, list(p.shape)] for n, p in model.named_parameters()],
+    }
+    path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    t = _Trainer(model, net, aux, opt, sched, world, dev, fingerprint, path)
+    fork_devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        t.restore()
+        while not t.done and t.epoch < epochs and not t.result.stopped_early:
+            mine = dd.shard(_epoch_order(len(batches), seed, t.epoch, shuffle), world)
+            done_in_epoch = t.result.steps - t.epoch * steps_per_epoch
+            last = t.result.epoch_losses[-1] if t.result.epoch_losses else None
+            title = f"{desc} {t.epoch + 1}/{epochs}"
+            if last is not None:
+                title += f" loss {last:.4f}"
+            if t.result.val_metrics:
+                title += f" val {t.result.val_metrics[-1]:.4f}"
+            model.train()
+            if aux is not None:
+                aux.train()
+            for i in track(mine[done_in_epoch:], title, show=progress and world.main):
+                t.step(batches[i], loss_fn, params, grad_clip)
+                if checkpoint_every and t.result.steps % checkpoint_every == 0:
+                    t.save()
+            metric = t.validate(val, evaluate, loss_fn) if val is not None else None
+            t.end_epoch(steps_per_epoch, metric, patience, min_delta)
+            t.save()
+        if not t.done:
+            if keep_best and t.best_state is not None:
+                model.load_state_dict(t.best_state)
+            t.done = True
+            t.save()
+    model.eval()
+    if aux is not None:
+        aux.eval()
+    return t.result
+
+
+def finetune(model: nn.Module, config: FinetuneConfig, ctx: Context, desc: str) -> nn.Module:
+    """Fine-tune ``model`` on ``ctx.train_data`` as ``config`` says; return it in eval mode.
+
+    With ``ctx.val_data`` the model is evaluated after every epoch (``ctx.evaluate``, default
+    top-1 accuracy) and the best epoch's weights are kept.
+    """
+    assert ctx.train_data is not None
+    fit(
+        model,
+        ctx.train_data,
+        epochs=config.epochs,
+        lr=config.lr,
+        seed=ctx.seed,
+        progress=ctx.progress,
+        desc=desc,
+        val_data=ctx.val_data,
+        evaluate=ctx.evaluate or accuracy,
+        device=ctx.device,
+    )
+    return model

@@ -1,0 +1,100 @@
+"""DDP: ``fit`` under ``torchrun --nproc_per_node 2`` (gloo, CPU) follows the one-process run.
+
+Each rank takes every other batch of 8 examples; the single process sees those pairs as one
+batch of 16. Averaging the two ranks' gradients equals the gradient of the mean over the 16, so
+the loss trajectories agree up to float32 summation order (tolerance 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from netshrink.metrics import accuracy
+from netshrink.train import fit
+from test_train import one_thread  # noqa: F401  (autouse fixture)
+
+SCRIPT = """
+import json, sys, torch
+from safetensors.torch import save_file
+from torch import nn
+from netshrink.metrics import accuracy
+from netshrink.train import fit, is_main_process
+sys.path.insert(0, sys.argv[2])
+from test_train_ddp import data, model
+
+out = sys.argv[1]
+m = model()
+small = data(8)
+res = fit(m, small, epochs=3, lr=0.05, seed=0, progress=False, shuffle=False,
+          val_data=small[:5], evaluate=accuracy, keep_best=False, checkpoint_dir=out)
+if is_main_process():
+    rank = torch.distributed.get_rank()
+    save_file(dict(m.state_dict()), f"{out}/weights.safetensors")
+    with open(f"{out}/result{rank}.json", "w") as f:
+        json.dump({"steps": res.step_losses, "val": res.val_metrics,
+                   "world": torch.distributed.get_world_size()}, f)
+"""
+
+
+def data(batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same 96 examples in batches of ``batch``."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(96, 5, generator=g)
+    y = (x[:, 0] * x[:, 1] > 0).long()
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, 96, batch)]
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+
+
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    subprocess.run(
+        [*cmd, str(script), str(tmp_path), str(Path(__file__).parent)],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    assert sorted(p.name for p in tmp_path.glob("result*.json")) == ["result0.json"]
+    ddp = json.loads((tmp_path / "result0.json").read_text())
+    assert ddp["world"] == 2
+
+    single = model()
+    ref = fit(
+        single,
+        data(16),
+        epochs=3,
+        lr=0.05,
+        seed=0,
+        progress=False,
+        shuffle=False,
+        val_data=data(8)[:5],
+        evaluate=accuracy,
+        keep_best=False,
+    )
+    assert len(ddp["steps"]) == len(ref.step_losses) == 18
+    torch.testing.assert_close(
+        torch.tensor(ddp["steps"]), torch.tensor(ref.step_losses), rtol=1e-5, atol=1e-6
+    )
+    assert ddp["val"] == ref.val_metrics
+    weights = load_file(tmp_path / "weights.safetensors")
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=1e-6)
