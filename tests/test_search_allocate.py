@@ -1,7 +1,7 @@
 """The greedy allocator on synthetic sensitivity curves."""
 
 from netshrink.recipe import parse
-from netshrink.search import Sensitivity, allocate, to_recipe
+from netshrink.search import Option, Sensitivity, allocate, to_recipe
 from netshrink.search.allocate import hull, layer_options, predicted
 
 
@@ -85,3 +85,14 @@ def test_recipe_from_an_allocation_validates_with_per_layer_targets():
     includes = [set(s.config.targets.include) for s in parsed.stages]
     assert set().union(*includes) <= {"a", "b"}
     assert parsed.stages[0].config.finetune.epochs == 1
+
+
+def test_a_factorized_layer_is_quantized_through_its_factors():
+    choice = {
+        "a": Option("a", 100.0, 0.1, ratio=0.25, bits=4),
+        "b": Option("b", 100.0, 0.1, bits=4),
+    }
+    stages = to_recipe(choice)["stages"]
+    assert stages[0] == {"lowrank.svd": {"ratio": 0.25, "targets": {"include": ["a"]}}}
+    assert stages[1]["quantize.weight_only"]["targets"]["include"] == ["a.*", "b"]
+    parse(to_recipe(choice))
