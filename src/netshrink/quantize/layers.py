@@ -11,6 +11,7 @@ DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QGemm / QLinea
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -72,9 +73,7 @@ class _QuantWeights(_FrozenQParams):
         self.bits, self.has_bias, self.quant_output = bits, bias, quant_output
         # codes live in the smallest packable container: 2, 4 or 8 bits
         self.storage_bits = next(b for b in (2, 4, 8) if bits <= b)
-        out_channels, numel = self.weight_shape[0], 1
-        for d in self.weight_shape:
-            numel *= d
+        out_channels, numel = self.weight_shape[0], math.prod(self.weight_shape)
         if self.storage_bits == 8:
             self.register_buffer("weight_q", torch.zeros(self.weight_shape, dtype=torch.int8))
         else:
@@ -128,10 +127,7 @@ class _QuantWeights(_FrozenQParams):
         """Integer weight codes as int8, shaped like the float weight."""
         if self.storage_bits == 8:
             return self.weight_q
-        numel = 1
-        for d in self.weight_shape:
-            numel *= d
-        flat = unpack(self.weight_packed, self.storage_bits, numel)
+        flat = unpack(self.weight_packed, self.storage_bits, math.prod(self.weight_shape))
         flat = to_signed(flat, self.storage_bits)
         return flat.reshape(self.weight_shape)
 

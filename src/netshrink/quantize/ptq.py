@@ -9,6 +9,7 @@ ONNX export is QDQ, which ONNX Runtime runs with integer kernels.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -53,7 +54,18 @@ class StaticConfig(TechniqueConfig):
 
 def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
     """Weight bits of every selected module: ``default``, then each override (later wins)."""
-    bits = {name: default for name in config.targets.select(model, QUANTIZABLE)}
+    bits = {}
+    for name, mod in config.targets.select(model, QUANTIZABLE).items():
+        if isinstance(mod, nn.Conv2d) and (
+            isinstance(mod.padding, str) or mod.padding_mode != "zeros"
+        ):
+            warnings.warn(
+                f"{name}: padding={mod.padding!r}, padding_mode={mod.padding_mode!r} is not "
+                "supported by integer convolution here; the layer stays float",
+                stacklevel=3,
+            )
+            continue
+        bits[name] = default
     for override in config.overrides:
         for name in override.targets.select(model, QUANTIZABLE):
             if name in bits:
