@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from netshrink import progress
-from netshrink.errors import InputError, NetshrinkError
+from netshrink.errors import ConfigError, InputError, NetshrinkError
 from netshrink.recipe.builtin import DEMO_RUNTIME
 
 app = typer.Typer(
@@ -141,9 +141,18 @@ def _finish_run(result: Any, paths: dict[str, Path], quiet: bool, as_json: bool)
 @app.command()
 @handles_errors
 def compress(
-    recipe: Annotated[str, typer.Argument(help="recipe YAML file, or a built-in recipe name")],
     model: Annotated[str, typer.Option("--model", help="zoo:<name> or pkg.module:factory")],
     out: Annotated[Path, typer.Option("--out", help="output folder")],
+    recipe: Annotated[
+        str | None, typer.Argument(help="recipe YAML file or built-in name (or give --target)")
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="search a recipe: size=20x|speedup=3x|latency_ms=|size_mb=, max_drop=0.01",
+        ),
+    ] = None,
     weights: Annotated[
         Path | None, typer.Option("--weights", help="safetensors state dict for --model")
     ] = None,
@@ -156,10 +165,31 @@ def compress(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run RECIPE on a model; save the artifact and report.md/.html/.json into --out."""
+    """Run RECIPE (or search one meeting --target) on a model; save artifact and report in --out."""
     from netshrink.recipe.commands import run
 
     scripted = _scripted(quiet, as_json)
+    if (recipe is None) == (target is None):
+        raise ConfigError("give either a RECIPE or --target (e.g. --target size=10x,max_drop=0.01)")
+    if target is not None:
+        from netshrink.search.commands import run_auto
+
+        found, paths = run_auto(
+            target,
+            model,
+            out,
+            weights=weights,
+            data_ref=data,
+            eval_ref=eval_,
+            seed=seed,
+            runtime=runtime,
+            runs=runs,
+            progress=not scripted,
+        )
+        err().print(found.verdict(), soft_wrap=True)
+        err().print(f"recipe: {paths['recipe']}  Pareto front: {paths['pareto']}")
+        _finish_run(found.result, paths, quiet, as_json)
+        return
     result, paths = run(
         recipe,
         model,
@@ -174,6 +204,29 @@ def compress(
         progress=not scripted,
     )
     _finish_run(result, paths, quiet, as_json)
+
+
+@app.command()
+@handles_errors
+def analyze(
+    model: Annotated[str, typer.Option("--model", help="zoo:<name> or pkg.module:factory")],
+    out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-analyze"),
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="safetensors state dict for --model")
+    ] = None,
+    data: DataOpt = None,
+    eval_: EvalOpt = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-layer sensitivity to pruning, weight bits and rank; writes sensitivity.json/.png."""
+    from netshrink.search.commands import run_analyze
+
+    _scripted(quiet, False)
+    _, paths = run_analyze(
+        model, out, weights=weights, data_ref=data, eval_ref=eval_, seed=seed, progress=not quiet
+    )
+    typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
 
 
 @app.command()
