@@ -16,6 +16,7 @@ from netshrink.errors import (
 )
 from netshrink.measure import compare, measure
 from netshrink.recipe import compress
+from netshrink.search import analyze, auto
 from netshrink.targets import Targets
 
 __version__ = "0.1.0"
@@ -33,6 +34,8 @@ __all__ = [
     "Targets",
     "UnsupportedModuleError",
     "__version__",
+    "analyze",
+    "auto",
     "compare",
     "compress",
     "distill",
