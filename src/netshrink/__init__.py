@@ -15,6 +15,8 @@ from netshrink.errors import (
     UnsupportedModuleError,
 )
 from netshrink.measure import compare, measure
+from netshrink.recipe import compress
+from netshrink.search import analyze, auto
 from netshrink.targets import Targets
 
 __version__ = "0.1.0"
@@ -32,7 +34,10 @@ __all__ = [
     "Targets",
     "UnsupportedModuleError",
     "__version__",
+    "analyze",
+    "auto",
     "compare",
+    "compress",
     "distill",
     "export_onnx",
     "load",

@@ -12,11 +12,12 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from netshrink.batches import check_finite_weights
@@ -35,14 +36,33 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def options_model(annotation: Any) -> type[BaseModel] | None:
+    """The options model an annotation holds (``X`` or ``X | None``), if it holds one."""
+    for candidate in typing.get_args(annotation) or (annotation,):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _owner(config: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The options model holding the last key of ``loc`` (``finetune.epochs``: FinetuneConfig)."""
+    for part in loc[:-1]:
+        field = config.model_fields.get(str(part))
+        nested = options_model(field.annotation) if field else None
+        if nested is None:
+            break
+        config = nested
+    return config
+
+
 def config_error(exc: ValidationError, config: type[TechniqueConfig], stage: str) -> ConfigError:
     """Turn the first pydantic validation error into a :class:`ConfigError` naming stage and key."""
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"]) or None
     if err["type"] == "extra_forbidden":
-        valid = ", ".join(config.model_fields)
+        fields = _owner(config, tuple(err["loc"])).model_fields
         leaf = str(err["loc"][-1])
-        message = f"unknown option{_suggest(leaf, config.model_fields)}; valid options: {valid}"
+        message = f"unknown option{_suggest(leaf, fields)}; valid options: {', '.join(fields)}"
     else:
         field = config.model_fields.get(str(err["loc"][0])) if err["loc"] else None
         about = f" ({field.description})" if field and field.description else ""

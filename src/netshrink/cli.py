@@ -1,0 +1,300 @@
+"""The ``netshrink`` command line: parses arguments, calls the library, prints results.
+
+Exit codes: 0 success, 2 bad input (usage, recipe, options, references, data: any
+:class:`~netshrink.errors.InputError`), 1 any other failure. Bad input prints one ``error:`` line
+on stderr, never a traceback. With ``--json`` the last line on stdout is one JSON object.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from netshrink import progress
+from netshrink.errors import ConfigError, InputError, NetshrinkError
+from netshrink.recipe.builtin import DEMO_RUNTIME
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Make trained PyTorch models smaller and faster, and prove it by measuring.",
+)
+
+
+def out() -> Console:
+    """A console on stdout: the terminal's width, or 160 columns when stdout is not a terminal
+    (a log file), so the stage table keeps one line per stage."""
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=160)
+
+
+def err() -> Console:
+    """A console on stderr, for errors and notices."""
+    return Console(stderr=True, highlight=False)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, headline only")]
+SeedOpt = Annotated[int, typer.Option(help="seed of every random choice")]
+RunsOpt = Annotated[int, typer.Option(min=20, max=100000, help="timed runs per latency median")]
+RuntimeOpt = Annotated[str, typer.Option(help="where latency is timed: eager or onnxruntime")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option(min=1, help="intra-op threads for timing (default: torch's)")
+]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="zoo:<name> or pkg.module:factory")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="pkg.module:function -> {train, val, calib[, test]}")
+]
+EvalOpt = Annotated[
+    str | None, typer.Option("--eval", help="pkg.module:metric(model, batches) -> float")
+]
+
+
+def handles_errors(fn: F) -> F:
+    """Map netshrink errors to an ``error:`` line and exit code 2 (bad input) or 1 (failure)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            err().print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        except NetshrinkError as exc:
+            err().print(f"[red]failed:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _scripted(quiet: bool, as_json: bool) -> bool:
+    """Turn progress bars off for ``--quiet``/``--json``; return whether output is for scripts."""
+    progress.set_enabled(not (quiet or as_json))
+    return quiet or as_json
+
+
+def _print_json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, default=str))
+
+
+@app.command("list")
+@handles_errors
+def list_(
+    recipes: Annotated[bool, typer.Option("--recipes", help="list the built-in recipes")] = False,
+    schema: Annotated[bool, typer.Option("--schema", help="print the recipe JSON schema")] = False,
+) -> None:
+    """List every technique with its options, defaults, types, ranges and descriptions."""
+    from netshrink import recipe, registry
+    from netshrink.recipe.describe import describe
+
+    if schema:
+        _print_json(recipe.json_schema())
+        return
+    if recipes:
+        table = Table("recipe", "description", "stages", title="built-in recipes")
+        for name in recipe.names():
+            plan = recipe.load(name)
+            table.add_row(name, plan.description, " -> ".join(s.name for s in plan.stages))
+        out().print(table)
+        return
+    techniques = registry.all_techniques()
+    if not techniques:
+        out().print("no techniques are registered")
+    for tech in techniques:
+        table = Table(
+            "option",
+            "type",
+            "default",
+            "range",
+            "description",
+            title_justify="left",
+            title=f"[bold]{tech.name}[/bold]  {tech.summary}",
+        )
+        for opt in describe(tech):
+            table.add_row(opt.name, opt.type, opt.default, opt.range, opt.description)
+        out().print(table)
+
+
+def _finish_run(result: Any, paths: dict[str, Path], quiet: bool, as_json: bool) -> None:
+    from netshrink.report import print_report
+
+    if as_json:
+        summary = result.report.summary()
+        _print_json({**summary, "report_html": str(paths["html"]), "report": str(paths["json"])})
+        return
+    print_report(result.report, out(), stages=not quiet)
+    out().print(f"artifact: {paths['artifact']}")
+    out().print(f"report: {paths['html']}")
+
+
+@app.command()
+@handles_errors
+def compress(
+    model: Annotated[str, typer.Option("--model", help="zoo:<name> or pkg.module:factory")],
+    out: Annotated[Path, typer.Option("--out", help="output folder")],
+    recipe: Annotated[
+        str | None, typer.Argument(help="recipe YAML file or built-in name (or give --target)")
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            help="search a recipe: size=20x|speedup=3x|latency_ms=|size_mb=, max_drop=0.01",
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="safetensors state dict for --model")
+    ] = None,
+    data: DataOpt = None,
+    eval_: EvalOpt = None,
+    seed: SeedOpt = 0,
+    runtime: RuntimeOpt = "eager",
+    threads: ThreadsOpt = None,
+    runs: RunsOpt = 20,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run RECIPE (or search one meeting --target) on a model; save artifact and report in --out."""
+    from netshrink.recipe.commands import run
+
+    scripted = _scripted(quiet, as_json)
+    if (recipe is None) == (target is None):
+        raise ConfigError("give either a RECIPE or --target (e.g. --target size=10x,max_drop=0.01)")
+    if target is not None:
+        from netshrink.search.commands import run_auto
+
+        found, paths = run_auto(
+            target,
+            model,
+            out,
+            weights=weights,
+            data_ref=data,
+            eval_ref=eval_,
+            seed=seed,
+            runtime=runtime,
+            runs=runs,
+            progress=not scripted,
+        )
+        err().print(found.verdict(), soft_wrap=True)
+        err().print(f"recipe: {paths['recipe']}  Pareto front: {paths['pareto']}")
+        _finish_run(found.result, paths, quiet, as_json)
+        return
+    result, paths = run(
+        recipe,
+        model,
+        out,
+        weights=weights,
+        data_ref=data,
+        eval_ref=eval_,
+        seed=seed,
+        runtime=runtime,
+        threads=threads,
+        runs=runs,
+        progress=not scripted,
+    )
+    _finish_run(result, paths, quiet, as_json)
+
+
+@app.command()
+@handles_errors
+def analyze(
+    model: Annotated[str, typer.Option("--model", help="zoo:<name> or pkg.module:factory")],
+    out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-analyze"),
+    weights: Annotated[
+        Path | None, typer.Option("--weights", help="safetensors state dict for --model")
+    ] = None,
+    data: DataOpt = None,
+    eval_: EvalOpt = None,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-layer sensitivity to pruning, weight bits and rank; writes sensitivity.json/.png."""
+    from netshrink.search.commands import run_analyze
+
+    _scripted(quiet, False)
+    _, paths = run_analyze(
+        model, out, weights=weights, data_ref=data, eval_ref=eval_, seed=seed, progress=not quiet
+    )
+    typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
+
+
+@app.command()
+@handles_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-demo"),
+    seed: SeedOpt = 0,
+    runtime: RuntimeOpt = DEMO_RUNTIME,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compress the built-in digits CNN with the default recipe, end to end, offline."""
+    from netshrink.recipe import DEFAULT, DEMO_MODEL
+    from netshrink.recipe.commands import run
+
+    scripted = _scripted(quiet, as_json)
+    if not scripted:
+        err().print(f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}")
+    result, paths = run(DEFAULT, DEMO_MODEL, out, seed=seed, runtime=runtime, progress=not scripted)
+    _finish_run(result, paths, quiet, as_json)
+
+
+@app.command()
+@handles_errors
+def measure(
+    target: Annotated[str, typer.Argument(help="artifact folder or zoo:<name>")],
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    eval_: EvalOpt = None,
+    runtime: RuntimeOpt = "eager",
+    threads: ThreadsOpt = None,
+    runs: RunsOpt = 20,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure a saved artifact or a zoo model: params, MACs, bytes, latency, metric."""
+    from netshrink.recipe.commands import measure_target
+
+    _scripted(quiet, as_json)
+    measured = measure_target(
+        target,
+        model_ref=model,
+        data_ref=data,
+        eval_ref=eval_,
+        runtime=runtime,
+        threads=threads,
+        runs=runs,
+    )
+    if as_json:
+        _print_json(measured.to_dict())
+    else:
+        out().print(str(measured))
+
+
+@app.command()
+@handles_errors
+def export(
+    artifact: Annotated[Path, typer.Argument(help="artifact folder (e.g. OUT/model)")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write")],
+    model: ModelOpt = None,
+) -> None:
+    """Export a saved artifact to ONNX (inputs shaped like those the run recorded)."""
+    from netshrink.recipe.commands import export_onnx
+
+    path = export_onnx(artifact, onnx, model_ref=model)
+    out().print(f"onnx: {path}")
+
+
+def main() -> None:
+    """Entry point of the ``netshrink`` console script and ``python -m netshrink``."""
+    app()

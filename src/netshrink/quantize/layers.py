@@ -1,0 +1,303 @@
+"""Statically quantized layers: integer weights and frozen activation scales.
+
+Each layer keeps what an integer kernel needs in its state dict — int8 weight codes (int4
+codes packed two per byte), one float32 scale per output channel, an int32 bias in units of
+``input_scale * weight_scale`` and the uint8 scale/zero point of its input (and of its output
+when that output joins a residual addition). The forward pass *simulates* the integer kernel in
+float (fake quantization: quantize, dequantize, float conv); it is exact up to float rounding
+against an integer implementation. Exported to ONNX, the same ops become QuantizeLinear /
+DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QGemm / QLinearAdd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
+import torch.nn.functional as F
+from torch import nn
+
+from netshrink.artifact.modules import rebuildable
+from netshrink.quantize.affine import Granularity, qrange, quantize_weight
+from netshrink.quantize.packing import pack, to_signed, to_unsigned, unpack
+
+_QD = torch.ops.quantized_decomposed
+_INT32 = (-(2**31), 2**31 - 1)
+ACT_RANGE = (0, 255)  # activations: asymmetric uint8, what ONNX Runtime's x86 kernels expect
+
+
+def fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    frozen: tuple[float, int] | None = None,
+) -> torch.Tensor:
+    """Quantize ``x`` to uint8 and back (exports to ONNX QuantizeLinear + DequantizeLinear).
+
+    With ``frozen`` (the same scale and zero point as Python numbers) and no gradient needed,
+    the decomposed quantize/dequantize ops run: they export with dynamic shapes, which the
+    autograd-friendly ``fake_quantize_per_tensor_affine`` (used for training) does not.
+    """
+    if frozen is None or (torch.is_grad_enabled() and x.requires_grad):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, *ACT_RANGE)
+    s, z = frozen
+    q = _QD.quantize_per_tensor(x, s, z, *ACT_RANGE, torch.uint8)
+    return _QD.dequantize_per_tensor(q, s, z, *ACT_RANGE, torch.uint8)
+
+
+class _FrozenQParams(nn.Module):
+    """Keeps Python copies of per-tensor qparams buffers, refreshed whenever they are loaded."""
+
+    _frozen: dict[str, tuple[float, int]]
+
+    def _track(self, *prefixes: str) -> None:
+        self._prefixes = prefixes
+        self._frozen = {}
+        self.register_load_state_dict_post_hook(lambda m, _keys: m.freeze())
+
+    def freeze(self) -> None:
+        """Copy the scale/zero-point buffers into Python numbers (after they changed)."""
+        for p in self._prefixes:
+            scale, zero_point = getattr(self, f"{p}scale"), getattr(self, f"{p}zero_point")
+            self._frozen[p] = (float(scale), int(zero_point))
+
+
+class _QuantWeights(_FrozenQParams):
+    """Shared storage and dequantization of integer weights, integer bias and input qparams."""
+
+    weight_shape: tuple[int, ...]
+
+    def _init_storage(self, bits: int, bias: bool, quant_output: bool) -> None:
+        self.bits, self.has_bias, self.quant_output = bits, bias, quant_output
+        # codes live in the smallest packable container: 2, 4 or 8 bits
+        self.storage_bits = next(b for b in (2, 4, 8) if bits <= b)
+        out_channels, numel = self.weight_shape[0], math.prod(self.weight_shape)
+        if self.storage_bits == 8:
+            self.register_buffer("weight_q", torch.zeros(self.weight_shape, dtype=torch.int8))
+        else:
+            self.register_buffer(
+                "weight_packed", torch.zeros(-(-numel * self.storage_bits // 8), dtype=torch.uint8)
+            )
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        if bias:
+            self.register_buffer("bias_q", torch.zeros(out_channels, dtype=torch.int32))
+        self.register_buffer("input_scale", torch.tensor(1.0))
+        self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+        if quant_output:
+            self.register_buffer("output_scale", torch.tensor(1.0))
+            self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
+        self._track("input_", *(("output_",) if quant_output else ()))
+        self.freeze()
+
+    @torch.no_grad()
+    def _fill(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        per_channel: bool,
+        input_qparams: tuple[torch.Tensor, torch.Tensor],
+        output_qparams: tuple[torch.Tensor, torch.Tensor] | None,
+        weight_scale: torch.Tensor | None = None,
+    ) -> None:
+        if weight_scale is None:
+            q, scale, _ = quantize_weight(weight, self.bits, True, Granularity(per_channel))
+        else:  # a scale learned by QAT: codes on exactly the grid training saw
+            lo, hi = qrange(self.bits, True)
+            scale = weight_scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            q = torch.clamp(torch.round(weight / scale), lo, hi).to(torch.int32)
+        scale = scale.reshape(-1).expand(weight.shape[0]).contiguous()
+        if self.storage_bits == 8:
+            self.weight_q.copy_(q.to(torch.int8))
+        else:
+            self.weight_packed.copy_(pack(to_unsigned(q, self.storage_bits), self.storage_bits))
+        self.weight_scale.copy_(scale)
+        self.input_scale.copy_(input_qparams[0])
+        self.input_zero_point.copy_(input_qparams[1])
+        if bias is not None:
+            codes = torch.round(bias / (scale * self.input_scale)).clamp(*_INT32)
+            self.bias_q.copy_(codes.to(torch.int32))
+        if output_qparams is not None:
+            self.output_scale.copy_(output_qparams[0])
+            self.output_zero_point.copy_(output_qparams[1])
+        self.freeze()
+
+    def weight_codes(self) -> torch.Tensor:
+        """Integer weight codes as int8, shaped like the float weight."""
+        if self.storage_bits == 8:
+            return self.weight_q
+        flat = unpack(self.weight_packed, self.storage_bits, math.prod(self.weight_shape))
+        flat = to_signed(flat, self.storage_bits)
+        return flat.reshape(self.weight_shape)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float weight and bias as the integer kernel sees them."""
+        lo, hi = qrange(self.bits, True)
+        w = _QD.dequantize_per_channel(
+            self.weight_codes(), self.weight_scale, None, 0, lo, hi, torch.int8
+        )
+        if not self.has_bias:
+            return w, None
+        b = _QD.dequantize_per_channel(
+            self.bias_q, self.weight_scale * self.input_scale, None, 0, *_INT32, torch.int32
+        )
+        return w, b
+
+    def _around(self, x: torch.Tensor, op: Any) -> torch.Tensor:
+        x = fake_quant(x, self.input_scale, self.input_zero_point, self._frozen["input_"])
+        y = op(x, *self.dequantized())
+        if self.quant_output:
+            y = fake_quant(y, self.output_scale, self.output_zero_point, self._frozen["output_"])
+        return y
+
+
+@rebuildable
+class QuantConv2d(_QuantWeights):
+    """Conv2d with int8 (or packed int4) weights, int32 bias and uint8 input quantization."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: list[int],
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+        bias: bool,
+        bits: int = 8,
+        quant_output: bool = False,
+    ) -> None:
+        super().__init__()
+        self.args = {
+            "in_channels": in_channels,
+            "out_channels": out_channels,
+            "kernel_size": list(kernel_size),
+            "stride": list(stride),
+            "padding": list(padding),
+            "dilation": list(dilation),
+            "groups": groups,
+        }
+        self.weight_shape = (out_channels, in_channels // groups, *kernel_size)
+        self._init_storage(bits, bias, quant_output)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        return {
+            **self.args,
+            "bias": self.has_bias,
+            "bits": self.bits,
+            "quant_output": self.quant_output,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> QuantConv2d:
+        """Empty layer of the right shapes; values come from the state dict."""
+        return cls(**spec)
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, bits: int, per_channel: bool, inp: Any, out: Any, wscale: Any = None
+    ) -> QuantConv2d:
+        """Quantize ``conv`` with input qparams ``inp``, output qparams ``out`` (or None) and
+        optionally given per-channel weight scales ``wscale``."""
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError("only numeric zero padding")
+        q = cls(
+            conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
+            list(conv.padding), list(conv.dilation), conv.groups, conv.bias is not None,
+            bits, out is not None,
+        )  # fmt: skip
+        q._fill(conv.weight, conv.bias, per_channel, inp, out, wscale)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Simulated integer convolution (see the module docstring)."""
+        a = self.args
+        return self._around(
+            x,
+            lambda x, w, b: F.conv2d(
+                x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"]
+            ),
+        )
+
+
+@rebuildable
+class QuantLinear(_QuantWeights):
+    """Linear with int8 (or packed int4) weights, int32 bias and uint8 input quantization."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        bits: int = 8,
+        quant_output: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._init_storage(bits, bias, quant_output)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.has_bias,
+            "bits": self.bits,
+            "quant_output": self.quant_output,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> QuantLinear:
+        """Empty layer of the right shapes; values come from the state dict."""
+        return cls(**spec)
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, bits: int, per_channel: bool, inp: Any, out: Any, wscale: Any = None
+    ) -> QuantLinear:
+        """Quantize ``linear`` like :meth:`QuantConv2d.from_float`."""
+        q = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, bits, out is not None
+        )
+        q._fill(linear.weight, linear.bias, per_channel, inp, out, wscale)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Simulated integer matrix multiply (see the module docstring)."""
+        return self._around(x, F.linear)
+
+
+@rebuildable
+class QuantReLU(_FrozenQParams):
+    """ReLU whose output is quantized to uint8 with a frozen scale (zero point 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self._track("")
+        self.freeze()
+
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Set the output scale and zero point."""
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self.freeze()
+
+    def spec(self) -> dict[str, Any]:
+        """No constructor arguments."""
+        return {}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> QuantReLU:
+        """Empty layer; scale and zero point come from the state dict."""
+        return cls(**spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu then fake quantization; ONNX Runtime folds the ReLU into the quantization."""
+        return fake_quant(torch.relu(x), self.scale, self.zero_point, self._frozen[""])

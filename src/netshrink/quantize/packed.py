@@ -1,0 +1,175 @@
+"""Layers whose weights are stored as low-bit codes and dequantized on the fly.
+
+One codec serves weight-only int8/int4, binary and ternary weights: a weight element is
+``(code * mult - offset) * scale`` where ``code`` is unsigned and ``scale`` has one value per
+output channel (or per group of ``group_size`` inputs). Codes of 1, 2 and 4 bits are packed
+8/bits per byte (:mod:`netshrink.quantize.packing`); 8-bit codes are stored as int8. The
+forward pass rebuilds the float weight and runs the float kernel: storage shrinks, compute
+does not (on these CPUs int8 weight-only kernels are slower than fp32; see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netshrink.artifact.modules import rebuildable
+from netshrink.quantize.affine import Granularity, quantize_weight
+from netshrink.quantize.packing import pack, unpack
+
+Codec = Literal["int8", "int4", "binary", "ternary"]
+_BITS = {"int8": 8, "int4": 4, "binary": 1, "ternary": 2}
+_MULT_OFFSET = {"int8": (1, 0), "int4": (1, 8), "binary": (2, 1), "ternary": (1, 1)}
+
+
+def encode(w: torch.Tensor, codec: Codec, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(stored codes, scale)`` of weight ``w`` for ``codec``.
+
+    int8/int4: symmetric min-max per channel, or per group when ``group_size`` > 0.
+    binary: sign(w) times the mean |w| of the channel (XNOR-Net, Rastegari et al. 2016,
+    Sec. 3.1). ternary: 0 where |w| <= 0.7 mean|w|, else sign(w), times the mean |w| of the
+    kept weights (Ternary Weight Networks, Li et al. 2016, Sec. 2.2).
+    """
+    w = w.detach().float()
+    if codec in ("int8", "int4"):
+        q, scale, _ = quantize_weight(w, _BITS[codec], True, Granularity(True, group_size))
+        if codec == "int8":
+            return q.to(torch.int8).reshape(w.shape), scale
+        return pack(q + 8, 4), scale
+    rows = w.reshape(w.shape[0], -1)
+    if codec == "binary":
+        scale = rows.abs().mean(1)
+        return pack((rows >= 0).to(torch.int32), 1), scale
+    delta = 0.7 * rows.abs().mean(1, keepdim=True)
+    keep = rows.abs() > delta
+    scale = (rows.abs() * keep).sum(1) / keep.sum(1).clamp_min(1)
+    return pack((torch.sign(rows) * keep + 1).to(torch.int32), 2), scale
+
+
+class _PackedWeight(nn.Module):
+    """Storage and decoding shared by the packed conv and linear layers."""
+
+    weight_shape: tuple[int, ...]
+
+    def _init_storage(self, codec: Codec, group_size: int, bias: bool) -> None:
+        self.codec, self.group_size, self.has_bias = codec, group_size, bias
+        numel = math.prod(self.weight_shape)
+        if codec == "int8":
+            self.register_buffer("codes", torch.zeros(self.weight_shape, dtype=torch.int8))
+        else:
+            nbytes = -(-numel * _BITS[codec] // 8)
+            self.register_buffer("codes", torch.zeros(nbytes, dtype=torch.uint8))
+        scale_shape = Granularity(True, group_size).param_shape(torch.empty(self.weight_shape))
+        if codec in ("binary", "ternary"):
+            scale_shape = (self.weight_shape[0],)
+        self.register_buffer("scale", torch.ones(scale_shape))
+        self.bias = nn.Parameter(torch.zeros(self.weight_shape[0])) if bias else None
+
+    @torch.no_grad()
+    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        codes, scale = encode(weight, self.codec, self.group_size)
+        self.codes.copy_(codes)
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        if bias is not None:
+            assert self.bias is not None
+            self.bias.copy_(bias)
+
+    def weight(self) -> torch.Tensor:
+        """The float weight the codes stand for."""
+        mult, offset = _MULT_OFFSET[self.codec]
+        if self.codec == "int8":
+            codes = self.codes.to(torch.float32)
+        else:
+            numel = math.prod(self.weight_shape)
+            codes = unpack(self.codes, _BITS[self.codec], numel).to(torch.float32)
+        values = codes * mult - offset
+        if self.group_size > 0 and self.codec in ("int8", "int4"):
+            groups = values.reshape(*self.weight_shape[:-1], -1, self.group_size)
+            return (groups * self.scale).reshape(self.weight_shape)
+        values = values.reshape(self.weight_shape[0], -1) * self.scale.reshape(-1, 1)
+        return values.reshape(self.weight_shape)
+
+    def _spec(self) -> dict[str, Any]:
+        return {"codec": self.codec, "group_size": self.group_size, "bias": self.has_bias}
+
+
+@rebuildable
+class PackedLinear(_PackedWeight):
+    """Linear layer with int8/int4/binary/ternary weight codes (dequantized on the fly)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, codec: Codec, group_size: int, bias: bool
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._init_storage(codec, group_size, bias)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        return {"in_features": self.in_features, "out_features": self.out_features, **self._spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> PackedLinear:
+        """Empty layer of the right shapes; values come from the state dict."""
+        return cls(**spec)
+
+    @classmethod
+    def from_float(cls, m: nn.Linear, codec: Codec, group_size: int = 0) -> PackedLinear:
+        """Encode the weights of ``m``."""
+        q = cls(m.in_features, m.out_features, codec, group_size, m.bias is not None)
+        q._fill(m.weight, m.bias)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float linear with the decoded weight."""
+        return F.linear(x, self.weight().to(x.dtype), self.bias)
+
+
+@rebuildable
+class PackedConv2d(_PackedWeight):
+    """Conv2d with int8/int4/binary/ternary weight codes (dequantized on the fly)."""
+
+    def __init__(self, conv: dict[str, Any], codec: Codec, group_size: int, bias: bool) -> None:
+        super().__init__()
+        self.conv = dict(conv)
+        k = conv["kernel_size"]
+        self.weight_shape = (conv["out_channels"], conv["in_channels"] // conv["groups"], *k)
+        self._init_storage(codec, group_size, bias)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        return {"conv": self.conv, **self._spec()}
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> PackedConv2d:
+        """Empty layer of the right shapes; values come from the state dict."""
+        return cls(**spec)
+
+    @classmethod
+    def from_float(cls, m: nn.Conv2d, codec: Codec, group_size: int = 0) -> PackedConv2d:
+        """Encode the weights of ``m`` (numeric zero padding only)."""
+        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+            raise ValueError("only numeric zero padding")
+        conv = {
+            "in_channels": m.in_channels,
+            "out_channels": m.out_channels,
+            "kernel_size": list(m.kernel_size),
+            "stride": list(m.stride),
+            "padding": list(m.padding),
+            "dilation": list(m.dilation),
+            "groups": m.groups,
+        }
+        q = cls(conv, codec, group_size, m.bias is not None)
+        q._fill(m.weight, m.bias)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float convolution with the decoded weight."""
+        c = self.conv
+        w = self.weight().to(x.dtype)
+        return F.conv2d(x, w, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])

@@ -1,0 +1,177 @@
+"""``quantize.static``: post-training int8 quantization of weights and activations.
+
+Steps (Jacob et al. 2018; Nagel et al. 2021, "A White Paper on Neural Network Quantization",
+Sec. 3): fold each BatchNorm into the conv/linear before it, observe the activations on the
+calibration batches, freeze their scales, and swap each conv/linear for a layer holding integer
+weights (:mod:`netshrink.quantize.layers`). The torch model simulates integer arithmetic; its
+ONNX export is QDQ, which ONNX Runtime runs with integer kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from netshrink.batches import materialize, run
+from netshrink.config import Options, TechniqueConfig
+from netshrink.context import Batch, Context
+from netshrink.progress import track
+from netshrink.quantize.affine import choose_qparams
+from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
+from netshrink.quantize.observers import Observer, ObserverName, make_observer
+from netshrink.quantize.tracing import analyze, fold_bn, set_submodule
+from netshrink.registry import technique
+from netshrink.targets import Targets
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+
+
+class BitsOverride(Options):
+    """A different weight bit width for some modules (mixed precision)."""
+
+    targets: Targets = Field(default_factory=Targets, description="modules this override sets")
+    bits: Literal[8, 4] = Field(8, description="weight bits of those modules")
+
+
+class StaticConfig(TechniqueConfig):
+    """Options of quantize.static."""
+
+    weights: Literal["int8", "int4"] = Field("int8", description="weight codes (symmetric)")
+    activations: Literal["int8"] = Field("int8", description="activation codes (uint8 affine)")
+    observer: ObserverName = Field("minmax", description="how activation ranges are chosen")
+    per_channel: bool = Field(True, description="one weight scale per output channel")
+    calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
+    targets: Targets = Field(default_factory=Targets, description="Conv2d/Linear to quantize")
+    overrides: tuple[BitsOverride, ...] = Field(
+        (), description="per-module weight bits, e.g. [{targets: {include: [fc]}, bits: 8}]"
+    )
+
+
+def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
+    """Weight bits of every selected module: ``default``, then each override (later wins)."""
+    bits = {}
+    for name, mod in config.targets.select(model, QUANTIZABLE).items():
+        if isinstance(mod, nn.Conv2d) and (
+            isinstance(mod.padding, str) or mod.padding_mode != "zeros"
+        ):
+            warnings.warn(
+                f"{name}: padding={mod.padding!r}, padding_mode={mod.padding_mode!r} is not "
+                "supported by integer convolution here; the layer stays float",
+                stacklevel=3,
+            )
+            continue
+        bits[name] = default
+    for override in config.overrides:
+        for name in override.targets.select(model, QUANTIZABLE):
+            if name in bits:
+                bits[name] = override.bits
+    return bits
+
+
+def fold_batchnorms(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """Fold every BN that directly follows one of ``names``; return names whose output is added."""
+    flow = analyze(model)
+    for name in names:
+        if name in flow.bn_after:
+            bn_name = flow.bn_after[name]
+            fold_bn(model.get_submodule(name), model.get_submodule(bn_name))  # type: ignore[arg-type]
+            set_submodule(model, bn_name, nn.Identity())
+    return flow.feeds_add
+
+
+@torch.no_grad()
+def calibrate(
+    model: nn.Module,
+    names: Iterable[str],
+    feeds_add: set[str],
+    batches: list[Batch],
+    observer: ObserverName,
+    ctx: Context,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Observe inputs of ``names``, outputs of those in ``feeds_add`` and of every ReLU.
+
+    Returns uint8 ``(scale, zero_point)`` per observation point: ``"<name>:in"``,
+    ``"<name>:out"``.
+    """
+    observers: dict[str, Observer] = {}
+    hooks = []
+
+    def watch(key: str) -> Observer:
+        observers[key] = make_observer(observer, key, bits=8, seed=ctx.seed)
+        return observers[key]
+
+    for name in names:
+        mod = model.get_submodule(name)
+        obs_in = watch(f"{name}:in")
+        hooks.append(mod.register_forward_pre_hook(lambda _m, a, o=obs_in: o.update(a[0])))
+        if name in feeds_add:
+            obs_out = watch(f"{name}:out")
+            hooks.append(mod.register_forward_hook(lambda _m, _a, y, o=obs_out: o.update(y)))
+    for name, mod in model.named_modules():
+        if type(mod) is nn.ReLU:
+            obs_out = watch(f"{name}:out")
+            hooks.append(mod.register_forward_hook(lambda _m, _a, y, o=obs_out: o.update(y)))
+    model.eval()
+    try:
+        for inputs, _ in track(batches, "quantize calibration", show=ctx.progress):
+            run(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: choose_qparams(*o.range(), 8, False) for k, o in observers.items()}
+
+
+def quantize_relus(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Swap every calibrated nn.ReLU for a :class:`QuantReLU` with its frozen output qparams."""
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.ReLU and f"{name}:out" in qparams:
+            q = QuantReLU()
+            q.set_qparams(*qparams[f"{name}:out"])
+            set_submodule(model, name, q)
+
+
+def convert(
+    model: nn.Module,
+    bits: dict[str, int],
+    qparams: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    per_channel: bool,
+    weight_scales: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Swap the calibrated conv/linear layers and ReLUs for their quantized versions.
+
+    ``weight_scales`` (from QAT) fixes the weight scale of the layers it names; the others get
+    min-max scales.
+    """
+    scales = weight_scales or {}
+    for name, b in bits.items():
+        mod = model.get_submodule(name)
+        layer_cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+        inp, out = qparams[f"{name}:in"], qparams.get(f"{name}:out")
+        new = layer_cls.from_float(mod, b, per_channel, inp, out, scales.get(name))
+        set_submodule(model, name, new)
+    quantize_relus(model, qparams)
+    return model
+
+
+def quantize_static_model(
+    model: nn.Module, bits: dict[str, int], config: Any, ctx: Context, per_channel: bool = True
+) -> nn.Module:
+    """Fold, calibrate on ``ctx.calib_data`` and convert ``model`` in place."""
+    batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
+    feeds_add = fold_batchnorms(model, bits)
+    qparams = calibrate(model, bits, feeds_add, batches, config.observer, ctx)
+    return convert(model, bits, qparams, per_channel)
+
+
+@technique("quantize.static", StaticConfig, needs=("calib_data",))
+def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
+    """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
+    default = 8 if config.weights == "int8" else 4
+    bits = weight_bits(model, config, default)
+    model.eval()
+    return quantize_static_model(model, bits, config, ctx, config.per_channel)

@@ -1,0 +1,111 @@
+"""``quantize.qat``: quantization-aware training, then conversion exactly like quantize.static.
+
+The model is prepared like static PTQ (BatchNorm folded, activations calibrated and their
+uint8 scales frozen), then each conv/linear trains with fake-quantized weights whose
+per-channel scales are learned: Learned Step Size Quantization (Esser et al. 2020, "Learned
+Step Size Quantization", Sec. 2) with the straight-through estimator for rounding. The project's
+optimizer is AdamW, whose per-parameter normalization makes LSQ's gradient scaling (Sec. 2.2)
+moot and would move a raw step size by ``lr`` per update; the step size is therefore learned
+in log space, so each update changes it by a bounded relative amount. Training runs through
+:func:`netshrink.train.fit`; the learned scales become the integer layers' weight scales.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from netshrink.batches import materialize
+from netshrink.config import TechniqueConfig
+from netshrink.context import Context
+from netshrink.quantize.affine import qrange, round_ste
+from netshrink.quantize.layers import fake_quant
+from netshrink.quantize.observers import ObserverName
+from netshrink.quantize.ptq import (
+    BitsOverride,
+    calibrate,
+    convert,
+    fold_batchnorms,
+    quantize_relus,
+    weight_bits,
+)
+from netshrink.quantize.tracing import set_submodule
+from netshrink.registry import technique
+from netshrink.targets import Targets
+from netshrink.train import fit
+
+QParams = tuple[torch.Tensor, torch.Tensor]
+
+
+class LSQLayer(nn.Module):
+    """Training-time wrapper: frozen input/output fake quantization, LSQ weight quantization."""
+
+    def __init__(self, inner: nn.Conv2d | nn.Linear, bits: int, inp: QParams, out: QParams | None):
+        super().__init__()
+        self.inner, self.bits = inner, bits
+        self.qmin, self.qmax = qrange(bits, True)
+        w = inner.weight.detach()
+        init = w.reshape(w.shape[0], -1).abs().amax(1).clamp_min(1e-8) / self.qmax
+        self.log_scale = nn.Parameter(init.reshape(-1, *([1] * (w.dim() - 1))).log())
+        self.register_buffer("in_scale", inp[0].clone())
+        self.register_buffer("in_zp", inp[1].clone())
+        self.out = None if out is None else (out[0].clone(), out[1].clone())
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Fake-quantized weight; gradients reach both the weight and the scale (LSQ eq. 3)."""
+        s = self.log_scale.exp()
+        return round_ste(torch.clamp(self.inner.weight / s, self.qmin, self.qmax)) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantized-in, quantized-weight, (quantized-out) forward pass."""
+        x = fake_quant(x, self.in_scale, self.in_zp)
+        w, b = self.quantized_weight(), self.inner.bias
+        if isinstance(self.inner, nn.Conv2d):
+            c = self.inner
+            y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        else:
+            y = F.linear(x, w, b)
+        return y if self.out is None else fake_quant(y, *self.out)
+
+
+class QATConfig(TechniqueConfig):
+    """Options of quantize.qat."""
+
+    bits: int = Field(8, ge=2, le=8, description="weight bits during training and after")
+    epochs: int = Field(3, ge=0, le=1000, description="training passes over train_data")
+    lr: float = Field(1e-3, gt=0, le=1, description="learning rate of weights and scales")
+    observer: ObserverName = Field("minmax", description="how activation ranges are chosen")
+    calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
+    targets: Targets = Field(default_factory=Targets, description="Conv2d/Linear to quantize")
+    overrides: tuple[BitsOverride, ...] = Field(
+        (), description="per-module weight bits, e.g. keep the first conv and classifier at 8"
+    )
+
+
+@technique("quantize.qat", QATConfig, needs=("train_data",))
+def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
+    """Quantization-aware training (LSQ weight scales, STE), converted like quantize.static."""
+    bits = weight_bits(model, config, config.bits)
+    model.eval()
+    calib = materialize(ctx.calib_data or ctx.train_data or [], "calib_data")
+    feeds_add = fold_batchnorms(model, bits)
+    qparams = calibrate(model, bits, feeds_add, calib[: config.calib_batches], config.observer, ctx)
+    for name, b in bits.items():
+        inner = model.get_submodule(name)
+        out = qparams.get(f"{name}:out")
+        set_submodule(model, name, LSQLayer(inner, b, qparams[f"{name}:in"], out))  # type: ignore[arg-type]
+    quantize_relus(model, qparams)
+    assert ctx.train_data is not None
+    fit(
+        model, ctx.train_data, epochs=config.epochs, lr=config.lr, seed=ctx.seed,
+        progress=ctx.progress, desc="quantize.qat",
+    )  # fmt: skip
+    scales = {}
+    for name in bits:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LSQLayer)
+        scales[name] = layer.log_scale.detach().exp().reshape(-1)
+        set_submodule(model, name, layer.inner)
+    return convert(model.eval(), bits, qparams, True, scales)

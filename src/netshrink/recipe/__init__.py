@@ -1,0 +1,26 @@
+"""Recipes: declared chains of techniques, validated in full, run stage by stage and measured."""
+
+from netshrink.recipe.builtin import DEFAULT, DEMO_MODEL, DEMO_RUNTIME, load, names
+from netshrink.recipe.deliver import save_run
+from netshrink.recipe.result import Report, Result, StageRecord
+from netshrink.recipe.runner import compress
+from netshrink.recipe.schema import GuardConfig, Recipe, Stage, json_schema, loads, parse
+
+__all__ = [
+    "DEFAULT",
+    "DEMO_MODEL",
+    "DEMO_RUNTIME",
+    "GuardConfig",
+    "Recipe",
+    "Report",
+    "Result",
+    "Stage",
+    "StageRecord",
+    "compress",
+    "json_schema",
+    "load",
+    "loads",
+    "names",
+    "parse",
+    "save_run",
+]

@@ -1,0 +1,55 @@
+"""Recipes shipped in the package (``netshrink list --recipes``); loading by name or path."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from netshrink.errors import RecipeError
+from netshrink.recipe.schema import Recipe, loads
+
+DEFAULT = "distill-prune-int8"
+"""The recipe ``netshrink demo`` runs."""
+DEMO_MODEL = "zoo:digits-cnn"
+"""The model ``netshrink demo`` compresses."""
+DEMO_RUNTIME = "onnxruntime"
+"""Where ``netshrink demo`` times both models: the int8 model runs ONNX Runtime's integer
+kernels there (eager PyTorch has no fused int8 convolution), and the fp32 baseline runs there
+too, so the speedup compares like with like."""
+
+
+def _folder() -> resources.abc.Traversable:
+    return resources.files("netshrink.recipe") / "builtin"
+
+
+def names() -> list[str]:
+    """Names of the built-in recipes, sorted."""
+    return sorted(p.name[: -len(".yaml")] for p in _folder().iterdir() if p.name.endswith(".yaml"))
+
+
+def text(name: str) -> str:
+    """The YAML text of built-in recipe ``name``, or RecipeError listing the built-ins."""
+    if name not in names():
+        raise RecipeError(f"no built-in recipe named {name!r}; built-ins: {', '.join(names())}")
+    return (_folder() / f"{name}.yaml").read_text(encoding="utf-8")
+
+
+def load(ref: str | Path) -> Recipe:
+    """Load a recipe from a YAML file path, or a built-in recipe by name.
+
+    A path that exists wins over a built-in of the same name. Raises :class:`RecipeError` when
+    ``ref`` is neither, naming the built-ins.
+    """
+    path = Path(ref)
+    if path.is_file():
+        try:
+            body = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RecipeError(f"cannot read recipe file {str(path)!r}: {exc}") from None
+        return loads(body, source=str(path))
+    if str(ref) in names():
+        return loads(text(str(ref)), source=f"built-in:{ref}")
+    raise RecipeError(
+        f"{str(ref)!r} is neither a recipe file nor a built-in recipe; "
+        f"built-ins: {', '.join(names())}"
+    )

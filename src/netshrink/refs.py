@@ -1,0 +1,187 @@
+"""Resolving what the command line names: ``--model``, ``--weights``, ``--data`` and ``--eval``.
+
+A reference is either ``zoo:<name>`` (a built-in model and its data) or ``package.module:function``
+(the user's own code, imported and called with no arguments). Only references the user typed are
+imported: a recipe or an artifact never makes netshrink import a module it names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from netshrink.batches import as_args, materialize
+from netshrink.context import Batch, Evaluate
+from netshrink.errors import DataError, ModelReferenceError
+
+ZOO = "zoo:"
+DATA_SPLITS = ("train", "val", "calib")
+
+
+@dataclass
+class Data:
+    """The batches a run uses. ``test`` is where the reported metric is measured (val if absent)."""
+
+    train: list[Batch]
+    val: list[Batch]
+    calib: list[Batch]
+    test: list[Batch]
+
+    def example_inputs(self) -> tuple[Any, ...]:
+        """Positional inputs of the first validation batch: what latency is timed on."""
+        return as_args(self.val[0][0])
+
+
+def zoo_name(ref: object) -> str | None:
+    """The model name of a ``zoo:<name>`` reference, else None (also for a non-string)."""
+    return ref[len(ZOO) :] if isinstance(ref, str) and ref.startswith(ZOO) else None
+
+
+def load_object(ref: str, what: str) -> Any:
+    """Import ``package.module:attribute`` and return the attribute.
+
+    The current directory is put on ``sys.path`` (as ``python -m`` does) so a user's own modules
+    next to their data are found.
+    """
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModelReferenceError(
+            f"{what} {ref!r} is not a reference; write zoo:<name> or package.module:function"
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelReferenceError(f"{what} {ref!r}: cannot import {module_name!r}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelReferenceError(f"{what} {ref!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _call(ref: str, what: str) -> Any:
+    factory = load_object(ref, what)
+    if not callable(factory):
+        raise ModelReferenceError(f"{what} {ref!r} is not callable: {type(factory).__name__}")
+    return factory()
+
+
+def build_model(ref: str, seed: int = 0, trained: bool = True) -> nn.Module:
+    """The model ``ref`` names: a zoo model (trained unless ``trained=False``) or a factory's."""
+    name = zoo_name(ref)
+    if name is not None:
+        from netshrink import zoo
+
+        return zoo.load(name, seed=seed) if trained else zoo.build(name)
+    model = _call(ref, "--model")
+    if not isinstance(model, nn.Module):
+        raise ModelReferenceError(
+            f"--model {ref!r} returned {type(model).__name__}; it must return a torch.nn.Module"
+        )
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a safetensors state dict into ``model`` (strict); DataError when it does not fit."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"--weights {str(path)!r} does not exist")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(
+            f"--weights {str(path)!r} is not a safetensors file ({exc}); save one with "
+            "safetensors.torch.save_file(model.state_dict(), path)"
+        ) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise DataError(f"--weights {str(path)!r} does not fit the model: {exc}") from None
+    return model
+
+
+def model_from(ref: str, weights: str | Path | None = None, seed: int = 0) -> nn.Module:
+    """The model for ``--model ref [--weights file]``, in eval mode."""
+    model = build_model(ref, seed=seed, trained=weights is None)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def _split(data: Any, key: str, ref: str) -> list[Batch] | None:
+    value = data.get(key) if isinstance(data, Mapping) else getattr(data, key, None)
+    return None if value is None else materialize(value, f"--data {ref} split '{key}'")
+
+
+def data_from(ref: str) -> Data:
+    """The batches ``--data ref`` names: ``zoo:<name>`` or a function returning a mapping.
+
+    The mapping needs ``train``, ``val`` and ``calib`` (iterables of ``(inputs, targets)``
+    batches) and may hold ``test``, where the reported metric is then measured.
+    """
+    name = zoo_name(ref)
+    if name is not None:
+        from netshrink import zoo
+
+        raw: Any = zoo.data(name)
+    else:
+        raw = _call(ref, "--data")
+    splits = {k: _split(raw, k, ref) for k in (*DATA_SPLITS, "test")}
+    missing = [k for k in DATA_SPLITS if splits[k] is None]
+    if missing:
+        raise DataError(
+            f"--data {ref!r} gave no {', '.join(missing)}; it must return a mapping with "
+            f"{', '.join(DATA_SPLITS)} (and optionally test), each a list of (inputs, targets)"
+        )
+    val = splits["val"]
+    assert val is not None and splits["train"] is not None and splits["calib"] is not None
+    return Data(splits["train"], val, splits["calib"], splits["test"] or val)
+
+
+def evaluate_from(ref: str | None, model_ref: str = "") -> Evaluate:
+    """The metric ``--eval ref`` names (``fn(model, batches) -> float``, higher is better).
+
+    Without ``ref``: the zoo model's own metric for a ``zoo:`` model, else top-1 accuracy.
+    """
+    if ref is None:
+        from netshrink.metrics import accuracy
+
+        name = zoo_name(model_ref)
+        if name is None:
+            return accuracy
+        from netshrink import zoo
+
+        return zoo.evaluate(name)
+    fn = load_object(ref, "--eval")
+    if not callable(fn):
+        raise ModelReferenceError(f"--eval {ref!r} is not callable: {type(fn).__name__}")
+    return checked_metric(fn, ref)
+
+
+def checked_metric(fn: Callable[..., Any], ref: str) -> Evaluate:
+    """Wrap ``fn`` so that a result that is not a finite number raises DataError."""
+
+    def evaluate(model: nn.Module, batches: Any) -> float:
+        value = fn(model, batches)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"--eval {ref!r} returned {value!r}; it must return a float") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise DataError(f"--eval {ref!r} returned {number}; it must be finite")
+        return number
+
+    return evaluate

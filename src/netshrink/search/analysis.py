@@ -1,0 +1,214 @@
+"""``analyze``: the per-layer sensitivity result, saved as versioned JSON, plotted and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netshrink.batches import materialize
+from netshrink.context import Batch, Context
+from netshrink.errors import ArtifactError, ConfigError, MissingInputError
+from netshrink.search.sensitivity import (
+    DEFAULT_SETTINGS,
+    FAMILIES,
+    Prober,
+    combined_bytes,
+    copy_model,
+    layer_bytes,
+    layer_macs,
+    probe_layers,
+)
+from netshrink.targets import Targets
+
+VERSION = 1
+"""Version of the sensitivity JSON layout; a cached file of another version is recomputed."""
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer sensitivity curves of one model on one data set.
+
+    ``points``: one per (layer, family, value) with ``metric`` (None without an evaluate
+    function), ``error`` (relative output error, 0 = identical) and ``bytes`` (the layer's stored
+    bytes after the change). ``layers``: per layer its kind, stored bytes and MACs per sample
+    unchanged. ``combined``: stored bytes of each layer pruned then quantized.
+    """
+
+    key: str
+    baseline_metric: float | None
+    layers: dict[str, dict[str, Any]]
+    points: list[dict[str, Any]]
+    combined: list[dict[str, Any]] = field(default_factory=list)
+    settings: dict[str, list[float]] = field(default_factory=dict)
+    version: int = VERSION
+
+    def curve(self, layer: str, family: str) -> list[dict[str, Any]]:
+        """The points of one layer and family, in probing order."""
+        return [p for p in self.points if p["layer"] == layer and p["family"] == family]
+
+    def to_json(self) -> str:
+        """The result as JSON text."""
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Sensitivity:
+        """Parse :meth:`to_json` output; ArtifactError on another version or a bad layout."""
+        try:
+            data = json.loads(text)
+            if data.get("version") != VERSION:
+                raise ArtifactError(
+                    f"sensitivity JSON version {data.get('version')!r}; netshrink reads {VERSION}"
+                )
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise ArtifactError(f"not a netshrink sensitivity JSON: {exc}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json())
+        os.replace(tmp, path)
+        return path
+
+    def plot(self, path: str | Path) -> Path:
+        """One panel per family, one curve per layer: metric (or output error) vs setting."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        families = [f for f in FAMILIES if any(p["family"] == f for p in self.points)]
+        fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+        use_metric = self.baseline_metric is not None
+        for ax, family in zip(axes[0], families, strict=True):
+            for layer in self.layers:
+                pts = self.curve(layer, family)
+                ys = [p["metric"] if use_metric else p["error"] for p in pts]
+                ax.plot([p["value"] for p in pts], ys, marker="o", label=layer)
+            ax.set_title(family)
+            ax.set_xlabel(
+                {"prune": "sparsity", "quant": "weight bits", "lowrank": "rank ratio"}[family]
+            )
+            ax.set_ylabel("metric" if use_metric else "relative output error")
+        axes[0][0].legend(fontsize=6)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def cache_dir() -> Path:
+    """Where sensitivity results are cached: ``$NETSHRINK_CACHE/sensitivity`` or the user cache."""
+    from platformdirs import user_cache_dir
+
+    root = os.environ.get("NETSHRINK_CACHE") or user_cache_dir("netshrink")
+    return Path(root) / "sensitivity"
+
+
+def fingerprint(
+    model: nn.Module, data: list[Batch], settings: dict[str, Any], names: list[str]
+) -> str:
+    """SHA-256 of the model's state dict, the data's tensors, the settings and the layer names."""
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for x, y in data:
+        for t in (x, y):
+            if torch.is_tensor(t):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(
+        json.dumps({"settings": settings, "layers": names, "v": VERSION}, sort_keys=True).encode()
+    )
+    return h.hexdigest()[:32]
+
+
+def check_settings(
+    families: Sequence[str], settings: dict[str, Sequence[float]] | None
+) -> dict[str, list[float]]:
+    """Resolve the families' probe settings, rejecting unknown families."""
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise ConfigError(
+            f"families {list(families)!r}: choose one or more of {', '.join(FAMILIES)}"
+        )
+    given = dict(settings or {})
+    return {f: [float(v) for v in given.get(f, DEFAULT_SETTINGS[f])] for f in families}
+
+
+def analyze(
+    model: nn.Module,
+    *,
+    example_inputs: tuple[Any, ...],
+    data: Iterable[Batch],
+    evaluate: Callable[..., float] | None = None,
+    families: Sequence[str] = FAMILIES,
+    settings: dict[str, Sequence[float]] | None = None,
+    targets: Targets | None = None,
+    calib_data: Iterable[Batch] | None = None,
+    cache: bool | str | Path = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> Sensitivity:
+    """Measure each selected Linear/Conv2d layer's sensitivity to each family, one at a time.
+
+    ``data``: batches the metric and output error are measured on (keep it small: every probe
+    runs it). ``evaluate(model, batches) -> float`` (higher is better); without it only the
+    output error is recorded. ``settings`` overrides a family's probed values. ``cache``: True
+    for the user cache folder, a folder path, or False; a cached result for the same state dict,
+    data and settings is returned without probing. The model is not changed.
+    """
+    values = check_settings(families, settings)
+    batches = materialize(data, "data")
+    if not batches:
+        raise MissingInputError("analyze needs data: at least one (inputs, targets) batch")
+    baseline = copy_model(model)
+    names = list((targets or Targets()).select(baseline, default_types=(nn.Linear, nn.Conv2d)))
+    key = fingerprint(baseline, batches, values, names)
+    path = None
+    if cache is not False:
+        path = (cache_dir() if cache is True else Path(cache)) / f"{key}.json"
+        if path.is_file():
+            try:
+                return Sensitivity.from_json(path.read_text(encoding="utf-8"))
+            except ArtifactError:
+                pass  # a stale or foreign file: recompute and overwrite it
+    ctx = Context(example_inputs=example_inputs, calib_data=calib_data, seed=seed, progress=False)
+    torch.manual_seed(seed)
+    prober = Prober(baseline, batches, evaluate)
+    base = prober.probe(baseline)
+    macs = layer_macs(baseline, example_inputs, names)
+    layers = {
+        n: {
+            "kind": type(baseline.get_submodule(n)).__name__,
+            "bytes": layer_bytes(baseline, n),
+            "macs": macs.get(n, 0),
+            "params": baseline.get_submodule(n).weight.numel(),
+        }
+        for n in names
+    }
+    result = Sensitivity(
+        key,
+        base.metric,
+        layers,
+        probe_layers(baseline, names, values, prober, ctx, progress),
+        combined_bytes(baseline, names, values, ctx),
+        values,
+    )
+    if path is not None:
+        result.save(path)
+    return result

@@ -1,0 +1,158 @@
+"""``auto``: the recipe that meets a target with the least loss, found by measurement.
+
+The loop: analyze (cached) -> allocate per-layer settings for a budget -> emit them as a normal
+recipe -> run it through the recipe runner, which measures artifact bytes, latency and metric ->
+tighten the budget when the target was missed, relax it when it was beaten by a wide margin ->
+stop after ``rounds`` candidates. Every measured candidate is kept for the Pareto front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from netshrink.batches import materialize
+from netshrink.context import Batch
+from netshrink.errors import ConfigError
+from netshrink.recipe import Result, compress, parse
+from netshrink.search.allocate import Option, allocate, predicted
+from netshrink.search.analysis import Sensitivity, analyze
+from netshrink.search.front import AutoResult, Candidate
+from netshrink.search.target import Target, parse_target
+
+MARGIN = 0.97
+"""Aim this far inside a size goal: the delivered artifact also carries the run's provenance."""
+
+
+def to_recipe(choice: dict[str, Option], finetune_epochs: int = 0) -> dict[str, Any]:
+    """The allocation as a recipe: low-rank, then pruning, then weight quantization stages.
+
+    Layers sharing a setting share a stage (``targets.include`` lists them). Fine-tuning runs
+    after the last float stage, before quantization freezes the weights. An allocation that
+    touches nothing becomes int8 weights everywhere, since a recipe needs a stage.
+    """
+    groups: dict[tuple[str, float], list[str]] = {}
+    for name, o in choice.items():
+        for family, value in (("lowrank", o.ratio), ("prune", o.sparsity), ("quant", o.bits)):
+            if value is not None:
+                # Once factorized, a layer's weights live in its children.
+                factors = family == "quant" and o.ratio is not None
+                groups.setdefault((family, value), []).append(f"{name}.*" if factors else name)
+    order = {"lowrank": 0, "prune": 1, "quant": 2}
+    stages: list[dict[str, Any]] = []
+    for (family, value), names in sorted(groups.items(), key=lambda g: (order[g[0][0]], g[0][1])):
+        targets = {"include": names}
+        if family == "lowrank":
+            stages.append({"lowrank.svd": {"ratio": value, "targets": targets}})
+        elif family == "prune":
+            stages.append({"prune.magnitude": {"sparsity": value, "targets": targets}})
+        else:
+            stages.append({"quantize.weight_only": {"bits": int(value), "targets": targets}})
+    floats = [s for s in stages if "quantize.weight_only" not in s]
+    if finetune_epochs > 0 and floats:
+        options = next(iter(floats[-1].values()))
+        options["finetune"] = {"epochs": finetune_epochs}
+    if not stages:  # the budget needs nothing: the lightest real step keeps the recipe valid
+        stages.append({"quantize.weight_only": {"bits": 8, "targets": {"include": list(choice)}}})
+    return {"version": 1, "description": "found by netshrink auto", "stages": stages}
+
+
+def goal_rate(target: Target, baseline_bytes: int, baseline_ms: float) -> float:
+    """The target as a rate: compression rate for size goals, speedup rate for speed goals."""
+    if target.size is not None:
+        return target.size
+    if target.size_mb is not None:
+        return baseline_bytes / (target.size_mb * 1e6)
+    if target.speedup is not None:
+        return target.speedup
+    assert target.latency_ms is not None
+    return baseline_ms / target.latency_ms
+
+
+def auto(
+    model: nn.Module,
+    target: str | Target,
+    *,
+    example_inputs: tuple[Any, ...],
+    val_data: Iterable[Batch],
+    eval_data: Iterable[Batch] | None = None,
+    calib_data: Iterable[Batch] | None = None,
+    train_data: Iterable[Batch] | None = None,
+    evaluate: Callable[..., float] | None = None,
+    sensitivity: Sensitivity | None = None,
+    finetune_epochs: int = 2,
+    rounds: int = 4,
+    runtime: str = "eager",
+    runs: int = 20,
+    seed: int = 0,
+    cache: bool | str = True,
+    progress: bool = True,
+) -> AutoResult:
+    """Find a recipe meeting ``target`` (e.g. ``"size=20x,max_drop=0.01"``) and return it, measured.
+
+    Sensitivity is probed on ``val_data`` (unless ``sensitivity`` is given); candidates are
+    measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency on
+    ``runtime`` ("eager" or "onnxruntime") over ``runs`` timed passes; ``train_data`` turns on
+    ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates are
+    measured. When none meets the target the result says so and holds the closest one.
+    """
+    from netshrink.measure import measure
+    from netshrink.metrics import accuracy
+
+    goal = parse_target(target)
+    if rounds < 1:
+        raise ConfigError(f"rounds={rounds}: auto needs at least one round (e.g. rounds=4)")
+    evaluate = evaluate or accuracy
+    val = materialize(val_data, "val_data")
+    sens = sensitivity or analyze(
+        model,
+        example_inputs=example_inputs,
+        data=val,
+        evaluate=evaluate,
+        calib_data=calib_data,
+        cache=cache,
+        progress=progress,
+        seed=seed,
+    )
+    base = measure(model.eval(), example_inputs, runtime=runtime, runs=runs)
+    rate = goal_rate(goal, base.bytes, base.latency_ms)
+    layer_total = sum(info[goal.resource] for info in sens.layers.values())
+    fixed = base.bytes - sum(info["bytes"] for info in sens.layers.values())
+    # Size goals budget the layers' stored bytes (the rest of the artifact is fixed); speed
+    # goals budget their MACs, taking latency as proportional to them.
+    sized = goal.resource == "bytes"
+    budget = base.bytes / rate * MARGIN - fixed if sized else layer_total / rate
+    context = {
+        "example_inputs": example_inputs,
+        "val_data": val,
+        "calib_data": calib_data,
+        "train_data": train_data,
+        "evaluate": evaluate,
+        "seed": seed,
+        "progress": False,
+    }
+    epochs = finetune_epochs if train_data is not None else 0
+    candidates: list[Candidate] = []
+    results: list[Result] = []
+    for round_ in range(rounds):
+        choice, fits = allocate(sens, budget, goal.resource)
+        recipe = to_recipe(choice, epochs)
+        parse(recipe)  # a recipe the runner (and netshrink compress) accepts
+        result = compress(model, recipe, eval_data=eval_data, runtime=runtime, runs=runs, **context)
+        cand = Candidate.measured(round_, budget, recipe, result.report.summary(), goal, rate)
+        cand.predicted_loss = predicted(choice)[1]
+        candidates.append(cand)
+        results.append(result)
+        achieved = cand.rate(goal)
+        if cand.meets(goal, rate) or not fits:
+            if not cand.meets_resource(goal, rate) or achieved < rate * 1.15:
+                break
+            budget *= min(achieved / rate, 1.5)  # beaten by a wide margin: spend some on accuracy
+        elif cand.meets_resource(goal, rate):
+            break  # the drop limit failed; a smaller model would not be more accurate
+        else:
+            budget *= achieved / rate * (0.95 if goal.resource == "bytes" else 0.9)
+    best = AutoResult.pick(candidates, goal, rate)
+    return AutoResult(goal, rate, candidates, best, results[best.round], sens)

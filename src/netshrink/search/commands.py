@@ -1,0 +1,89 @@
+"""What ``netshrink analyze`` and ``netshrink compress --target`` do, as functions.
+
+The target string is parsed before any reference is resolved, so a bad one fails at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from netshrink.search.analysis import Sensitivity, analyze
+from netshrink.search.auto import auto
+from netshrink.search.front import AutoResult
+from netshrink.search.target import parse_target
+
+
+def run_analyze(
+    model_ref: str,
+    out: Path,
+    *,
+    weights: Path | None = None,
+    data_ref: str | None = None,
+    eval_ref: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Sensitivity, dict[str, Path]]:
+    """Probe every layer on the validation split; write sensitivity.json and .png into ``out``."""
+    from netshrink.recipe.commands import resolve
+
+    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
+    sens = analyze(
+        given.model,
+        example_inputs=given.data.example_inputs(),
+        data=given.data.val,
+        evaluate=given.evaluate,
+        calib_data=given.data.calib,
+        progress=progress,
+        seed=seed,
+    )
+    out = Path(out)
+    paths = {
+        "json": sens.save(out / "sensitivity.json"),
+        "plot": sens.plot(out / "sensitivity.png"),
+    }
+    return sens, paths
+
+
+def run_auto(
+    target: str,
+    model_ref: str,
+    out: Path,
+    *,
+    weights: Path | None = None,
+    data_ref: str | None = None,
+    eval_ref: str | None = None,
+    seed: int = 0,
+    runtime: str = "eager",
+    runs: int = 20,
+    progress: bool = True,
+) -> tuple[AutoResult, dict[str, Path]]:
+    """Search a recipe meeting ``target``; save its run, recipe.yaml and the Pareto front."""
+    from netshrink.recipe.commands import input_specs, resolve
+
+    goal = parse_target(target)
+    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
+    example = given.data.example_inputs()
+    found = auto(
+        given.model,
+        goal,
+        example_inputs=example,
+        val_data=given.data.val,
+        eval_data=given.data.test,
+        calib_data=given.data.calib,
+        train_data=given.data.train,
+        evaluate=given.evaluate,
+        runtime=runtime,
+        runs=runs,
+        seed=seed,
+        progress=progress,
+    )
+    extra: dict[str, Any] = {
+        "model": model_ref,
+        "weights": None if weights is None else str(weights),
+        "data": given.data_ref,
+        "eval": eval_ref,
+        "inputs": input_specs(example),
+        "target": str(goal),
+    }
+    return found, found.save(out, extra)

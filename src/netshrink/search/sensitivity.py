@@ -1,0 +1,194 @@
+"""Per-layer sensitivity: how much each layer's output cost grows as one family compresses it.
+
+For every Linear/Conv2d layer and every setting of every family (pruning sparsity, weight bits,
+low-rank ratio), the registered technique is applied to that one layer (``targets.include`` =
+its name) with the rest of the model intact, and the metric and the output fidelity are measured
+on the given data. Each point also records the layer's stored bytes after the change, as the
+artifact codec would store them (packed when sparse), and its multiply-accumulates. This is the
+one-layer-at-a-time probe of AIMET's greedy compression-ratio selection and of HAWQ's
+per-layer sensitivity (Dong et al., 2019, §3), measured rather than approximated by Hessians.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from netshrink import registry
+from netshrink.context import Batch, Context
+from netshrink.progress import track
+
+FAMILIES = ("prune", "quant", "lowrank")
+"""Families probed: prune.magnitude sparsity, quantize.weight_only bits, lowrank.svd ratio."""
+
+DEFAULT_SETTINGS: dict[str, tuple[float, ...]] = {
+    "prune": (0.5, 0.75, 0.9, 0.95, 0.98),
+    "quant": (8, 4),
+    "lowrank": (0.5, 0.25, 0.1),
+}
+"""Settings probed per family: sparsity (fraction zero), weight bits, kept-weight ratio."""
+
+
+def stage_for(family: str, value: float, names: Sequence[str]) -> dict[str, Any]:
+    """The recipe stage applying ``family`` at ``value`` to the layers ``names`` only."""
+    targets = {"include": list(names)}
+    if family == "prune":
+        return {"prune.magnitude": {"sparsity": value, "kernel": "dense", "targets": targets}}
+    if family == "quant":
+        return {"quantize.weight_only": {"bits": int(value), "targets": targets}}
+    if family == "lowrank":
+        return {"lowrank.svd": {"ratio": value, "targets": targets}}
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def apply_stage(model: nn.Module, stage: dict[str, Any], ctx: Context) -> nn.Module:
+    """Run one recipe stage through the registry (which works on a copy)."""
+    ((name, options),) = stage.items()
+    tech = registry.get(name)
+    with warnings.catch_warnings():
+        # A probe tries every setting on every layer: a technique's note about one layer
+        # (e.g. a group size that does not divide it) would repeat for each probe.
+        warnings.simplefilter("ignore")
+        return tech.apply(model, tech.make_config(options, stage=name), ctx).eval()
+
+
+def layer_bytes(model: nn.Module, name: str) -> int:
+    """Bytes the artifact codec stores for the tensors under module ``name`` (packed if sparse)."""
+    from netshrink.artifact.codec import encode
+
+    total = 0
+    module = model.get_submodule(name)
+    for key, tensor in module.state_dict().items():
+        parts, _ = encode(key, tensor)
+        total += sum(p.numel() * p.element_size() for p in parts.values())
+    return total
+
+
+def layer_macs(model: nn.Module, inputs: tuple[Any, ...], names: Sequence[str]) -> dict[str, int]:
+    """Multiply-accumulates per sample of each Linear/Conv2d in ``names``, from one forward pass."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(m: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
+            per_out = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.in_features
+            macs[name] = out.numel() // max(out.shape[0], 1) * per_out
+
+        hooks.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def fidelity(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """Relative output error ||y - y_ref||² / ||y_ref||² over all batches (0 = identical)."""
+    num = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs, reference, strict=True))
+    den = sum(float((r**2).sum()) for r in reference)
+    return num / max(den, 1e-12)
+
+
+@dataclass
+class Probe:
+    """What one model variant measured: metric (None without labels) and output error."""
+
+    metric: float | None
+    error: float
+
+
+class Prober:
+    """Measures model variants against the baseline's outputs on fixed data."""
+
+    def __init__(
+        self, baseline: nn.Module, data: list[Batch], evaluate: Callable[..., float] | None
+    ) -> None:
+        self.data = data
+        self.evaluate = evaluate
+        self.reference = self.outputs(baseline)
+
+    def outputs(self, model: nn.Module) -> list[torch.Tensor]:
+        """The model's outputs on every batch."""
+        with torch.no_grad():
+            return [model(x) for x, _ in self.data]
+
+    def probe(self, model: nn.Module) -> Probe:
+        """Metric and relative output error of ``model``."""
+        metric = None if self.evaluate is None else float(self.evaluate(model, self.data))
+        return Probe(metric, fidelity(self.reference, self.outputs(model)))
+
+
+def probe_layers(
+    model: nn.Module,
+    names: Sequence[str],
+    settings: dict[str, tuple[float, ...]],
+    prober: Prober,
+    ctx: Context,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Apply each family setting to each layer alone; return one point dict per probe."""
+    jobs = [(n, f, v) for n in names for f, values in settings.items() for v in values]
+    points = []
+    for name, family, value in track(jobs, f"sensitivity ({len(jobs)} probes)", show=progress):
+        variant = apply_stage(model, stage_for(family, value, [name]), ctx)
+        found = prober.probe(variant)
+        points.append(
+            {
+                "layer": name,
+                "family": family,
+                "value": value,
+                "metric": found.metric,
+                "error": found.error,
+                "bytes": layer_bytes(variant, name),
+            }
+        )
+        del variant
+    return points
+
+
+def combined_bytes(
+    model: nn.Module, names: Sequence[str], settings: dict[str, tuple[float, ...]], ctx: Context
+) -> list[dict[str, Any]]:
+    """Stored bytes of each layer pruned or factorized, then quantized (no metric is measured:
+    the allocator takes the loss of two changes to one layer as the sum of their losses)."""
+    out = []
+    for name in names:
+        for family in ("prune", "lowrank"):
+            for value in settings.get(family, ()):
+                first = apply_stage(model, stage_for(family, value, [name]), ctx)
+                if family == "lowrank" and layer_bytes(first, name) >= layer_bytes(model, name):
+                    continue  # too small to factorize: the technique left it alone
+                for bits in settings.get("quant", ()):
+                    both = apply_stage(
+                        first, stage_for("quant", bits, quant_names(first, name)), ctx
+                    )
+                    out.append(
+                        {
+                            "layer": name,
+                            "family": family,
+                            "value": value,
+                            "bits": bits,
+                            "bytes": layer_bytes(both, name),
+                        }
+                    )
+    return out
+
+
+def quant_names(model: nn.Module, name: str) -> list[str]:
+    """Target patterns reaching layer ``name``'s weights: itself, or its factors once factorized."""
+    module = model.get_submodule(name)
+    return [name] if isinstance(module, nn.Linear | nn.Conv2d) else [f"{name}.*"]
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode, so probing never touches the caller's model."""
+    return copy.deepcopy(model).eval()

@@ -1,0 +1,66 @@
+"""quantize.qat: LSQ training converted exactly like quantize.static."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import netshrink as ns
+from netshrink.errors import MissingInputError
+from netshrink.quantize.layers import QuantConv2d, QuantLinear
+from netshrink.train import fit
+from quant_fixtures import ResCNN, digits
+
+
+@pytest.fixture(scope="module")
+def model() -> ResCNN:
+    torch.manual_seed(0)
+    return ResCNN(8).eval()
+
+
+def loss(m: torch.nn.Module, batches: list) -> float:
+    with torch.no_grad():
+        return sum(float(F.cross_entropy(m(x), y)) for x, y in batches) / len(batches)
+
+
+def test_zero_epochs_equals_static_int4(model) -> None:
+    calib = digits()[0][:2]
+    q = ns.quantize.qat(model, train_data=calib, bits=4, epochs=0, progress=False)
+    p = ns.quantize.static(model, calib_data=calib, weights="int4", progress=False)
+    assert isinstance(q.blocks[0].conv1, QuantConv2d) and q.blocks[0].conv1.bits == 4
+    x = digits()[1][0][0]
+    # the learned scale round-trips through log/exp: equal up to float rounding
+    assert torch.allclose(q(x), p(x), rtol=1e-4, atol=1e-4)
+
+
+def test_training_lowers_the_loss_of_the_4bit_model() -> None:
+    # briefly pre-trained: folding an untrained network's BatchNorm leaves it unnormalized,
+    # and such a network barely trains in a few steps
+    torch.manual_seed(0)
+    model = ResCNN(8)
+    train = digits()[0][:6]
+    fit(model, train, epochs=4, lr=1e-2, progress=False)
+    p = ns.quantize.static(model, calib_data=train, weights="int4", progress=False)
+    q = ns.quantize.qat(model, train_data=train, bits=4, epochs=3, lr=3e-3, progress=False)
+    assert isinstance(q.fc, QuantLinear)
+    codes = q.blocks[1].conv2.weight_codes()
+    assert int(codes.abs().max()) <= 7
+    assert loss(q, train) < loss(p, train) * 0.9
+
+
+def test_mixed_precision_and_needs() -> None:
+    torch.manual_seed(0)
+    m = ResCNN(8).eval()
+    q = ns.quantize.qat(
+        m,
+        train_data=digits()[0][:2],
+        bits=3,
+        epochs=0,
+        overrides=[{"targets": {"include": ["stem.0", "fc"]}, "bits": 8}],
+        progress=False,
+    )
+    assert q.stem[0].bits == 8 and q.fc.bits == 8 and q.blocks[0].conv1.bits == 3
+    assert int(q.blocks[0].conv1.weight_codes().abs().max()) <= 3
+    with pytest.raises(MissingInputError, match="train_data"):
+        ns.quantize.qat(m, bits=4)

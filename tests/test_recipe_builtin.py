@@ -1,0 +1,59 @@
+"""Every shipped recipe validates against the registry and runs on a tiny CNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from netshrink.recipe import DEFAULT, compress, load, names
+
+EXPECTED = {"int8", "prune-int8", "distill-prune-int8", "lowrank-int8", "sparse90-int8", "int4-qat"}
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU twice, a residual add, global pooling and a Linear head; input (N, 1, 8, 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = torch.relu(h + self.block(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def batches(seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen))
+        for _ in range(count)
+    ]
+
+
+def test_the_expected_recipes_ship_and_the_demo_default_is_one() -> None:
+    assert set(names()) == EXPECTED and DEFAULT in EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_builtin_recipe_validates_and_runs_on_a_tiny_cnn(name: str) -> None:
+    recipe = load(name)
+    assert recipe.stages and recipe.description
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = batches(9, 1)[0][0]
+    result = compress(
+        model,
+        recipe,
+        example_inputs=(x,),
+        calib_data=batches(1, 2),
+        train_data=batches(2, 2),
+        val_data=batches(3, 1),
+        progress=False,
+    )
+    assert [s.status for s in result.report.stages] == ["applied"] * len(recipe.stages)
+    assert result.model(x).shape == (16, 10)
+    assert result.report.summary()["compressed_bytes"] > 0

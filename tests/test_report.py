@@ -1,0 +1,138 @@
+"""The report's renderings from a hand-built Report: numbers, notes, figures, JSON schema."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from netshrink.measure import Measurement
+from netshrink.recipe.result import (
+    SCHEMA_VERSION,
+    SUMMARY_FIELDS,
+    Environment,
+    LayerInfo,
+    Report,
+    StageRecord,
+)
+from netshrink.report import print_report, write
+from netshrink.report.plots import figures
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def measured(size: int, latency: float, metric: float, params: int = 1000) -> Measurement:
+    return Measurement(
+        params=params,
+        nonzero_params=params // 2,
+        macs=params * 10,
+        bytes=size,
+        latency_ms=latency,
+        latency_p90_ms=latency * 1.1,
+        runtime="eager",
+        threads=2,
+        batch_size=32,
+        runs=20,
+        peak_memory_bytes=4096,
+        metric=metric,
+        metric_name="accuracy",
+    )
+
+
+def make_report(layers: list[LayerInfo]) -> Report:
+    base = StageRecord(None, "baseline", "baseline", measured(40_000, 2.0, 0.98), 2.0)
+    stages = [
+        StageRecord(
+            0,
+            "prune.channels",
+            "applied",
+            measured(10_000, 1.0, 0.97),
+            2.2,
+            {"ratio": 0.5},
+            seconds=3.5,
+            layers=layers,
+        ),
+        StageRecord(
+            1,
+            "prune.magnitude",
+            "rolled back",
+            measured(5_000, 1.0, 0.80),
+            2.1,
+            guard_metric=0.8,
+            note="metric fell 0.17 > max_drop 0.01: stage undone",
+        ),
+        StageRecord(2, "quantize.static", "skipped", None, note="skipped: an earlier guard"),
+    ]
+    env = Environment("Test CPU (x86_64, 2 cores)", "eager", 2, 20, {"torch": "2.13.0"})
+    return Report(base, stages, {"version": 1, "stages": []}, 7, "accuracy", env)
+
+
+LAYERS = [
+    LayerInfo("conv1", "Conv2d", sparsity=0.0, bits=8),
+    LayerInfo("fc", "Linear", sparsity=0.5, bits=32, rank=4),
+]
+
+
+def test_headline_uses_the_final_kept_stage() -> None:
+    report = make_report(LAYERS)
+    s = report.summary()
+    assert report.final is report.stages[0]
+    assert s["compression_rate"] == pytest.approx(4.0)
+    assert s["speedup_rate"] == pytest.approx(2.2)  # the interleaved baseline of that stage
+    assert (s["latency_ms_before"], s["latency_ms_after"]) == (2.2, 1.0)
+    assert s["metric_drop"] == pytest.approx(0.01)
+    report.delivered_bytes = (41_000, 10_250)
+    assert report.summary()["compression_rate"] == pytest.approx(4.0)
+    assert report.summary()["compressed_bytes"] == 10_250
+
+
+def test_text_and_terminal_views_carry_numbers_notes_and_settings() -> None:
+    report = make_report(LAYERS)
+    text = str(report)
+    assert "4x  (39.1 KiB -> 9.77 KiB)" in text and "0.9800 / 0.9700" in text
+    assert "1 prune.magnitude: metric fell 0.17 > max_drop 0.01: stage undone" in text
+    assert "Test CPU (x86_64, 2 cores), runtime eager, 2 threads, median of 20" in text
+    console = Console(record=True, width=200)
+    print_report(report, console)
+    shown = console.export_text()
+    assert "rolled back" in shown and "skipped" in shown and "2.2x" in shown
+
+
+def test_figures_include_only_the_layer_plots_with_values() -> None:
+    names = [f.name for f in figures(make_report(LAYERS))]
+    assert names == [
+        "metric-vs-size",
+        "metric-vs-latency",
+        "layer-sparsity",
+        "layer-bits",
+        "layer-rank",
+    ]
+    plain = [LayerInfo("fc", "Linear", sparsity=0.0, bits=32)]
+    figs = figures(make_report(plain))
+    assert [f.name for f in figs] == ["metric-vs-size", "metric-vs-latency"]
+    assert all(f.png.startswith(PNG_MAGIC) for f in figs)
+    assert all("2 threads" in f.caption and "runtime eager" in f.caption for f in figs)
+
+
+def test_written_files(tmp_path: Path) -> None:
+    paths = write(make_report(LAYERS), tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert set(SUMMARY_FIELDS) <= set(data["summary"])
+    statuses = [s["status"] for s in data["stages"]]
+    assert statuses == ["baseline", "applied", "rolled back", "skipped"]
+    assert data["stages"][1]["measurement"]["latency_ms"] == 1.0
+    assert data["stages"][1]["speedup"] == pytest.approx(2.2)
+    page = paths["html"].read_text()
+    images = page.split('src="data:image/png;base64,')[1:]
+    assert len(images) == 5
+    assert base64.b64decode(images[0].split('"')[0]).startswith(PNG_MAGIC)
+    assert "<script" not in page and "http" not in page
+    assert "stage undone" in page and "fraction of weights that are zero" in page
+    md = paths["md"].read_text()
+    for name in ("metric-vs-size", "layer-bits"):
+        assert f"](plots/{name}.png)" in md and (tmp_path / "plots" / f"{name}.png").is_file()
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind

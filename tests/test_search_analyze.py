@@ -1,0 +1,146 @@
+"""Sensitivity analysis and the auto search on a tiny MLP (built here, trained in a second)."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from netshrink.errors import ArtifactError, ConfigError
+from netshrink.metrics import accuracy
+from netshrink.recipe import compress
+from netshrink.search import Sensitivity, analyze, auto
+from netshrink.search import analysis as analysis_module
+
+SETTINGS = {"prune": (0.5, 0.9), "quant": (8, 4), "lowrank": (0.5, 0.25)}
+
+
+def batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(32, 16, generator=g)
+        out.append((x, (x[:, :4].argmax(dim=1))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train = batches(8, 1)
+    for _ in range(15):
+        for x, y in train:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model.eval(), train, batches(3, 2)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One cache folder for the module: the first analysis is probed, the rest are hits."""
+    return tmp_path_factory.mktemp("sensitivity-cache")
+
+
+def run_analyze(model, val, cache):
+    return analyze(
+        model,
+        example_inputs=(val[0][0],),
+        data=val,
+        evaluate=accuracy,
+        settings=SETTINGS,
+        cache=cache,
+        progress=False,
+    )
+
+
+def test_curves_have_the_right_shape_and_grow_with_compression(trained, cache):
+    model, _, val = trained
+    before = [p.clone() for p in model.parameters()]
+    sens = run_analyze(model, val, cache)
+    assert list(sens.layers) == ["0", "2", "4"]
+    assert len(sens.points) == 3 * 6
+    assert sens.baseline_metric > 0.8
+    for layer in sens.layers:
+        prune = sens.curve(layer, "prune")
+        quant = sens.curve(layer, "quant")
+        assert [p["value"] for p in prune] == [0.5, 0.9]
+        assert prune[1]["error"] > prune[0]["error"] > 0
+        assert quant[1]["error"] > quant[0]["error"]
+        assert quant[0]["bytes"] < sens.layers[layer]["bytes"]
+    # The model given is left as it was.
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_second_call_is_a_cache_hit_and_json_round_trips(trained, cache, tmp_path, monkeypatch):
+    model, _, val = trained
+    first = run_analyze(model, val, cache)
+    monkeypatch.setattr(analysis_module, "probe_layers", lambda *a, **k: pytest.fail("probed"))
+    again = run_analyze(model, val, cache)
+    assert again == first
+    assert len(list(cache.glob("*.json"))) == 1
+    assert Sensitivity.from_json(first.to_json()) == first
+    data = json.loads(first.to_json())
+    data["version"] = 99
+    with pytest.raises(ArtifactError, match="version 99"):
+        Sensitivity.from_json(json.dumps(data))
+    png = first.plot(tmp_path / "s.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unknown_family_is_rejected_before_probing(trained):
+    model, _, val = trained
+    with pytest.raises(ConfigError, match="prune, quant, lowrank"):
+        analyze(model, example_inputs=(val[0][0],), data=val, families=("distill",), cache=False)
+
+
+def test_auto_meets_a_size_target_and_its_recipe_reruns_to_the_same_size(trained, cache, tmp_path):
+    model, train, val = trained
+    sens = run_analyze(model, val, cache)
+    found = auto(
+        model,
+        "size=3x,max_drop=0.2",
+        example_inputs=(val[0][0],),
+        val_data=val,
+        train_data=train,
+        sensitivity=sens,
+        finetune_epochs=1,
+        rounds=3,
+        progress=False,
+    )
+    assert found.best.compression_rate >= 3.0, found.verdict()
+    assert found.met and "met" in found.verdict()
+    again = compress(
+        model,
+        found.best.recipe,
+        example_inputs=(val[0][0],),
+        val_data=val,
+        train_data=train,
+        progress=False,
+    ).report.summary()
+    assert again["compressed_bytes"] == found.best.compressed_bytes
+    assert again["metric_after"] == pytest.approx(found.best.metric, abs=1e-9)
+    paths = found.save(tmp_path / "run")
+    assert paths["recipe"].read_text().startswith("version: 1")
+    assert "| round |" in paths["pareto"].read_text()
+
+
+def test_an_impossible_target_is_reported_with_the_closest_candidate(trained, cache):
+    model, _, val = trained
+    sens = run_analyze(model, val, cache)
+    found = auto(
+        model,
+        "size=500x",
+        example_inputs=(val[0][0],),
+        val_data=val,
+        sensitivity=sens,
+        rounds=2,
+        progress=False,
+    )
+    assert not found.met
+    assert "NOT met" in found.verdict() and "< 500.00x needed" in found.verdict()
+    assert found.best.compression_rate > 1

@@ -1,0 +1,60 @@
+"""``netshrink analyze`` and ``netshrink compress --target`` on the command line."""
+
+import json
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from netshrink.cli import app
+
+runner = CliRunner()
+
+MODULE = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def data():
+        g = torch.Generator().manual_seed(0)
+        def batch():
+            x = torch.randn(16, 8, generator=g)
+            return x, x[:, :3].argmax(dim=1)
+        return {"train": [batch()], "val": [batch()], "calib": [batch()]}
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--target", "size=ten"], "not a number"),
+        (["--target", "fast=2x"], "key among"),
+        (["--target", "max_drop=0.01"], "exactly one of"),
+        ([], "either a RECIPE or --target"),
+        (["int8", "--target", "size=4x"], "either a RECIPE or --target"),
+    ],
+)
+def test_bad_target_exits_2_with_one_error_line(args, says, tmp_path):
+    result = runner.invoke(
+        app, ["compress", *args, "--model", "zoo:digits-mlp", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and says in result.output
+
+
+def test_analyze_writes_sensitivity_json_and_plot(tmp_path, monkeypatch):
+    (tmp_path / "tinymod.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "cache"))
+    args = ["analyze", "--model", "tinymod:model", "--data", "tinymod:data", "--out", "res", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "res" / "sensitivity.json").read_text())
+    assert data["version"] == 1 and set(data["layers"]) == {"0", "2"}
+    assert (tmp_path / "res" / "sensitivity.png").stat().st_size > 1000
+    assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1
