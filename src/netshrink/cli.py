@@ -20,7 +20,7 @@ from rich.table import Table
 
 from netshrink import progress
 from netshrink.errors import ConfigError, InputError, NetshrinkError
-from netshrink.recipe.builtin import DEMO_RUNTIME
+from netshrink.recipe.builtin import DEMO_RUNTIME, DEMO_THREADS
 
 app = typer.Typer(
     add_completion=False,
@@ -235,6 +235,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-demo"),
     seed: SeedOpt = 0,
     runtime: RuntimeOpt = DEMO_RUNTIME,
+    threads: Annotated[int, typer.Option(min=1, help="intra-op threads for timing")] = DEMO_THREADS,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -244,8 +245,19 @@ def demo(
 
     scripted = _scripted(quiet, as_json)
     if not scripted:
-        err().print(f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}")
-    result, paths = run(DEFAULT, DEMO_MODEL, out, seed=seed, runtime=runtime, progress=not scripted)
+        err().print(
+            f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}, "
+            f"{threads} thread(s)"
+        )
+    result, paths = run(
+        DEFAULT,
+        DEMO_MODEL,
+        out,
+        seed=seed,
+        runtime=runtime,
+        threads=threads,
+        progress=not scripted,
+    )
     _finish_run(result, paths, quiet, as_json)
 
 

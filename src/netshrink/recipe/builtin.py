@@ -17,6 +17,14 @@ DEMO_RUNTIME = "onnxruntime"
 kernels there (eager PyTorch has no fused int8 convolution), and the fp32 baseline runs there
 too, so the speedup compares like with like."""
 
+DEMO_THREADS = 1
+"""Intra-op threads ``netshrink demo`` times both models with. Two ONNX Runtime sessions timed
+interleaved in one process each keep a worker pool: with spinning workers, the idle pool of one
+stole a core from the other (the fp32 baseline measured 9-13 ms in the demo against 4.7 ms
+alone, 2 threads); with sleeping workers, every small int8 op paid a wake-up. One thread has no
+pool, and its in-process figures matched a separate timing script within 10% (docs/benchmarks/
+recipe.md). ``--threads 2`` times on two."""
+
 
 def _folder() -> resources.abc.Traversable:
     return resources.files("netshrink.recipe") / "builtin"
