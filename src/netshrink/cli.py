@@ -183,6 +183,7 @@ def compress(
             eval_ref=eval_,
             seed=seed,
             runtime=runtime,
+            threads=threads,
             runs=runs,
             progress=not scripted,
         )

@@ -55,6 +55,7 @@ def run_auto(
     eval_ref: str | None = None,
     seed: int = 0,
     runtime: str = "eager",
+    threads: int | None = None,
     runs: int = 20,
     progress: bool = True,
 ) -> tuple[AutoResult, dict[str, Path]]:
@@ -74,6 +75,7 @@ def run_auto(
         train_data=given.data.train,
         evaluate=given.evaluate,
         runtime=runtime,
+        threads=threads,
         runs=runs,
         seed=seed,
         progress=progress,
