@@ -235,3 +235,20 @@ def test_codec_picks_csr_when_very_sparse():
     parts, entry = encode("w", t)
     assert entry["encoding"] == "csr"
     assert torch.equal(decode("w", entry, parts), t)
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "digits-mlp", "digits-transformer"])
+def test_every_zoo_model_round_trips_without_model_argument(tmp_path, name):
+    from netshrink import zoo
+
+    torch.manual_seed(0)
+    model = zoo.build(name).eval()
+    for module in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    save(model, tmp_path / name)
+    assert read_manifest(tmp_path / name)["architecture"] == f"zoo:{name}"
+    loaded = load(tmp_path / name)
+    (x,) = zoo.example_inputs(name, batch=3)
+    assert torch.equal(loaded(x), model(x))
