@@ -58,3 +58,18 @@ def test_analyze_writes_sensitivity_json_and_plot(tmp_path, monkeypatch):
     assert data["version"] == 1 and set(data["layers"]) == {"0", "2"}
     assert (tmp_path / "res" / "sensitivity.png").stat().st_size > 1000
     assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1
+
+
+def test_compress_target_times_candidates_on_the_threads_asked(tmp_path, monkeypatch):
+    import torch
+
+    (tmp_path / "tinymod.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "cache"))
+    # A count unlike torch's current one, so ignoring --threads would record the wrong number.
+    threads = 2 if torch.get_num_threads() == 1 else 1
+    args = ["compress", "--target", "size=2x", "--model", "tinymod:model"]
+    args += ["--data", "tinymod:data", "--out", "res", "--threads", str(threads), "--json"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["threads"] == threads

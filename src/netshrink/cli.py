@@ -171,38 +171,25 @@ def compress(
     scripted = _scripted(quiet, as_json)
     if (recipe is None) == (target is None):
         raise ConfigError("give either a RECIPE or --target (e.g. --target size=10x,max_drop=0.01)")
+    options = {
+        "weights": weights,
+        "data_ref": data,
+        "eval_ref": eval_,
+        "seed": seed,
+        "runtime": runtime,
+        "threads": threads,
+        "runs": runs,
+        "progress": not scripted,
+    }
     if target is not None:
         from netshrink.search.commands import run_auto
 
-        found, paths = run_auto(
-            target,
-            model,
-            out,
-            weights=weights,
-            data_ref=data,
-            eval_ref=eval_,
-            seed=seed,
-            runtime=runtime,
-            runs=runs,
-            progress=not scripted,
-        )
+        found, paths = run_auto(target, model, out, **options)
         err().print(found.verdict(), soft_wrap=True)
         err().print(f"recipe: {paths['recipe']}  Pareto front: {paths['pareto']}")
         _finish_run(found.result, paths, quiet, as_json)
         return
-    result, paths = run(
-        recipe,
-        model,
-        out,
-        weights=weights,
-        data_ref=data,
-        eval_ref=eval_,
-        seed=seed,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
-        progress=not scripted,
-    )
+    result, paths = run(recipe, model, out, **options)
     _finish_run(result, paths, quiet, as_json)
 
 

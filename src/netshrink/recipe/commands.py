@@ -69,6 +69,45 @@ def input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
     ]
 
 
+def prepare(
+    model_ref: str,
+    *,
+    weights: Path | None = None,
+    data_ref: str | None = None,
+    eval_ref: str | None = None,
+    seed: int = 0,
+    runtime: str = "eager",
+    threads: int | None = None,
+    runs: int = 20,
+    progress: bool = True,
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Resolve the references for a run: the model, the keyword arguments ``compress`` and
+    ``auto`` both take (data splits, metric, timing), and the provenance the run saves."""
+    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
+    example = given.data.example_inputs()
+    kwargs = {
+        "eval_data": given.data.test,
+        "runtime": runtime,
+        "threads": threads,
+        "runs": runs,
+        "example_inputs": example,
+        "calib_data": given.data.calib,
+        "train_data": given.data.train,
+        "val_data": given.data.val,
+        "evaluate": given.evaluate,
+        "seed": seed,
+        "progress": progress,
+    }
+    extra = {
+        "model": model_ref,
+        "weights": None if weights is None else str(weights),
+        "data": given.data_ref,
+        "eval": eval_ref,
+        "inputs": input_specs(example),
+    }
+    return given.model, kwargs, extra
+
+
 def run(
     recipe_ref: str | Path,
     model_ref: str,
@@ -85,30 +124,18 @@ def run(
 ) -> tuple[Result, dict[str, Path]]:
     """``netshrink compress``: validate the recipe, resolve inputs, compress, save; return both."""
     recipe = builtin.load(recipe_ref)
-    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
-    example = given.data.example_inputs()
-    result = compress(
-        given.model,
-        recipe,
-        eval_data=given.data.test,
+    model, kwargs, extra = prepare(
+        model_ref,
+        weights=weights,
+        data_ref=data_ref,
+        eval_ref=eval_ref,
+        seed=seed,
         runtime=runtime,
         threads=threads,
         runs=runs,
-        example_inputs=example,
-        calib_data=given.data.calib,
-        train_data=given.data.train,
-        val_data=given.data.val,
-        evaluate=given.evaluate,
-        seed=seed,
         progress=progress,
     )
-    extra = {
-        "model": model_ref,
-        "weights": None if weights is None else str(weights),
-        "data": given.data_ref,
-        "eval": eval_ref,
-        "inputs": input_specs(example),
-    }
+    result = compress(model, recipe, **kwargs)
     return result, save_run(result, out, extra)
 
 

@@ -85,6 +85,7 @@ def auto(
     finetune_epochs: int = 2,
     rounds: int = 4,
     runtime: str = "eager",
+    threads: int | None = None,
     runs: int = 20,
     seed: int = 0,
     cache: bool | str = True,
@@ -94,7 +95,8 @@ def auto(
 
     Sensitivity is probed on ``val_data`` (unless ``sensitivity`` is given); candidates are
     measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency on
-    ``runtime`` ("eager" or "onnxruntime") over ``runs`` timed passes; ``train_data`` turns on
+    ``runtime`` ("eager" or "onnxruntime") over ``runs`` timed passes with ``threads`` intra-op
+    threads (None: torch's current count); ``train_data`` turns on
     ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates are
     measured. When none meets the target the result says so and holds the closest one.
     """
@@ -116,7 +118,7 @@ def auto(
         progress=progress,
         seed=seed,
     )
-    base = measure(model.eval(), example_inputs, runtime=runtime, runs=runs)
+    base = measure(model.eval(), example_inputs, runtime=runtime, threads=threads, runs=runs)
     rate = goal_rate(goal, base.bytes, base.latency_ms)
     layer_total = sum(info[goal.resource] for info in sens.layers.values())
     fixed = base.bytes - sum(info["bytes"] for info in sens.layers.values())
@@ -140,7 +142,15 @@ def auto(
         choice, fits = allocate(sens, budget, goal.resource)
         recipe = to_recipe(choice, epochs)
         parse(recipe)  # a recipe the runner (and netshrink compress) accepts
-        result = compress(model, recipe, eval_data=eval_data, runtime=runtime, runs=runs, **context)
+        result = compress(
+            model,
+            recipe,
+            eval_data=eval_data,
+            runtime=runtime,
+            threads=threads,
+            runs=runs,
+            **context,
+        )
         cand = Candidate.measured(round_, budget, recipe, result.report.summary(), goal, rate)
         cand.predicted_loss = predicted(choice)[1]
         candidates.append(cand)

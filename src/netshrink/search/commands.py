@@ -6,7 +6,6 @@ The target string is parsed before any reference is resolved, so a bad one fails
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.auto import auto
@@ -55,35 +54,24 @@ def run_auto(
     eval_ref: str | None = None,
     seed: int = 0,
     runtime: str = "eager",
+    threads: int | None = None,
     runs: int = 20,
     progress: bool = True,
 ) -> tuple[AutoResult, dict[str, Path]]:
     """Search a recipe meeting ``target``; save its run, recipe.yaml and the Pareto front."""
-    from netshrink.recipe.commands import input_specs, resolve
+    from netshrink.recipe.commands import prepare
 
     goal = parse_target(target)
-    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
-    example = given.data.example_inputs()
-    found = auto(
-        given.model,
-        goal,
-        example_inputs=example,
-        val_data=given.data.val,
-        eval_data=given.data.test,
-        calib_data=given.data.calib,
-        train_data=given.data.train,
-        evaluate=given.evaluate,
-        runtime=runtime,
-        runs=runs,
+    model, kwargs, extra = prepare(
+        model_ref,
+        weights=weights,
+        data_ref=data_ref,
+        eval_ref=eval_ref,
         seed=seed,
+        runtime=runtime,
+        threads=threads,
+        runs=runs,
         progress=progress,
     )
-    extra: dict[str, Any] = {
-        "model": model_ref,
-        "weights": None if weights is None else str(weights),
-        "data": given.data_ref,
-        "eval": eval_ref,
-        "inputs": input_specs(example),
-        "target": str(goal),
-    }
-    return found, found.save(out, extra)
+    found = auto(model, goal, **kwargs)
+    return found, found.save(out, {**extra, "target": str(goal)})
