@@ -71,6 +71,17 @@ def test_integer_layer_macs_and_params_are_counted() -> None:
     assert count_params(layer) == 32 * 24  # the int8 buffer is the weight; float scale is not
 
 
+def test_dynamic_int8_linear_macs_are_counted_without_warning() -> None:
+    import netshrink as ns
+
+    q = ns.quantize.dynamic(nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 8)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an op without a formula would warn
+        macs = count_macs(q, (torch.randn(5, 32),))
+    # each layer: the int8 GEMM plus its K=2 zero-point/bias correction (one addmm_)
+    assert macs == 5 * (32 * 24 + 24 * 8) + 5 * 2 * (24 + 8)
+
+
 def test_cpu_attention_macs_are_two_matmuls() -> None:
     class Attend(nn.Module):
         def forward(self, q: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,22 @@ def test_dynamic_runs_integer_matmul_exactly(model) -> None:
     assert torch.isfinite(layer(torch.zeros(2, 64))).all()  # all-zero rows
 
 
+def test_dynamic_paths_agree_and_survive_copies(model) -> None:
+    """oneDNN (uint8 x int8), the _int_mm fallback, a deep copy and torch.compile agree."""
+    import copy
+
+    layer = ns.quantize.dynamic(model).fc1
+    x = torch.randn(7, 3, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        y = layer(x)
+        clone = copy.deepcopy(layer)
+        assert torch.equal(clone(x), y)
+        clone._packed = None  # the int8 _int_mm path every other backend takes
+        assert torch.allclose(clone(x), y, rtol=1e-5, atol=1e-5)
+        compiled = torch.compile(layer)(x)
+    assert torch.allclose(compiled, y, rtol=1e-5, atol=1e-5)
+
+
 def test_int4_groups_and_signs_are_packed(model) -> None:
     q4 = ns.quantize.weight_only(model, bits=4, group_size=8)
     assert isinstance(q4.fc1, PackedLinear) and q4.fc1.codes.dtype == torch.uint8

@@ -61,6 +61,11 @@ def _mm(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs:
     return 2 * int(a_shape[0]) * int(a_shape[1]) * int(b_shape[1])
 
 
+def _addmm(c_shape: Any, a_shape: Any, b_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """c + a[m, k] @ b[k, n] (the in-place ``addmm_`` torch's counter does not list)."""
+    return _mm(a_shape, b_shape)
+
+
 def _numel(shape: Any) -> int:
     n = 1
     for d in shape:
@@ -76,6 +81,7 @@ def _extra_formulas() -> dict[Any, Any]:
     aten, quantized = torch.ops.aten, torch.ops.quantized
     extra: dict[Any, Any] = {
         aten._int_mm: _mm,
+        aten.addmm_: _addmm,
         aten._weight_int8pack_mm: _linear_like,
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
     }
@@ -84,6 +90,9 @@ def _extra_formulas() -> dict[Any, Any]:
             extra[getattr(aten, name)] = _linear_like
     for name in ("linear", "linear_relu", "linear_dynamic", "linear_relu_dynamic"):
         extra[getattr(quantized, name)] = _linear_like
+    onednn = getattr(torch.ops, "onednn", None)
+    if onednn is not None and hasattr(onednn, "qlinear_pointwise"):  # quantize.dynamic on x86
+        extra[onednn.qlinear_pointwise] = _linear_like
     return extra
 
 

@@ -1,12 +1,12 @@
 """``quantize.dynamic``: int8 weights, int8 activations quantized per token at run time.
 
-The matrix multiply runs on integers for real: ``torch._int_mm`` (int8 x int8 -> int32,
-VNNI/AMX kernels on x86) between the per-token (affine) quantized input and the per-channel
-(symmetric) quantized weight, then one rescale by ``input_scale * weight_scale`` (Dettmers et
-al. 2022, "LLM.int8()", Sec. 3.1: vector-wise quantization). The extra elementwise passes cost
-about what the integer GEMM saves in eager mode; under ``torch.compile`` they fuse into
-neighbouring kernels (see docs/benchmarks/quantize.md). Embedding tables are stored as int8 rows
-with one scale per row and dequantized after the lookup.
+The matrix multiply runs on integers for real: oneDNN's uint8 x int8 -> int32 kernel (VNNI on
+x86; ``torch._int_mm`` elsewhere) between the per-token (affine) quantized input and the
+per-channel (symmetric) quantized weight, then one rescale by ``input_scale * weight_scale``
+(Dettmers et al. 2022, "LLM.int8()", Sec. 3.1: vector-wise quantization). In eager mode the
+elementwise passes around the GEMM are kept few and in place; under ``torch.compile`` they fuse
+into neighbouring kernels (see docs/benchmarks/quantize.md). Embedding tables are stored as int8
+rows with one scale per row and dequantized after the lookup.
 """
 
 from __future__ import annotations
@@ -27,9 +27,53 @@ from netshrink.registry import technique
 from netshrink.targets import Targets
 
 
+def _onednn_available() -> bool:
+    """Whether this torch build has oneDNN's int8 linear (x86 CPU builds do)."""
+    onednn = getattr(torch.ops, "onednn", None)
+    return (
+        torch.backends.mkldnn.is_available()
+        and onednn is not None
+        and hasattr(onednn, "qlinear_pointwise")
+        and hasattr(onednn, "qlinear_prepack")
+    )
+
+
+def _linear_u8s8_impl(
+    codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """float32 ``(codes @ weight_codes^T) * weight_scale``: uint8 x int8 -> int32 in oneDNN.
+
+    ``zeros`` (the weight zero points) must be a tensor: passing None selects a kernel 3x slower.
+    """
+    return torch.ops.onednn.qlinear_pointwise(
+        codes, 1.0, 0, packed, weight_scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+# An opaque op for torch.compile: inductor's own lowering of ``qlinear_pointwise`` insists on
+# freezing, while through this wrapper it fuses the quantization and rescale around the call.
+_linear_u8s8 = torch.library.custom_op("netshrink::linear_u8s8", mutates_args=())(_linear_u8s8_impl)
+
+
+@_linear_u8s8.register_fake
+def _(codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zeros: torch.Tensor):
+    return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=torch.float32)
+
+
+def _token_qparams(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row uint8 affine scale and zero point of ``x2`` [tokens, features], zero exact.
+
+    ``amin`` and ``amax`` separately: ``aminmax(dim=1)`` is ~20x slower on CPU in torch 2.13.
+    """
+    lo = x2.amin(1, keepdim=True).clamp(max=0)
+    hi = x2.amax(1, keepdim=True).clamp(min=0)
+    s = (hi - lo).clamp_min(1e-12) / 255
+    return s, torch.round(-lo / s)
+
+
 @rebuildable
 class DynamicInt8Linear(nn.Module):
-    """Linear computing int8 x int8 -> int32 with per-token input and per-channel weight scales."""
+    """Linear computing uint8 x int8 -> int32 with per-token input and per-channel weight scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -38,15 +82,40 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features))
         # [s_w * row sums of the codes ; bias]: derived from the rest, so not saved
         self.register_buffer("correction", torch.zeros(2, out_features), persistent=False)
+        self.register_buffer(
+            "weight_zero_point", torch.zeros(out_features, dtype=torch.int64), persistent=False
+        )
         # a buffer, not a parameter: the integer kernel has no gradient to train it with
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # oneDNN's packed weight layout: derived, opaque (cannot be saved or deep-copied)
+        self._packed: torch.Tensor | None = None
         self.register_load_state_dict_post_hook(lambda m, _keys: m.refresh())
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the derived correction rows after codes, scales or bias changed."""
+        """Recompute the derived tensors after codes, scales or bias changed."""
         self.correction[0] = self.weight_q.sum(1, dtype=torch.int32) * self.weight_scale
         self.correction[1] = self.bias if self.bias is not None else 0.0
+        on_cpu = self.weight_q.device.type == "cpu"
+        self._packed = (
+            torch.ops.onednn.qlinear_prepack(self.weight_q, None)
+            if on_cpu and _onednn_available()
+            else None
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.refresh()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DynamicInt8Linear:
+        super()._apply(fn, recurse)
+        self.refresh()  # a move to another device needs (or drops) the packed copy
+        return self
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -75,33 +144,39 @@ class DynamicInt8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = s_x * s_w * (q_x @ q_w^T - z_x * sum_k q_w) + b, q_x per token in [-128, 127].
+        """y = s_x * (s_w * (q_x @ q_w^T) - z_x * s_w * sum_k q_w) + b, q_x per token in [0, 255].
 
         Each token gets its own affine range (scale and zero point): one-sided inputs such as
         GELU outputs then use all 256 codes instead of half. The zero point's contribution is
-        one rank-1 correction with the weight's precomputed row sums.
+        one rank-1 correction with the weight's precomputed row sums. The GEMM is oneDNN's
+        uint8 x int8 kernel (VNNI's native operand types) with the weight scale applied in its
+        output stage, or ``torch._int_mm`` where oneDNN is missing (other CPUs, CUDA).
         """
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        lo, hi = torch.aminmax(x2, dim=1, keepdim=True)
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # zero stays exact
-        s = (hi - lo).clamp_min(1e-12) / 255
-        z = torch.round(-128 - lo / s)
-        # Every elementwise pass over these tensors costs about as much as the int8 GEMM saves,
-        # so they are few and in place: codes = round(z + x / s), clamped (2 passes + cast) ...
-        q = torch.addcmul(z, x2, 1 / s).round_().clamp_(-128, 127).to(torch.int8)
-        acc = torch._int_mm(q, self.weight_q.t())
-        if torch.compiler.is_compiling():  # one elementwise expression: inductor fuses it whole
-            wsum, bias = self.correction[0], self.correction[1]
-            y = (acc * self.weight_scale - z * wsum) * s + bias
-            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-        # ... and the output: int32 * s_w promotes to float in one pass, * s_x in a second, and
-        # the zero-point correction and the bias in a third, as one K=2 matmul-accumulate:
-        # [-s_x z, 1] @ [s_w * sum_k q_w ; b]
-        y = torch.mul(acc, self.weight_scale).mul_(s)
-        left = torch.cat([-s * z, torch.ones_like(s)], dim=1)
-        y.addmm_(left, self.correction)
+        s, z = _token_qparams(x2)
+        if torch.compiler.is_compiling():  # plain expressions: inductor fuses each side whole
+            q = torch.clamp(torch.round(x2 / s + z), 0, 255)
+            acc = self._matmul(q)
+            y = (acc - z * self.correction[0]) * s + self.correction[1]
+        else:
+            # each elementwise pass costs about what a small int8 GEMM does, so they are few
+            # and in place: codes = round(x / s + z) clamped, then the cast
+            q = x2.mul(1 / s).add_(z).round_().clamp_(0, 255)
+            y = self._matmul(q).mul_(s)
+            # zero-point correction and bias in one K=2 matmul-accumulate: [-s z, 1] @ correction
+            y.addmm_(torch.cat([-s * z, torch.ones_like(s)], dim=1), self.correction)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _matmul(self, q: torch.Tensor) -> torch.Tensor:
+        """s_w * (q @ q_w^T) in float32 for float codes ``q`` in [0, 255]."""
+        if self._packed is not None and q.device.type == "cpu":
+            # the custom-op wrapper costs ~2 ms per call in eager mode: only the compiler needs it
+            gemm = _linear_u8s8 if torch.compiler.is_compiling() else _linear_u8s8_impl
+            return gemm(q.to(torch.uint8), self._packed, self.weight_scale, self.weight_zero_point)
+        # _int_mm takes int8 on both sides: shift the codes by 128 and add 128 * row sums back
+        acc = torch._int_mm((q - 128).to(torch.int8), self.weight_q.t())
+        return acc * self.weight_scale + 128 * self.correction[0]
 
 
 @rebuildable
