@@ -35,8 +35,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack`: the first ``numel`` codes, as a flat uint8 tensor."""
     per_byte = _check(bits)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (2**bits - 1)
+    # division and remainder rather than >> and &: the ONNX exporter has no bit-shift
+    # translation, and on non-negative integers the two agree exactly
+    place = 2 ** (torch.arange(per_byte, dtype=torch.int32) * bits)
+    codes = torch.remainder(torch.div(packed.to(torch.int32).unsqueeze(1), place,
+                                      rounding_mode="floor"), 2**bits)  # fmt: skip
     return codes.flatten()[:numel].to(torch.uint8)
 
 
