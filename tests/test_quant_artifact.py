@@ -16,6 +16,7 @@ CNN_CASES = [
     ("static", {"progress": False}, 3.0),
     ("static", {"weights": "int4", "progress": False}, 4.5),
     ("qat", {"bits": 4, "epochs": 1, "progress": False}, 4.5),
+    ("qat", {"bits": 4, "activation_bits": 4, "epochs": 1, "progress": False}, 4.5),
 ]
 TINY_CASES = [
     ("dynamic", {}, 2.9),

@@ -34,6 +34,47 @@ def test_zero_epochs_equals_static_int4(model) -> None:
     assert torch.allclose(q(x), p(x), rtol=1e-4, atol=1e-4)
 
 
+def test_4bit_activations_use_16_codes_and_match_static(model) -> None:
+    calib = digits()[0][:2]
+    q = ns.quantize.qat(
+        model, train_data=calib, bits=4, activation_bits=4, epochs=0, progress=False
+    )
+    p = ns.quantize.static(
+        model, calib_data=calib, weights="int4", activations="int4", progress=False
+    )
+    x = digits()[1][0][0]
+    assert torch.allclose(q(x), p(x), rtol=1e-4, atol=1e-4)
+    kw = {"weights": "int4", "activations": "int4", "per_channel": False, "progress": False}
+    per_tensor = ns.quantize.qat(
+        model, train_data=calib, bits=4, activation_bits=4, per_channel=False, epochs=0,
+        progress=False,
+    )  # fmt: skip
+    assert torch.allclose(per_tensor(x), ns.quantize.static(model, calib_data=calib, **kw)(x),
+                          rtol=1e-4, atol=1e-4)  # fmt: skip
+    assert per_tensor.blocks[0].conv2.weight_scale.unique().numel() == 1
+    layer = q.blocks[0].conv2
+    assert layer.act_bits == 4
+    seen = []
+    hook = layer.register_forward_hook(lambda _m, a, _y: seen.append(a[0]))
+    q(x)
+    hook.remove()
+    codes = torch.round(seen[0] / layer.input_scale + layer.input_zero_point)
+    assert 2 < codes.unique().numel() <= 16 and codes.min() >= 0 and codes.max() <= 15
+
+
+def test_training_with_4bit_activations_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    model = ResCNN(8)
+    train = digits()[0][:6]
+    fit(model, train, epochs=4, lr=1e-2, progress=False)
+    kw = {"train_data": train, "bits": 4, "activation_bits": 4, "lr": 3e-3, "progress": False}
+    p = ns.quantize.qat(model, epochs=0, **kw)
+    q = ns.quantize.qat(model, epochs=3, **kw)
+    # activation ranges stay as calibrated (one grid per tensor); the weights adapted to them
+    assert torch.equal(p.blocks[1].conv1.input_scale, q.blocks[1].conv1.input_scale)
+    assert loss(q, train) < loss(p, train) * 0.9
+
+
 def test_training_lowers_the_loss_of_the_4bit_model() -> None:
     # briefly pre-trained: folding an untrained network's BatchNorm leaves it unnormalized,
     # and such a network barely trains in a few steps

@@ -129,6 +129,24 @@ def test_onnx_qdq_is_fused_into_integer_kernels(quantized, tmp_path) -> None:
     assert ops["Conv"] == 0
 
 
+@pytest.mark.parametrize(("weights", "activations"), [("int4", "int8"), ("int4", "int4")])
+def test_low_bit_models_export_and_match_onnx_runtime(tmp_path, weights, activations) -> None:
+    from netshrink.artifact.onnx import export_onnx
+
+    q = ns.quantize.static(
+        random_cnn(8), calib_data=calib(), weights=weights, activations=activations,
+        progress=False,
+    )  # fmt: skip
+    x = digits()[1][0][0]
+    path = export_onnx(q, tmp_path / "q.onnx", (x,))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    ref = q(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()  # same codes, same grid
+    if activations == "int4":
+        assert q.blocks[0].relu1.act_bits == 4 and q.fc.act_bits == 4
+
+
 def test_bad_options_and_data_are_refused() -> None:
     model = random_cnn(8)
     with pytest.raises(ConfigError, match="observer"):

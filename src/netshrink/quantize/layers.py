@@ -25,7 +25,6 @@ from netshrink.quantize.packing import pack, to_signed, to_unsigned, unpack
 
 _QD = torch.ops.quantized_decomposed
 _INT32 = (-(2**31), 2**31 - 1)
-ACT_RANGE = (0, 255)  # activations: asymmetric uint8, what ONNX Runtime's x86 kernels expect
 
 
 def fake_quant(
@@ -33,18 +32,22 @@ def fake_quant(
     scale: torch.Tensor,
     zero_point: torch.Tensor,
     frozen: tuple[float, int] | None = None,
+    qmax: int = 255,
 ) -> torch.Tensor:
-    """Quantize ``x`` to uint8 and back (exports to ONNX QuantizeLinear + DequantizeLinear).
+    """Quantize ``x`` to unsigned codes in [0, qmax] and back.
 
-    With ``frozen`` (the same scale and zero point as Python numbers) and no gradient needed,
-    the decomposed quantize/dequantize ops run: they export with dynamic shapes, which the
-    autograd-friendly ``fake_quantize_per_tensor_affine`` (used for training) does not.
+    Activations are asymmetric uint8 (what ONNX Runtime's x86 kernels expect); ``qmax`` below 255
+    keeps fewer codes of the same container (4-bit activations: 15). With ``frozen`` (the same
+    scale and zero point as Python numbers) and no gradient needed, the decomposed
+    quantize/dequantize ops run: they export with dynamic shapes to ONNX QuantizeLinear +
+    DequantizeLinear, which the autograd-friendly ``fake_quantize_per_tensor_affine`` (used for
+    training) does not.
     """
     if frozen is None or (torch.is_grad_enabled() and x.requires_grad):
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, *ACT_RANGE)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, qmax)
     s, z = frozen
-    q = _QD.quantize_per_tensor(x, s, z, *ACT_RANGE, torch.uint8)
-    return _QD.dequantize_per_tensor(q, s, z, *ACT_RANGE, torch.uint8)
+    q = _QD.quantize_per_tensor(x, s, z, 0, qmax, torch.uint8)
+    return _QD.dequantize_per_tensor(q, s, z, 0, qmax, torch.uint8)
 
 
 class _FrozenQParams(nn.Module):
@@ -69,8 +72,9 @@ class _QuantWeights(_FrozenQParams):
 
     weight_shape: tuple[int, ...]
 
-    def _init_storage(self, bits: int, bias: bool, quant_output: bool) -> None:
+    def _init_storage(self, bits: int, bias: bool, quant_output: bool, act_bits: int) -> None:
         self.bits, self.has_bias, self.quant_output = bits, bias, quant_output
+        self.act_bits = act_bits
         # codes live in the smallest packable container: 2, 4 or 8 bits
         self.storage_bits = next(b for b in (2, 4, 8) if bits <= b)
         out_channels, numel = self.weight_shape[0], math.prod(self.weight_shape)
@@ -123,6 +127,29 @@ class _QuantWeights(_FrozenQParams):
             self.output_zero_point.copy_(output_qparams[1])
         self.freeze()
 
+    @classmethod
+    def empty_like(cls, mod: Any, bits: int, quant_output: bool, act_bits: int) -> Any:
+        """An unfilled quantized layer shaped like the float layer ``mod``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(
+        cls,
+        mod: Any,
+        bits: int,
+        per_channel: bool,
+        inp: Any,
+        out: Any,
+        wscale: Any = None,
+        act_bits: int = 8,
+    ) -> Any:
+        """Quantize the conv/linear ``mod`` with input qparams ``inp``, output qparams ``out``
+        (or None), optionally given per-channel weight scales ``wscale`` (from QAT), activation
+        codes on ``act_bits`` bits."""
+        q = cls.empty_like(mod, bits, out is not None, act_bits)
+        q._fill(mod.weight, mod.bias, per_channel, inp, out, wscale)
+        return q
+
     def weight_codes(self) -> torch.Tensor:
         """Integer weight codes as int8, shaped like the float weight."""
         if self.storage_bits == 8:
@@ -145,10 +172,12 @@ class _QuantWeights(_FrozenQParams):
         return w, b
 
     def _around(self, x: torch.Tensor, op: Any) -> torch.Tensor:
-        x = fake_quant(x, self.input_scale, self.input_zero_point, self._frozen["input_"])
+        qmax = 2**self.act_bits - 1
+        x = fake_quant(x, self.input_scale, self.input_zero_point, self._frozen["input_"], qmax)
         y = op(x, *self.dequantized())
         if self.quant_output:
-            y = fake_quant(y, self.output_scale, self.output_zero_point, self._frozen["output_"])
+            out = self.output_scale, self.output_zero_point, self._frozen["output_"]
+            y = fake_quant(y, *out, qmax)
         return y
 
 
@@ -168,6 +197,7 @@ class QuantConv2d(_QuantWeights):
         bias: bool,
         bits: int = 8,
         quant_output: bool = False,
+        act_bits: int = 8,
     ) -> None:
         super().__init__()
         self.args = {
@@ -180,7 +210,7 @@ class QuantConv2d(_QuantWeights):
             "groups": groups,
         }
         self.weight_shape = (out_channels, in_channels // groups, *kernel_size)
-        self._init_storage(bits, bias, quant_output)
+        self._init_storage(bits, bias, quant_output, act_bits)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -189,6 +219,7 @@ class QuantConv2d(_QuantWeights):
             "bias": self.has_bias,
             "bits": self.bits,
             "quant_output": self.quant_output,
+            "act_bits": self.act_bits,
         }
 
     @classmethod
@@ -197,20 +228,17 @@ class QuantConv2d(_QuantWeights):
         return cls(**spec)
 
     @classmethod
-    def from_float(
-        cls, conv: nn.Conv2d, bits: int, per_channel: bool, inp: Any, out: Any, wscale: Any = None
+    def empty_like(
+        cls, conv: nn.Conv2d, bits: int, quant_output: bool, act_bits: int
     ) -> QuantConv2d:
-        """Quantize ``conv`` with input qparams ``inp``, output qparams ``out`` (or None) and
-        optionally given per-channel weight scales ``wscale``."""
+        """An unfilled layer shaped like ``conv``."""
         if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
             raise ValueError("only numeric zero padding")
-        q = cls(
+        return cls(
             conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
             list(conv.padding), list(conv.dilation), conv.groups, conv.bias is not None,
-            bits, out is not None,
+            bits, quant_output, act_bits,
         )  # fmt: skip
-        q._fill(conv.weight, conv.bias, per_channel, inp, out, wscale)
-        return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Simulated integer convolution (see the module docstring)."""
@@ -234,11 +262,12 @@ class QuantLinear(_QuantWeights):
         bias: bool,
         bits: int = 8,
         quant_output: bool = False,
+        act_bits: int = 8,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
-        self._init_storage(bits, bias, quant_output)
+        self._init_storage(bits, bias, quant_output, act_bits)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -248,6 +277,7 @@ class QuantLinear(_QuantWeights):
             "bias": self.has_bias,
             "bits": self.bits,
             "quant_output": self.quant_output,
+            "act_bits": self.act_bits,
         }
 
     @classmethod
@@ -256,15 +286,14 @@ class QuantLinear(_QuantWeights):
         return cls(**spec)
 
     @classmethod
-    def from_float(
-        cls, linear: nn.Linear, bits: int, per_channel: bool, inp: Any, out: Any, wscale: Any = None
+    def empty_like(
+        cls, linear: nn.Linear, bits: int, quant_output: bool, act_bits: int
     ) -> QuantLinear:
-        """Quantize ``linear`` like :meth:`QuantConv2d.from_float`."""
-        q = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, bits, out is not None
-        )
-        q._fill(linear.weight, linear.bias, per_channel, inp, out, wscale)
-        return q
+        """An unfilled layer shaped like ``linear``."""
+        return cls(
+            linear.in_features, linear.out_features, linear.bias is not None, bits,
+            quant_output, act_bits,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Simulated integer matrix multiply (see the module docstring)."""
@@ -273,10 +302,11 @@ class QuantLinear(_QuantWeights):
 
 @rebuildable
 class QuantReLU(_FrozenQParams):
-    """ReLU whose output is quantized to uint8 with a frozen scale (zero point 0)."""
+    """ReLU whose output is quantized to ``act_bits`` unsigned codes with a frozen scale."""
 
-    def __init__(self) -> None:
+    def __init__(self, act_bits: int = 8) -> None:
         super().__init__()
+        self.act_bits = act_bits
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self._track("")
@@ -290,8 +320,8 @@ class QuantReLU(_FrozenQParams):
         self.freeze()
 
     def spec(self) -> dict[str, Any]:
-        """No constructor arguments."""
-        return {}
+        """JSON constructor arguments."""
+        return {"act_bits": self.act_bits}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> QuantReLU:
@@ -300,4 +330,5 @@ class QuantReLU(_FrozenQParams):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """relu then fake quantization; ONNX Runtime folds the ReLU into the quantization."""
-        return fake_quant(torch.relu(x), self.scale, self.zero_point, self._frozen[""])
+        qmax = 2**self.act_bits - 1
+        return fake_quant(torch.relu(x), self.scale, self.zero_point, self._frozen[""], qmax)

@@ -42,7 +42,9 @@ class StaticConfig(TechniqueConfig):
     """Options of quantize.static."""
 
     weights: Literal["int8", "int4"] = Field("int8", description="weight codes (symmetric)")
-    activations: Literal["int8"] = Field("int8", description="activation codes (uint8 affine)")
+    activations: Literal["int8", "int4"] = Field(
+        "int8", description="activation codes (unsigned affine); int4 runs simulated in torch only"
+    )
     observer: ObserverName = Field("minmax", description="how activation ranges are chosen")
     per_channel: bool = Field(True, description="one weight scale per output channel")
     calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
@@ -92,17 +94,18 @@ def calibrate(
     batches: list[Batch],
     observer: ObserverName,
     ctx: Context,
+    act_bits: int = 8,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Observe inputs of ``names``, outputs of those in ``feeds_add`` and of every ReLU.
 
-    Returns uint8 ``(scale, zero_point)`` per observation point: ``"<name>:in"``,
-    ``"<name>:out"``.
+    Returns unsigned ``act_bits`` ``(scale, zero_point)`` per observation point:
+    ``"<name>:in"``, ``"<name>:out"``.
     """
     observers: dict[str, Observer] = {}
     hooks = []
 
     def watch(key: str) -> Observer:
-        observers[key] = make_observer(observer, key, bits=8, seed=ctx.seed)
+        observers[key] = make_observer(observer, key, bits=act_bits, seed=ctx.seed)
         return observers[key]
 
     for name in names:
@@ -123,14 +126,16 @@ def calibrate(
     finally:
         for h in hooks:
             h.remove()
-    return {k: choose_qparams(*o.range(), 8, False) for k, o in observers.items()}
+    return {k: choose_qparams(*o.range(), act_bits, False) for k, o in observers.items()}
 
 
-def quantize_relus(model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def quantize_relus(
+    model: nn.Module, qparams: dict[str, tuple[torch.Tensor, torch.Tensor]], act_bits: int = 8
+) -> None:
     """Swap every calibrated nn.ReLU for a :class:`QuantReLU` with its frozen output qparams."""
     for name, mod in list(model.named_modules()):
         if type(mod) is nn.ReLU and f"{name}:out" in qparams:
-            q = QuantReLU()
+            q = QuantReLU(act_bits)
             q.set_qparams(*qparams[f"{name}:out"])
             set_submodule(model, name, q)
 
@@ -141,20 +146,21 @@ def convert(
     qparams: dict[str, tuple[torch.Tensor, torch.Tensor]],
     per_channel: bool,
     weight_scales: dict[str, torch.Tensor] | None = None,
+    act_bits: int = 8,
 ) -> nn.Module:
     """Swap the calibrated conv/linear layers and ReLUs for their quantized versions.
 
     ``weight_scales`` (from QAT) fixes the weight scale of the layers it names; the others get
-    min-max scales.
+    min-max scales. ``qparams`` are on ``act_bits`` unsigned codes.
     """
     scales = weight_scales or {}
     for name, b in bits.items():
         mod = model.get_submodule(name)
         layer_cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
         inp, out = qparams[f"{name}:in"], qparams.get(f"{name}:out")
-        new = layer_cls.from_float(mod, b, per_channel, inp, out, scales.get(name))
+        new = layer_cls.from_float(mod, b, per_channel, inp, out, scales.get(name), act_bits)
         set_submodule(model, name, new)
-    quantize_relus(model, qparams)
+    quantize_relus(model, qparams, act_bits)
     return model
 
 
@@ -163,9 +169,10 @@ def quantize_static_model(
 ) -> nn.Module:
     """Fold, calibrate on ``ctx.calib_data`` and convert ``model`` in place."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
+    act_bits = 8 if config.activations == "int8" else 4
     feeds_add = fold_batchnorms(model, bits)
-    qparams = calibrate(model, bits, feeds_add, batches, config.observer, ctx)
-    return convert(model, bits, qparams, per_channel)
+    qparams = calibrate(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
+    return convert(model, bits, qparams, per_channel, act_bits=act_bits)
 
 
 @technique("quantize.static", StaticConfig, needs=("calib_data",))

@@ -1,9 +1,12 @@
 """``quantize.qat``: quantization-aware training, then conversion exactly like quantize.static.
 
 The model is prepared like static PTQ (BatchNorm folded, activations calibrated and their
-uint8 scales frozen), then each conv/linear trains with fake-quantized weights whose
-per-channel scales are learned: Learned Step Size Quantization (Esser et al. 2020, "Learned
-Step Size Quantization", Sec. 2) with the straight-through estimator for rounding. The project's
+scales frozen, on ``activation_bits`` unsigned codes), then each conv/linear trains with
+fake-quantized weights whose per-channel scales are learned: Learned Step Size Quantization
+(Esser et al. 2020, "Learned Step Size Quantization", Sec. 2) with the straight-through
+estimator for rounding. Activation scales stay frozen because a ReLU's output range and the
+next layer's input range describe one tensor: learning one of them apart from the other
+would quantize that tensor twice on different grids (measured: worse 3-bit QAT). The project's
 optimizer is AdamW, whose per-parameter normalization makes LSQ's gradient scaling (Sec. 2.2)
 moot and would move a raw step size by ``lr`` per update; the step size is therefore learned
 in log space, so each update changes it by a bounded relative amount. Training runs through
@@ -42,12 +45,22 @@ QParams = tuple[torch.Tensor, torch.Tensor]
 class LSQLayer(nn.Module):
     """Training-time wrapper: frozen input/output fake quantization, LSQ weight quantization."""
 
-    def __init__(self, inner: nn.Conv2d | nn.Linear, bits: int, inp: QParams, out: QParams | None):
+    def __init__(
+        self,
+        inner: nn.Conv2d | nn.Linear,
+        bits: int,
+        inp: QParams,
+        out: QParams | None,
+        act_bits: int = 8,
+        per_channel: bool = True,
+    ) -> None:
         super().__init__()
         self.inner, self.bits = inner, bits
         self.qmin, self.qmax = qrange(bits, True)
+        self.act_qmax = 2**act_bits - 1
         w = inner.weight.detach()
-        init = w.reshape(w.shape[0], -1).abs().amax(1).clamp_min(1e-8) / self.qmax
+        rows = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
+        init = rows.abs().amax(1).clamp_min(1e-8) / self.qmax
         self.log_scale = nn.Parameter(init.reshape(-1, *([1] * (w.dim() - 1))).log())
         self.register_buffer("in_scale", inp[0].clone())
         self.register_buffer("in_zp", inp[1].clone())
@@ -60,22 +73,28 @@ class LSQLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantized-in, quantized-weight, (quantized-out) forward pass."""
-        x = fake_quant(x, self.in_scale, self.in_zp)
+        x = fake_quant(x, self.in_scale, self.in_zp, qmax=self.act_qmax)
         w, b = self.quantized_weight(), self.inner.bias
         if isinstance(self.inner, nn.Conv2d):
             c = self.inner
             y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
         else:
             y = F.linear(x, w, b)
-        return y if self.out is None else fake_quant(y, *self.out)
+        return y if self.out is None else fake_quant(y, *self.out, qmax=self.act_qmax)
 
 
 class QATConfig(TechniqueConfig):
     """Options of quantize.qat."""
 
     bits: int = Field(8, ge=2, le=8, description="weight bits during training and after")
+    activation_bits: int = Field(
+        8, ge=2, le=8, description="activation bits (unsigned); below 8 simulated in torch only"
+    )
     epochs: int = Field(3, ge=0, le=1000, description="training passes over train_data")
-    lr: float = Field(1e-3, gt=0, le=1, description="learning rate of weights and scales")
+    # 3e-4: the rate the validation split chose most often in benchmarks/quantize.py --part qat;
+    # 1e-3 overshoots when fine-tuning a trained network for a few epochs
+    lr: float = Field(3e-4, gt=0, le=1, description="learning rate of weights and scales")
+    per_channel: bool = Field(True, description="one weight scale per output channel")
     observer: ObserverName = Field("minmax", description="how activation ranges are chosen")
     calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
     targets: Targets = Field(default_factory=Targets, description="Conv2d/Linear to quantize")
@@ -91,12 +110,16 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     model.eval()
     calib = materialize(ctx.calib_data or ctx.train_data or [], "calib_data")
     feeds_add = fold_batchnorms(model, bits)
-    qparams = calibrate(model, bits, feeds_add, calib[: config.calib_batches], config.observer, ctx)
+    act_bits = config.activation_bits
+    batches = calib[: config.calib_batches]
+    qparams = calibrate(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
     for name, b in bits.items():
         inner = model.get_submodule(name)
         out = qparams.get(f"{name}:out")
-        set_submodule(model, name, LSQLayer(inner, b, qparams[f"{name}:in"], out))  # type: ignore[arg-type]
-    quantize_relus(model, qparams)
+        inp = qparams[f"{name}:in"]
+        layer = LSQLayer(inner, b, inp, out, act_bits, config.per_channel)  # type: ignore[arg-type]
+        set_submodule(model, name, layer)
+    quantize_relus(model, qparams, act_bits)
     assert ctx.train_data is not None
     fit(
         model, ctx.train_data, epochs=config.epochs, lr=config.lr, seed=ctx.seed,
@@ -106,6 +129,6 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     for name in bits:
         layer = model.get_submodule(name)
         assert isinstance(layer, LSQLayer)
-        scales[name] = layer.log_scale.detach().exp().reshape(-1)
+        scales[name] = layer.log_scale.detach().exp().reshape(-1)  # per channel or one
         set_submodule(model, name, layer.inner)
-    return convert(model.eval(), bits, qparams, True, scales)
+    return convert(model.eval(), bits, qparams, True, scales, act_bits)
