@@ -119,6 +119,28 @@ def test_dynamic_paths_agree_and_survive_copies(model) -> None:
     assert torch.allclose(compiled, y, rtol=1e-5, atol=1e-5)
 
 
+def test_dynamic_exports_integer_matmuls_to_onnx(model, tmp_path) -> None:
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    from netshrink.artifact.onnx import export_onnx
+
+    q = ns.quantize.dynamic(model)
+    x = inputs()
+    path = export_onnx(q, tmp_path / "dyn.onnx", x)
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["MatMulInteger"] == 3 and ops["MatMul"] == ops["Gemm"] == 0  # every Linear
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (x, tuple(t[:3] for t in x)):  # the batch dimension stays dynamic
+        feed = {i.name: t.numpy() for i, t in zip(sess.get_inputs(), batch, strict=True)}
+        out = sess.run(None, feed)[0]
+        with torch.no_grad():
+            ref = q(*batch).numpy()
+        assert abs(out - ref).max() <= 1e-5 * abs(ref).max()  # the same integer arithmetic
+
+
 def test_int4_groups_and_signs_are_packed(model) -> None:
     q4 = ns.quantize.weight_only(model, bits=4, group_size=8)
     assert isinstance(q4.fc1, PackedLinear) and q4.fc1.codes.dtype == torch.uint8

@@ -60,6 +60,28 @@ def _(codes: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zer
     return codes.new_empty((codes.shape[0], weight_scale.shape[0]), dtype=torch.float32)
 
 
+def _matmul_u8s8_impl(
+    codes: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    """float32 ``(codes @ weight_q^T) * weight_scale`` for uint8 ``codes``, via ``torch._int_mm``.
+
+    ``_int_mm`` takes int8 on both sides: the codes are shifted by -128 and 128 times the
+    weight's row sums are added back.
+    """
+    acc = torch._int_mm((codes.to(torch.int32) - 128).to(torch.int8), weight_q.t())
+    return (acc + 128 * weight_q.sum(1, dtype=torch.int32)) * weight_scale
+
+
+# The same product on plain tensors, as one op the ONNX exporter translates to MatMulInteger
+# (netshrink.artifact.onnx); oneDNN's packed weight cannot be written to a file.
+_matmul_u8s8 = torch.library.custom_op("netshrink::matmul_u8s8", mutates_args=())(_matmul_u8s8_impl)
+
+
+@_matmul_u8s8.register_fake
+def _(codes: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor):
+    return codes.new_empty((codes.shape[0], weight_q.shape[0]), dtype=torch.float32)
+
+
 def _token_qparams(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row uint8 affine scale and zero point of ``x2`` [tokens, features], zero exact.
 
@@ -150,7 +172,8 @@ class DynamicInt8Linear(nn.Module):
         GELU outputs then use all 256 codes instead of half. The zero point's contribution is
         one rank-1 correction with the weight's precomputed row sums. The GEMM is oneDNN's
         uint8 x int8 kernel (VNNI's native operand types) with the weight scale applied in its
-        output stage, or ``torch._int_mm`` where oneDNN is missing (other CPUs, CUDA).
+        output stage, or ``torch._int_mm`` where oneDNN is missing (other CPUs, CUDA); exported
+        to ONNX it is ``MatMulInteger``.
         """
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
@@ -170,13 +193,14 @@ class DynamicInt8Linear(nn.Module):
 
     def _matmul(self, q: torch.Tensor) -> torch.Tensor:
         """s_w * (q @ q_w^T) in float32 for float codes ``q`` in [0, 255]."""
+        codes = q.to(torch.uint8)
+        if torch.compiler.is_exporting():
+            return _matmul_u8s8(codes, self.weight_q, self.weight_scale)
         if self._packed is not None and q.device.type == "cpu":
             # the custom-op wrapper costs ~2 ms per call in eager mode: only the compiler needs it
             gemm = _linear_u8s8 if torch.compiler.is_compiling() else _linear_u8s8_impl
-            return gemm(q.to(torch.uint8), self._packed, self.weight_scale, self.weight_zero_point)
-        # _int_mm takes int8 on both sides: shift the codes by 128 and add 128 * row sums back
-        acc = torch._int_mm((q - 128).to(torch.int8), self.weight_q.t())
-        return acc * self.weight_scale + 128 * self.correction[0]
+            return gemm(codes, self._packed, self.weight_scale, self.weight_zero_point)
+        return _matmul_u8s8_impl(codes, self.weight_q, self.weight_scale)
 
 
 @rebuildable
