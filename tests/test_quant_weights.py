@@ -11,6 +11,7 @@ from torch import nn
 import netshrink as ns
 from netshrink.artifact.modules import build, spec_of
 from netshrink.errors import ConfigError
+from netshrink.quantize import dynamic_int8
 from netshrink.quantize.dynamic_int8 import DynamicInt8Linear, Int8Embedding
 from netshrink.quantize.packed import PackedConv2d, PackedLinear
 
@@ -86,20 +87,26 @@ def test_technique_shrinks_stays_close_and_rebuilds(model, name, options, tol, s
     assert torch.equal(again(*x), q(*x))
 
 
+def exact(layer: DynamicInt8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Per-token affine codes, an exact int64 matmul, then the float rescale (float64)."""
+    qmax = dynamic_int8._code_max(x.device)
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / qmax
+    z = torch.round(-lo / s)
+    qx = torch.clamp(torch.round(x / s + z), 0, qmax).to(torch.int64)
+    acc = (qx - z.to(torch.int64)) @ layer.weight_q.to(torch.int64).t()
+    bias = layer.bias.double() if layer.bias is not None else 0.0
+    return acc.double() * s.double() * layer.weight_scale.double() + bias
+
+
 def test_dynamic_runs_integer_matmul_exactly(model) -> None:
     q = ns.quantize.dynamic(model)
     layer = q.fc1
     assert isinstance(layer, DynamicInt8Linear) and isinstance(q.emb, Int8Embedding)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).relu()  # one-sided
-    # reference: per-token affine int8 codes, exact int64 matmul, then the float rescale
-    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True)
-    s = (hi - lo) / 255
-    z = torch.round(-128 - lo / s)
-    qx = torch.clamp(torch.round(x / s + z), -128, 127).to(torch.int64)
-    acc = (qx - z.to(torch.int64)) @ layer.weight_q.to(torch.int64).t()
-    ref = acc.double() * s.double() * layer.weight_scale.double() + layer.bias.double()
-    assert torch.allclose(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
-    assert int(qx.min()) == -128 and int(qx.max()) == 127  # all 256 codes in use
+    assert torch.allclose(layer(x).double(), exact(layer, x), rtol=1e-5, atol=1e-5)
+    qx = torch.round(x / ((x.amax(1, keepdim=True)) / 255))
+    assert int(qx.min()) == 0 and int(qx.max()) == 255  # all 256 codes in use (on VNNI CPUs)
     assert torch.isfinite(layer(torch.zeros(2, 64))).all()  # all-zero rows
 
 
@@ -117,6 +124,61 @@ def test_dynamic_paths_agree_and_survive_copies(model) -> None:
         assert torch.allclose(clone(x), y, rtol=1e-5, atol=1e-5)
         compiled = torch.compile(layer)(x)
     assert torch.allclose(compiled, y, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_layer_survives_dtype_moves_and_compiled_copies(model) -> None:
+    import copy
+
+    with torch.inference_mode():  # buffers made here cannot be written in place later
+        layer = ns.quantize.dynamic(model).fc1
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        y = layer(x)
+        for moved in (copy.deepcopy(layer).to("cpu"), copy.deepcopy(layer).double()):
+            assert torch.equal(moved(x), y)
+        half = copy.deepcopy(layer).half()
+        assert half.weight_scale.dtype == torch.float32
+        out = half(x.half())
+        assert out.dtype == torch.float16
+        assert torch.allclose(out.float(), y, rtol=1e-2, atol=1e-2)
+        compiled = copy.deepcopy(layer)
+        compiled.compile()
+        clone = copy.deepcopy(compiled)
+        clone.bias.fill_(100.0)
+        clone.refresh()
+        assert torch.allclose(clone(x), exact(clone, x).float(), rtol=1e-5, atol=1e-4)
+
+
+def test_codes_stop_at_127_on_cpus_without_vnni() -> None:
+    import os
+    import subprocess
+    import sys
+
+    # oneDNN limited to AVX2 adds u8 x s8 product pairs in saturating int16, as on pre-VNNI x86
+    script = """
+import torch
+from netshrink.quantize import dynamic_int8
+dynamic_int8._VNNI = {vnni}
+torch.manual_seed(0)
+lin = torch.nn.Linear(64, 32)
+layer = dynamic_int8.DynamicInt8Linear.from_float(lin)
+x = torch.rand(20, 64) * 10  # one-sided: the top codes are used
+q = 127 if not {vnni} else 255
+s = x.amax(1, keepdim=True) / q
+ref = torch.round(x / s).double() @ layer.weight_q.double().t() * s.double()
+ref = ref * layer.weight_scale.double() + lin.bias.double()
+with torch.no_grad():
+    print(float((layer(x).double() - ref).abs().max() / ref.abs().max()))
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+    def error(vnni: bool) -> float:
+        out = subprocess.run([sys.executable, "-c", script.format(vnni=vnni)], env=env,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return float(out.stdout.strip().splitlines()[-1])
+
+    assert error(False) < 1e-5  # 7-bit codes: exact even with a saturating kernel
+    assert error(True) > 1e-3  # what full-range codes would suffer there
 
 
 def test_dynamic_exports_integer_matmuls_to_onnx(model, tmp_path) -> None:

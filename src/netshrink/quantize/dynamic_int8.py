@@ -1,4 +1,4 @@
-"""``quantize.dynamic``: int8 weights, int8 activations quantized per token at run time.
+"""``quantize.dynamic``: int8 weights, uint8 activations quantized per token at run time.
 
 The matrix multiply runs on integers for real: oneDNN's uint8 x int8 -> int32 kernel (VNNI on
 x86; ``torch._int_mm`` elsewhere) between the per-token (affine) quantized input and the
@@ -25,6 +25,16 @@ from netshrink.quantize.affine import Granularity, quantize_weight
 from netshrink.quantize.tracing import set_submodule
 from netshrink.registry import technique
 from netshrink.targets import Targets
+
+# Without VNNI, x86 int8 GEMMs (oneDNN's, and torch._int_mm's through it) add pairs of
+# uint8 x int8 products in int16 with saturation (vpmaddubsw): 255 * 127 * 2 overflows it,
+# 127 * 127 * 2 does not. Such CPUs get 7-bit activation codes, exact but coarser.
+_VNNI = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
+
+
+def _code_max(device: torch.device) -> int:
+    """Largest activation code on ``device``: 255, or 127 on x86 CPUs without VNNI."""
+    return 255 if device.type != "cpu" or _VNNI else 127
 
 
 def _onednn_available() -> bool:
@@ -82,14 +92,15 @@ def _(codes: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor):
     return codes.new_empty((codes.shape[0], weight_q.shape[0]), dtype=torch.float32)
 
 
-def _token_qparams(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row uint8 affine scale and zero point of ``x2`` [tokens, features], zero exact.
+def _token_qparams(x2: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row affine scale and zero point of ``x2`` [tokens, features] for codes 0..qmax.
 
-    ``amin`` and ``amax`` separately: ``aminmax(dim=1)`` is ~20x slower on CPU in torch 2.13.
+    Zero stays exact. ``amin`` and ``amax`` separately: ``aminmax(dim=1)`` is ~20x slower on
+    CPU in torch 2.13.
     """
     lo = x2.amin(1, keepdim=True).clamp(max=0)
     hi = x2.amax(1, keepdim=True).clamp(min=0)
-    s = (hi - lo).clamp_min(1e-12) / 255
+    s = (hi - lo).clamp_min(1e-12) / qmax
     return s, torch.round(-lo / s)
 
 
@@ -115,9 +126,14 @@ class DynamicInt8Linear(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the derived tensors after codes, scales or bias changed."""
-        self.correction[0] = self.weight_q.sum(1, dtype=torch.int32) * self.weight_scale
-        self.correction[1] = self.bias if self.bias is not None else 0.0
+        """Recompute the derived tensors after codes, scales or bias changed.
+
+        New tensors rather than in-place writes: buffers made under ``torch.inference_mode``
+        cannot be written outside it.
+        """
+        row_sums = self.weight_q.sum(1, dtype=torch.int32) * self.weight_scale
+        bias = self.bias if self.bias is not None else torch.zeros_like(row_sums)
+        self.correction = torch.stack([row_sums, bias])
         on_cpu = self.weight_q.device.type == "cpu"
         self._packed = (
             torch.ops.onednn.qlinear_prepack(self.weight_q, None)
@@ -126,7 +142,7 @@ class DynamicInt8Linear(nn.Module):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state["_packed"] = None
         return state
 
@@ -136,6 +152,11 @@ class DynamicInt8Linear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> DynamicInt8Linear:
         super()._apply(fn, recurse)
+        # scales and bias stay float32 through .half() / .double(): the kernels take only that
+        # (the output still comes back in the input's dtype)
+        self.weight_scale = self.weight_scale.float()
+        if self.bias is not None:
+            self.bias = self.bias.float()
         self.refresh()  # a move to another device needs (or drops) the packed copy
         return self
 
@@ -168,6 +189,8 @@ class DynamicInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = s_x * (s_w * (q_x @ q_w^T) - z_x * s_w * sum_k q_w) + b, q_x per token in [0, 255].
 
+        (Codes stop at 127 on x86 CPUs without VNNI, see ``_code_max``.)
+
         Each token gets its own affine range (scale and zero point): one-sided inputs such as
         GELU outputs then use all 256 codes instead of half. The zero point's contribution is
         one rank-1 correction with the weight's precomputed row sums. The GEMM is oneDNN's
@@ -177,22 +200,23 @@ class DynamicInt8Linear(nn.Module):
         """
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        s, z = _token_qparams(x2)
+        qmax = _code_max(x2.device)
+        s, z = _token_qparams(x2, qmax)
         if torch.compiler.is_compiling():  # plain expressions: inductor fuses each side whole
-            q = torch.clamp(torch.round(x2 / s + z), 0, 255)
+            q = torch.clamp(torch.round(x2 / s + z), 0, qmax)
             acc = self._matmul(q)
             y = (acc - z * self.correction[0]) * s + self.correction[1]
         else:
             # each elementwise pass costs about what a small int8 GEMM does, so they are few
             # and in place: codes = round(x / s + z) clamped, then the cast
-            q = x2.mul(1 / s).add_(z).round_().clamp_(0, 255)
+            q = x2.div(s).add_(z).round_().clamp_(0, qmax)
             y = self._matmul(q).mul_(s)
             # zero-point correction and bias in one K=2 matmul-accumulate: [-s z, 1] @ correction
             y.addmm_(torch.cat([-s * z, torch.ones_like(s)], dim=1), self.correction)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def _matmul(self, q: torch.Tensor) -> torch.Tensor:
-        """s_w * (q @ q_w^T) in float32 for float codes ``q`` in [0, 255]."""
+        """s_w * (q @ q_w^T) in float32 for float codes ``q`` in [0, 255] (or [0, 127])."""
         codes = q.to(torch.uint8)
         if torch.compiler.is_exporting():
             return _matmul_u8s8(codes, self.weight_q, self.weight_scale)
@@ -255,7 +279,7 @@ class DynamicConfig(TechniqueConfig):
 
 @technique("quantize.dynamic", DynamicConfig)
 def dynamic(model: nn.Module, config: DynamicConfig, ctx: Context) -> nn.Module:
-    """int8 weights and per-token int8 activations, integer matmuls via torch._int_mm."""
+    """int8 weights and per-token uint8 activations, integer matmuls (oneDNN or _int_mm)."""
     for name, mod in config.targets.select(model, (nn.Linear,)).items():
         set_submodule(model, name, DynamicInt8Linear.from_float(mod))  # type: ignore[arg-type]
     if config.embeddings:
