@@ -129,22 +129,37 @@ def test_onnx_qdq_is_fused_into_integer_kernels(quantized, tmp_path) -> None:
     assert ops["Conv"] == 0
 
 
-@pytest.mark.parametrize(("weights", "activations"), [("int4", "int8"), ("int4", "int4")])
-def test_low_bit_models_export_and_match_onnx_runtime(tmp_path, weights, activations) -> None:
+LOW_BIT = [
+    ("static", {"weights": "int4"}),
+    ("static", {"weights": "int4", "activations": "int4"}),
+    ("qat", {"bits": 2, "epochs": 0}),  # 2-bit codes, packed four per byte
+]
+
+
+@pytest.mark.parametrize(("name", "options"), LOW_BIT)
+def test_low_bit_models_export_and_match_onnx_runtime(tmp_path, name, options) -> None:
     from netshrink.artifact.onnx import export_onnx
 
-    q = ns.quantize.static(
-        random_cnn(8), calib_data=calib(), weights=weights, activations=activations,
-        progress=False,
-    )  # fmt: skip
+    q = getattr(ns.quantize, name)(
+        random_cnn(8), calib_data=calib(), train_data=calib(), progress=False, **options
+    )
     x = digits()[1][0][0]
     path = export_onnx(q, tmp_path / "q.onnx", (x,))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     ref = q(x).detach().numpy()
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()  # same codes, same grid
-    if activations == "int4":
+    if options.get("activations") == "int4":
         assert q.blocks[0].relu1.act_bits == 4 and q.fc.act_bits == 4
+
+
+def test_specs_saved_before_activation_bits_still_build(quantized) -> None:
+    """Artifacts written before ``act_bits`` existed have specs without it: 8-bit layers."""
+    _, q = quantized
+    for name in ("stem.0", "fc", "stem.2"):
+        spec = spec_of(q.get_submodule(name))
+        old = {**spec, "args": {k: v for k, v in spec["args"].items() if k != "act_bits"}}
+        assert "act_bits" in spec["args"] and build(old).act_bits == 8
 
 
 def test_bad_options_and_data_are_refused() -> None:

@@ -28,7 +28,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in 0..{2**bits - 1} to pack into {bits} bits")
     pad = (-flat.numel()) % per_byte
     flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=flat.device) * bits
     return (flat << shifts).sum(dim=1).to(torch.uint8)
 
 
@@ -37,7 +37,7 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     per_byte = _check(bits)
     # division and remainder rather than >> and &: the ONNX exporter has no bit-shift
     # translation, and on non-negative integers the two agree exactly
-    place = 2 ** (torch.arange(per_byte, dtype=torch.int32) * bits)
+    place = 2 ** (torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits)
     codes = torch.remainder(torch.div(packed.to(torch.int32).unsqueeze(1), place,
                                       rounding_mode="floor"), 2**bits)  # fmt: skip
     return codes.flatten()[:numel].to(torch.uint8)

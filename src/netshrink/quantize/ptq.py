@@ -43,7 +43,7 @@ class StaticConfig(TechniqueConfig):
 
     weights: Literal["int8", "int4"] = Field("int8", description="weight codes (symmetric)")
     activations: Literal["int8", "int4"] = Field(
-        "int8", description="activation codes (unsigned affine); int4 runs simulated in torch only"
+        "int8", description="activation codes (unsigned affine); int4 is exact but no faster"
     )
     observer: ObserverName = Field("minmax", description="how activation ranges are chosen")
     per_channel: bool = Field(True, description="one weight scale per output channel")

@@ -88,7 +88,7 @@ class QATConfig(TechniqueConfig):
 
     bits: int = Field(8, ge=2, le=8, description="weight bits during training and after")
     activation_bits: int = Field(
-        8, ge=2, le=8, description="activation bits (unsigned); below 8 simulated in torch only"
+        8, ge=2, le=8, description="activation bits (unsigned); below 8 exact but no faster"
     )
     epochs: int = Field(3, ge=0, le=1000, description="training passes over train_data")
     # 3e-4: the rate the validation split chose most often in benchmarks/quantize.py --part qat;
