@@ -111,7 +111,8 @@ def test_dynamic_runs_integer_matmul_exactly(model) -> None:
 
 
 def test_dynamic_paths_agree_and_survive_copies(model) -> None:
-    """oneDNN (uint8 x int8), the _int_mm fallback, a deep copy and torch.compile agree."""
+    """oneDNN (uint8 x int8), the _int_mm fallback, a deep copy, torch.compile (default and
+    with COMPILE_OPTIONS) agree."""
     import copy
 
     layer = ns.quantize.dynamic(model).fc1
@@ -123,7 +124,9 @@ def test_dynamic_paths_agree_and_survive_copies(model) -> None:
         clone._packed = None  # the int8 _int_mm path every other backend takes
         assert torch.allclose(clone(x), y, rtol=1e-5, atol=1e-5)
         compiled = torch.compile(layer)(x)
+        tuned = torch.compile(copy.deepcopy(layer), options=ns.quantize.COMPILE_OPTIONS)(x)
     assert torch.allclose(compiled, y, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(tuned, y, rtol=1e-5, atol=1e-5)
 
 
 def test_dynamic_layer_survives_dtype_moves_and_compiled_copies(model) -> None:

@@ -37,6 +37,15 @@ def _code_max(device: torch.device) -> int:
     return 255 if device.type != "cpu" or _VNNI else 127
 
 
+# torch.compile options for models with DynamicInt8Linear layers. Freezing makes weights
+# constants. realize_reads_threshold=1 makes inductor store a tensor read by more than one
+# loop instead of recomputing it in each: the per-token quantization reads its input twice
+# (range, then codes), and recomputing an erf-GELU producer twice cost 6.5 ms against 4.2 ms
+# for store-and-reread per MiniLM FFN layer (2 threads). Measured on the whole encoder in
+# docs/benchmarks/quantize.md, where the same options make torchao's int8 model slower.
+COMPILE_OPTIONS: dict[str, Any] = {"freezing": True, "realize_reads_threshold": 1}
+
+
 def _onednn_available() -> bool:
     """Whether this torch build has oneDNN's int8 linear (x86 CPU builds do)."""
     onednn = getattr(torch.ops, "onednn", None)
