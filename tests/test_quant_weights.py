@@ -161,7 +161,7 @@ def test_codes_stop_at_127_on_cpus_without_vnni() -> None:
     script = """
 import torch
 from netshrink.quantize import dynamic_int8
-dynamic_int8._VNNI = {vnni}
+dynamic_int8._SATURATING_CPU = not {vnni}
 torch.manual_seed(0)
 lin = torch.nn.Linear(64, 32)
 layer = dynamic_int8.DynamicInt8Linear.from_float(lin)

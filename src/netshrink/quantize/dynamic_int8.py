@@ -11,6 +11,7 @@ rows with one scale per row and dequantized after the lookup.
 
 from __future__ import annotations
 
+import platform
 from typing import Any
 
 import torch
@@ -29,12 +30,14 @@ from netshrink.targets import Targets
 # Without VNNI, x86 int8 GEMMs (oneDNN's, and torch._int_mm's through it) add pairs of
 # uint8 x int8 products in int16 with saturation (vpmaddubsw): 255 * 127 * 2 overflows it,
 # 127 * 127 * 2 does not. Such CPUs get 7-bit activation codes, exact but coarser.
-_VNNI = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
+_SATURATING_CPU = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and not bool(
+    getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+)
 
 
 def _code_max(device: torch.device) -> int:
     """Largest activation code on ``device``: 255, or 127 on x86 CPUs without VNNI."""
-    return 255 if device.type != "cpu" or _VNNI else 127
+    return 127 if device.type == "cpu" and _SATURATING_CPU else 255
 
 
 # torch.compile options for models with DynamicInt8Linear layers. Freezing makes weights
