@@ -127,6 +127,20 @@ class _QuantWeights(_FrozenQParams):
             self.output_zero_point.copy_(output_qparams[1])
         self.freeze()
 
+    def _storage_spec(self) -> dict[str, Any]:
+        """The constructor arguments every quantized conv/linear shares."""
+        return {
+            "bias": self.has_bias,
+            "bits": self.bits,
+            "quant_output": self.quant_output,
+            "act_bits": self.act_bits,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Any:
+        """Empty layer of the right shapes; values come from the state dict."""
+        return cls(**spec)
+
     @classmethod
     def empty_like(cls, mod: Any, bits: int, quant_output: bool, act_bits: int) -> Any:
         """An unfilled quantized layer shaped like the float layer ``mod``."""
@@ -216,16 +230,8 @@ class QuantConv2d(_QuantWeights):
         """JSON constructor arguments."""
         return {
             **self.args,
-            "bias": self.has_bias,
-            "bits": self.bits,
-            "quant_output": self.quant_output,
-            "act_bits": self.act_bits,
+            **self._storage_spec(),
         }
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> QuantConv2d:
-        """Empty layer of the right shapes; values come from the state dict."""
-        return cls(**spec)
 
     @classmethod
     def empty_like(
@@ -274,16 +280,8 @@ class QuantLinear(_QuantWeights):
         return {
             "in_features": self.in_features,
             "out_features": self.out_features,
-            "bias": self.has_bias,
-            "bits": self.bits,
-            "quant_output": self.quant_output,
-            "act_bits": self.act_bits,
+            **self._storage_spec(),
         }
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> QuantLinear:
-        """Empty layer of the right shapes; values come from the state dict."""
-        return cls(**spec)
 
     @classmethod
     def empty_like(
