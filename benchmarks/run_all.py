@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["zoo_accuracy", "quantize", "prune", "prune_crossover", "lowrank", "distill"]
+SCRIPTS = [
+    "zoo_accuracy", "quantize", "dynamic_kernels", "prune", "prune_crossover", "lowrank", "distill",
+]  # fmt: skip
 
 
 def main() -> int:

@@ -40,12 +40,12 @@ def _code_max(device: torch.device) -> int:
     return 127 if device.type == "cpu" and _SATURATING_CPU else 255
 
 
-# torch.compile options for models with DynamicInt8Linear layers. Freezing makes weights
-# constants. realize_reads_threshold=1 makes inductor store a tensor read by more than one
-# loop instead of recomputing it in each: the per-token quantization reads its input twice
-# (range, then codes), and recomputing an erf-GELU producer twice cost 6.5 ms against 4.2 ms
-# for store-and-reread per MiniLM FFN layer (2 threads). Measured on the whole encoder in
-# docs/benchmarks/quantize.md, where the same options make torchao's int8 model slower.
+# torch.compile options for models with DynamicInt8Linear layers, chosen by measuring the whole
+# MiniLM encoder (docs/benchmarks/quantize.md runs 4-5: 9-13% less time than default compile
+# at 1 thread, 10-11% at 2; the same options make torchao's int8 model slower). Freezing makes
+# weights constants; realize_reads_threshold=1 makes inductor store buffers read by more than
+# one kernel instead of recomputing them. Why the latter helps is not pinned down: on one
+# isolated FFN epilogue + GELU + quantization (benchmarks/dynamic_kernels.py) it changes nothing.
 COMPILE_OPTIONS: dict[str, Any] = {"freezing": True, "realize_reads_threshold": 1}
 
 
@@ -107,7 +107,7 @@ def _(codes: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor):
 def _token_qparams(x2: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row affine scale and zero point of ``x2`` [tokens, features] for codes 0..qmax.
 
-    Zero stays exact. ``amin`` and ``amax`` separately: ``aminmax(dim=1)`` is ~20x slower on
+    Zero stays exact. ``amin`` and ``amax`` separately: ``aminmax(dim=1)`` is ~12x slower on
     CPU in torch 2.13.
     """
     lo = x2.amin(1, keepdim=True).clamp(max=0)
