@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from netshrink.config import FinetuneConfig
+from netshrink.config import TrainConfig
 from netshrink.context import Context
 from netshrink.errors import ConfigError, DataError
 from netshrink.metrics import accuracy
@@ -42,10 +43,11 @@ def _model(seed: int = 0) -> nn.Module:
 def test_training_learns_and_is_deterministic() -> None:
     a, b, c = _model(), _model(), _model()
     caller_rng = torch.get_rng_state()
-    ra = fit(a, _data(), epochs=6, lr=0.02, seed=1, progress=False)
+    config = TrainConfig(epochs=6, lr=0.02)
+    ra = fit(a, _data(), config, seed=1, progress=False)
     assert torch.equal(torch.get_rng_state(), caller_rng)  # fit leaves the caller's RNG alone
-    rb = fit(b, _data(), epochs=6, lr=0.02, seed=1, progress=False)
-    fit(c, _data(), epochs=6, lr=0.02, seed=2, progress=False)
+    rb = fit(b, _data(), config, seed=1, progress=False)
+    fit(c, _data(), config, seed=2, progress=False)
     assert ra.step_losses == rb.step_losses and len(ra.step_losses) == 48
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters(), strict=True))
@@ -57,17 +59,10 @@ def test_training_learns_and_is_deterministic() -> None:
     ("optimizer", "schedule"), [("adamw", "cosine"), ("adam", "linear"), ("sgd", "constant")]
 )
 def test_every_optimizer_and_schedule_trains(optimizer: str, schedule: str) -> None:
-    res = fit(
-        _model(),
-        _data(64),
-        epochs=4,
-        lr=0.05,
-        optimizer=optimizer,
-        schedule=schedule,
-        warmup_steps=2,
-        grad_clip=1.0,
-        progress=False,
+    config = TrainConfig(
+        epochs=4, lr=0.05, optimizer=optimizer, schedule=schedule, warmup_steps=2, grad_clip=1.0
     )
+    res = fit(_model(), _data(64), config, progress=False)
     assert res.epoch_losses[-1] < res.epoch_losses[0]
 
 
@@ -88,9 +83,8 @@ def test_best_weights_are_kept_and_patience_stops() -> None:
         return next(metrics)
 
     model = _model()
-    res = fit(
-        model, _data(), epochs=6, val_data=_data(32), evaluate=evaluate, patience=2, progress=False
-    )
+    config = TrainConfig(epochs=6, patience=2)
+    res = fit(model, _data(), config, val_data=_data(32), evaluate=evaluate, progress=False)
     assert res.val_metrics == [0.2, 0.9, 0.5, 0.4] and res.stopped_early
     assert res.best_epoch == 1 and res.best_metric == 0.9 and len(res.epoch_losses) == 4
     for k, v in model.state_dict().items():
@@ -98,30 +92,31 @@ def test_best_weights_are_kept_and_patience_stops() -> None:
 
 
 def test_default_metric_is_minus_validation_loss() -> None:
-    res = fit(_model(), _data(), epochs=2, val_data=_data(32), keep_best=False, progress=False)
+    config = TrainConfig(epochs=2, keep_best=False)
+    res = fit(_model(), _data(), config, val_data=_data(32), progress=False)
     assert len(res.val_metrics) == 2 and all(-1.0 < m < 0 for m in res.val_metrics)
 
 
 def test_bad_arguments_are_rejected_before_training() -> None:
     model = _model()
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(ConfigError, match=r"unknown optimizer 'lion'.*adamw, adam, sgd"):
-        fit(model, _data(), epochs=1, optimizer="lion", progress=False)
-    with pytest.raises(ConfigError, match="unknown schedule 'step'"):
-        fit(model, _data(), epochs=1, schedule="step", progress=False)
-    with pytest.raises(ConfigError, match="early stopping needs val_data"):
-        fit(model, _data(), epochs=1, patience=2, progress=False)
-    with pytest.raises(ConfigError, match="lr must be a positive"):
-        fit(model, _data(), epochs=1, lr=-1.0, progress=False)
+    with pytest.raises(ValidationError, match=r"optimizer\n.*'adamw', 'adam' or 'sgd'"):
+        TrainConfig(optimizer="lion")
+    with pytest.raises(ValidationError, match=r"schedule\n"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValidationError, match=r"lr\n.*greater than 0"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match=r"early stopping \(patience=2\) needs val_data"):
+        fit(model, _data(), TrainConfig(patience=2), progress=False)
     with pytest.raises(DataError, match="train_data is empty"):
-        fit(model, [], epochs=1, progress=False)
+        fit(model, [], TrainConfig(), progress=False)
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 
 
 def test_finetune_evaluates_on_val_data_and_keeps_the_best() -> None:
     model = _model()
     ctx = Context(train_data=_data(), val_data=_data(32), progress=False)
-    out = finetune(model, FinetuneConfig(epochs=3, lr=0.02), ctx, desc="ft")
+    out = finetune(model, TrainConfig(epochs=3, lr=0.02), ctx, desc="ft")
     assert out is model and not model.training and accuracy(model, _data(32)) > 0.8
 
 
