@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import recipe_fakes
 from netshrink import progress
 from netshrink.cli import app
-from netshrink.recipe.result import SUMMARY_FIELDS
+from netshrink.report.record import SUMMARY_FIELDS
 
 runner = CliRunner()
 MODEL = ["--model", "recipe_fakes:tiny_model", "--data", "recipe_fakes:cli_data"]

@@ -18,8 +18,7 @@ from netshrink.measure import compare, measure
 from netshrink.recipe import compress
 from netshrink.search import analyze, auto
 from netshrink.targets import Targets
-
-__version__ = "0.1.0"
+from netshrink.version import __version__
 
 __all__ = [
     "ArtifactError",

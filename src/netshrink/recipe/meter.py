@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from netshrink.measure import Measurement
 
 from netshrink.context import Batch, Evaluate
-from netshrink.recipe.result import Environment, LayerInfo, StageRecord
+from netshrink.report.record import Environment, LayerInfo, StageRecord
+from netshrink.version import __version__
 
 _FLOAT_BITS = {torch.float32: 32, torch.float64: 64, torch.float16: 16, torch.bfloat16: 16}
 
@@ -39,12 +40,10 @@ def machine() -> str:
 
 def versions() -> dict[str, str]:
     """Versions of python, torch and netshrink, as recorded in reports and manifests."""
-    import netshrink
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "netshrink": netshrink.__version__,
+        "netshrink": __version__,
     }
 
 

@@ -24,8 +24,9 @@ from netshrink.errors import ConfigError, MissingInputError, RecipeError
 from netshrink.progress import track
 from netshrink.recipe import builtin
 from netshrink.recipe.meter import Meter, layer_info
-from netshrink.recipe.result import Report, Result, StageRecord
+from netshrink.recipe.result import Result
 from netshrink.recipe.schema import GuardConfig, Recipe, Stage, parse
+from netshrink.report.record import Report, StageRecord
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
