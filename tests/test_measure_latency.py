@@ -7,7 +7,7 @@ import time
 import pytest
 
 from netshrink.errors import ConfigError
-from netshrink.measure import MIN_RUNS, Timing, time_interleaved, time_latency
+from netshrink.measure import MIN_RUNS, Latencies, time_interleaved, time_latency
 
 
 def test_latency_has_runs_samples_in_milliseconds() -> None:
@@ -18,7 +18,7 @@ def test_latency_has_runs_samples_in_milliseconds() -> None:
 
 def test_median_and_p90_are_read_off_the_samples() -> None:
     samples = tuple(float(v) for v in range(1, 21))  # 1..20 ms
-    timing = Timing(samples[::-1])  # the order they were taken in does not matter
+    timing = Latencies(samples[::-1])  # the order they were taken in does not matter
     assert timing.median_ms == 10.5  # mean of the 10th and 11th of 20
     assert timing.p90_ms == pytest.approx(18.1)  # linear interpolation at 0.9 * 19 = 17.1
     assert timing.runs == 20

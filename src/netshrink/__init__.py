@@ -17,6 +17,7 @@ from netshrink.errors import (
 from netshrink.measure import compare, measure
 from netshrink.recipe import compress
 from netshrink.search import analyze, auto
+from netshrink.settings import Inputs, Timing
 from netshrink.targets import Targets
 from netshrink.version import __version__
 
@@ -26,11 +27,13 @@ __all__ = [
     "Context",
     "DataError",
     "InputError",
+    "Inputs",
     "MissingInputError",
     "NetshrinkError",
     "RecipeError",
     "TargetError",
     "Targets",
+    "Timing",
     "UnsupportedModuleError",
     "__version__",
     "analyze",
