@@ -128,3 +128,23 @@ def test_sharding_gives_every_rank_as_many_batches_and_covers_all() -> None:
     assert shard([3, 1, 2], World()) == [3, 1, 2]
     three = [shard(range(7), World(rank, 3)) for rank in range(3)]
     assert {len(p) for p in three} == {3} and set().union(*three) == set(range(7))
+
+
+def test_trained_techniques_take_every_training_option_under_its_old_key() -> None:
+    import netshrink  # noqa: F401  (registers the techniques)
+    from netshrink import registry
+
+    keys = set(TrainConfig.model_fields)
+    for name in ("distill.kd", "quantize.qat"):
+        assert keys <= set(registry.get(name).config.model_fields), name
+    kd = registry.get("distill.kd")
+    old_keys = {"epochs": 2, "lr": 0.01, "weight_decay": 0.1, "optimizer": "sgd"}
+    old_keys |= {"schedule": "linear", "warmup_steps": 3, "patience": 2}
+    config = kd.make_config({**old_keys, "checkpoint_dir": "c", "checkpoint_every": 5})
+    assert {k: getattr(config, k) for k in old_keys} == old_keys
+    assert kd.make_config({}).epochs == 10  # each technique keeps its own defaults
+    assert registry.get("quantize.qat").make_config({}).lr == 3e-4
+    magnitude = registry.get("prune.magnitude")
+    assert magnitude.make_config({"finetune": {"grad_clip": 1.0}}).finetune.grad_clip == 1.0
+    with pytest.raises(ConfigError, match=r"finetune\.epoch.*did you mean 'epochs'"):
+        magnitude.make_config({"finetune": {"epoch": 1}})

@@ -321,8 +321,7 @@ def fit(
     - ``distributed``: train with DistributedDataParallel over the ``torchrun`` processes
       (default: when launched with ``WORLD_SIZE`` > 1); batches are sharded across ranks,
       losses and metrics averaged over them, and only rank 0 writes checkpoints. A process
-      group joined here is left again when ``fit`` returns (:func:`~netshrink.training.
-      distributed.process_group`).
+      group joined here is left again when ``fit`` returns (``distributed.process_group``).
 
     With ``config.checkpoint_dir``, calling ``fit`` again with the same arguments resumes from
     the last checkpoint and ends with the weights an uninterrupted run would have.
