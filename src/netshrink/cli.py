@@ -172,8 +172,8 @@ def compress(
     scripted = _scripted(quiet, as_json)
     if (recipe is None) == (target is None):
         raise ConfigError("give either a RECIPE or --target (e.g. --target size=10x,max_drop=0.01)")
-    inputs = Inputs(model, weights, data, eval_, seed)
-    timing = Timing(runtime, threads, runs)
+    inputs = Inputs(model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed)
+    timing = Timing(runtime=runtime, threads=threads, runs=runs)
     if target is not None:
         from netshrink.search.commands import run_auto
 
@@ -203,7 +203,8 @@ def analyze(
     from netshrink.search.commands import run_analyze
 
     _scripted(quiet, False)
-    _, paths = run_analyze(Inputs(model, weights, data, eval_, seed), out, progress=not quiet)
+    inputs = Inputs(model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed)
+    _, paths = run_analyze(inputs, out, progress=not quiet)
     typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
 
 
@@ -227,8 +228,9 @@ def demo(
             f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}, "
             f"{threads} thread(s)"
         )
-    inputs = Inputs(DEMO_MODEL, seed=seed)
-    result, paths = run(DEFAULT, inputs, out, Timing(runtime, threads), progress=not scripted)
+    inputs = Inputs(model_ref=DEMO_MODEL, seed=seed)
+    timing = Timing(runtime=runtime, threads=threads)
+    result, paths = run(DEFAULT, inputs, out, timing, progress=not scripted)
     _finish_run(result, paths, quiet, as_json)
 
 
@@ -249,9 +251,8 @@ def measure(
     from netshrink.recipe.commands import measure_target
 
     _scripted(quiet, as_json)
-    measured = measure_target(
-        target, Inputs(model, None, data, eval_), Timing(runtime, threads, runs)
-    )
+    inputs = Inputs(model_ref=model, data_ref=data, eval_ref=eval_)
+    measured = measure_target(target, inputs, Timing(runtime=runtime, threads=threads, runs=runs))
     if as_json:
         _print_json(measured.to_dict())
     else:
