@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import netshrink as ns
 from netshrink import zoo
+from netshrink.config import TrainConfig
 from netshrink.context import Batch
 from netshrink.data.splits import stratified_indices, to_batches
 from netshrink.metrics import accuracy
@@ -61,7 +62,7 @@ def plain_teacher(data: Any) -> torch.nn.Module:
     """digits-cnn trained by ``fit`` on the unaugmented training split (seeded)."""
     torch.manual_seed(0)
     teacher = zoo.build(MODEL)
-    fit(teacher, data.train, epochs=20, lr=3e-3, weight_decay=1e-4, progress=False)
+    fit(teacher, data.train, TrainConfig(epochs=20, lr=3e-3, weight_decay=1e-4), progress=False)
     return teacher
 
 

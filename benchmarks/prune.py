@@ -38,7 +38,7 @@ from torch import nn
 import netshrink as ns
 from netshrink import zoo
 from netshrink.artifact import artifact_bytes, save
-from netshrink.measure import Timing, count_macs
+from netshrink.measure import Latencies, count_macs
 from netshrink.metrics import accuracy
 from netshrink.prune import sparsity_report
 from netshrink.train import fit
@@ -92,7 +92,7 @@ def finalize_torch_prune(model: nn.Module) -> nn.Module:
     return model
 
 
-def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[Timing]:
+def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[Latencies]:
     """Interleaved timing whose order rotates every round, so each callable spends as many rounds
     in every position. On this shared machine a fixed order showed the same model alternating
     between ~2 ms and ~10 ms by position alone (preemption phase), which rotation shares out."""
@@ -105,7 +105,7 @@ def time_rotated(fns: list[Callable[[], object]], runs: int) -> list[Timing]:
             start = time.perf_counter_ns()
             fns[i]()
             samples[i].append((time.perf_counter_ns() - start) / 1e6)
-    return [Timing(tuple(s)) for s in samples]
+    return [Latencies(tuple(s)) for s in samples]
 
 
 def nonzero_params(model: nn.Module) -> int:

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from netshrink import registry
-from netshrink.config import TechniqueConfig
+from netshrink.config import TechniqueConfig, TrainConfig
 from netshrink.errors import UnsupportedModuleError
 from netshrink.train import fit
 
@@ -131,7 +131,13 @@ def tiny_model(seed: int = 0, trained: bool = True) -> nn.Sequential:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 2))
     if trained:
-        fit(model, tiny_data(seed + 1, batches=8), epochs=15, lr=1e-2, seed=seed, progress=False)
+        fit(
+            model,
+            tiny_data(seed + 1, batches=8),
+            TrainConfig(epochs=15, lr=1e-2),
+            seed=seed,
+            progress=False,
+        )
     return model.eval()
 
 

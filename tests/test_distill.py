@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import netshrink as ns
+from netshrink.config import TrainConfig
 from netshrink.distill.losses import attention_transfer_loss
 from netshrink.distill.student import block_stacks, kept_indices
 from netshrink.errors import ConfigError, TargetError, UnsupportedModuleError
@@ -132,7 +133,7 @@ def test_adapters_are_1x1_conv_or_linear_and_learn() -> None:
     assert d.adapters[0].in_channels == 4 and d.adapters[0].out_channels == 8
     assert isinstance(d.adapters[1], nn.Identity)  # both fc outputs have 3 features
     start = d.adapters[0].weight.clone()
-    res = fit(student, images(), epochs=3, lr=0.02, loss_fn=d, aux=d, progress=False)
+    res = fit(student, images(), TrainConfig(epochs=3, lr=0.02), loss_fn=d, aux=d, progress=False)
     d.close()
     assert not torch.equal(start, d.adapters[0].weight)
     assert res.epoch_losses[-1] < res.epoch_losses[0]

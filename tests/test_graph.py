@@ -12,7 +12,7 @@ from torch import nn
 
 from netshrink.artifact.modules import rebuildable
 from netshrink.errors import UnsupportedModuleError
-from netshrink.graph import FROZEN, analyze
+from netshrink.graph import FROZEN, dependency_graph
 
 
 @pytest.fixture(autouse=True)
@@ -123,13 +123,13 @@ def units_of(graph, module: str, role: str) -> list[int]:
 
 
 def test_residual_add_merges_the_two_producers_channels() -> None:
-    graph = analyze(ConvNet().eval(), image())
+    graph = dependency_graph(ConvNet().eval(), image())
     assert units_of(graph, "stem.0", "out") == units_of(graph, "body.3", "out")
     assert len(set(units_of(graph, "stem.0", "out"))) == 16
 
 
 def test_concat_chunk_and_depthwise_map_positions_to_their_producers() -> None:
-    graph = analyze(ConvNet().eval(), image())
+    graph = dependency_graph(ConvNet().eval(), image())
     gate_in = units_of(graph, "gate", "in")
     assert gate_in == units_of(graph, "left", "out") + units_of(graph, "right", "out")
     gate_out = units_of(graph, "gate", "out")
@@ -139,20 +139,20 @@ def test_concat_chunk_and_depthwise_map_positions_to_their_producers() -> None:
 
 
 def test_flatten_into_linear_repeats_each_channel_per_position() -> None:
-    graph = analyze(ConvNet().eval(), image())
+    graph = dependency_graph(ConvNet().eval(), image())
     fc_in = units_of(graph, "fc", "in")
     assert len(fc_in) == 256
     assert fc_in == [u for u in units_of(graph, "pw", "out") for _ in range(16)]
 
 
 def test_model_outputs_and_inputs_are_frozen() -> None:
-    graph = analyze(ConvNet().eval(), image())
+    graph = dependency_graph(ConvNet().eval(), image())
     assert set(units_of(graph, "head", "out")) == {FROZEN}
     assert ("stem.0", "in", "") not in graph.slots  # the image's channel is not a unit
 
 
 def test_attention_heads_couple_q_k_v_rows_and_out_columns() -> None:
-    graph = analyze(TinyTransformer().eval(), image())
+    graph = dependency_graph(TinyTransformer().eval(), image())
     heads = units_of(graph, "attn", "heads")
     assert len(set(heads)) == 4
     rows = [h for h in heads for _ in range(4)]
@@ -167,7 +167,7 @@ def test_attention_heads_couple_q_k_v_rows_and_out_columns() -> None:
 
 def test_embedding_columns_are_units() -> None:
     ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
-    graph = analyze(EmbeddingNet().eval(), (ids,))
+    graph = dependency_graph(EmbeddingNet().eval(), (ids,))
     assert units_of(graph, "emb", "out") == units_of(graph, "proj", "in")
     assert FROZEN not in units_of(graph, "emb", "out")
 
@@ -183,19 +183,19 @@ class Untraceable(nn.Module):
 
 def test_untraceable_submodule_is_kept_opaque_and_named() -> None:
     model = nn.Sequential(nn.Linear(4, 8), Untraceable(), nn.Linear(8, 2))
-    graph = analyze(model, (torch.randn(3, 4),))
+    graph = dependency_graph(model, (torch.randn(3, 4),))
     assert any(w.startswith("1: Untraceable.forward is not traceable") for w in graph.warnings)
     assert set(units_of(graph, "0", "out")) == {FROZEN}  # feeds the opaque module
 
 
 def test_untraceable_model_raises_unsupported() -> None:
     with pytest.raises(UnsupportedModuleError, match=r"cannot trace Untraceable\.forward"):
-        analyze(Untraceable(), (torch.randn(3, 8),))
+        dependency_graph(Untraceable(), (torch.randn(3, 8),))
 
 
 def test_grouped_conv_groups_are_whole_units_with_their_input_blocks() -> None:
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 6, 3, groups=2), nn.Conv2d(6, 4, 1))
-    graph = analyze(model, image())
+    graph = dependency_graph(model, image())
     first, grouped = units_of(graph, "0", "out"), units_of(graph, "1", "grouped")
     assert first == [first[0]] * 4 + [first[4]] * 4 and first[0] != first[4]
     assert grouped == [first[0]] * 3 + [first[4]] * 3
@@ -215,6 +215,6 @@ class Splitter(nn.Module):
 
 
 def test_split_gives_each_consumer_its_slice_of_the_labels() -> None:
-    graph = analyze(Splitter(), image())
+    graph = dependency_graph(Splitter(), image())
     conv = units_of(graph, "conv", "out")
     assert units_of(graph, "a", "in") == conv[:4] and units_of(graph, "b", "in") == conv[4:]

@@ -10,7 +10,7 @@ from torch import nn
 
 from measure_models import MLP
 from netshrink.errors import ConfigError, DataError, MissingInputError
-from netshrink.measure import compare, measure, saved_bytes
+from netshrink.measure import Timing, compare, measure, saved_bytes
 
 X = (torch.randn(4, 512),)
 
@@ -30,7 +30,9 @@ def _fixed_metric(scores: dict[int, float]):  # type: ignore[no-untyped-def]
 def test_compare_rates_come_from_its_own_measurements() -> None:
     base, half = _linear_stack(2), _linear_stack(1)  # 2 MB and 1 MB of fp32 weights
     data = [(X[0], torch.zeros(4, dtype=torch.long))]
-    result = compare(base, half, X, evaluate=_fixed_metric({2: 0.9, 1: 0.75}), data=data, runs=20)
+    result = compare(
+        base, half, X, evaluate=_fixed_metric({2: 0.9, 1: 0.75}), data=data, timing=Timing(runs=20)
+    )
     b, c = result.baseline, result.candidate
     assert b.bytes == saved_bytes(base) and c.bytes == saved_bytes(half)
     assert result.compression_rate == b.bytes / c.bytes
@@ -51,7 +53,7 @@ def test_compare_rates_come_from_its_own_measurements() -> None:
 def test_measure_records_threads_restores_state_and_prints_definitions() -> None:
     model = MLP().train()
     before = torch.get_num_threads()
-    m = measure(model, (torch.randn(3, 1, 8, 8),), threads=1, runs=20, warmup=2)
+    m = measure(model, (torch.randn(3, 1, 8, 8),), timing=Timing(threads=1, warmup=2))
     assert m.threads == 1 and torch.get_num_threads() == before
     assert model.training  # measured in eval mode, then restored
     assert m.metric is None and m.latency_p90_ms >= m.latency_ms > 0
@@ -65,24 +67,25 @@ def test_default_metric_is_accuracy_on_the_timed_runtime(tmp_path) -> None:  # t
     model = MLP().eval()
     x = torch.randn(6, 1, 8, 8)
     data = [(x, model(x).argmax(-1))]  # the model's own predictions: accuracy 1.0
-    m = measure(model, (x,), data=data, runtime="onnxruntime", threads=1, runs=20, warmup=1)
+    m = measure(model, (x,), data=data, timing=Timing("onnxruntime", threads=1, warmup=1))
     assert m.metric == 1.0 and m.metric_name == "accuracy" and m.runtime == "onnxruntime"
 
 
 def test_models_with_different_output_shapes_are_not_compared() -> None:
     with pytest.raises(DataError, match=r"output shapes"):
-        compare(nn.Linear(512, 10), nn.Linear(512, 5), X, runs=20, warmup=0)
+        compare(nn.Linear(512, 10), nn.Linear(512, 5), X, timing=Timing(warmup=0))
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
+    ("settings", "error", "match"),
     [
-        ({"runtime": "tensorrt"}, ConfigError, "unknown runtime 'tensorrt'"),
-        ({"runs": 19}, ConfigError, "runs must be an integer >= 20"),
-        ({"threads": 0}, ConfigError, "threads must be a positive integer"),
-        ({"evaluate": lambda m, b: 1.0}, MissingInputError, "evaluate needs data"),
+        (lambda: {"timing": Timing("tensorrt")}, ConfigError, "unknown runtime 'tensorrt'"),
+        (lambda: {"timing": Timing(runs=19)}, ConfigError, "runs must be an integer >= 20"),
+        (lambda: {"timing": Timing(warmup=-1)}, ConfigError, "warmup must be an integer >= 0"),
+        (lambda: {"timing": Timing(threads=0)}, ConfigError, "threads must be a positive"),
+        (lambda: {"evaluate": lambda m, b: 1.0}, MissingInputError, "evaluate needs data"),
     ],
 )
-def test_bad_settings_fail_before_measuring(kwargs: dict, error: type, match: str) -> None:
+def test_bad_settings_fail_before_measuring(settings, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        measure(MLP(), (torch.randn(2, 1, 8, 8),), **kwargs)
+        measure(MLP(), (torch.randn(2, 1, 8, 8),), **settings())

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import netshrink as ns
+from netshrink.config import TrainConfig
 from netshrink.errors import MissingInputError
 from netshrink.quantize.layers import QuantConv2d, QuantLinear
 from netshrink.train import fit
@@ -66,7 +67,7 @@ def test_training_with_4bit_activations_lowers_the_loss() -> None:
     torch.manual_seed(0)
     model = ResCNN(8)
     train = digits()[0][:6]
-    fit(model, train, epochs=4, lr=1e-2, progress=False)
+    fit(model, train, TrainConfig(epochs=4, lr=1e-2), progress=False)
     kw = {"train_data": train, "bits": 4, "activation_bits": 4, "lr": 3e-3, "progress": False}
     p = ns.quantize.qat(model, epochs=0, **kw)
     q = ns.quantize.qat(model, epochs=3, **kw)
@@ -81,7 +82,7 @@ def test_training_lowers_the_loss_of_the_4bit_model() -> None:
     torch.manual_seed(0)
     model = ResCNN(8)
     train = digits()[0][:6]
-    fit(model, train, epochs=4, lr=1e-2, progress=False)
+    fit(model, train, TrainConfig(epochs=4, lr=1e-2), progress=False)
     p = ns.quantize.static(model, calib_data=train, weights="int4", progress=False)
     q = ns.quantize.qat(model, train_data=train, bits=4, epochs=3, lr=3e-3, progress=False)
     assert isinstance(q.fc, QuantLinear)

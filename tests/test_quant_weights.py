@@ -105,8 +105,13 @@ def test_dynamic_runs_integer_matmul_exactly(model) -> None:
     assert isinstance(layer, DynamicInt8Linear) and isinstance(q.emb, Int8Embedding)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).relu()  # one-sided
     assert torch.allclose(layer(x).double(), exact(layer, x), rtol=1e-5, atol=1e-5)
-    qx = torch.round(x / ((x.amax(1, keepdim=True)) / 255))
-    assert int(qx.min()) == 0 and int(qx.max()) == 255  # all 256 codes in use (on VNNI CPUs)
+    # The layer's own per-token range: a one-sided row gets zero point 0 and spans every code
+    # (0..255 on VNNI CPUs), not the half a symmetric range would leave it.
+    qmax = dynamic_int8._code_max(x.device)
+    s, z = dynamic_int8._token_qparams(x, qmax)
+    codes = torch.round(x / s + z)
+    assert torch.equal(z, torch.zeros_like(z))
+    assert int(codes.min()) == 0 and int(codes.max()) == qmax
     assert torch.isfinite(layer(torch.zeros(2, 64))).all()  # all-zero rows
 
 

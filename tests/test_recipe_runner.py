@@ -14,7 +14,7 @@ from netshrink.artifact import artifact_bytes, read_manifest
 from netshrink.metrics import accuracy
 from netshrink.recipe import compress, loads, save_run
 from netshrink.recipe.meter import layer_info
-from netshrink.recipe.result import SUMMARY_FIELDS
+from netshrink.report.record import SUMMARY_FIELDS
 
 
 @pytest.fixture(scope="module", autouse=True)

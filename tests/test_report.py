@@ -10,7 +10,9 @@ import pytest
 from rich.console import Console
 
 from netshrink.measure import Measurement
-from netshrink.recipe.result import (
+from netshrink.report import print_report, write
+from netshrink.report.plots import figures
+from netshrink.report.record import (
     SCHEMA_VERSION,
     SUMMARY_FIELDS,
     Environment,
@@ -18,8 +20,6 @@ from netshrink.recipe.result import (
     Report,
     StageRecord,
 )
-from netshrink.report import print_report, write
-from netshrink.report.plots import figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ import torch
 from measure_models import tiny_models
 from netshrink.artifact.onnx import export_onnx
 from netshrink.errors import ConfigError, DataError
-from netshrink.measure import measure
+from netshrink.measure import Timing, measure
 from netshrink.metrics import accuracy
 from netshrink.runtime import EagerRunner, OrtModule, OrtRunner, make_runner, torch_threads
 
@@ -60,7 +60,7 @@ def test_a_model_can_bring_its_own_onnx(exported: dict[str, Path]) -> None:
     np.testing.assert_allclose(
         OrtRunner(model, X)(X), models["mlp"](*X).detach().numpy(), atol=1e-4, rtol=0
     )
-    from_file = measure(own, X, runtime="onnxruntime", threads=1, runs=20, warmup=1)
+    from_file = measure(own, X, timing=Timing("onnxruntime", threads=1, warmup=1))
     assert from_file.bytes == own.stat().st_size and from_file.bytes_of == "ONNX file"
     assert from_file.params is None and from_file.macs is None
 

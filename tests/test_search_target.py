@@ -1,16 +1,16 @@
-"""Target strings of ``netshrink compress --target`` and ``ns.search.auto``."""
+"""Goal strings of ``netshrink compress --target`` and ``ns.search.auto``."""
 
 import pytest
 import torch
 from torch import nn
 
 from netshrink.errors import ConfigError
-from netshrink.search import Target, auto, parse_target
+from netshrink.search import Goal, auto, parse_target
 
 
 def test_parses_rates_numbers_and_drop():
     t = parse_target("size=20x,max_drop=0.01")
-    assert t == Target(size=20.0, max_drop=0.01)
+    assert t == Goal(size=20.0, max_drop=0.01)
     assert (t.kind, t.resource) == ("size", "bytes")
     assert parse_target("speedup=3").speedup == 3.0
     assert parse_target(" latency_ms = 1.5 ").resource == "macs"

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from netshrink.config import FinetuneConfig
+from netshrink.config import TrainConfig
 from netshrink.context import Context
 from netshrink.errors import ConfigError, DataError
 from netshrink.metrics import accuracy
@@ -42,10 +43,11 @@ def _model(seed: int = 0) -> nn.Module:
 def test_training_learns_and_is_deterministic() -> None:
     a, b, c = _model(), _model(), _model()
     caller_rng = torch.get_rng_state()
-    ra = fit(a, _data(), epochs=6, lr=0.02, seed=1, progress=False)
+    config = TrainConfig(epochs=6, lr=0.02)
+    ra = fit(a, _data(), config, seed=1, progress=False)
     assert torch.equal(torch.get_rng_state(), caller_rng)  # fit leaves the caller's RNG alone
-    rb = fit(b, _data(), epochs=6, lr=0.02, seed=1, progress=False)
-    fit(c, _data(), epochs=6, lr=0.02, seed=2, progress=False)
+    rb = fit(b, _data(), config, seed=1, progress=False)
+    fit(c, _data(), config, seed=2, progress=False)
     assert ra.step_losses == rb.step_losses and len(ra.step_losses) == 48
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters(), strict=True))
@@ -57,17 +59,10 @@ def test_training_learns_and_is_deterministic() -> None:
     ("optimizer", "schedule"), [("adamw", "cosine"), ("adam", "linear"), ("sgd", "constant")]
 )
 def test_every_optimizer_and_schedule_trains(optimizer: str, schedule: str) -> None:
-    res = fit(
-        _model(),
-        _data(64),
-        epochs=4,
-        lr=0.05,
-        optimizer=optimizer,
-        schedule=schedule,
-        warmup_steps=2,
-        grad_clip=1.0,
-        progress=False,
+    config = TrainConfig(
+        epochs=4, lr=0.05, optimizer=optimizer, schedule=schedule, warmup_steps=2, grad_clip=1.0
     )
+    res = fit(_model(), _data(64), config, progress=False)
     assert res.epoch_losses[-1] < res.epoch_losses[0]
 
 
@@ -88,9 +83,8 @@ def test_best_weights_are_kept_and_patience_stops() -> None:
         return next(metrics)
 
     model = _model()
-    res = fit(
-        model, _data(), epochs=6, val_data=_data(32), evaluate=evaluate, patience=2, progress=False
-    )
+    config = TrainConfig(epochs=6, patience=2)
+    res = fit(model, _data(), config, val_data=_data(32), evaluate=evaluate, progress=False)
     assert res.val_metrics == [0.2, 0.9, 0.5, 0.4] and res.stopped_early
     assert res.best_epoch == 1 and res.best_metric == 0.9 and len(res.epoch_losses) == 4
     for k, v in model.state_dict().items():
@@ -98,30 +92,31 @@ def test_best_weights_are_kept_and_patience_stops() -> None:
 
 
 def test_default_metric_is_minus_validation_loss() -> None:
-    res = fit(_model(), _data(), epochs=2, val_data=_data(32), keep_best=False, progress=False)
+    config = TrainConfig(epochs=2, keep_best=False)
+    res = fit(_model(), _data(), config, val_data=_data(32), progress=False)
     assert len(res.val_metrics) == 2 and all(-1.0 < m < 0 for m in res.val_metrics)
 
 
 def test_bad_arguments_are_rejected_before_training() -> None:
     model = _model()
     before = [p.clone() for p in model.parameters()]
-    with pytest.raises(ConfigError, match=r"unknown optimizer 'lion'.*adamw, adam, sgd"):
-        fit(model, _data(), epochs=1, optimizer="lion", progress=False)
-    with pytest.raises(ConfigError, match="unknown schedule 'step'"):
-        fit(model, _data(), epochs=1, schedule="step", progress=False)
-    with pytest.raises(ConfigError, match="early stopping needs val_data"):
-        fit(model, _data(), epochs=1, patience=2, progress=False)
-    with pytest.raises(ConfigError, match="lr must be a positive"):
-        fit(model, _data(), epochs=1, lr=-1.0, progress=False)
+    with pytest.raises(ValidationError, match=r"optimizer\n.*'adamw', 'adam' or 'sgd'"):
+        TrainConfig(optimizer="lion")
+    with pytest.raises(ValidationError, match=r"schedule\n"):
+        TrainConfig(schedule="step")
+    with pytest.raises(ValidationError, match=r"lr\n.*greater than 0"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ConfigError, match=r"early stopping \(patience=2\) needs val_data"):
+        fit(model, _data(), TrainConfig(patience=2), progress=False)
     with pytest.raises(DataError, match="train_data is empty"):
-        fit(model, [], epochs=1, progress=False)
+        fit(model, [], TrainConfig(), progress=False)
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 
 
 def test_finetune_evaluates_on_val_data_and_keeps_the_best() -> None:
     model = _model()
     ctx = Context(train_data=_data(), val_data=_data(32), progress=False)
-    out = finetune(model, FinetuneConfig(epochs=3, lr=0.02), ctx, desc="ft")
+    out = finetune(model, TrainConfig(epochs=3, lr=0.02), ctx, desc="ft")
     assert out is model and not model.training and accuracy(model, _data(32)) > 0.8
 
 
@@ -133,3 +128,23 @@ def test_sharding_gives_every_rank_as_many_batches_and_covers_all() -> None:
     assert shard([3, 1, 2], World()) == [3, 1, 2]
     three = [shard(range(7), World(rank, 3)) for rank in range(3)]
     assert {len(p) for p in three} == {3} and set().union(*three) == set(range(7))
+
+
+def test_trained_techniques_take_every_training_option_under_its_old_key() -> None:
+    import netshrink  # noqa: F401  (registers the techniques)
+    from netshrink import registry
+
+    keys = set(TrainConfig.model_fields)
+    for name in ("distill.kd", "quantize.qat"):
+        assert keys <= set(registry.get(name).config.model_fields), name
+    kd = registry.get("distill.kd")
+    old_keys = {"epochs": 2, "lr": 0.01, "weight_decay": 0.1, "optimizer": "sgd"}
+    old_keys |= {"schedule": "linear", "warmup_steps": 3, "patience": 2}
+    config = kd.make_config({**old_keys, "checkpoint_dir": "c", "checkpoint_every": 5})
+    assert {k: getattr(config, k) for k in old_keys} == old_keys
+    assert kd.make_config({}).epochs == 10  # each technique keeps its own defaults
+    assert registry.get("quantize.qat").make_config({}).lr == 3e-4
+    magnitude = registry.get("prune.magnitude")
+    assert magnitude.make_config({"finetune": {"grad_clip": 1.0}}).finetune.grad_clip == 1.0
+    with pytest.raises(ConfigError, match=r"finetune\.epoch.*did you mean 'epochs'"):
+        magnitude.make_config({"finetune": {"epoch": 1}})

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from netshrink.config import TrainConfig
 from netshrink.errors import ArtifactError, ConfigError
 from netshrink.metrics import accuracy
 from netshrink.train import cross_entropy, fit
@@ -53,9 +54,15 @@ def _crashing_after(k: int):
     return loss_fn
 
 
-KW = dict(
-    epochs=4, lr=0.05, seed=3, progress=False, val_data=_data()[:2], evaluate=accuracy, patience=3
-)
+CONFIG = TrainConfig(epochs=4, lr=0.05, patience=3)
+KW = dict(seed=3, progress=False, val_data=_data()[:2], evaluate=accuracy)
+
+
+def _checkpointed(folder: Path, epochs: int = 4) -> TrainConfig:
+    """CONFIG with checkpoints in ``folder`` every 5 steps (and after every epoch)."""
+    return CONFIG.model_copy(
+        update={"checkpoint_dir": str(folder), "checkpoint_every": 5, "epochs": epochs}
+    )
 
 
 # 6 steps an epoch, a checkpoint every 5 steps and after every epoch.
@@ -65,22 +72,15 @@ def test_resume_after_exception_is_bit_identical(
 ) -> None:
     data = _data()
     reference = _model()
-    ref = fit(reference, data, **KW)
+    ref = fit(reference, data, CONFIG, **KW)
 
     with pytest.raises(Crash):
-        fit(
-            _model(),
-            data,
-            checkpoint_dir=tmp_path,
-            checkpoint_every=5,
-            loss_fn=_crashing_after(crash_after),
-            **KW,
-        )
+        fit(_model(), data, _checkpointed(tmp_path), loss_fn=_crashing_after(crash_after), **KW)
     saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert not saved["done"] and saved["result"]["steps"] == checkpointed
 
     resumed = _model()
-    res = fit(resumed, data, checkpoint_dir=tmp_path, checkpoint_every=5, **KW)
+    res = fit(resumed, data, _checkpointed(tmp_path), **KW)
     assert res.resumed_from_step == checkpointed
     assert res.step_losses == ref.step_losses
     assert res.val_metrics == ref.val_metrics and res.best_epoch == ref.best_epoch
@@ -92,15 +92,15 @@ def test_resume_after_exception_is_bit_identical(
     assert best.keys() == reference.state_dict().keys()
     # Calling once more finds the finished run and returns its weights without training.
     again = _model()
-    assert fit(again, data, checkpoint_dir=tmp_path, checkpoint_every=5, **KW).steps == ref.steps
+    assert fit(again, data, _checkpointed(tmp_path), **KW).steps == ref.steps
     pairs = zip(again.parameters(), reference.parameters(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_checkpoint_from_another_run_is_refused(tmp_path: Path) -> None:
-    fit(_model(), _data(), checkpoint_dir=tmp_path, **{**KW, "epochs": 1})
+    fit(_model(), _data(), _checkpointed(tmp_path, epochs=1), **KW)
     with pytest.raises(ConfigError, match=r"different run.*epochs"):
-        fit(_model(), _data(), checkpoint_dir=tmp_path, **KW)
+        fit(_model(), _data(), _checkpointed(tmp_path), **KW)
 
 
 def test_checkpoint_round_trip_and_corrupt_file(tmp_path: Path) -> None:
@@ -127,19 +127,30 @@ def _sk_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 2))
 
 
-SK_KW = dict(epochs=3, lr=0.02, seed=5, progress=False, checkpoint_every=4)
+SK_CONFIG = TrainConfig(epochs=3, lr=0.02, checkpoint_every=4)
+STALL_AFTER = 9
+"""The child trains this many steps (checkpoints after steps 4 and 8), then stalls mid-step."""
 
 SCRIPT = """
 import sys, time
+from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from netshrink.train import cross_entropy, fit
-from test_train_resume import SK_KW, _sk_data, _sk_model
+from test_train_resume import SK_CONFIG, STALL_AFTER, _sk_data, _sk_model
 
-def slow_loss(m, batch):
-    time.sleep(0.02)  # slow enough for the parent to kill the run mid-training
+out = Path(sys.argv[1])
+steps = 0
+
+def stalls(m, batch):
+    global steps
+    steps += 1
+    if steps > STALL_AFTER:
+        (out / "stalled").touch()
+        time.sleep(600)  # killed here: mid-training, however slowly the machine got here
     return cross_entropy(m, batch)
 
-fit(_sk_model(), _sk_data(), loss_fn=slow_loss, checkpoint_dir=sys.argv[1], **SK_KW)
+config = SK_CONFIG.model_copy(update={"checkpoint_dir": str(out)})
+fit(_sk_model(), _sk_data(), config, loss_fn=stalls, seed=5, progress=False)
 """
 
 
@@ -150,23 +161,30 @@ def test_sigkill_mid_training_then_restart(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
     ckpt = tmp_path / CHECKPOINT_NAME
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)], env=env
+        [sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)],
+        env=env,
+        stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 60
-    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    # The child stalls at a known step, so the kill lands mid-training at the same place on an
+    # idle or a loaded machine; the deadline only bounds a broken run.
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "stalled").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the training child never reached its stall"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
     killed_at = load_checkpoint(ckpt)
-    assert not killed_at["done"] and 0 < killed_at["result"]["steps"] < 60
+    assert not killed_at["done"] and killed_at["result"]["steps"] == 8
 
     # Restart (here, in this process: same code, one thread like the child) and compare.
     (tmp_path / f".{CHECKPOINT_NAME}.x1y2.tmp").write_bytes(b"half a checkpoint")
     resumed = _sk_model()
-    res = fit(resumed, _sk_data(), checkpoint_dir=tmp_path, **SK_KW)
-    assert res.resumed_from_step == killed_at["result"]["steps"]
+    config = SK_CONFIG.model_copy(update={"checkpoint_dir": str(tmp_path)})
+    res = fit(resumed, _sk_data(), config, seed=5, progress=False)
+    assert res.resumed_from_step == 8
     assert not list(tmp_path.glob(".*.tmp"))
     reference = _sk_model()
-    fit(reference, _sk_data(), **SK_KW)
+    fit(reference, _sk_data(), SK_CONFIG, seed=5, progress=False)
     for name, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name

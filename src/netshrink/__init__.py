@@ -17,9 +17,9 @@ from netshrink.errors import (
 from netshrink.measure import compare, measure
 from netshrink.recipe import compress
 from netshrink.search import analyze, auto
+from netshrink.settings import Inputs, Timing
 from netshrink.targets import Targets
-
-__version__ = "0.1.0"
+from netshrink.version import __version__
 
 __all__ = [
     "ArtifactError",
@@ -27,11 +27,13 @@ __all__ = [
     "Context",
     "DataError",
     "InputError",
+    "Inputs",
     "MissingInputError",
     "NetshrinkError",
     "RecipeError",
     "TargetError",
     "Targets",
+    "Timing",
     "UnsupportedModuleError",
     "__version__",
     "analyze",

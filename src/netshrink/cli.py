@@ -21,6 +21,7 @@ from rich.table import Table
 from netshrink import progress
 from netshrink.errors import ConfigError, InputError, NetshrinkError
 from netshrink.recipe.builtin import DEMO_RUNTIME, DEMO_THREADS
+from netshrink.settings import Inputs, Timing
 
 app = typer.Typer(
     add_completion=False,
@@ -171,25 +172,17 @@ def compress(
     scripted = _scripted(quiet, as_json)
     if (recipe is None) == (target is None):
         raise ConfigError("give either a RECIPE or --target (e.g. --target size=10x,max_drop=0.01)")
-    options = {
-        "weights": weights,
-        "data_ref": data,
-        "eval_ref": eval_,
-        "seed": seed,
-        "runtime": runtime,
-        "threads": threads,
-        "runs": runs,
-        "progress": not scripted,
-    }
+    inputs = Inputs(model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed)
+    timing = Timing(runtime=runtime, threads=threads, runs=runs)
     if target is not None:
         from netshrink.search.commands import run_auto
 
-        found, paths = run_auto(target, model, out, **options)
+        found, paths = run_auto(target, inputs, out, timing, progress=not scripted)
         err().print(found.verdict(), soft_wrap=True)
         err().print(f"recipe: {paths['recipe']}  Pareto front: {paths['pareto']}")
         _finish_run(found.result, paths, quiet, as_json)
         return
-    result, paths = run(recipe, model, out, **options)
+    result, paths = run(recipe, inputs, out, timing, progress=not scripted)
     _finish_run(result, paths, quiet, as_json)
 
 
@@ -210,9 +203,8 @@ def analyze(
     from netshrink.search.commands import run_analyze
 
     _scripted(quiet, False)
-    _, paths = run_analyze(
-        model, out, weights=weights, data_ref=data, eval_ref=eval_, seed=seed, progress=not quiet
-    )
+    inputs = Inputs(model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed)
+    _, paths = run_analyze(inputs, out, progress=not quiet)
     typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
 
 
@@ -236,15 +228,9 @@ def demo(
             f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}, "
             f"{threads} thread(s)"
         )
-    result, paths = run(
-        DEFAULT,
-        DEMO_MODEL,
-        out,
-        seed=seed,
-        runtime=runtime,
-        threads=threads,
-        progress=not scripted,
-    )
+    inputs = Inputs(model_ref=DEMO_MODEL, seed=seed)
+    timing = Timing(runtime=runtime, threads=threads)
+    result, paths = run(DEFAULT, inputs, out, timing, progress=not scripted)
     _finish_run(result, paths, quiet, as_json)
 
 
@@ -265,15 +251,8 @@ def measure(
     from netshrink.recipe.commands import measure_target
 
     _scripted(quiet, as_json)
-    measured = measure_target(
-        target,
-        model_ref=model,
-        data_ref=data,
-        eval_ref=eval_,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
-    )
+    inputs = Inputs(model_ref=model, data_ref=data, eval_ref=eval_)
+    measured = measure_target(target, inputs, Timing(runtime=runtime, threads=threads, runs=runs))
     if as_json:
         _print_json(measured.to_dict())
     else:
@@ -290,7 +269,7 @@ def export(
     """Export a saved artifact to ONNX (inputs shaped like those the run recorded)."""
     from netshrink.recipe.commands import export_onnx
 
-    path = export_onnx(artifact, onnx, model_ref=model)
+    path = export_onnx(artifact, onnx, model)
     out().print(f"onnx: {path}")
 
 

@@ -11,32 +11,18 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from netshrink.batches import as_args, materialize
+from netshrink.batches import materialize
 from netshrink.context import Batch, Evaluate
+from netshrink.data import DataSplits
 from netshrink.errors import DataError, ModelReferenceError
 
 ZOO = "zoo:"
 DATA_SPLITS = ("train", "val", "calib")
-
-
-@dataclass
-class Data:
-    """The batches a run uses. ``test`` is where the reported metric is measured (val if absent)."""
-
-    train: list[Batch]
-    val: list[Batch]
-    calib: list[Batch]
-    test: list[Batch]
-
-    def example_inputs(self) -> tuple[Any, ...]:
-        """Positional inputs of the first validation batch: what latency is timed on."""
-        return as_args(self.val[0][0])
 
 
 def zoo_name(ref: object) -> str | None:
@@ -126,7 +112,7 @@ def _split(data: Any, key: str, ref: str) -> list[Batch] | None:
     return None if value is None else materialize(value, f"--data {ref} split '{key}'")
 
 
-def data_from(ref: str) -> Data:
+def data_from(ref: str) -> DataSplits:
     """The batches ``--data ref`` names: ``zoo:<name>`` or a function returning a mapping.
 
     The mapping needs ``train``, ``val`` and ``calib`` (iterables of ``(inputs, targets)``
@@ -148,7 +134,9 @@ def data_from(ref: str) -> Data:
         )
     val = splits["val"]
     assert val is not None and splits["train"] is not None and splits["calib"] is not None
-    return Data(splits["train"], val, splits["calib"], splits["test"] or val)
+    return DataSplits(
+        train=splits["train"], val=val, test=splits["test"] or val, calib=splits["calib"]
+    )
 
 
 def evaluate_from(ref: str | None, model_ref: str = "") -> Evaluate:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
@@ -142,21 +143,28 @@ _EXPORTERS = {"dynamo": _dynamo_options, "torchscript": _torchscript_options}
 def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
     """Run the file in ONNX Runtime at the traced batch and one more: a baked-in batch fails.
 
-    Every output whose first dimension was the batch must grow with it.
+    Every output whose first dimension was the batch must grow with it. ONNX Runtime is called
+    directly (CPU, one thread): ``netshrink.runtime`` builds on this module, not the reverse.
     """
-    from netshrink.runtime.ort import OrtRunner
-
-    runner = OrtRunner(path, threads=1)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 4  # failures are raised below; stderr stays clean
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
     n = args[0].shape[0]
     bigger = tuple(torch.cat([a, a[:1]]) if a.dim() > 0 else a for a in args)
     try:
-        outs = [runner(a) for a in (args, bigger)]
+        before, after = (
+            session.run(
+                None, {k: a.detach().cpu().numpy() for k, a in zip(names, batch, strict=True)}
+            )
+            for batch in (args, bigger)
+        )
     except Exception as exc:  # ORT raises its own types (Fail, InvalidArgument, ...)
         raise ArtifactError(
             f"the exported graph fails at batch {n + 1}, so its batch is not dynamic; "
             f"export with dynamic_batch=False or fix the model ({exc})"
         ) from exc
-    before, after = (o if isinstance(o, tuple) else (o,) for o in outs)
     for i, (b, a) in enumerate(zip(before, after, strict=True)):
         if b.ndim and b.shape[0] == n and (a.ndim == 0 or a.shape[0] != n + 1):
             raise ArtifactError(

@@ -78,7 +78,7 @@ def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
 
 
 def _versions() -> dict[str, str]:
-    from netshrink import __version__
+    from netshrink.version import __version__
 
     return {
         "netshrink": __version__,

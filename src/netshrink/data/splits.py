@@ -7,9 +7,11 @@ gives the same permutation on every machine and torch version, so a split is rep
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from netshrink.batches import as_args
 from netshrink.context import Batch
 from netshrink.errors import ConfigError, DataError
 
@@ -18,14 +20,20 @@ from netshrink.errors import ConfigError, DataError
 class DataSplits:
     """Train, validation, test and calibration data as lists of ``(inputs, targets)`` batches.
 
-    ``calib`` is a subset of ``train``. The batches keep a fixed order; the training loop
-    reshuffles ``train`` every epoch.
+    What a run uses: ``test`` is where the reported metric is measured (``--data`` functions
+    without one give ``val`` again). In the built-in splits ``calib`` is a subset of
+    ``train``. The batches keep a fixed order; the training loop reshuffles ``train`` every
+    epoch.
     """
 
     train: list[Batch]
     val: list[Batch]
     test: list[Batch]
     calib: list[Batch]
+
+    def example_inputs(self) -> tuple[Any, ...]:
+        """Positional inputs of the first validation batch: what latency is timed on."""
+        return as_args(self.val[0][0])
 
     def as_mapping(self) -> dict[str, list[Batch]]:
         """The splits as ``{"train", "val", "test", "calib"}``, the shape ``--data`` returns."""

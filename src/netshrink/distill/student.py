@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field
 from torch import nn
 
+from netshrink import zoo
 from netshrink.config import Options
 from netshrink.context import Context
 from netshrink.errors import ConfigError, UnsupportedModuleError
@@ -77,22 +78,6 @@ def shrink_depth(model: nn.Module, depth: float) -> nn.Module:
     return student
 
 
-def zoo_name(model: nn.Module) -> str | None:
-    """The zoo name of a model built by ``netshrink.zoo`` (its ``netshrink_zoo`` tag), else None.
-
-    A pruned or copied zoo model keeps the tag, so ``width`` stays relative to the zoo's
-    architecture.
-    """
-    name = getattr(model, "netshrink_zoo", None)
-    return name if isinstance(name, str) else None
-
-
-def _zoo_narrower(name: str, width: float) -> nn.Module:
-    from netshrink import zoo
-
-    return zoo.build(name, width=width)
-
-
 def _pruned_narrower(model: nn.Module, width: float, ctx: Context) -> nn.Module:
     from netshrink import registry
 
@@ -118,9 +103,11 @@ def build_student(model: nn.Module, config: StudentConfig, ctx: Context) -> nn.M
     teacher's weights on the kept channels; needs ``example_inputs`` or ``train_data``).
     Depth then keeps evenly spaced blocks of every stack (:func:`shrink_depth`).
     """
-    student, name = model, zoo_name(model)
+    student, name = model, zoo.name_of(model)
     if config.width < 1 and name is not None:
-        student = _zoo_narrower(name, config.width)
+        # A pruned or copied zoo model keeps its tag, so width stays relative to the zoo's
+        # architecture.
+        student = zoo.build(name, width=config.width)
     if config.depth < 1:
         student = shrink_depth(student, config.depth)
     if config.width < 1 and name is None:

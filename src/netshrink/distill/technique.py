@@ -10,14 +10,14 @@ parameters, so checkpoints, resume and ``torchrun`` DDP work here as everywhere.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.config import TechniqueConfig
+from netshrink.config import TechniqueConfig, TrainConfig
 from netshrink.context import Context
 from netshrink.distill.features import FeatureMatch
 from netshrink.distill.objective import Distiller, OutputLoss
@@ -27,8 +27,10 @@ from netshrink.registry import technique
 from netshrink.train import fit
 
 
-class KDConfig(TechniqueConfig):
-    """Options of ``distill.kd``."""
+class KDConfig(TechniqueConfig, TrainConfig):
+    """Options of ``distill.kd``: the loss's, the student's, and the training options of
+    :class:`~netshrink.config.TrainConfig` (``epochs``, ``lr``, ``optimizer``, ``schedule``,
+    ``patience``, ``checkpoint_dir``, ...) as keys of the stage itself."""
 
     temperature: float = Field(
         4.0, gt=0, le=100, description="softmax temperature T of the soft targets (Hinton 2015)"
@@ -37,16 +39,6 @@ class KDConfig(TechniqueConfig):
         0.9, ge=0, le=1, description="weight of the teacher (soft) loss; 1 - alpha: hard labels"
     )
     epochs: int = Field(10, ge=0, le=10_000, description="passes over the training data")
-    lr: float = Field(1e-3, gt=0, le=10, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="decoupled weight decay (AdamW)")
-    optimizer: Literal["adamw", "adam", "sgd"] = Field("adamw", description="optimizer")
-    schedule: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="learning-rate decay over all steps, after warm-up"
-    )
-    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="steps of linear LR warm-up")
-    patience: int | None = Field(
-        None, ge=1, le=1000, description="stop after this many epochs without gain (val_data)"
-    )
     student: StudentConfig = Field(
         default_factory=StudentConfig, description="derive the student: {width, depth} fractions"
     )
@@ -57,12 +49,6 @@ class KDConfig(TechniqueConfig):
         "auto", description="kl on softmax outputs, mse for embeddings; auto picks by targets"
     )
     cache_teacher: bool = Field(True, description="compute teacher outputs once per batch")
-    checkpoint_dir: str | None = Field(
-        None, description="folder for resumable checkpoints; a rerun continues from them"
-    )
-    checkpoint_every: int = Field(
-        0, ge=0, le=10_000_000, description="also checkpoint every this many steps (0: epochs)"
-    )
 
     @field_validator("features", mode="before")
     @classmethod
@@ -105,12 +91,7 @@ def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
         fit(
             student,
             batches,
-            epochs=config.epochs,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            optimizer=config.optimizer,
-            schedule=config.schedule,
-            warmup_steps=config.warmup_steps,
+            config,
             loss_fn=distiller,
             aux=distiller,
             seed=ctx.seed,
@@ -118,9 +99,6 @@ def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
             desc="distill.kd",
             val_data=ctx.val_data,
             evaluate=ctx.evaluate or (accuracy if distiller.mode == "kl" else None),
-            patience=config.patience,
-            checkpoint_dir=config.checkpoint_dir,
-            checkpoint_every=config.checkpoint_every,
         )
     finally:
         distiller.close()

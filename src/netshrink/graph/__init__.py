@@ -1,8 +1,8 @@
 """Trace a model into its layers and the channel dependencies between them.
 
-``analyze(model, example_inputs)`` returns a :class:`DepGraph`: every place a layer tensor is
-indexed by channel (a :class:`Slot`), the label of each position, and the groups of coupled
-units that structured pruning keeps or removes together. Shared by structured pruning,
+``dependency_graph(model, example_inputs)`` returns a :class:`DepGraph`: every place a layer
+tensor is indexed by channel (a :class:`Slot`), the label of each position, and the groups of
+coupled units that structured pruning keeps or removes together. Shared by structured pruning,
 low-rank factorization and quantization fusion.
 """
 
@@ -19,7 +19,7 @@ from netshrink.graph.surgery import prune_slot, slot_weights, sync_attention
 from netshrink.graph.trace import Traced, is_attention, trace
 
 
-def analyze(model: nn.Module, example_inputs: Sequence[Any]) -> DepGraph:
+def dependency_graph(model: nn.Module, example_inputs: Sequence[Any]) -> DepGraph:
     """Trace ``model`` on ``example_inputs`` and build its channel dependency graph.
 
     Submodules that cannot be traced are kept opaque and named in ``graph.warnings``.
@@ -36,8 +36,8 @@ __all__ = [
     "Group",
     "Slot",
     "Traced",
-    "analyze",
     "build_graph",
+    "dependency_graph",
     "is_attention",
     "prune_slot",
     "slot_weights",

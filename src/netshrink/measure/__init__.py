@@ -7,13 +7,15 @@ and the metric drop. Both print as tables whose rows say what each figure means.
 
 from netshrink.measure.counts import count_macs, count_nonzero, count_params
 from netshrink.measure.harness import compare, measure, saved_bytes
-from netshrink.measure.latency import MIN_RUNS, Timing, time_interleaved, time_latency
+from netshrink.measure.latency import Latencies, time_interleaved, time_latency
 from netshrink.measure.memory import peak_memory
 from netshrink.measure.results import Comparison, Measurement
+from netshrink.settings import MIN_RUNS, Timing
 
 __all__ = [
     "MIN_RUNS",
     "Comparison",
+    "Latencies",
     "Measurement",
     "Timing",
     "compare",

@@ -16,7 +16,7 @@ from netshrink.batches import as_args
 from netshrink.context import Batch, Evaluate
 from netshrink.errors import DataError, MissingInputError
 from netshrink.measure.counts import count_macs, count_nonzero, count_params
-from netshrink.measure.latency import check_runs, time_interleaved
+from netshrink.measure.latency import time_interleaved
 from netshrink.measure.memory import peak_memory
 from netshrink.measure.results import Comparison, Measurement
 from netshrink.runtime import (
@@ -29,6 +29,7 @@ from netshrink.runtime import (
     resolve_threads,
     torch_threads,
 )
+from netshrink.settings import Timing
 
 Measurable = nn.Module | str | Path | bytes
 """A torch module, or (for runtime="onnxruntime") an ONNX file path or ONNX bytes."""
@@ -102,14 +103,10 @@ def _measure_all(
     example_inputs: Any,
     evaluate: Evaluate | None,
     data: Iterable[Batch] | None,
-    runtime: str,
-    threads: int | None,
-    runs: int,
-    warmup: int,
+    timing: Timing,
 ) -> list[Measurement]:
-    check_runtime(runtime)
-    check_runs(runs, warmup)
-    n = resolve_threads(threads)
+    check_runtime(timing.runtime)
+    n = resolve_threads(timing.threads)
     args = as_args(example_inputs)
     if not args or not all(torch.is_tensor(a) for a in args):
         raise DataError("example_inputs must be a tuple of tensors, e.g. (x,)")
@@ -121,11 +118,11 @@ def _measure_all(
         evaluate = accuracy
     batches = list(data) if data is not None else None
     with _eval_mode(models):
-        runners = [make_runner(m, runtime, n, args) for m in models]
+        runners = [make_runner(m, timing.runtime, n, args) for m in models]
         with torch_threads(n):
             fns = [r.bind(args) for r in runners]
             _check_same_shapes([fn() for fn in fns])
-            timings = time_interleaved(fns, runs, warmup)
+            timings = time_interleaved(fns, timing.runs, timing.warmup)
             static = [_static(m, args) for m in models]
         metrics = [_score(m, r, evaluate, batches) for m, r in zip(models, runners, strict=True)]
     name = getattr(evaluate, "__name__", "metric") if evaluate is not None else None
@@ -134,7 +131,7 @@ def _measure_all(
             **s,
             latency_ms=t.median_ms,
             latency_p90_ms=t.p90_ms,
-            runtime=runtime,
+            runtime=timing.runtime,
             threads=n,
             batch_size=int(args[0].shape[0]) if args[0].dim() else 1,
             runs=t.runs,
@@ -145,25 +142,27 @@ def _measure_all(
     ]
 
 
+MEASURE_TIMING = Timing(runs=50)
+"""The default of :func:`measure` and :func:`compare`: eager, torch's threads, 50 timed runs."""
+
+
 def measure(
     model: Measurable,
     example_inputs: Any,
     *,
     evaluate: Evaluate | None = None,
     data: Iterable[Batch] | None = None,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 50,
-    warmup: int = 10,
+    timing: Timing = MEASURE_TIMING,
 ) -> Measurement:
     """Measure ``model`` on ``example_inputs`` (a tuple of positional tensors).
 
-    Latency: ``warmup`` untimed then ``runs`` (>= 20) timed forwards on ``runtime`` ("eager"
-    or "onnxruntime") with ``threads`` intra-op threads (None: torch's current count). With
-    ``data``, ``evaluate(model, data)`` (default: top-1 accuracy) scores what that runtime
-    computes. The model is measured in eval mode; its training flag is restored after.
+    Latency: ``timing.warmup`` untimed then ``timing.runs`` timed forwards on
+    ``timing.runtime`` ("eager" or "onnxruntime") with ``timing.threads`` intra-op threads
+    (None: torch's current count). With ``data``, ``evaluate(model, data)`` (default: top-1
+    accuracy) scores what that runtime computes. The model is measured in eval mode; its
+    training flag is restored after.
     """
-    return _measure_all([model], example_inputs, evaluate, data, runtime, threads, runs, warmup)[0]
+    return _measure_all([model], example_inputs, evaluate, data, timing)[0]
 
 
 def compare(
@@ -173,17 +172,12 @@ def compare(
     *,
     evaluate: Evaluate | None = None,
     data: Iterable[Batch] | None = None,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 50,
-    warmup: int = 10,
+    timing: Timing = MEASURE_TIMING,
 ) -> Comparison:
     """Measure ``baseline`` and ``candidate`` alike, timing them interleaved in one process.
 
     Same runtime, thread count and input for both (see :func:`measure` for the options); the
     result holds both measurements and the compression rate, speedup rate and metric drop.
     """
-    base, cand = _measure_all(
-        [baseline, candidate], example_inputs, evaluate, data, runtime, threads, runs, warmup
-    )
+    base, cand = _measure_all([baseline, candidate], example_inputs, evaluate, data, timing)
     return Comparison(base, cand)

@@ -18,13 +18,11 @@ from typing import Any
 import numpy as np
 
 from netshrink.errors import ConfigError
-
-MIN_RUNS = 20
-"""Fewest timed runs accepted: a median of fewer is too noisy to report."""
+from netshrink.settings import check_runs
 
 
 @dataclass(frozen=True)
-class Timing:
+class Latencies:
     """Timed runs of one callable, in milliseconds."""
 
     samples_ms: tuple[float, ...]
@@ -45,21 +43,13 @@ class Timing:
         return len(self.samples_ms)
 
 
-def check_runs(runs: int, warmup: int) -> None:
-    """Raise :class:`ConfigError` unless ``runs >= MIN_RUNS`` and ``warmup >= 0``."""
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < MIN_RUNS:
-        raise ConfigError(f"runs must be an integer >= {MIN_RUNS} timed runs, got {runs!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
-
-
 def time_interleaved(
     fns: Sequence[Callable[[], Any]], runs: int = 50, warmup: int = 10
-) -> list[Timing]:
+) -> list[Latencies]:
     """Time each zero-argument callable ``runs`` times, interleaved, rotating the order.
 
     Every callable first runs ``warmup`` untimed times (also interleaved). Returns one
-    :class:`Timing` per callable, in order.
+    :class:`Latencies` per callable, in order.
     """
     check_runs(runs, warmup)
     if not fns:
@@ -80,9 +70,9 @@ def time_interleaved(
     finally:
         if gc_was_on:
             gc.enable()
-    return [Timing(tuple(s)) for s in samples]
+    return [Latencies(tuple(s)) for s in samples]
 
 
-def time_latency(fn: Callable[[], Any], runs: int = 50, warmup: int = 10) -> Timing:
+def time_latency(fn: Callable[[], Any], runs: int = 50, warmup: int = 10) -> Latencies:
     """Time one zero-argument callable: ``warmup`` untimed calls, then ``runs`` timed ones."""
     return time_interleaved([fn], runs, warmup)[0]

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.config import Options
+from netshrink.config import Options, TrainConfig
 from netshrink.context import Batch, Context
 from netshrink.train import LossFn, cross_entropy, fit
 
@@ -94,8 +94,8 @@ def _train(
     desc: str,
     loss_fn: LossFn = cross_entropy,
 ) -> None:
-    fit(model, data, epochs=epochs, lr=schedule.lr, loss_fn=loss_fn, seed=ctx.seed,
-        progress=ctx.progress, desc=desc)  # fmt: skip
+    config = TrainConfig(epochs=epochs, lr=schedule.lr)
+    fit(model, data, config, loss_fn=loss_fn, seed=ctx.seed, progress=ctx.progress, desc=desc)
 
 
 def _gradual_in_training(

@@ -25,7 +25,15 @@ from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.graph import FROZEN, DepGraph, Group, Slot, analyze, prune_slot, sync_attention
+from netshrink.graph import (
+    FROZEN,
+    DepGraph,
+    Group,
+    Slot,
+    dependency_graph,
+    prune_slot,
+    sync_attention,
+)
 from netshrink.prune.importance import unit_scores
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
 from netshrink.registry import technique
@@ -168,7 +176,7 @@ def _keep_one_per_layer(graph: DepGraph, scores: dict[int, float], removed: set[
 def plan_channels(model: nn.Module, cfg: ChannelsConfig, ctx: Context, ratio: float) -> ChannelPlan:
     """Trace ``model``, rank its units by ``cfg.criterion`` and choose ``ratio`` of them."""
     assert ctx.example_inputs is not None
-    graph = analyze(model, ctx.example_inputs)
+    graph = dependency_graph(model, ctx.example_inputs)
     _freeze_excluded(graph, model, cfg)
     groups = graph.groups()
     batches = islice(ctx.train_data, cfg.taylor_batches) if ctx.train_data is not None else None

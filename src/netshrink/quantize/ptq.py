@@ -24,7 +24,7 @@ from netshrink.progress import track
 from netshrink.quantize.affine import choose_qparams
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
-from netshrink.quantize.tracing import analyze, fold_bn, set_submodule
+from netshrink.quantize.tracing import fold_bn, set_submodule, trace_flow
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
@@ -77,7 +77,7 @@ def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
 
 def fold_batchnorms(model: nn.Module, names: Iterable[str]) -> set[str]:
     """Fold every BN that directly follows one of ``names``; return names whose output is added."""
-    flow = analyze(model)
+    flow = trace_flow(model)
     for name in names:
         if name in flow.bn_after:
             bn_name = flow.bn_after[name]

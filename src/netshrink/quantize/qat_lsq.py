@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.config import TechniqueConfig
+from netshrink.config import TechniqueConfig, TrainConfig
 from netshrink.context import Context
 from netshrink.quantize.affine import qrange, round_ste
 from netshrink.quantize.layers import fake_quant
@@ -83,8 +83,9 @@ class LSQLayer(nn.Module):
         return y if self.out is None else fake_quant(y, *self.out, qmax=self.act_qmax)
 
 
-class QATConfig(TechniqueConfig):
-    """Options of quantize.qat."""
+class QATConfig(TechniqueConfig, TrainConfig):
+    """Options of ``quantize.qat``, the training options of
+    :class:`~netshrink.config.TrainConfig` (``epochs``, ``lr``, ``optimizer``, ...) among them."""
 
     bits: int = Field(8, ge=2, le=8, description="weight bits during training and after")
     activation_bits: int = Field(
@@ -121,10 +122,7 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
         set_submodule(model, name, layer)
     quantize_relus(model, qparams, act_bits)
     assert ctx.train_data is not None
-    fit(
-        model, ctx.train_data, epochs=config.epochs, lr=config.lr, seed=ctx.seed,
-        progress=ctx.progress, desc="quantize.qat",
-    )  # fmt: skip
+    fit(model, ctx.train_data, config, seed=ctx.seed, progress=ctx.progress, desc="quantize.qat")
     scales = {}
     for name in bits:
         layer = model.get_submodule(name)

@@ -32,7 +32,7 @@ class Flow:
     traced: bool = True
 
 
-def analyze(model: nn.Module) -> Flow:
+def trace_flow(model: nn.Module) -> Flow:
     """Trace ``model`` symbolically and report foldable BNs and outputs that feed additions."""
     try:
         graph = fx.symbolic_trace(model).graph

@@ -21,43 +21,42 @@ if TYPE_CHECKING:
 
 from netshrink import refs
 from netshrink.context import Evaluate
+from netshrink.data import DataSplits
 from netshrink.errors import ArtifactError, ModelReferenceError
 from netshrink.recipe import builtin
 from netshrink.recipe.deliver import PROVENANCE_KEY, save_run
 from netshrink.recipe.result import Result
 from netshrink.recipe.runner import compress
+from netshrink.settings import Inputs, Timing
 
 
-@dataclass
-class Inputs:
-    """A resolved ``--model/--weights/--data/--eval``: the model, its data and metric."""
+@dataclass(frozen=True)
+class Resolved:
+    """:class:`Inputs` resolved: the model, its data splits and metric, and the references
+    (with ``data_ref`` filled in where a zoo model brought its own data)."""
 
     model: nn.Module
-    data: refs.Data
+    data: DataSplits
     evaluate: Evaluate
-    model_ref: str
-    data_ref: str
+    inputs: Inputs
 
 
-def resolve(
-    model_ref: str,
-    weights: Path | None = None,
-    data_ref: str | None = None,
-    eval_ref: str | None = None,
-    seed: int = 0,
-) -> Inputs:
+def resolve(inputs: Inputs) -> Resolved:
     """Resolve the references; a zoo model brings its own data when ``data_ref`` is None."""
-    evaluate = refs.evaluate_from(eval_ref, model_ref)
-    model = refs.model_from(model_ref, weights, seed=seed)
+    if inputs.model_ref is None:
+        raise ModelReferenceError("--model is needed: zoo:<name> or package.module:factory")
+    evaluate = refs.evaluate_from(inputs.eval_ref, inputs.model_ref)
+    model = refs.model_from(inputs.model_ref, inputs.weights, seed=inputs.seed)
+    data_ref = inputs.data_ref
     if data_ref is None:
-        if refs.zoo_name(model_ref) is None:
+        if refs.zoo_name(inputs.model_ref) is None:
             raise ModelReferenceError(
-                f"--model {model_ref} is not a zoo model, so --data is needed: "
+                f"--model {inputs.model_ref} is not a zoo model, so --data is needed: "
                 "package.module:function returning {'train': ..., 'val': ..., 'calib': ...}"
             )
-        data_ref = model_ref
+        data_ref = inputs.model_ref
     data = refs.data_from(data_ref)
-    return Inputs(model, data, evaluate, model_ref, data_ref)
+    return Resolved(model, data, evaluate, dataclasses.replace(inputs, data_ref=data_ref))
 
 
 def input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -69,73 +68,38 @@ def input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
     ]
 
 
-def prepare(
-    model_ref: str,
-    *,
-    weights: Path | None = None,
-    data_ref: str | None = None,
-    eval_ref: str | None = None,
-    seed: int = 0,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 20,
-    progress: bool = True,
-) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Resolve the references for a run: the model, the keyword arguments ``compress`` and
-    ``auto`` both take (data splits, metric, timing), and the provenance the run saves."""
-    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
+def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Resolve ``inputs`` for a run: the model, the keyword arguments ``compress`` and ``auto``
+    both take besides the timing (data splits, metric, seed), and the provenance it saves."""
+    given = resolve(inputs)
     example = given.data.example_inputs()
     kwargs = {
         "eval_data": given.data.test,
-        "runtime": runtime,
-        "threads": threads,
-        "runs": runs,
         "example_inputs": example,
         "calib_data": given.data.calib,
         "train_data": given.data.train,
         "val_data": given.data.val,
         "evaluate": given.evaluate,
-        "seed": seed,
+        "seed": inputs.seed,
         "progress": progress,
     }
     extra = {
-        "model": model_ref,
-        "weights": None if weights is None else str(weights),
-        "data": given.data_ref,
-        "eval": eval_ref,
+        "model": inputs.model_ref,
+        "weights": None if inputs.weights is None else str(inputs.weights),
+        "data": given.inputs.data_ref,
+        "eval": inputs.eval_ref,
         "inputs": input_specs(example),
     }
     return given.model, kwargs, extra
 
 
 def run(
-    recipe_ref: str | Path,
-    model_ref: str,
-    out: Path,
-    *,
-    weights: Path | None = None,
-    data_ref: str | None = None,
-    eval_ref: str | None = None,
-    seed: int = 0,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 20,
-    progress: bool = True,
+    recipe_ref: str | Path, inputs: Inputs, out: Path, timing: Timing, progress: bool = True
 ) -> tuple[Result, dict[str, Path]]:
     """``netshrink compress``: validate the recipe, resolve inputs, compress, save; return both."""
     recipe = builtin.load(recipe_ref)
-    model, kwargs, extra = prepare(
-        model_ref,
-        weights=weights,
-        data_ref=data_ref,
-        eval_ref=eval_ref,
-        seed=seed,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
-        progress=progress,
-    )
-    result = compress(model, recipe, **kwargs)
+    model, kwargs, extra = prepare(inputs, progress)
+    result = compress(model, recipe, timing=timing, **kwargs)
     return result, save_run(result, out, extra)
 
 
@@ -148,7 +112,7 @@ def provenance(artifact: Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def reopen(artifact: Path, model_ref: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def reopen(artifact: Path, model_ref: str | None) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``artifact``; rebuild into ``model_ref``'s model, else the zoo model it records."""
     from netshrink.artifact import load
 
@@ -171,46 +135,38 @@ def recorded_inputs(info: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
         raise ArtifactError(f"the manifest's recorded inputs {specs!r} are malformed") from exc
 
 
-def measure_target(
-    target: str,
-    *,
-    model_ref: str | None = None,
-    data_ref: str | None = None,
-    eval_ref: str | None = None,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 20,
-) -> Measurement:
+def measure_target(target: str, inputs: Inputs, timing: Timing) -> Measurement:
     """``netshrink measure``: a zoo model (trained) or a saved artifact, on its data's test split.
 
-    An artifact made by a run of a zoo model finds its model and data from its manifest; any
-    other needs ``--model`` (to rebuild into) and ``--data``.
+    For an artifact, ``inputs.model_ref`` is the model to rebuild into; one made by a run of a
+    zoo model finds its model and data from its manifest, any other needs ``--model`` and
+    ``--data``.
     """
     from netshrink.artifact import artifact_bytes
     from netshrink.measure import measure
 
     if refs.zoo_name(target) is not None:
-        given = resolve(target, None, data_ref, eval_ref)
-        model = given.model
+        given = resolve(dataclasses.replace(inputs, model_ref=target, weights=None))
     else:
-        model, info = reopen(Path(target), model_ref)
+        model, info = reopen(Path(target), inputs.model_ref)
         recorded = info.get("data")
+        data_ref = inputs.data_ref
         if data_ref is None and refs.zoo_name(recorded):
             data_ref = recorded
         if data_ref is None:
             raise ModelReferenceError(
                 f"{target} records no zoo data; give --data package.module:function"
             )
-        evaluate = refs.evaluate_from(eval_ref, model_ref or info.get("model", ""))
-        given = Inputs(model, refs.data_from(data_ref), evaluate, "", data_ref)
+        model_ref = inputs.model_ref or info.get("model", "")
+        evaluate = refs.evaluate_from(inputs.eval_ref, model_ref)
+        data = refs.data_from(data_ref)
+        given = Resolved(model, data, evaluate, dataclasses.replace(inputs, data_ref=data_ref))
     measured = measure(
-        model,
+        given.model,
         given.data.example_inputs(),
         evaluate=given.evaluate,
         data=given.data.test,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
+        timing=timing,
     )
     if refs.zoo_name(target) is not None:
         return measured
@@ -218,7 +174,7 @@ def measure_target(
     return dataclasses.replace(measured, bytes=artifact_bytes(target))
 
 
-def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None = None) -> Path:
+def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None) -> Path:
     """``netshrink export``: load ``artifact`` and write it as ONNX, traced on recorded inputs."""
     from netshrink.artifact import export_onnx as export
 

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from netshrink.measure import Measurement
 
 from netshrink.context import Batch, Evaluate
-from netshrink.recipe.result import Environment, LayerInfo, StageRecord
+from netshrink.report.record import Environment, LayerInfo, StageRecord
+from netshrink.settings import Timing
+from netshrink.version import __version__
 
 _FLOAT_BITS = {torch.float32: 32, torch.float64: 64, torch.float16: 16, torch.bfloat16: 16}
 
@@ -39,12 +41,10 @@ def machine() -> str:
 
 def versions() -> dict[str, str]:
     """Versions of python, torch and netshrink, as recorded in reports and manifests."""
-    import netshrink
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "netshrink": netshrink.__version__,
+        "netshrink": __version__,
     }
 
 
@@ -88,7 +88,7 @@ def layer_info(model: nn.Module) -> list[LayerInfo]:
 
 
 class Meter:
-    """Measures models against one baseline on fixed inputs, data, metric and runtime settings."""
+    """Measures models against one baseline on fixed inputs, data, metric and :class:`Timing`."""
 
     def __init__(
         self,
@@ -96,27 +96,26 @@ class Meter:
         example_inputs: tuple[Any, ...],
         evaluate: Evaluate,
         data: Iterable[Batch],
-        *,
-        runtime: str = "eager",
-        threads: int | None = None,
-        runs: int = 20,
+        timing: Timing,
     ) -> None:
         self.baseline = baseline
         self.example_inputs = example_inputs
-        self.settings = {
-            "evaluate": evaluate,
-            "data": list(data),
-            "runtime": runtime,
-            "threads": threads,
-            "runs": runs,
-        }
+        self.evaluate = evaluate
+        self.data = list(data)
+        self.timing = timing
         self.last: Measurement | None = None
 
     def measure_baseline(self) -> StageRecord:
         """The baseline's record: measured alone, its latency its own."""
         from netshrink.measure import measure
 
-        m = self.last = measure(self.baseline, self.example_inputs, **self.settings)
+        m = self.last = measure(
+            self.baseline,
+            self.example_inputs,
+            evaluate=self.evaluate,
+            data=self.data,
+            timing=self.timing,
+        )
         return StageRecord(
             None, "baseline", "baseline", m, m.latency_ms, layers=layer_info(self.baseline)
         )
@@ -125,7 +124,14 @@ class Meter:
         """``model``'s measurement and the baseline's latency, timed interleaved with it (ms)."""
         from netshrink.measure import compare
 
-        both = compare(self.baseline, model, self.example_inputs, **self.settings)
+        both = compare(
+            self.baseline,
+            model,
+            self.example_inputs,
+            evaluate=self.evaluate,
+            data=self.data,
+            timing=self.timing,
+        )
         self.last = both.candidate
         return both.candidate, both.baseline.latency_ms
 

@@ -24,8 +24,10 @@ from netshrink.errors import ConfigError, MissingInputError, RecipeError
 from netshrink.progress import track
 from netshrink.recipe import builtin
 from netshrink.recipe.meter import Meter, layer_info
-from netshrink.recipe.result import Report, Result, StageRecord
+from netshrink.recipe.result import Result
 from netshrink.recipe.schema import GuardConfig, Recipe, Stage, parse
+from netshrink.report.record import Report, StageRecord
+from netshrink.settings import DEFAULT_TIMING, Timing
 
 
 def as_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
@@ -123,9 +125,7 @@ def compress(
     recipe: Recipe | Mapping[str, Any] | str | Path,
     *,
     eval_data: Iterable[Batch] | None = None,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 20,
+    timing: Timing = DEFAULT_TIMING,
     **context: Any,
 ) -> Result:
     """Apply ``recipe``'s stages to ``model`` in order, measuring after each; return the result.
@@ -134,17 +134,15 @@ def compress(
     ``train_data``, ``val_data``, ``teacher``, ``evaluate``, ``seed``, ...). The teacher defaults
     to ``model`` as given, the metric to top-1 accuracy. The reported metric is measured on
     ``eval_data`` (default ``val_data``); guards judge on ``val_data``. Latency is the median of
-    ``runs`` timed forward passes on ``example_inputs`` with ``runtime`` ("eager" or
-    "onnxruntime") and ``threads`` intra-op threads (None: torch's current count). The weights
-    of ``model`` are left unchanged (it is put in eval mode).
+    ``timing.runs`` timed forward passes on ``example_inputs`` with ``timing.runtime`` ("eager"
+    or "onnxruntime") and ``timing.threads`` intra-op threads (None: torch's current count).
+    The weights of ``model`` are left unchanged (it is put in eval mode).
     """
-    from netshrink.measure.latency import check_runs
     from netshrink.runtime import check_runtime
 
     plan = as_recipe(recipe)
     ctx = make_context(context)
-    check_runtime(runtime)
-    check_runs(runs, warmup=10)
+    check_runtime(timing.runtime)
     baseline = model.eval()
     if ctx.teacher is None:
         ctx = ctx.with_(teacher=baseline)
@@ -161,15 +159,7 @@ def compress(
     guard_data = materialize(ctx.val_data, "val_data") if ctx.val_data is not None else data
     check_finite_weights(baseline)
     assert ctx.example_inputs is not None and ctx.evaluate is not None
-    meter = Meter(
-        baseline,
-        ctx.example_inputs,
-        ctx.evaluate,
-        data,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
-    )
+    meter = Meter(baseline, ctx.example_inputs, ctx.evaluate, data, timing)
     first = meter.measure_baseline()
     run = _Run(baseline, ctx, meter, guard_data)
     stages = track(plan.stages, f"recipe ({len(plan.stages)} stages)", show=ctx.progress)

@@ -1,6 +1,6 @@
 """Writing a run's report: ``report.md``, ``report.html``, ``report.json`` and the plots.
 
-:func:`write` renders a :class:`~netshrink.recipe.result.Report` into a folder; every file is
+:func:`write` renders a :class:`~netshrink.report.record.Report` into a folder; every file is
 written atomically (temporary file in the same folder, then renamed).
 """
 
@@ -11,9 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from netshrink.recipe.result import Report
 from netshrink.report.html import html
 from netshrink.report.plots import figures
+from netshrink.report.record import Report
 from netshrink.report.terminal import print_report
 from netshrink.report.text import markdown
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 from collections.abc import Sequence
 from html import escape
+from typing import TYPE_CHECKING
 
 import yaml
 
-from netshrink.recipe.result import Report
 from netshrink.report.plots import Figure
 from netshrink.report.tables import (
     DEFINITIONS,
@@ -19,6 +19,9 @@ from netshrink.report.tables import (
     notes,
     stage_rows,
 )
+
+if TYPE_CHECKING:
+    from netshrink.report.record import Report
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }

@@ -10,10 +10,12 @@ import io
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from netshrink.recipe.result import LayerInfo, Report, StageRecord
 from netshrink.report.tables import human_bytes, measured_on
+
+if TYPE_CHECKING:
+    from netshrink.report.record import LayerInfo, Report, StageRecord
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from netshrink.recipe.result import Report, StageRecord
+from typing import TYPE_CHECKING, Any
 
 DEFINITIONS = (
     ("bytes", "size on disk of the model saved as a netshrink artifact"),
@@ -14,6 +12,9 @@ DEFINITIONS = (
     ("metric drop", "metric before - metric after (positive: worse)"),
     ("MACs", "multiply-accumulates of one forward pass (torch.utils.flop_counter)"),
 )
+
+if TYPE_CHECKING:
+    from netshrink.report.record import Report, StageRecord
 
 STAGE_HEADERS = (
     "stage",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 
-from netshrink.recipe.result import Report
 from netshrink.report.tables import STAGE_HEADERS, headline, measured_on, notes, stage_rows
+
+if TYPE_CHECKING:
+    from netshrink.report.record import Report
 
 
 def print_report(report: Report, console: Console, stages: bool = True) -> None:

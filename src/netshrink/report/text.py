@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
-from netshrink.recipe.result import Report
 from netshrink.report.tables import (
     DEFINITIONS,
     STAGE_HEADERS,
@@ -16,6 +16,9 @@ from netshrink.report.tables import (
     notes,
     stage_rows,
 )
+
+if TYPE_CHECKING:
+    from netshrink.report.record import Report
 
 
 def aligned(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -5,9 +5,10 @@ A runner takes the positional inputs of one forward call (a tuple) and returns t
 conversion done beforehand, so a timer sees the model and nothing else.
 """
 
-from netshrink.runtime.base import RUNTIMES, Runner, check_runtime, make_runner, resolve_threads
-from netshrink.runtime.eager import EagerRunner, torch_threads
+from netshrink.runtime.base import RUNTIMES, Runner, check_runtime, make_runner
+from netshrink.runtime.eager import EagerRunner
 from netshrink.runtime.ort import OnnxSource, OrtModule, OrtRunner, onnx_bytes, onnx_session
+from netshrink.runtime.threads import resolve_threads, torch_threads
 
 __all__ = [
     "RUNTIMES",

@@ -8,6 +8,9 @@ from typing import Any, Protocol
 import torch
 
 from netshrink.errors import ConfigError
+from netshrink.runtime.eager import EagerRunner
+from netshrink.runtime.ort import OrtRunner
+from netshrink.runtime.threads import resolve_threads
 
 RUNTIMES = ("eager", "onnxruntime")
 """Runtime names: eager PyTorch under ``torch.inference_mode``, ONNX Runtime on CPU."""
@@ -35,15 +38,6 @@ def check_runtime(runtime: str) -> str:
     return runtime
 
 
-def resolve_threads(threads: int | None) -> int:
-    """Intra-op thread count to use: ``threads``, or torch's current setting when ``None``."""
-    if threads is None:
-        return torch.get_num_threads()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"threads must be a positive integer or None, got {threads!r}")
-    return threads
-
-
 def make_runner(
     model: Any, runtime: str, threads: int | None, example_inputs: tuple[Any, ...]
 ) -> Runner:
@@ -52,9 +46,6 @@ def make_runner(
     ``model`` is an ``nn.Module``; for ``onnxruntime`` it may also be anything
     :func:`~netshrink.runtime.ort.onnx_bytes` accepts (an ONNX file path, bytes, a ModelProto).
     """
-    from netshrink.runtime.eager import EagerRunner
-    from netshrink.runtime.ort import OrtRunner
-
     check_runtime(runtime)
     n = resolve_threads(threads)
     if runtime == "eager":

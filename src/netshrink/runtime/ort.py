@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from netshrink.errors import ArtifactError, DataError
-from netshrink.runtime.base import resolve_threads
+from netshrink.runtime.threads import resolve_threads
 
 OnnxSource = str | Path | bytes | onnx.ModelProto | nn.Module
 """Anything :func:`onnx_bytes` turns into a serialized ONNX model."""

@@ -4,14 +4,14 @@ from netshrink.search.allocate import Option, allocate
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.auto import auto, to_recipe
 from netshrink.search.front import AutoResult, Candidate
-from netshrink.search.target import Target, parse_target
+from netshrink.search.target import Goal, parse_target
 
 __all__ = [
     "AutoResult",
     "Candidate",
+    "Goal",
     "Option",
     "Sensitivity",
-    "Target",
     "allocate",
     "analyze",
     "auto",

@@ -8,7 +8,7 @@ stop after ``rounds`` candidates. Every measured candidate is kept for the Paret
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -17,10 +17,12 @@ from netshrink.batches import materialize
 from netshrink.context import Batch
 from netshrink.errors import ConfigError
 from netshrink.recipe import Result, compress, parse
+from netshrink.recipe.runner import make_context
 from netshrink.search.allocate import Option, allocate, predicted
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.front import AutoResult, Candidate
-from netshrink.search.target import Target, parse_target
+from netshrink.search.target import Goal, parse_target
+from netshrink.settings import DEFAULT_TIMING, Timing
 
 MARGIN = 0.97
 """Aim this far inside a size goal: the delivered artifact also carries the run's provenance."""
@@ -59,7 +61,7 @@ def to_recipe(choice: dict[str, Option], finetune_epochs: int = 0) -> dict[str, 
     return {"version": 1, "description": "found by netshrink auto", "stages": stages}
 
 
-def goal_rate(target: Target, baseline_bytes: int, baseline_ms: float) -> float:
+def goal_rate(target: Goal, baseline_bytes: int, baseline_ms: float) -> float:
     """The target as a rate: compression rate for size goals, speedup rate for speed goals."""
     if target.size is not None:
         return target.size
@@ -73,32 +75,25 @@ def goal_rate(target: Target, baseline_bytes: int, baseline_ms: float) -> float:
 
 def auto(
     model: nn.Module,
-    target: str | Target,
+    target: str | Goal,
     *,
-    example_inputs: tuple[Any, ...],
-    val_data: Iterable[Batch],
     eval_data: Iterable[Batch] | None = None,
-    calib_data: Iterable[Batch] | None = None,
-    train_data: Iterable[Batch] | None = None,
-    evaluate: Callable[..., float] | None = None,
     sensitivity: Sensitivity | None = None,
     finetune_epochs: int = 2,
     rounds: int = 4,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 20,
-    seed: int = 0,
+    timing: Timing = DEFAULT_TIMING,
     cache: bool | str = True,
-    progress: bool = True,
+    **context: Any,
 ) -> AutoResult:
     """Find a recipe meeting ``target`` (e.g. ``"size=20x,max_drop=0.01"``) and return it, measured.
 
+    ``context`` holds the same items as :func:`netshrink.compress` (``example_inputs`` and
+    ``val_data`` needed; ``calib_data``, ``train_data``, ``evaluate``, ``seed``, ``progress``).
     Sensitivity is probed on ``val_data`` (unless ``sensitivity`` is given); candidates are
-    measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency on
-    ``runtime`` ("eager" or "onnxruntime") over ``runs`` timed passes with ``threads`` intra-op
-    threads (None: torch's current count); ``train_data`` turns on
-    ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates are
-    measured. When none meets the target the result says so and holds the closest one.
+    measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency as
+    ``timing`` says; ``train_data`` turns on ``finetune_epochs`` of fine-tuning in every
+    candidate. At most ``rounds`` candidates are measured. When none meets the target the result
+    says so and holds the closest one.
     """
     from netshrink.measure import measure
     from netshrink.metrics import accuracy
@@ -106,19 +101,23 @@ def auto(
     goal = parse_target(target)
     if rounds < 1:
         raise ConfigError(f"rounds={rounds}: auto needs at least one round (e.g. rounds=4)")
-    evaluate = evaluate or accuracy
-    val = materialize(val_data, "val_data")
+    ctx = make_context(context)
+    ctx.require(("example_inputs", "val_data"), "auto")
+    assert ctx.example_inputs is not None and ctx.val_data is not None
+    ctx = ctx.with_(
+        val_data=materialize(ctx.val_data, "val_data"), evaluate=ctx.evaluate or accuracy
+    )
     sens = sensitivity or analyze(
         model,
-        example_inputs=example_inputs,
-        data=val,
-        evaluate=evaluate,
-        calib_data=calib_data,
+        example_inputs=ctx.example_inputs,
+        data=ctx.val_data,
+        evaluate=ctx.evaluate,
+        calib_data=ctx.calib_data,
         cache=cache,
-        progress=progress,
-        seed=seed,
+        progress=ctx.progress,
+        seed=ctx.seed,
     )
-    base = measure(model.eval(), example_inputs, runtime=runtime, threads=threads, runs=runs)
+    base = measure(model.eval(), ctx.example_inputs, timing=timing)
     rate = goal_rate(goal, base.bytes, base.latency_ms)
     layer_total = sum(info[goal.resource] for info in sens.layers.values())
     fixed = base.bytes - sum(info["bytes"] for info in sens.layers.values())
@@ -126,31 +125,16 @@ def auto(
     # goals budget their MACs, taking latency as proportional to them.
     sized = goal.resource == "bytes"
     budget = base.bytes / rate * MARGIN - fixed if sized else layer_total / rate
-    context = {
-        "example_inputs": example_inputs,
-        "val_data": val,
-        "calib_data": calib_data,
-        "train_data": train_data,
-        "evaluate": evaluate,
-        "seed": seed,
-        "progress": False,
-    }
-    epochs = finetune_epochs if train_data is not None else 0
+    # Candidates run on the same context, without progress bars of their own.
+    items = {name: getattr(ctx, name) for name in ctx.item_names()} | {"progress": False}
+    epochs = finetune_epochs if ctx.train_data is not None else 0
     candidates: list[Candidate] = []
     results: list[Result] = []
     for round_ in range(rounds):
         choice, fits = allocate(sens, budget, goal.resource)
         recipe = to_recipe(choice, epochs)
         parse(recipe)  # a recipe the runner (and netshrink compress) accepts
-        result = compress(
-            model,
-            recipe,
-            eval_data=eval_data,
-            runtime=runtime,
-            threads=threads,
-            runs=runs,
-            **context,
-        )
+        result = compress(model, recipe, eval_data=eval_data, timing=timing, **items)
         cand = Candidate.measured(round_, budget, recipe, result.report.summary(), goal, rate)
         cand.predicted_loss = predicted(choice)[1]
         candidates.append(cand)

@@ -7,26 +7,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from netshrink.recipe.commands import prepare, resolve
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.auto import auto
 from netshrink.search.front import AutoResult
 from netshrink.search.target import parse_target
+from netshrink.settings import Inputs, Timing
 
 
 def run_analyze(
-    model_ref: str,
-    out: Path,
-    *,
-    weights: Path | None = None,
-    data_ref: str | None = None,
-    eval_ref: str | None = None,
-    seed: int = 0,
-    progress: bool = True,
+    inputs: Inputs, out: Path, progress: bool = True
 ) -> tuple[Sensitivity, dict[str, Path]]:
     """Probe every layer on the validation split; write sensitivity.json and .png into ``out``."""
-    from netshrink.recipe.commands import resolve
-
-    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
+    given = resolve(inputs)
     sens = analyze(
         given.model,
         example_inputs=given.data.example_inputs(),
@@ -34,7 +27,7 @@ def run_analyze(
         evaluate=given.evaluate,
         calib_data=given.data.calib,
         progress=progress,
-        seed=seed,
+        seed=inputs.seed,
     )
     out = Path(out)
     paths = {
@@ -45,33 +38,10 @@ def run_analyze(
 
 
 def run_auto(
-    target: str,
-    model_ref: str,
-    out: Path,
-    *,
-    weights: Path | None = None,
-    data_ref: str | None = None,
-    eval_ref: str | None = None,
-    seed: int = 0,
-    runtime: str = "eager",
-    threads: int | None = None,
-    runs: int = 20,
-    progress: bool = True,
+    target: str, inputs: Inputs, out: Path, timing: Timing, progress: bool = True
 ) -> tuple[AutoResult, dict[str, Path]]:
     """Search a recipe meeting ``target``; save its run, recipe.yaml and the Pareto front."""
-    from netshrink.recipe.commands import prepare
-
     goal = parse_target(target)
-    model, kwargs, extra = prepare(
-        model_ref,
-        weights=weights,
-        data_ref=data_ref,
-        eval_ref=eval_ref,
-        seed=seed,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
-        progress=progress,
-    )
-    found = auto(model, goal, **kwargs)
+    model, kwargs, extra = prepare(inputs, progress)
+    found = auto(model, goal, timing=timing, **kwargs)
     return found, found.save(out, {**extra, "target": str(goal)})

@@ -12,7 +12,7 @@ import yaml
 
 from netshrink.recipe import Result, save_run
 from netshrink.search.analysis import Sensitivity
-from netshrink.search.target import Target
+from netshrink.search.target import Goal
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Candidate:
         budget: float,
         recipe: dict[str, Any],
         summary: dict[str, Any],
-        goal: Target,
+        goal: Goal,
         rate: float,
     ) -> Candidate:
         """A candidate from a recipe run's report summary."""
@@ -53,15 +53,15 @@ class Candidate:
             summary["metric_drop"],
         )
 
-    def rate(self, goal: Target) -> float:
+    def rate(self, goal: Goal) -> float:
         """The achieved rate of the goal's kind (compression for size goals, else speedup)."""
         return self.compression_rate if goal.resource == "bytes" else self.speedup_rate
 
-    def meets_resource(self, goal: Target, rate: float) -> bool:
+    def meets_resource(self, goal: Goal, rate: float) -> bool:
         """Whether the size or speed goal (as a rate) is reached."""
         return self.rate(goal) >= rate
 
-    def meets(self, goal: Target, rate: float) -> bool:
+    def meets(self, goal: Goal, rate: float) -> bool:
         """Whether both the goal and the drop limit hold."""
         ok_drop = goal.max_drop is None or self.metric_drop <= goal.max_drop
         return self.meets_resource(goal, rate) and ok_drop
@@ -71,7 +71,7 @@ class Candidate:
 class AutoResult:
     """What ``auto`` found: the target, every measured candidate, the chosen one and its run."""
 
-    target: Target
+    target: Goal
     goal_rate: float
     candidates: list[Candidate]
     best: Candidate
@@ -79,7 +79,7 @@ class AutoResult:
     sensitivity: Sensitivity
 
     @staticmethod
-    def pick(candidates: list[Candidate], goal: Target, rate: float) -> Candidate:
+    def pick(candidates: list[Candidate], goal: Goal, rate: float) -> Candidate:
         """The most accurate candidate meeting the target, else the closest to it.
 
         Closest: among those meeting the size/speed goal the smallest drop; when none does,

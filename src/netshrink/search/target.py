@@ -1,4 +1,4 @@
-"""Compression targets: ``size=20x,max_drop=0.01`` parsed into a :class:`Target`."""
+"""Compression targets: ``size=20x,max_drop=0.01`` parsed into a :class:`Goal`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ EXAMPLE = "size=20x,max_drop=0.01"
 
 
 @dataclass(frozen=True)
-class Target:
+class Goal:
     """What ``auto`` must reach: one of size / speedup / latency_ms / size_mb, and a drop limit.
 
     size: compression rate (baseline bytes / compressed bytes); speedup: latency rate;
@@ -63,12 +63,12 @@ def _number(key: str, text: str) -> float:
     return value
 
 
-def parse_target(text: str | Target) -> Target:
+def parse_target(text: str | Goal) -> Goal:
     """Parse ``key=value`` pairs separated by commas; ConfigError on anything else.
 
     Exactly one of size, speedup, latency_ms, size_mb must be given; max_drop is optional.
     """
-    if isinstance(text, Target):
+    if isinstance(text, Goal):
         return text
     values: dict[str, float] = {}
     for part in (p for p in text.split(",") if p.strip()):
@@ -88,4 +88,4 @@ def parse_target(text: str | Target) -> Target:
             f"target {text!r} needs exactly one of size, speedup, latency_ms, size_mb "
             f"(got {goals or 'none'}); e.g. {EXAMPLE}"
         )
-    return Target(**values)
+    return Goal(**values)

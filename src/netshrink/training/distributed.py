@@ -1,15 +1,21 @@
 """Data-parallel training under ``torchrun``: process group, data sharding, metric reduction.
 
 ``torchrun --nproc_per_node N script.py`` starts N copies of a script and sets ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`setup` joins the
-process group they describe (gloo on CPU, nccl on GPU) so that the same ``fit`` call trains one
-model with DistributedDataParallel; without those variables everything here is a no-op.
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`process_group`
+joins the process group they describe (gloo on CPU, nccl on GPU) for the length of a ``fit``
+call, so that it trains one model with DistributedDataParallel, and leaves it again; without
+those variables everything here is a no-op.
+
+A group netshrink joined is a group netshrink destroys: a process that exits while its gloo
+threads still run dies in ``std::terminate`` ("terminate called without an active exception"),
+and one that leaves before the others may strand them in a collective.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +47,14 @@ def current() -> World:
 
 
 def is_main_process() -> bool:
-    """True on rank 0 or when not distributed: write outputs only where this holds."""
-    return current().main
+    """True on rank 0 or when not distributed: write outputs only where this holds.
+
+    Also right after :func:`process_group` has left the group: the rank torchrun assigned
+    (``RANK``) is read from the environment then.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return current().main
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def wanted() -> bool:
@@ -57,19 +69,27 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device: torch.device) -> bool:
-    """Join the process group torchrun describes, unless one exists; return True if joined here.
+@contextmanager
+def process_group(device: torch.device) -> Iterator[World]:
+    """Join the process group torchrun describes for the ``with`` block; yield this rank's place.
 
-    The backend follows the device: nccl for CUDA tensors, gloo for CPU ones. The group stays
-    joined for the life of the process, so the caller can ask :func:`is_main_process` after
-    training before writing its outputs.
+    The backend follows the device: nccl for CUDA tensors, gloo for CPU ones. A group that
+    already exists (the caller's own) is used and left alone. A group joined here is left at the
+    end of the block: after a barrier when the block finished (so no rank tears down while
+    another still talks to it), at once when it raised (the others' next collective fails
+    rather than waits for a rank that is gone).
     """
     if dist.is_initialized() or _env_size() <= 1:
-        return False
+        yield current()
+        return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
+    try:
+        yield current()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def shard(order: Sequence[int], world: World) -> list[int]:
@@ -103,9 +123,3 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad.div_(size)
-
-
-def barrier() -> None:
-    """Wait for every rank (no-op when not distributed)."""
-    if current().size > 1:
-        dist.barrier()

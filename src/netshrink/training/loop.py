@@ -15,7 +15,7 @@ states.
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from netshrink.batches import as_args, materialize, run
-from netshrink.config import FinetuneConfig
+from netshrink.config import TrainConfig
 from netshrink.context import Batch, Context, Evaluate
 from netshrink.errors import ConfigError
 from netshrink.metrics import accuracy
@@ -87,20 +87,13 @@ def _num_examples(batch: Batch) -> int:
     return int(targets.shape[0]) if torch.is_tensor(targets) and targets.ndim else 1
 
 
-def _validate(
-    epochs: int, lr: float, patience: int | None, val_data: Any, checkpoint_every: int
-) -> None:
-    if epochs < 0:
-        raise ConfigError(f"epochs must be >= 0, got {epochs}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr must be a positive number, got {lr}")
-    if patience is not None and (patience < 1 or val_data is None):
+def _validate(config: TrainConfig, val_data: Any) -> None:
+    """Checks that need more than one option: early stopping needs validation data."""
+    if config.patience is not None and val_data is None:
         raise ConfigError(
-            f"early stopping needs val_data and patience >= 1; got patience={patience}, "
-            f"val_data={'given' if val_data is not None else 'None'}"
+            f"early stopping (patience={config.patience}) needs val_data: the batches whose "
+            "metric decides when to stop"
         )
-    if checkpoint_every < 0:
-        raise ConfigError(f"checkpoint_every must be >= 0 steps, got {checkpoint_every}")
 
 
 @dataclass
@@ -116,12 +109,55 @@ class _Trainer:
     device: torch.device
     fingerprint: dict[str, Any]
     path: Path | None
+    steps_per_epoch: int
     result: FitResult = field(default_factory=FitResult)
     epoch: int = 0
     epoch_loss_sum: float = 0.0
     bad_epochs: int = 0
     best_state: dict[str, torch.Tensor] | None = None
     done: bool = False
+
+    @classmethod
+    def start(
+        cls,
+        model: nn.Module,
+        aux: nn.Module | None,
+        params: list[nn.Parameter],
+        world: dd.World,
+        device: torch.device,
+        config: TrainConfig,
+        seed: int,
+        num_batches: int,
+    ) -> _Trainer:
+        """Optimizer, schedule and DDP wrapper for a run of ``num_batches`` batches an epoch."""
+        steps_per_epoch = len(dd.shard(range(num_batches), world))
+        opt = make_optimizer(
+            params,
+            config.optimizer,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            momentum=config.momentum,
+        )
+        sched = make_schedule(
+            opt, config.schedule, config.epochs * steps_per_epoch, config.warmup_steps
+        )
+        net: nn.Module = model
+        if world.size > 1:
+            ids = [device] if device.type == "cuda" else None
+            net = DistributedDataParallel(model, device_ids=ids)
+        fingerprint = {
+            "epochs": config.epochs,
+            "lr": config.lr,
+            "seed": seed,
+            "optimizer": config.optimizer,
+            "schedule": config.schedule,
+            "batches": num_batches,
+            "world_size": world.size,
+            "params": [[n, list(p.shape)] for n, p in model.named_parameters()],
+        }
+        ckpt = config.checkpoint_dir
+        path = Path(ckpt) / CHECKPOINT_NAME if ckpt is not None else None
+        return cls(model, net, aux, opt, sched, world, device, fingerprint, path, steps_per_epoch)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -196,6 +232,27 @@ class _Trainer:
         self.epoch_loss_sum += mean
         return mean
 
+    def epoch_pass(
+        self, batches: list[Batch], loss_fn: LossFn, config: TrainConfig, progress: bool, desc: str
+    ) -> None:
+        """This rank's share of the current epoch, from where a resumed run left off."""
+        order = _epoch_order(len(batches), self.fingerprint["seed"], self.epoch, config.shuffle)
+        mine = dd.shard(order, self.world)
+        done_in_epoch = self.result.steps - self.epoch * self.steps_per_epoch
+        title = f"{desc} {self.epoch + 1}/{config.epochs}"
+        if self.result.epoch_losses:
+            title += f" loss {self.result.epoch_losses[-1]:.4f}"
+        if self.result.val_metrics:
+            title += f" val {self.result.val_metrics[-1]:.4f}"
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.model.train()
+        if self.aux is not None:
+            self.aux.train()
+        for i in track(mine[done_in_epoch:], title, show=progress):
+            self.step(batches[i], loss_fn, params, config.grad_clip)
+            if config.checkpoint_every and self.result.steps % config.checkpoint_every == 0:
+                self.save()
+
     @torch.no_grad()
     def validate(self, val: list[Batch], evaluate: Evaluate | None, loss_fn: LossFn) -> float:
         """Metric on this rank's share of ``val``, averaged over ranks weighted by examples."""
@@ -213,11 +270,9 @@ class _Trainer:
         total, count = dd.reduce_sums([local, float(n)], self.device)
         return total / count
 
-    def end_epoch(
-        self, steps: int, metric: float | None, patience: int | None, delta: float
-    ) -> None:
+    def end_epoch(self, metric: float | None, patience: int | None, delta: float) -> None:
         """Record the epoch's loss and metric; keep the best weights; decide early stopping."""
-        self.result.epoch_losses.append(self.epoch_loss_sum / steps)
+        self.result.epoch_losses.append(self.epoch_loss_sum / self.steps_per_epoch)
         self.epoch_loss_sum = 0.0
         self.epoch += 1
         if metric is None:
@@ -239,49 +294,39 @@ class _Trainer:
 def fit(
     model: nn.Module,
     train_data: Iterable[Batch],
+    config: TrainConfig,
     *,
-    epochs: int,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
     loss_fn: LossFn = cross_entropy,
+    val_data: Iterable[Batch] | None = None,
+    evaluate: Evaluate | None = None,
+    aux: nn.Module | None = None,
     seed: int = 0,
     progress: bool = True,
     desc: str = "train",
-    optimizer: str = "adamw",
-    momentum: float = 0.9,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    grad_clip: float | None = None,
-    shuffle: bool = True,
-    val_data: Iterable[Batch] | None = None,
-    evaluate: Evaluate | None = None,
-    keep_best: bool = True,
-    patience: int | None = None,
-    min_delta: float = 0.0,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 0,
-    aux: nn.Module | None = None,
     device: str | torch.device | None = None,
     distributed: bool | None = None,
 ) -> FitResult:
-    """Train ``model`` in place for ``epochs`` passes over ``train_data``; return what happened.
+    """Train ``model`` in place for ``config.epochs`` passes over ``train_data``; say what happened.
 
-    - ``optimizer``: adamw | adam | sgd (``momentum``); ``schedule``: cosine | linear | constant,
-      stepped per batch after ``warmup_steps`` of linear warm-up; ``grad_clip``: max grad norm.
+    ``config`` holds the training options (:class:`~netshrink.config.TrainConfig`: optimizer,
+    schedule, warm-up, clipping, best-weights keeping, early stopping, checkpoints); a
+    technique's own config that derives from it is passed as is. The rest is what this call
+    trains on and where:
+
+    - ``loss_fn(model, batch) -> scalar``: the objective (default cross-entropy of the logits).
     - ``val_data``: evaluated after every epoch with ``evaluate(model, batches)`` (higher is
-      better; default minus the mean ``loss_fn``). ``keep_best`` loads the best epoch's weights
-      at the end; ``patience`` stops after that many epochs without a gain over ``min_delta``.
-    - ``checkpoint_dir``: a checkpoint is written there after every epoch and every
-      ``checkpoint_every`` steps (0: epochs only); calling ``fit`` again with the same arguments
-      resumes from it and ends with the weights an uninterrupted run would have. The best
-      epoch's weights are also kept there as ``best.safetensors``.
+      better; default minus the mean ``loss_fn``); drives ``keep_best`` and ``patience``.
     - ``aux``: extra trainable module (e.g. distillation adapters) optimized and checkpointed
       with the model. ``device``: where to train (default: the model's device).
     - ``distributed``: train with DistributedDataParallel over the ``torchrun`` processes
       (default: when launched with ``WORLD_SIZE`` > 1); batches are sharded across ranks,
-      losses and metrics averaged over them, and only rank 0 writes checkpoints.
+      losses and metrics averaged over them, and only rank 0 writes checkpoints. A process
+      group joined here is left again when ``fit`` returns (``distributed.process_group``).
+
+    With ``config.checkpoint_dir``, calling ``fit`` again with the same arguments resumes from
+    the last checkpoint and ends with the weights an uninterrupted run would have.
     """
-    _validate(epochs, lr, patience, val_data, checkpoint_every)
+    _validate(config, val_data)
     batches = materialize(train_data, "train_data")
     val = materialize(val_data, "val_data") if val_data is not None else None
     distributed = dd.wanted() if distributed is None else distributed
@@ -291,69 +336,36 @@ def fit(
         dev = dd.local_device()
     else:
         dev = next(model.parameters(), torch.empty(0)).device
-    if distributed:
-        dd.setup(dev)
-    world = dd.current()
     model.to(dev)
     if aux is not None:
         aux.to(dev)
     params = [p for m in (model, aux) if m is not None for p in m.parameters() if p.requires_grad]
-    if epochs == 0 or not params:
+    if config.epochs == 0 or not params:
         return FitResult()
     batches = [_to_device(b, dev) for b in batches]
     val = [_to_device(b, dev) for b in val] if val is not None else None
-    steps_per_epoch = len(dd.shard(range(len(batches)), world))
-    opt = make_optimizer(params, optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    sched = make_schedule(opt, schedule, epochs * steps_per_epoch, warmup_steps)
-    net: nn.Module = model
-    if world.size > 1:
-        net = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
-    fingerprint = {
-        "epochs": epochs,
-        "lr": lr,
-        "seed": seed,
-        "optimizer": optimizer,
-        "schedule": schedule,
-        "batches": len(batches),
-        "world_size": world.size,
-        "params": [[n, list(p.shape)] for n, p in model.named_parameters()],
-    }
-    path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    t = _Trainer(model, net, aux, opt, sched, world, dev, fingerprint, path)
-    fork_devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork_devices):
-        t.restore()
-        while not t.done and t.epoch < epochs and not t.result.stopped_early:
-            mine = dd.shard(_epoch_order(len(batches), seed, t.epoch, shuffle), world)
-            done_in_epoch = t.result.steps - t.epoch * steps_per_epoch
-            last = t.result.epoch_losses[-1] if t.result.epoch_losses else None
-            title = f"{desc} {t.epoch + 1}/{epochs}"
-            if last is not None:
-                title += f" loss {last:.4f}"
-            if t.result.val_metrics:
-                title += f" val {t.result.val_metrics[-1]:.4f}"
-            model.train()
-            if aux is not None:
-                aux.train()
-            for i in track(mine[done_in_epoch:], title, show=progress and world.main):
-                t.step(batches[i], loss_fn, params, grad_clip)
-                if checkpoint_every and t.result.steps % checkpoint_every == 0:
-                    t.save()
-            metric = t.validate(val, evaluate, loss_fn) if val is not None else None
-            t.end_epoch(steps_per_epoch, metric, patience, min_delta)
-            t.save()
-        if not t.done:
-            if keep_best and t.best_state is not None:
-                model.load_state_dict(t.best_state)
-            t.done = True
-            t.save()
+    group = dd.process_group(dev) if distributed else contextlib.nullcontext(dd.current())
+    with group as world:
+        t = _Trainer.start(model, aux, params, world, dev, config, seed, len(batches))
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            t.restore()
+            while not t.done and t.epoch < config.epochs and not t.result.stopped_early:
+                t.epoch_pass(batches, loss_fn, config, progress=progress and world.main, desc=desc)
+                metric = t.validate(val, evaluate, loss_fn) if val is not None else None
+                t.end_epoch(metric, config.patience, config.min_delta)
+                t.save()
+            if not t.done:
+                if config.keep_best and t.best_state is not None:
+                    model.load_state_dict(t.best_state)
+                t.done = True
+                t.save()
     model.eval()
     if aux is not None:
         aux.eval()
     return t.result
 
 
-def finetune(model: nn.Module, config: FinetuneConfig, ctx: Context, desc: str) -> nn.Module:
+def finetune(model: nn.Module, config: TrainConfig, ctx: Context, desc: str) -> nn.Module:
     """Fine-tune ``model`` on ``ctx.train_data`` as ``config`` says; return it in eval mode.
 
     With ``ctx.val_data`` the model is evaluated after every epoch (``ctx.evaluate``, default
@@ -363,8 +375,7 @@ def finetune(model: nn.Module, config: FinetuneConfig, ctx: Context, desc: str) 
     fit(
         model,
         ctx.train_data,
-        epochs=config.epochs,
-        lr=config.lr,
+        config,
         seed=ctx.seed,
         progress=ctx.progress,
         desc=desc,

@@ -6,6 +6,15 @@
 >>> zoo.evaluate("digits-cnn")(model, splits.test)
 """
 
-from netshrink.zoo.catalog import build, data, describe, evaluate, example_inputs, load, names
+from netshrink.zoo.catalog import (
+    build,
+    data,
+    describe,
+    evaluate,
+    example_inputs,
+    load,
+    name_of,
+    names,
+)
 
-__all__ = ["build", "data", "describe", "evaluate", "example_inputs", "load", "names"]
+__all__ = ["build", "data", "describe", "evaluate", "example_inputs", "load", "name_of", "names"]

@@ -78,6 +78,16 @@ def build(name: str, *, width: float = 1.0) -> nn.Module:
     return model
 
 
+def name_of(model: nn.Module) -> str | None:
+    """The zoo name of a model :func:`build` made (its ``netshrink_zoo`` tag), else None.
+
+    A pruned or copied zoo model keeps the tag. (A ``zoo:<name>`` *reference* typed by a user is
+    read by :func:`netshrink.refs.zoo_name`.)
+    """
+    name = getattr(model, "netshrink_zoo", None)
+    return name if isinstance(name, str) else None
+
+
 def data(name: str, batch_size: int = 64) -> DataSplits:
     """The data zoo model ``name`` was trained and is evaluated on (all are digits models)."""
     _entry(name)

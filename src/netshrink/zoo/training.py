@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netshrink.config import TrainConfig
 from netshrink.context import Batch
 from netshrink.train import LossFn, fit
 
@@ -61,9 +62,7 @@ def train(
     fit(
         model,
         data,
-        epochs=plan.epochs,
-        lr=plan.lr,
-        weight_decay=plan.weight_decay,
+        TrainConfig(epochs=plan.epochs, lr=plan.lr, weight_decay=plan.weight_decay),
         loss_fn=shifted_cross_entropy(plan.max_shift, generator),
         seed=seed,
         progress=progress,
