@@ -10,20 +10,72 @@ from pathlib import Path
 import torch
 import transformers
 
-WORDS = (
-    "the a an of to and is in it for that on with as by this be are from or at not which "
-    "return returns value values object objects file files list string strings number data "
-    "name names function class module type error if when none true false default new set"
-).split()
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-VOCAB = [
-    *SPECIALS,
-    *WORDS,
-    *string.ascii_lowercase,
-    *(f"##{c}" for c in string.ascii_lowercase + string.digits),
-    *string.digits,
-    *string.punctuation,
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "of",
+    "to",
+    "and",
+    "is",
+    "in",
+    "it",
+    "for",
+    "that",
+    "on",
+    "with",
+    "as",
+    "by",
+    "this",
+    "be",
+    "are",
+    "from",
+    "or",
+    "at",
+    "not",
+    "which",
+    "return",
+    "returns",
+    "value",
+    "values",
+    "object",
+    "objects",
+    "file",
+    "files",
+    "list",
+    "string",
+    "strings",
+    "number",
+    "data",
+    "name",
+    "names",
+    "function",
+    "class",
+    "module",
+    "type",
+    "error",
+    "if",
+    "when",
+    "none",
+    "true",
+    "false",
+    "default",
+    "new",
+    "set",
 ]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = list(
+    dict.fromkeys(
+        [
+            *SPECIALS,
+            *WORDS,
+            *string.ascii_lowercase,
+            *(f"##{c}" for c in string.ascii_lowercase + string.digits),
+            *string.digits,
+            *string.punctuation,
+        ]
+    )
+)
 VOCAB_SIZE = len(VOCAB)
 HIDDEN = 32
 
@@ -40,9 +92,10 @@ TEXTS = [
 def tokenizer(folder: Path) -> transformers.BertTokenizerFast:
     """A lower-casing word-piece tokenizer over :data:`VOCAB`, saved into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(VOCAB) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = transformers.BertTokenizerFast.from_pretrained(folder)
     tok.save_pretrained(folder)
     return tok
 

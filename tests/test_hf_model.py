@@ -1,4 +1,4 @@
-"""hf: model references: task inference, the wrapper's outputs per task, pooling, errors, rebuild."""
+"""hf: model references: task inference, outputs per task, pooling, errors, rebuilding."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_fixtures import HIDDEN, VOCAB_SIZE, build, encode, model_dir, sentence_transformers_dir
 from torch import nn
 
 import netshrink as ns
+from hf_fixtures import HIDDEN, VOCAB_SIZE, build, encode, model_dir, sentence_transformers_dir
 from netshrink.errors import ConfigError, ModelReferenceError
 from netshrink.hf import fresh_model, load_model, load_tokenizer, reference_info
 
@@ -120,7 +120,7 @@ def test_bad_references_raise_clear_errors(tmp_path, bert_dir, monkeypatch):
     with pytest.raises(ModelReferenceError, match="not a directory"):
         load_model(f"hf:{tmp_path / 'missing'}")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelReferenceError, match="no config.json"):
+    with pytest.raises(ModelReferenceError, match=r"no config\.json"):
         load_model(f"hf:{tmp_path / 'empty'}")
     with pytest.raises(ConfigError, match="unknown task 'regression'"):
         load_model(f"hf:{bert_dir}", task="regression")
