@@ -141,7 +141,13 @@ def build(kind: str) -> transformers.PreTrainedModel:
         ),
         "gpt2": lambda: transformers.GPT2LMHeadModel(
             transformers.GPT2Config(
-                vocab_size=VOCAB_SIZE, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=64
+                vocab_size=VOCAB_SIZE,
+                n_embd=HIDDEN,
+                n_layer=2,
+                n_head=2,
+                n_positions=64,
+                bos_token_id=3,
+                eos_token_id=3,
             )
         ),
         "t5-encoder": lambda: transformers.T5EncoderModel(transformers.T5Config(**t5)),
