@@ -168,39 +168,38 @@ def _classification(out: torch.Tensor, base: torch.Tensor, labels: torch.Tensor 
     )
 
 
-def _token_losses(
-    task: Task, model: nn.Module, inputs: Any, index: int, mask_token_id: int | None
+def _token_nll(
+    task: Task, model: nn.Module, inputs: Any, logits: torch.Tensor, index: int, mask_id: int | None
 ) -> tuple[float, int]:
-    """Summed cross-entropy (nats) and count of the LM's scored tokens in one batch. Masked
-    positions are drawn from a generator seeded by the batch index: the same for every model."""
+    """Summed cross-entropy (nats) and count of the tokens an LM is scored on in one batch;
+    ``logits`` are the model's on the unmasked ``inputs``. Masked positions are drawn from a
+    generator seeded by the batch index, so every model is scored on the same tokens."""
     ids, attention = token_inputs(inputs)
     if task == "causal-lm":
-        logits, labels = next_token_targets(run(model, inputs), ids, attention)
+        scored, labels = next_token_targets(logits, ids, attention)
     else:
-        generator = torch.Generator().manual_seed(index)
-        masked, positions = masked_inputs(inputs, mask_token_id, generator)
-        logits, labels = run(model, masked)[positions], ids[positions]
-    return float(F.cross_entropy(logits.float(), labels, reduction="sum")), len(labels)
+        masked, positions = masked_inputs(inputs, mask_id, torch.Generator().manual_seed(index))
+        scored, labels = run(model, masked)[positions], ids[positions]
+    return float(F.cross_entropy(scored.float(), labels, reduction="sum")), len(labels)
 
 
 def _language_model(
     task: Task, model: nn.Module, baseline: nn.Module, batches: list[Batch]
 ) -> Fidelity:
-    mask_token_id = getattr(baseline, "mask_token_id", None)
+    mask_id = getattr(baseline, "mask_token_id", None)
     same = positions = examples = tokens = 0
     kl_sum = model_nll = baseline_nll = 0.0
     with _evaluating(model, baseline):
         for i, (inputs, _) in enumerate(batches):
-            _, attention = token_inputs(inputs)
-            real = attention.bool()
-            out, base = run(model, inputs)[real], run(baseline, inputs)[real]
-            same += int((out.argmax(-1) == base.argmax(-1)).sum())
-            kl_sum += _kl(out, base) * len(out)
-            positions += len(out)
-            examples += len(attention)
-            loss, count = _token_losses(task, model, inputs, i, mask_token_id)
-            model_nll, tokens = model_nll + loss, tokens + count
-            baseline_nll += _token_losses(task, baseline, inputs, i, mask_token_id)[0]
+            real = token_inputs(inputs)[1].bool()
+            out, base = run(model, inputs), run(baseline, inputs)
+            same += int((out[real].argmax(-1) == base[real].argmax(-1)).sum())
+            kl_sum += _kl(out[real], base[real]) * int(real.sum())
+            positions += int(real.sum())
+            examples += len(real)
+            nll, count = _token_nll(task, model, inputs, out, i, mask_id)
+            model_nll, tokens = model_nll + nll, tokens + count
+            baseline_nll += _token_nll(task, baseline, inputs, base, i, mask_id)[0]
     if tokens == 0:
         raise DataError("perplexity needs at least one scored token; the texts are too short")
     return Fidelity(
