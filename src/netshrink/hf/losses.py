@@ -63,7 +63,8 @@ def _causal_lm(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 def _masked_lm(model: nn.Module, batch: Batch) -> torch.Tensor:
     # The global RNG draws the masks: the training loop seeds it before every step.
-    masked, positions = masked_inputs(batch[0], getattr(model, "mask_token_id", None), None)
+    mask_id = getattr(getattr(model, "module", model), "mask_token_id", None)  # DDP wraps it
+    masked, positions = masked_inputs(batch[0], mask_id, None)
     ids, _ = token_inputs(batch[0])
     return F.cross_entropy(run(model, masked)[positions], ids[positions])
 
