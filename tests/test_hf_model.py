@@ -165,3 +165,9 @@ def test_real_minilm_matches_sentence_transformers():
     ours = model(**encode(load_tokenizer(f"hf:{folder}"), texts))
     theirs = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_folder_transformers_cannot_read_is_a_reference_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(ModelReferenceError, match="cannot load its config"):
+        load_model(f"hf:{tmp_path}")

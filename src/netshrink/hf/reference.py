@@ -67,7 +67,8 @@ def _pretrained(what: str, ref: str, call: Any, source: str, **kwargs: Any) -> A
     try:
         return call(source, trust_remote_code=False, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelReferenceError(f"{ref!r}: cannot load its {what}: {exc}") from None
+        where = "" if Path(source).is_dir() else f" ({source!r} is no local folder: tried the hub)"
+        raise ModelReferenceError(f"{ref!r}: cannot load its {what}{where}: {exc}") from None
 
 
 def load_tokenizer(ref: str) -> Any:
