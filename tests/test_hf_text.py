@@ -61,6 +61,10 @@ def test_batches_are_padded_per_batch_and_truncated(tmp_path, tok):
     full = text_data(tmp_path / "t.txt", tok, max_length=512, batch_size=8)
     assert len({x["input_ids"].shape[1] for x, _ in full.train}) > 1  # dynamic, not global
     assert sum(len(x["input_ids"]) for x, _ in data.calib) == 4
+    short = tokenizer(tmp_path / "short")
+    short.model_max_length = 10  # a model with 10 positions
+    capped = text_data(tmp_path / "t.txt", short, max_length=512, batch_size=8)
+    assert max(x["input_ids"].shape[1] for x, _ in capped.train) == 10
 
 
 def test_jsonl_labels_become_targets(tmp_path, tok):

@@ -7,7 +7,8 @@ a duplicated text cannot straddle two splits, and another seed gives another spl
 split texts are ordered by the same hash. ``calib`` is the first ``calib_size`` training texts.
 
 Batches are ``({"input_ids", "attention_mask"[, "token_type_ids"]}, labels or None)``, padded
-to the longest text of the batch (dynamic padding) and truncated to ``max_length`` tokens.
+to the longest text of the batch (dynamic padding) and truncated to ``max_length`` tokens (at
+most the tokenizer's ``model_max_length``).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ def text_data(
     """The texts of ``path`` split into train / val / test by hash (``seed`` salts it), with
     ``calib`` the first ``calib_size`` training texts, each as tokenized batches.
 
-    ``tokenizer`` is a transformers tokenizer (:func:`netshrink.hf.load_tokenizer`). Raises
+    ``tokenizer`` is a transformers tokenizer (:func:`netshrink.hf.load_tokenizer`);
+    ``max_length`` is capped at its ``model_max_length``. Raises
     :class:`ConfigError` for a bad size and :class:`DataError` for unusable text, or a split that
     would be empty (fewer than about 20 texts).
     """
@@ -144,6 +146,8 @@ def text_data(
             "the tokenizer has no padding token; load it with "
             "netshrink.hf.load_tokenizer, which pads with end-of-text"
         )
+    # never past the positions the model has: the tokenizer records them (BERT: 512)
+    max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length))
     texts, labels = read_texts(path)
     splits: dict[str, list[Batch]] = {}
     for name, index in split_indices(texts, seed).items():
