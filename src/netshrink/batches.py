@@ -1,8 +1,9 @@
-"""Helpers for ``(inputs, targets)`` batches, where inputs is a tensor or a tuple of tensors."""
+"""Helpers for ``(inputs, targets)`` batches: inputs a tensor, a tuple of positional tensors or a
+mapping of keyword tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,10 @@ def as_args(inputs: Any) -> tuple[Any, ...]:
 
 
 def run(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on ``inputs`` (a tensor or a tuple of positional tensors)."""
+    """Call ``model`` on ``inputs``: a tensor, a tuple of positional tensors, or a mapping of
+    keyword tensors (``{"input_ids": ..., "attention_mask": ...}``)."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(*as_args(inputs))
 
 

@@ -1,0 +1,140 @@
+"""``hf:`` model references: a local folder written by ``save_pretrained`` or a hub id.
+
+:func:`load_model` returns the pretrained model wrapped as a :class:`TaskModel`;
+:func:`fresh_model` builds the same architecture from the config alone (random weights), which is
+what ``ns.load`` rebuilds an artifact into. Only transformers' own classes are built, with
+``trust_remote_code`` off: a model folder never makes netshrink run code it names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from torch import nn
+
+from netshrink.errors import ModelReferenceError
+from netshrink.hf.model import TaskModel
+from netshrink.hf.pooling import pooling_of
+from netshrink.hf.tasks import Task, check_task, infer_task, task_of_architecture
+
+PREFIX = "hf:"
+_AUTO_CLASSES: dict[Task, str] = {
+    "embedding": "AutoModel",
+    "classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "masked-lm": "AutoModelForMaskedLM",
+}
+
+
+def transformers_module() -> ModuleType:
+    """The ``transformers`` package, or :class:`ModelReferenceError` saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelReferenceError(
+            "hf: references need the transformers package; install it with "
+            "pip install 'netshrink[transformers]'"
+        ) from None
+    return transformers
+
+
+def _source(ref: str) -> tuple[str, Path | None]:
+    """The folder or hub id ``ref`` names, and the folder as a Path when it is local."""
+    source = ref.removeprefix(PREFIX)
+    if not source:
+        raise ModelReferenceError(f"{ref!r} names no model; write hf:<folder> or hf:<org/name>")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelReferenceError(
+                f"{ref!r}: {path} has no config.json; give a folder written by save_pretrained"
+            )
+        return str(path), path
+    # A hub id is "name" or "org/name"; anything else that does not exist is a missing folder.
+    looks_local = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+    if looks_local or path.exists():
+        raise ModelReferenceError(
+            f"{ref!r}: {path} is not a directory; give a folder holding config.json "
+            "(written by save_pretrained) or a hub id such as org/name"
+        )
+    return source, None
+
+
+def _pretrained(what: str, ref: str, call: Any, source: str, **kwargs: Any) -> Any:
+    """Run a transformers loader on ``source``; its failures become :class:`ModelReferenceError`."""
+    try:
+        return call(source, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        where = "" if Path(source).is_dir() else f" ({source!r} is no local folder: tried the hub)"
+        raise ModelReferenceError(f"{ref!r}: cannot load its {what}{where}: {exc}") from None
+
+
+def load_tokenizer(ref: str) -> Any:
+    """The tokenizer of ``hf:<folder or hub id>``. A tokenizer without a padding token (GPT-2's)
+    pads with its end-of-text token, the usual choice: padded positions are masked out anyway."""
+    transformers = transformers_module()
+    source, _ = _source(ref)
+    tokenizer = _pretrained("tokenizer", ref, transformers.AutoTokenizer.from_pretrained, source)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _model_class(transformers: ModuleType, architectures: list[str] | None, task: Task) -> Any:
+    """The class the config names when it serves ``task`` (e.g. T5EncoderModel, which no Auto
+    class picks), else the task's Auto class."""
+    name = architectures[0] if architectures else ""
+    cls = getattr(transformers, name, None) if name else None
+    is_model = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    if is_model and task_of_architecture(name) == task:
+        return cls
+    return getattr(transformers, _AUTO_CLASSES[task])
+
+
+def _build(ref: str, task: str | None, pretrained: bool) -> TaskModel:
+    transformers = transformers_module()
+    source, folder = _source(ref)
+    config = _pretrained("config", ref, transformers.AutoConfig.from_pretrained, source)
+    chosen = check_task(task) if task is not None else infer_task(folder, config.architectures, ref)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False  # no key/value cache: one output tensor, exportable graphs
+    pooling = pooling_of(folder) if chosen == "embedding" else None
+    cls = _model_class(transformers, config.architectures, chosen)
+    if pretrained:
+        model = _pretrained("weights", ref, cls.from_pretrained, source, config=config)
+    elif cls.__name__.startswith("Auto"):
+        model = cls.from_config(config, trust_remote_code=False)
+    else:
+        model = cls(config)
+    if chosen == "embedding" and getattr(config, "is_encoder_decoder", False):
+        model = model.get_encoder()  # sentence embeddings come from the encoder alone
+    mask_token_id = load_tokenizer(ref).mask_token_id if chosen == "masked-lm" else None
+    canonical = f"{PREFIX}{ref.removeprefix(PREFIX)}"
+    return TaskModel(model.float(), chosen, canonical, pooling, mask_token_id).eval()
+
+
+def load_model(ref: str, task: str | None = None) -> TaskModel:
+    """The pretrained model ``hf:<folder or hub id>`` names, as a :class:`TaskModel` in eval mode.
+
+    ``task`` is one of ``embedding``, ``classification``, ``causal-lm``, ``masked-lm``; when
+    omitted it is inferred (sentence-transformers files -> embedding, else the config's
+    ``architectures``). Weights are loaded as float32. Raises :class:`ModelReferenceError` for a
+    missing folder, an unloadable model or a missing transformers package, and
+    :class:`~netshrink.errors.ConfigError` for an unknown or uninferable task.
+    """
+    return _build(ref, task, pretrained=True)
+
+
+def fresh_model(ref: str, task: str | None = None) -> TaskModel:
+    """The architecture of :func:`load_model` ``(ref, task)`` built from its config alone, with
+    freshly initialised weights: the model to pass as ``ns.load(path, model=...)``."""
+    return _build(ref, task, pretrained=False)
+
+
+def reference_info(model: nn.Module) -> dict[str, str] | None:
+    """``{"ref": "hf:...", "task": ...}`` for a model :func:`load_model` built (what an artifact
+    stores to rebuild it with :func:`fresh_model`), or None for any other model."""
+    info = getattr(model, "netshrink_hf", None)
+    return dict(info) if isinstance(info, dict) else None

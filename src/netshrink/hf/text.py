@@ -1,0 +1,167 @@
+"""``text:<file>`` data: texts tokenized into keyword-input batches, split by a hash of each text.
+
+A file is one text per line (blank lines skipped), or ``.jsonl`` with a ``text`` field and an
+optional integer ``label`` on every line. Each text goes to train, validation or test by the
+SHA-256 of ``"<seed>:<text>"``: the split of a text never depends on the file's order or size,
+a duplicated text cannot straddle two splits, and another seed gives another split. Within a
+split texts are ordered by the same hash. ``calib`` is the first ``calib_size`` training texts.
+
+Batches are ``({"input_ids", "attention_mask"[, "token_type_ids"]}, labels or None)``, padded
+to the longest text of the batch (dynamic padding) and truncated to ``max_length`` tokens (at
+most the tokenizer's ``model_max_length``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from netshrink.context import Batch
+from netshrink.data.splits import DataSplits
+from netshrink.errors import ConfigError, DataError
+
+FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+"""Expected shares of the texts in each split."""
+
+
+def read_texts(path: str | os.PathLike) -> tuple[list[str], list[int] | None]:
+    """The texts of a ``.txt`` (one a line) or ``.jsonl`` file and its labels (None if absent).
+
+    Raises :class:`DataError` for a missing or empty file, a malformed JSON line, a line without
+    ``text``, or labels on some lines only.
+    """
+    file = Path(path)
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"text:{file}: cannot read it as UTF-8 text ({exc})") from None
+    if file.suffix != ".jsonl":
+        texts = [s for s in (line.strip() for line in lines) if s]
+        if not texts:
+            raise DataError(f"text:{file} holds no text; write one text a line")
+        return texts, None
+    return _read_jsonl(file, lines)
+
+
+def _read_jsonl(file: Path, lines: list[str]) -> tuple[list[str], list[int] | None]:
+    texts: list[str] = []
+    labels: list[int | None] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"text:{file} line {number} is not JSON: {exc}") from None
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f'text:{file} line {number} has no "text" string')
+        label = record.get("label")
+        if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
+            raise DataError(f"text:{file} line {number}: label {label!r} is not an integer class")
+        texts.append(text.strip())
+        labels.append(label)
+    if not texts:
+        raise DataError(f'text:{file} holds no records; write one {{"text": ...}} object a line')
+    if all(label is None for label in labels):
+        return texts, None
+    if any(label is None for label in labels):
+        raise DataError(f'text:{file}: some lines have a "label" and some do not; give all or none')
+    return texts, labels  # type: ignore[return-value]
+
+
+def text_hash(text: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by ``text`` and ``seed`` (SHA-256, first 8 bytes)."""
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_indices(texts: list[str], seed: int) -> dict[str, list[int]]:
+    """Indices of ``texts`` in each of train / val / test (see :data:`FRACTIONS`), each list
+    ordered by hash."""
+    keys = [text_hash(t, seed) for t in texts]
+    parts: dict[str, list[int]] = {name: [] for name in FRACTIONS}
+    for i in sorted(range(len(texts)), key=lambda i: keys[i]):
+        # the hash orders texts; its value (not its rank) picks the split, so a text's split
+        # does not move when others are added
+        cumulative = 0.0
+        for name, fraction in FRACTIONS.items():
+            cumulative += fraction
+            if keys[i] < cumulative or name == "test":
+                parts[name].append(i)
+                break
+    return parts
+
+
+def tokenize(
+    tokenizer: Any, texts: list[str], labels: list[int] | None, max_length: int, batch_size: int
+) -> list[Batch]:
+    """``texts`` in batches of ``batch_size``: keyword tensors padded to each batch's longest
+    text and truncated to ``max_length`` tokens; labels as int64 or None."""
+    batches: list[Batch] = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            texts[start : start + batch_size],
+            padding="longest",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        inputs = {k: v for k, v in encoded.items() if torch.is_tensor(v)}
+        targets = None if labels is None else torch.tensor(labels[start : start + batch_size])
+        batches.append((inputs, targets))
+    return batches
+
+
+def text_data(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    max_length: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+    calib_size: int = 256,
+) -> DataSplits:
+    """The texts of ``path`` split into train / val / test by hash (``seed`` salts it), with
+    ``calib`` the first ``calib_size`` training texts, each as tokenized batches.
+
+    ``tokenizer`` is a transformers tokenizer (:func:`netshrink.hf.load_tokenizer`);
+    ``max_length`` is capped at its ``model_max_length``. Raises
+    :class:`ConfigError` for a bad size and :class:`DataError` for unusable text, or a split that
+    would be empty (fewer than about 20 texts).
+    """
+    for name, value in (
+        ("max_length", max_length),
+        ("batch_size", batch_size),
+        ("calib_size", calib_size),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value}", key=name)
+    if getattr(tokenizer, "pad_token", None) is None:
+        raise ConfigError(
+            "the tokenizer has no padding token; load it with "
+            "netshrink.hf.load_tokenizer, which pads with end-of-text"
+        )
+    # never past the positions the model has: the tokenizer records them (BERT: 512)
+    max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length))
+    texts, labels = read_texts(path)
+    splits: dict[str, list[Batch]] = {}
+    for name, index in split_indices(texts, seed).items():
+        if not index:
+            raise DataError(
+                f"text:{path}: {len(texts)} texts leave the {name} split empty; "
+                "give at least 20 texts"
+            )
+        chosen = [texts[i] for i in index]
+        chosen_labels = None if labels is None else [labels[i] for i in index]
+        splits[name] = tokenize(tokenizer, chosen, chosen_labels, max_length, batch_size)
+        if name == "train":
+            calib_labels = None if chosen_labels is None else chosen_labels[:calib_size]
+            splits["calib"] = tokenize(
+                tokenizer, chosen[:calib_size], calib_labels, max_length, batch_size
+            )
+    return DataSplits(**splits)
