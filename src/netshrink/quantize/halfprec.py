@@ -1,7 +1,8 @@
-"""``quantize.half``: Linear and Conv2d layers stored and run in float16 or bfloat16.
+"""``quantize.half``: Linear, Conv2d and embedding layers stored and run in float16 or bfloat16.
 
-Each layer casts its input to the half dtype and its output back, so the model keeps taking
-and returning float32; normalization layers stay in float32, where their statistics are safe.
+Each layer casts its input to the half dtype and its output back (an embedding its rows to
+float32), so the model keeps taking and returning float32; normalization layers stay in
+float32, where their statistics are safe.
 """
 
 from __future__ import annotations
