@@ -70,6 +70,10 @@ CONV: dict[str, Callable[[nn.Conv2d], nn.Module]] = {
     "lowrank-channel": lambda m: _lowrank(m, "channel"),
     "lowrank-spatial": lambda m: _lowrank(m, "spatial"),
 }
+CONV_TRANSPOSE: dict[str, Callable[[nn.ConvTranspose2d], nn.Module]] = {
+    "int8": lambda m: PackedConv2d.from_float(m, "int8"),
+    "binary": lambda m: PackedConv2d.from_float(m, "binary"),
+}
 EMBEDDING: dict[str, Callable[[nn.Embedding], nn.Module]] = {
     "int8-rows": Int8Embedding.from_float,
     "int4": lambda m: PackedEmbedding.from_float(m, "int4", 8),
@@ -78,6 +82,7 @@ EMBEDDING: dict[str, Callable[[nn.Embedding], nn.Module]] = {
 CASES = (
     [("linear", k, f) for k, f in LINEAR.items()]
     + [("conv", k, f) for k, f in CONV.items()]
+    + [("conv-transpose", k, f) for k, f in CONV_TRANSPOSE.items()]
     + [("embedding", k, f) for k, f in EMBEDDING.items()]
 )
 
@@ -87,16 +92,19 @@ def _dense(kind: str) -> tuple[nn.Module, torch.Tensor]:
         return nn.Linear(16, 12), torch.randn(5, 16)
     if kind == "conv":
         return nn.Conv2d(4, 6, 3, padding=1, stride=2), torch.randn(2, 4, 9, 9)
+    if kind == "conv-transpose":
+        conv = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        return conv, torch.randn(2, 4, 5, 5)
     return nn.Embedding(20, 16, padding_idx=0), torch.randint(0, 20, (3, 7))
 
 
-def _with(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
-    """The dense op of ``layer``'s kind, run with the given weight and bias."""
-    if isinstance(layer, nn.Embedding | Int8Embedding | PackedEmbedding):
+def _with(dense: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor):
+    """The op of the dense layer, run with the given weight and bias."""
+    if isinstance(dense, nn.Embedding):
         return F.embedding(x, weight)
-    if weight.dim() == 2:
+    if isinstance(dense, nn.Linear):
         return F.linear(x, weight, bias)
-    return F.conv2d(x, weight, bias, 2, 1)
+    return ConvGeometry.of(dense).conv2d(x, weight, bias)
 
 
 @pytest.mark.parametrize(("kind", "name", "make"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
@@ -111,7 +119,7 @@ def test_layer_contract(kind: str, name: str, make: Callable, tmp_path) -> None:
     assert (bias is None) == (getattr(dense, "bias", None) is None)
     # the weight is the one the layer computes with (static and dynamic quantize the input too)
     with torch.no_grad():
-        want = _with(layer, w.float(), None if bias is None else bias.float(), x)
+        want = _with(dense, w.float(), None if bias is None else bias.float(), x)
         got = layer(x)
     tol = {"static": 0.2, "static-int4": 0.2, "dynamic": 0.1, "half": 2e-2}.get(name, 1e-5)
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=0)

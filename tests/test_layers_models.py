@@ -138,15 +138,28 @@ class _Recurrent(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+def _autoencoder() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ConvTranspose2d(4, 3, 3))
+
+
+def test_weight_only_packs_a_transposed_convolution(tmp_path) -> None:
+    torch.manual_seed(0)
+    decoder = _autoencoder()
+    x = torch.randn(2, 3, 6, 6)
+    out = ns.quantize.weight_only(decoder)
+    assert isinstance(out[2], CompressedLayer) and out[2].weight.shape == decoder[2].weight.shape
+    torch.testing.assert_close(out(x), decoder(x), atol=0.05, rtol=0)
+    ns.save(out, tmp_path / "a")
+    back = ns.load(tmp_path / "a", model=_autoencoder())
+    assert torch.equal(back(x), out(x))
+
+
 def test_layers_without_a_compressed_version_are_named_in_a_warning() -> None:
     x = torch.randn(2, 4, 8)
     with pytest.warns(UserWarning, match=r"leaves lstm \(LSTM\) as they are"):
         ns.quantize.dynamic(_Recurrent(), embeddings=False)
-    decoder = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 3, 3))
-    with pytest.warns(UserWarning, match=r"leaves 1 \(ConvTranspose2d\) as they are"):
-        ns.quantize.weight_only(decoder)
-    with pytest.warns(UserWarning, match=r"leaves 1 \(ConvTranspose2d\) as they are"):
-        ns.quantize.static(decoder, calib_data=[(torch.randn(2, 3, 6, 6), None)])
+    with pytest.warns(UserWarning, match=r"leaves 2 \(ConvTranspose2d\) as they are"):
+        ns.quantize.static(_autoencoder(), calib_data=[(torch.randn(2, 3, 6, 6), None)])
     assert _Recurrent()(x).shape == (2, 3)
 
 

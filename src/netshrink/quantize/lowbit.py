@@ -43,7 +43,7 @@ def _groups(name: str, width: int, group_size: int) -> int:
 
 
 def encode_layers(model: nn.Module, names: list[str], codec: Codec, group_size: int) -> nn.Module:
-    """Replace each named Linear/Conv1D/Conv2d/Embedding by its packed version.
+    """Replace each named Linear/Conv1D/Conv2d/ConvTranspose2d/Embedding by its packed version.
 
     Grouping applies to Linear inputs and embedding rows. Layers tied to another layer's
     weight stay as they are, with a warning.
@@ -53,7 +53,7 @@ def encode_layers(model: nn.Module, names: list[str], codec: Codec, group_size: 
         if isinstance(mod, nn.Embedding):
             groups = _groups(name, mod.embedding_dim, group_size)
             replace_module(model, name, PackedEmbedding.from_float(mod, codec, groups))
-        elif isinstance(mod, nn.Conv2d):
+        elif isinstance(mod, nn.Conv2d | nn.ConvTranspose2d):
             if not ConvGeometry.of(mod).zero_padded:
                 warnings.warn(f"{name}: padding {mod.padding!r} is not supported; kept float",
                               stacklevel=3)  # fmt: skip
@@ -81,7 +81,7 @@ class WeightOnlyConfig(TechniqueConfig):
         "default: per channel for 8 bits, 32 for 4 bits",
     )
     targets: Targets = Field(
-        default_factory=Targets, description="Linear/Conv1D/Conv2d layers to quantize"
+        default_factory=Targets, description="Linear/Conv1D/Conv2d/ConvTranspose2d to quantize"
     )
     embeddings: bool = Field(
         True, description="also store nn.Embedding tables as codes (one scale per row or group)"
@@ -91,7 +91,7 @@ class WeightOnlyConfig(TechniqueConfig):
 @technique("quantize.weight_only", WeightOnlyConfig)
 def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.Module:
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
-    names = list(config.targets.select(model, layer_types()))
+    names = list(config.targets.select(model, (*layer_types(), nn.ConvTranspose2d)))
     names += embedding_names(model) if config.embeddings else []
     codec: Codec = "int8" if config.bits == 8 else "int4"
     group_size = config.group_size

@@ -55,7 +55,11 @@ class _PackedWeight(CompressedLayer):
 
     weight_shape: tuple[int, ...]
 
-    def _init_storage(self, codec: Codec, group_size: int, bias: bool) -> None:
+    def _init_storage(
+        self, codec: Codec, group_size: int, bias: bool, outputs: int | None = None
+    ) -> None:
+        """Codes and scales for ``self.weight_shape``; a bias of ``outputs`` elements (default:
+        the weight's first dimension)."""
         self.codec, self.group_size, self.has_bias = codec, group_size, bias
         numel = math.prod(self.weight_shape)
         if codec == "int8":
@@ -67,7 +71,8 @@ class _PackedWeight(CompressedLayer):
         if codec in ("binary", "ternary"):
             scale_shape = (self.weight_shape[0],)
         self.register_buffer("scale", torch.ones(scale_shape))
-        self.bias = nn.Parameter(torch.zeros(self.weight_shape[0])) if bias else None
+        outputs = self.weight_shape[0] if outputs is None else outputs
+        self.bias = nn.Parameter(torch.zeros(outputs)) if bias else None
 
     @torch.no_grad()
     def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -130,20 +135,23 @@ class PackedLinear(_PackedWeight):
 
 
 class PackedConv2d(_PackedWeight):
-    """Conv2d with int8/int4/binary/ternary weight codes (dequantized on the fly)."""
+    """Conv2d or ConvTranspose2d with int8/int4/binary/ternary weight codes (dequantized on the
+    fly); a transposed one has a scale per input channel (its weight's first dimension)."""
 
     def __init__(self, conv: dict[str, Any], codec: Codec, group_size: int, bias: bool) -> None:
         super().__init__()
         self.geometry = ConvGeometry.from_spec(conv)
         self.weight_shape = self.geometry.weight_shape
-        self._init_storage(codec, group_size, bias)
+        self._init_storage(codec, group_size, bias, self.geometry.out_channels)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
         return {"conv": self.geometry.spec(), **self._spec()}
 
     @classmethod
-    def from_float(cls, m: nn.Conv2d, codec: Codec, group_size: int = 0) -> PackedConv2d:
+    def from_float(
+        cls, m: nn.Conv2d | nn.ConvTranspose2d, codec: Codec, group_size: int = 0
+    ) -> PackedConv2d:
         """Encode the weights of ``m`` (numeric zero padding only)."""
         geometry = ConvGeometry.of(m)
         if not geometry.zero_padded:
