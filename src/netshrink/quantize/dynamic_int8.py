@@ -32,6 +32,7 @@ from netshrink.layers import (
     warn_left_alone,
 )
 from netshrink.quantize.affine import Granularity, quantize_weight
+from netshrink.quantize.packed_rnn import PackedRNN, packable
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
@@ -312,6 +313,9 @@ class DynamicConfig(TechniqueConfig):
 
     targets: Targets = Field(default_factory=Targets, description="Linear layers to quantize")
     embeddings: bool = Field(True, description="also store nn.Embedding tables as int8 rows")
+    recurrent: bool = Field(
+        True, description="also store LSTM/GRU/RNN weights as int8 (the recurrence runs in float)"
+    )
 
 
 @technique("quantize.dynamic", DynamicConfig)
@@ -319,18 +323,21 @@ def dynamic(model: nn.Module, config: DynamicConfig, ctx: Context) -> nn.Module:
     """int8 weights and per-token uint8 activations, integer matmuls (oneDNN or _int_mm).
 
     Linear layers (and Hugging Face ``Conv1D``) become :class:`DynamicInt8Linear`, embedding
-    tables :class:`Int8Embedding`; layers whose weights are tied to another's, and recurrent
-    layers, stay as they are with a warning.
+    tables :class:`Int8Embedding`, LSTM/GRU/RNN layers a
+    :class:`~netshrink.quantize.packed_rnn.PackedRNN` with int8 weights (torch has no integer
+    recurrent kernel to run them on); layers whose weights are tied to another's stay as they
+    are with a warning.
     """
     linears = list(config.targets.select(model, linear_types()))
     tables = embedding_names(model) if config.embeddings else []
-    for name in untied(model, [*linears, *tables], "quantize.dynamic"):
+    rnns = [n for n, m in model.named_modules() if packable(m)] if config.recurrent else []
+    for name in untied(model, [*linears, *tables, *rnns], "quantize.dynamic"):
         mod = model.get_submodule(name)
         if isinstance(mod, nn.Embedding):
             replace_module(model, name, Int8Embedding.from_float(mod))
+        elif isinstance(mod, nn.RNNBase):  # packable: a plain LSTM/GRU/RNN
+            replace_module(model, name, PackedRNN.from_float(mod, "int8"))
         else:
             replace_module(model, name, DynamicInt8Linear.from_float(as_linear(mod)))
-    warn_left_alone(
-        model, "quantize.dynamic", (nn.RNNBase,), "recurrent layers have no int8 kernel here"
-    )
+    warn_left_alone(model, "quantize.dynamic", (nn.RNNBase,), "no int8 layer for them here")
     return model

@@ -7,6 +7,7 @@ on the fly (:mod:`netshrink.quantize.packed`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -26,6 +27,7 @@ from netshrink.layers import (
     warn_left_alone,
 )
 from netshrink.quantize.packed import Codec, PackedConv2d, PackedEmbedding, PackedLinear
+from netshrink.quantize.packed_rnn import PackedRNN, input_widths, packable
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
@@ -43,14 +45,19 @@ def _groups(name: str, width: int, group_size: int) -> int:
 
 
 def encode_layers(model: nn.Module, names: list[str], codec: Codec, group_size: int) -> nn.Module:
-    """Replace each named Linear/Conv1D/Conv2d/ConvTranspose2d/Embedding by its packed version.
+    """Replace each named Linear/Conv1D/Conv2d/ConvTranspose2d/Embedding/LSTM/GRU/RNN by its
+    packed version.
 
-    Grouping applies to Linear inputs and embedding rows. Layers tied to another layer's
-    weight stay as they are, with a warning.
+    Grouping applies to Linear and recurrent weight inputs and to embedding rows. Layers tied
+    to another layer's weight stay as they are, with a warning.
     """
     for name in untied(model, names, f"quantize ({codec})"):
         mod = model.get_submodule(name)
-        if isinstance(mod, nn.Embedding):
+        if packable(mod):
+            assert isinstance(mod, nn.RNNBase)
+            groups = _groups(name, math.gcd(*input_widths(mod)), group_size)
+            replace_module(model, name, PackedRNN.from_float(mod, codec, groups))
+        elif isinstance(mod, nn.Embedding):
             groups = _groups(name, mod.embedding_dim, group_size)
             replace_module(model, name, PackedEmbedding.from_float(mod, codec, groups))
         elif isinstance(mod, nn.Conv2d | nn.ConvTranspose2d):
@@ -81,7 +88,8 @@ class WeightOnlyConfig(TechniqueConfig):
         "default: per channel for 8 bits, 32 for 4 bits",
     )
     targets: Targets = Field(
-        default_factory=Targets, description="Linear/Conv1D/Conv2d/ConvTranspose2d to quantize"
+        default_factory=Targets,
+        description="Linear/Conv1D/Conv2d/ConvTranspose2d/LSTM/GRU/RNN layers to quantize",
     )
     embeddings: bool = Field(
         True, description="also store nn.Embedding tables as codes (one scale per row or group)"
@@ -91,7 +99,8 @@ class WeightOnlyConfig(TechniqueConfig):
 @technique("quantize.weight_only", WeightOnlyConfig)
 def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.Module:
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
-    names = list(config.targets.select(model, (*layer_types(), nn.ConvTranspose2d)))
+    kinds = (*layer_types(), nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN)
+    names = list(config.targets.select(model, kinds))
     names += embedding_names(model) if config.embeddings else []
     codec: Codec = "int8" if config.bits == 8 else "int4"
     group_size = config.group_size

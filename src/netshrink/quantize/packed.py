@@ -75,7 +75,8 @@ class _PackedWeight(CompressedLayer):
         self.bias = nn.Parameter(torch.zeros(outputs)) if bias else None
 
     @torch.no_grad()
-    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Encode ``weight`` (shaped like ``weight_shape``) and copy ``bias`` in."""
         codes, scale = encode(weight, self.codec, self.group_size)
         self.codes.copy_(codes)
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -126,7 +127,7 @@ class PackedLinear(_PackedWeight):
     def from_float(cls, m: nn.Linear, codec: Codec, group_size: int = 0) -> PackedLinear:
         """Encode the weights of ``m``."""
         q = cls(m.in_features, m.out_features, codec, group_size, m.bias is not None)
-        q._fill(m.weight, m.bias)
+        q.fill(m.weight, m.bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,7 @@ class PackedConv2d(_PackedWeight):
         if not geometry.zero_padded:
             raise ValueError("only numeric zero padding")
         q = cls(geometry.spec(), codec, group_size, m.bias is not None)
-        q._fill(m.weight, m.bias)
+        q.fill(m.weight, m.bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +195,7 @@ class PackedEmbedding(_PackedWeight):
     def from_float(cls, m: nn.Embedding, codec: Codec, group_size: int = 0) -> PackedEmbedding:
         """Encode the rows of ``m``."""
         q = cls(m.num_embeddings, m.embedding_dim, m.padding_idx, codec, group_size)
-        q._fill(m.weight, None)
+        q.fill(m.weight, None)
         return q
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
