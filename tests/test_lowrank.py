@@ -13,6 +13,7 @@ import netshrink as ns
 from netshrink.artifact import load, save
 from netshrink.errors import ConfigError, DataError, MissingInputError
 from netshrink.lowrank import LowRankLinear, report_of
+from netshrink.lowrank.layers import LowRankConv2d
 
 
 class Net(nn.Module):
@@ -115,7 +116,8 @@ def test_separable_conv_takes_the_spatial_variant() -> None:
     out = _svd(model, energy=0.999)
     (record,) = report_of(out).factorized
     assert (record.variant, record.rank) == ("spatial", 2)
-    assert out[0][0].kernel_size == (3, 1) and out[0][1].kernel_size == (1, 3)
+    assert out[0].first.kernel_size == (3, 1) and out[0].second.kernel_size == (1, 3)
+    torch.testing.assert_close(out[0].weight, conv.weight, atol=1e-5, rtol=0)
     x = torch.randn(2, 8, 9, 9)
     torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=0)
 
@@ -176,11 +178,11 @@ def test_activation_aware_beats_plain_on_the_calibration_inputs() -> None:
 def test_save_load_gives_identical_outputs(tmp_path) -> None:
     model = _net()
     out = _svd(model, ratio=0.5, conv_variant="spatial")
-    assert isinstance(out.conv, nn.Sequential) and isinstance(out.fc1, LowRankLinear)
+    assert isinstance(out.conv, LowRankConv2d) and isinstance(out.fc1, LowRankLinear)
     save(out, tmp_path / "a")
     back = load(tmp_path / "a", model=_net())
     assert isinstance(back.fc1, LowRankLinear) and back.fc1.rank == out.fc1.rank
-    assert back.conv[0].kernel_size == (3, 1)
+    assert back.conv.first.kernel_size == (3, 1)
     assert torch.equal(back(X), out(X))
 
 

@@ -218,11 +218,11 @@ def test_int4_groups_and_signs_are_packed(model) -> None:
     assert isinstance(q4.conv, PackedConv2d)
     qb = ns.quantize.binary(model, keep_first_last=False)
     assert qb.fc1.codes.numel() == math.ceil(96 * 64 / 8)
-    w = qb.fc1.weight()
+    w = qb.fc1.weight
     assert torch.equal(w.abs(), qb.fc1.scale.reshape(-1, 1).expand_as(w))  # +-alpha per row
     qt = ns.quantize.ternary(model, keep_first_last=False)
     assert qt.fc1.codes.numel() == 96 * 64 // 4
-    values = (qt.fc1.weight() / qt.fc1.scale.reshape(-1, 1)).round().unique()
+    values = (qt.fc1.weight / qt.fc1.scale.reshape(-1, 1)).round().unique()
     assert set(values.tolist()) <= {-1.0, 0.0, 1.0}
 
 

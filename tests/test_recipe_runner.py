@@ -11,6 +11,7 @@ from torch import nn
 
 import recipe_fakes
 from netshrink.artifact import artifact_bytes, read_manifest
+from netshrink.layers import CompressedLayer
 from netshrink.metrics import accuracy
 from netshrink.recipe import compress, loads, save_run
 from netshrink.recipe.meter import layer_info
@@ -157,13 +158,19 @@ def _zero_config(fraction: float):
     return recipe_fakes.ZeroConfig(fraction=fraction)
 
 
-class _Int8Layer(nn.Module):
-    """Stands in for a quantized layer: int8 codes, a ``bits`` attribute, no float weight."""
+class _Int8Layer(CompressedLayer):
+    """Stands in for a quantized layer: 4-bit codes, the float weight decoded on access."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.bits = 4
-        self.register_buffer("weight_q", torch.tensor([[0, 3], [0, 0]], dtype=torch.int8))
+        self.register_buffer("codes", torch.tensor([[0, 3], [0, 0]], dtype=torch.int8))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.codes.float() * 0.5
+
+    def weight_bits(self) -> int:
+        return 4
 
 
 class _LowRank(nn.Module):

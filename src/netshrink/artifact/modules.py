@@ -2,18 +2,11 @@
 
 Saving records, for every submodule, its type and the constructor arguments that fix its
 tensor shapes. Loading rebuilds a module only from a type listed here — standard torch layers
-from :data:`STANDARD`, netshrink's own layers registered with :func:`rebuildable` — so a
-manifest can never make ``load`` import or construct anything else.
-
-A netshrink layer registers like this::
-
-    @rebuildable
-    class QuantLinear(nn.Module):
-        def spec(self) -> dict:                 # JSON-serialisable constructor arguments
-            return {"in_features": ..., "out_features": ..., "bits": 8}
-        @classmethod
-        def from_spec(cls, spec: dict) -> "QuantLinear":
-            return cls(**spec)                   # shapes right, values filled by load_state_dict
+from :data:`STANDARD`, netshrink's own layers (every
+:class:`~netshrink.layers.CompressedLayer` subclass, and modules marked
+:func:`~netshrink.layers.rebuildable`) — so a manifest can never make ``load`` import or
+construct anything else. A netshrink layer's record is ``{"type": "netshrink:<class>",
+"args": layer.spec()}`` and it is rebuilt by ``from_spec(args)``.
 """
 
 from __future__ import annotations
@@ -24,23 +17,16 @@ from typing import Any
 from torch import nn
 
 from netshrink.errors import ArtifactError
+from netshrink.layers import ConvGeometry, rebuildable, rebuildable_types
+from netshrink.layers.base import rebuild_key
+
+__all__ = ["STANDARD", "build", "rebuildable", "spec_of"]
 
 _Args = Callable[[nn.Module], dict[str, Any]]
 
 
 def _conv_args(m: nn.Module) -> dict[str, Any]:
-    assert isinstance(m, nn.Conv1d | nn.Conv2d)
-    return {
-        "in_channels": m.in_channels,
-        "out_channels": m.out_channels,
-        "kernel_size": list(m.kernel_size),
-        "stride": list(m.stride),
-        "padding": m.padding if isinstance(m.padding, str) else list(m.padding),
-        "dilation": list(m.dilation),
-        "groups": m.groups,
-        "bias": m.bias is not None,
-        "padding_mode": m.padding_mode,
-    }
+    return {**ConvGeometry.of(m).spec(), "bias": m.bias is not None}
 
 
 def _bn_args(m: nn.Module) -> dict[str, Any]:
@@ -89,19 +75,6 @@ STANDARD: dict[str, tuple[type[nn.Module], _Args]] = {
 }
 _STANDARD_BY_CLASS = {cls: name for name, (cls, _) in STANDARD.items()}
 
-_OWN: dict[str, type[nn.Module]] = {}
-
-
-def rebuildable(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: let artifacts rebuild ``cls`` from ``spec()`` via ``from_spec(spec)``."""
-    if not (hasattr(cls, "spec") and hasattr(cls, "from_spec")):
-        raise TypeError(f"{cls.__name__} needs a spec() method and a from_spec() classmethod")
-    key = f"netshrink:{cls.__name__}"
-    if key in _OWN and _OWN[key] is not cls:
-        raise TypeError(f"two rebuildable classes are named {cls.__name__}")
-    _OWN[key] = cls
-    return cls
-
 
 def spec_of(module: nn.Module) -> dict[str, Any] | None:
     """Return ``{"type": name, "args": {...}}`` for a module an artifact can rebuild, else None."""
@@ -109,8 +82,8 @@ def spec_of(module: nn.Module) -> dict[str, Any] | None:
     if cls in _STANDARD_BY_CLASS:
         name = _STANDARD_BY_CLASS[cls]
         return {"type": name, "args": STANDARD[name][1](module)}
-    key = f"netshrink:{cls.__name__}"
-    if _OWN.get(key) is cls:
+    key = rebuild_key(cls)
+    if rebuildable_types().get(key) is cls:
         return {"type": key, "args": module.spec()}  # type: ignore[operator]
     return None
 
@@ -118,14 +91,15 @@ def spec_of(module: nn.Module) -> dict[str, Any] | None:
 def build(spec: dict[str, Any]) -> nn.Module:
     """Construct an empty module from a :func:`spec_of` record, or raise ArtifactError."""
     kind, args = spec.get("type"), spec.get("args", {})
+    own = rebuildable_types()
     try:
         if kind in STANDARD:
             return STANDARD[kind][0](**args)
-        if kind in _OWN:
-            return _OWN[kind].from_spec(args)  # type: ignore[attr-defined]
-    except (TypeError, ValueError) as exc:
+        if kind in own:
+            return own[kind].from_spec(args)  # type: ignore[attr-defined]
+    except (TypeError, ValueError, KeyError) as exc:
         raise ArtifactError(f"cannot rebuild a {kind} from {args}: {exc}") from exc
-    known = ", ".join(sorted([*STANDARD, *_OWN]))
+    known = ", ".join(sorted([*STANDARD, *own]))
     raise ArtifactError(
         f"the manifest names module type {kind!r}, which netshrink does not "
         f"know; known types: {known}"

@@ -10,9 +10,9 @@ pairs, which ONNX Runtime fuses into integer kernels (QGemm, QLinearConv):
   kernels for the per-tensor ``_cachemask`` forms these decompose into, so tracing with a
   dynamic batch fails; :func:`_register_fake_quant_shapes` supplies them.
 
-netshrink's own integer op ``netshrink::matmul_u8s8`` (the GEMM of ``quantize.dynamic`` while
-exporting) has a translation here: ``MatMulInteger`` (uint8 x int8 -> int32, ONNX Runtime's
-VNNI kernel), then the float rescale.
+netshrink's own custom ops (such as ``netshrink::matmul_u8s8``, the GEMM of ``quantize.dynamic``
+while exporting) are translated by the functions their layer modules register with
+:func:`netshrink.layers.onnx_translation`; this module only looks them up.
 
 ``torchscript`` (``dynamo=False``, deprecated by torch) is the fallback for models
 ``torch.export`` cannot trace (data-dependent Python control flow); it maps ``fake_quantize_*``
@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_leaves
 
 from netshrink.batches import as_args
 from netshrink.errors import ArtifactError, ConfigError, DataError
+from netshrink.layers import onnx_translations
 
 Exporter = Literal["auto", "dynamo", "torchscript"]
 
@@ -91,22 +92,6 @@ def _cachemask_shapes(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
-def _matmul_u8s8(codes: Any, weight_q: Any, weight_scale: Any) -> Any:
-    """ONNX for ``netshrink::matmul_u8s8``: float(codes @ weight_q^T) * weight_scale."""
-    from onnxscript import opset18 as op
-
-    acc = op.MatMulInteger(codes, op.Transpose(weight_q, perm=[1, 0]))
-    return op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), weight_scale)
-
-
-def _translations() -> dict[Any, Any]:
-    """Translations of netshrink's custom ops that are registered in this process."""
-    ops = getattr(torch.ops, "netshrink", None)
-    if ops is None or not hasattr(ops, "matmul_u8s8"):
-        return {}
-    return {ops.matmul_u8s8.default: _matmul_u8s8}
-
-
 def _dynamo_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool) -> dict:
     _register_fake_quant_shapes()
     batch = torch.export.Dim("batch")
@@ -115,7 +100,7 @@ def _dynamo_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool)
         "external_data": False,
         "dynamic_shapes": shapes,
         "verbose": False,
-        "custom_translation_table": _translations(),
+        "custom_translation_table": onnx_translations(),
     }
 
 

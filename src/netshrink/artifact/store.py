@@ -34,7 +34,8 @@ from torch import nn
 
 from netshrink.artifact.codec import decode, encode
 from netshrink.artifact.modules import build, spec_of
-from netshrink.errors import ArtifactError
+from netshrink.errors import ArtifactError, TargetError
+from netshrink.layers import replace_module
 
 FORMAT = "netshrink-artifact"
 FORMAT_VERSION = 1
@@ -190,16 +191,15 @@ def _replay_structure(model: nn.Module, modules: dict[str, Any]) -> nn.Module:
             if spec_of(model) != modules[name]:
                 model = build(modules[name])
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        if not (leaf.isidentifier() or leaf.isdigit()) or leaf.startswith("_"):
-            raise ArtifactError(f"the manifest names an invalid module path {name!r}")
         try:
-            parent = model.get_submodule(parent_name)
-        except AttributeError as exc:
-            raise ArtifactError(f"the model has no module '{parent_name}' for '{name}'") from exc
-        current = getattr(parent, leaf, None)
-        if not isinstance(current, nn.Module) or spec_of(current) != modules[name]:
-            setattr(parent, leaf, build(modules[name]))
+            current: nn.Module | None = model.get_submodule(name)
+        except AttributeError:
+            current = None
+        if current is None or spec_of(current) != modules[name]:
+            try:
+                replace_module(model, name, build(modules[name]))
+            except TargetError as exc:
+                raise ArtifactError(f"the manifest's module '{name}' does not fit: {exc}") from exc
     return model
 
 

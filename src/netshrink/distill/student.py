@@ -19,6 +19,7 @@ from netshrink import zoo
 from netshrink.config import Options
 from netshrink.context import Context
 from netshrink.errors import ConfigError, UnsupportedModuleError
+from netshrink.layers import replace_module
 
 
 class StudentConfig(Options):
@@ -73,8 +74,7 @@ def shrink_depth(model: nn.Module, depth: float) -> nn.Module:
         smaller = nn.Sequential(*kept) if isinstance(stack, nn.Sequential) else nn.ModuleList(kept)
         if not name:
             return smaller
-        parent_name, _, attr = name.rpartition(".")
-        setattr(student.get_submodule(parent_name), attr, smaller)
+        replace_module(student, name, smaller)
     return student
 
 

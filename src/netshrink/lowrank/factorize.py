@@ -15,6 +15,15 @@ from netshrink.batches import materialize
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import ConfigError, DataError
+from netshrink.layers import (
+    WEIGHT_READERS,
+    as_linear,
+    children_of,
+    layer_types,
+    linear_types,
+    replace_module,
+    untied,
+)
 from netshrink.lowrank import ranks
 from netshrink.lowrank.calibrate import LayerInputs, collect
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
@@ -118,12 +127,7 @@ def _cost(spec: Spectrum, rank: int | None, metric: str, stats: LayerInputs) -> 
 
 def _unsupported(model: nn.Module, layers: dict[str, nn.Module], aware: bool) -> dict[str, str]:
     """Why each layer that cannot be factorized is left alone."""
-    inside_mha = {
-        f"{name}.{child}"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for child, _ in m.named_children()
-    }
+    inside_mha = children_of(model, WEIGHT_READERS)
     why = {}
     for name, m in layers.items():
         if name in inside_mha:
@@ -215,11 +219,6 @@ def _global(
     return plan
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, new)
-
-
 def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[LayerRecord]:
     """Replace every planned layer of ``model``; one record per layer of ``layers``."""
     records = []
@@ -233,7 +232,7 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
             continue
         spec, k = step
         new = _BUILD[spec.variant](module, *spec.factors(k))
-        _replace(model, name, new)
+        replace_module(model, name, new)
         after = _params(new)
         energy = spec.energy(k)
         records.append(
@@ -250,19 +249,23 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     with :func:`~netshrink.lowrank.summary.report_of`): per layer, rank, weights before and
     after, energy kept, or why the layer was left as it was.
     """
-    layers = config.targets.select(model, default_types=(nn.Linear, nn.Conv2d))
+    selected = config.targets.select(model, default_types=layer_types())
+    # a Hugging Face Conv1D is factorized as the Linear it computes
+    layers = {n: as_linear(m) if isinstance(m, linear_types()) else m for n, m in selected.items()}
+    layers = {n: layers[n] for n in untied(model, layers, "lowrank.svd")}
     unsupported = _unsupported(model, layers, config.activation_aware)
     if unsupported:
         names = ", ".join(f"{n} ({why})" for n, why in unsupported.items())
         warnings.warn(f"lowrank.svd leaves these layers as they are: {names}", stacklevel=2)
     todo = {n: m for n, m in layers.items() if n not in unsupported}
+    in_model = {n: model.get_submodule(n) for n in todo}  # where the hooks see inputs
     stats = {n: LayerInputs() for n in todo}
     if config.activation_aware:
         calib = materialize(ctx.calib_data or [], "calib_data")
-        stats = collect(model, todo, calib, covariance=True, show=ctx.progress)
+        stats = collect(model, in_model, calib, covariance=True, show=ctx.progress)
     if config.budget is not None and config.budget_metric == "macs":
         example = [(ctx.example_inputs, None)]
-        for name, seen in collect(model, todo, example, covariance=False, show=False).items():
+        for name, seen in collect(model, in_model, example, covariance=False, show=False).items():
             stats[name].in_shape, stats[name].out_shape = seen.in_shape, seen.out_shape
         idle = [name for name, s in stats.items() if not s.out_shape]
         if idle:

@@ -5,7 +5,7 @@ candidate, example_inputs)`` a :class:`Comparison` with the compression rate, th
 and the metric drop. Both print as tables whose rows say what each figure means.
 """
 
-from netshrink.measure.counts import count_macs, count_nonzero, count_params
+from netshrink.measure.counts import count_macs, count_nonzero, count_params, count_stored_bits
 from netshrink.measure.harness import compare, measure, saved_bytes
 from netshrink.measure.latency import Latencies, time_interleaved, time_latency
 from netshrink.measure.memory import peak_memory
@@ -22,6 +22,7 @@ __all__ = [
     "count_macs",
     "count_nonzero",
     "count_params",
+    "count_stored_bits",
     "measure",
     "peak_memory",
     "saved_bytes",

@@ -1,17 +1,17 @@
 """Static counts of a model: parameters, non-zero parameters, multiply-accumulates (MACs).
 
-Parameters are the elements of each module's own ``nn.Parameter`` tensors, plus its integer
-buffers (int8/uint8/int16/int32: quantized weights stored as buffers; int64 counters such as
-BatchNorm's ``num_batches_tracked`` are not weights). A layer whose stored tensors are not one
-element per weight (two int4 in one uint8, CSR) defines ``num_params()`` and ``num_nonzero()``
-for its own tensors; those override the element count for that module.
+Parameters are the elements of each module's own ``nn.Parameter`` tensors; a compressed layer
+(:class:`~netshrink.layers.CompressedLayer`) counts as the function it computes — its
+``num_params()`` and ``num_nonzero()`` — whatever it stores (int8 or packed int4 codes, half
+floats, a mask), so the count does not change with the storage format. What a layer stores is
+its ``stored_params()`` / ``stored_bits()``; bytes on disk are measured on the artifact.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,33 +20,52 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
 from netshrink.batches import as_args
-
-_WEIGHT_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32)
-
-
-def _own_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
-    yield from module.parameters(recurse=False)
-    for b in module.buffers(recurse=False):
-        if b.dtype in _WEIGHT_INT_DTYPES:
-            yield b
+from netshrink.layers import CompressedLayer
 
 
-def _sum(model: nn.Module, hook: str, count: Any) -> int:
-    total = 0
-    for module in model.modules():
-        own = getattr(module, hook, None)
-        total += int(own()) if callable(own) else sum(int(count(t)) for t in _own_tensors(module))
+def _sum(
+    model: nn.Module,
+    layer_count: Callable[[CompressedLayer], int],
+    count: Callable[[torch.Tensor], Any],
+) -> int:
+    """``layer_count`` of each compressed layer plus ``count`` of every other parameter.
+
+    A compressed layer answers for its submodules too (a low-rank layer's two factors); a
+    parameter shared by two modules (tied weights) counts once.
+    """
+    total, seen, inside = 0, set(), None
+    for name, module in model.named_modules():
+        if inside is not None and (name + ".").startswith(inside):
+            continue
+        if isinstance(module, CompressedLayer):
+            # a parameter it shares with a module counted before (tied weights) counts once
+            shared = [p for p in module.parameters() if id(p) in seen]
+            total += layer_count(module) - sum(int(count(p)) for p in shared)
+            seen.update(id(p) for p in module.parameters())
+            inside = f"{name}." if name else ""
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += int(count(p))
     return total
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (weights), see the module docstring for what counts."""
-    return _sum(model, "num_params", torch.Tensor.numel)
+    return _sum(model, lambda m: m.num_params(), torch.Tensor.numel)
 
 
 def count_nonzero(model: nn.Module) -> int:
     """Number of parameter elements that are not zero (same tensors as :func:`count_params`)."""
-    return _sum(model, "num_nonzero", torch.count_nonzero)
+    return _sum(model, lambda m: m.num_nonzero(), torch.count_nonzero)
+
+
+def count_stored_bits(model: nn.Module) -> int:
+    """Bits the weights take as stored: each compressed layer's ``stored_bits()`` (codes,
+    scales, masks) plus every other parameter at its dtype's width. Buffers (BatchNorm
+    statistics) are not counted; bytes on disk are measured on the artifact."""
+    return _sum(model, lambda m: m.stored_bits(), lambda p: p.numel() * p.element_size() * 8)
 
 
 # Formulas for kernels torch.utils.flop_counter does not know: integer and packed matmuls run

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.artifact.modules import STANDARD, rebuildable
+from netshrink.layers import CompressedLayer, ConvGeometry, as_linear
 
 
 class _Masked:
@@ -89,6 +89,16 @@ class _Masked:
     def _common_spec(self) -> dict[str, Any]:
         return {"kernel": self.kernel, "timing": self.timing}
 
+    def stored_params(self) -> int:
+        """Elements stored: the non-zero weights and the bias (the artifact packs the zeros)."""
+        bias = self.bias.numel() if self.bias is not None else 0  # type: ignore[attr-defined]
+        return int(self.mask.sum()) + bias
+
+    def stored_bits(self) -> int:
+        """Bits stored: one mask bit per weight plus the non-zero values and the bias."""
+        width = self.weight.element_size() * 8
+        return self.mask.numel() + self.stored_params() * width
+
 
 def _csr_matmul(csr: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``csr @ x2.T (+ bias)`` as an ``(out, rows)`` tensor; x2 is ``(rows, in)``."""
@@ -97,8 +107,7 @@ def _csr_matmul(csr: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor | None) 
     return torch.addmm(bias[:, None], csr, x2.t())
 
 
-@rebuildable
-class SparseLinear(_Masked, nn.Linear):
+class SparseLinear(_Masked, CompressedLayer, nn.Linear):
     """``nn.Linear`` with a fixed sparsity pattern and a dense or CSR kernel."""
 
     def __init__(
@@ -125,23 +134,18 @@ class SparseLinear(_Masked, nn.Linear):
         shape = {"in_features": self.in_features, "out_features": self.out_features}
         return {**shape, "bias": self.bias is not None, **self._common_spec()}
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> SparseLinear:
-        return cls(**spec)
 
-
-@rebuildable
-class SparseConv2d(_Masked, nn.Conv2d):
+class SparseConv2d(_Masked, CompressedLayer, nn.Conv2d):
     """``nn.Conv2d`` with a fixed sparsity pattern; 1x1 convs may run the CSR kernel."""
 
     def __init__(
         self,
-        *args: Any,
+        conv: dict[str, Any],
+        bias: bool = True,
         kernel: str = "dense",
         timing: dict[str, float] | None = None,
-        **kwargs: Any,
     ) -> None:
-        nn.Conv2d.__init__(self, *args, **kwargs)
+        nn.Conv2d.__init__(self, **ConvGeometry.from_spec(conv).spec(), bias=bias)
         self._setup(kernel, timing)
 
     def pointwise(self) -> bool:
@@ -165,30 +169,28 @@ class SparseConv2d(_Masked, nn.Conv2d):
 
     def spec(self) -> dict[str, Any]:
         """Constructor arguments (JSON), including the kernel chosen and its timing."""
-        return {**STANDARD["torch.nn.Conv2d"][1](self), **self._common_spec()}
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> SparseConv2d:
-        return cls(**spec)
+        conv = ConvGeometry.of(self).spec()
+        return {"conv": conv, "bias": self.bias is not None, **self._common_spec()}
 
 
 SparseLayer = SparseLinear | SparseConv2d
 
 
 def make_sparse(module: nn.Module) -> SparseLayer:
-    """A sparse layer sharing ``module``'s parameters (a Linear or Conv2d)."""
+    """A sparse layer sharing ``module``'s parameters (a Linear, Hugging Face Conv1D — its
+    weight transposed into a new tensor — or Conv2d)."""
     if isinstance(module, SparseLinear | SparseConv2d):
         return module
-    if isinstance(module, nn.Linear):
-        out: SparseLayer = SparseLinear(
-            module.in_features, module.out_features, bias=module.bias is not None
-        )
+    training = module.training
+    if isinstance(module, nn.Conv2d):
+        geometry = ConvGeometry.of(module).spec()
+        out: SparseLayer = SparseConv2d(geometry, bias=module.bias is not None)
     else:
-        assert isinstance(module, nn.Conv2d)
-        out = SparseConv2d(**STANDARD["torch.nn.Conv2d"][1](module))
+        module = as_linear(module)
+        out = SparseLinear(module.in_features, module.out_features, bias=module.bias is not None)
     out.weight, out.bias = module.weight, module.bias
     out.refresh_mask()
-    return out.train(module.training)
+    return out.train(training)
 
 
 def time_pair(fn: Callable[[], Any], other: Callable[[], Any], runs: int) -> tuple[float, float]:

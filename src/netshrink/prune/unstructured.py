@@ -19,6 +19,7 @@ from torch import nn
 from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
+from netshrink.layers import layer_types, replace_module
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
 from netshrink.prune.sparse_layers import SparseLayer, calibrate, make_sparse
 from netshrink.registry import technique
@@ -71,16 +72,16 @@ class NMConfig(SparseConfig):
 
 
 def sparsify(model: nn.Module, targets: Targets) -> dict[str, SparseLayer]:
-    """Swap the selected Linear/Conv2d layers for sparse ones (sharing parameters)."""
+    """Swap the selected Linear/Conv1D/Conv2d layers for sparse ones (sharing parameters)."""
     layers: dict[str, SparseLayer] = {}
-    for name, module in targets.select(model, default_types=(nn.Linear, nn.Conv2d)).items():
-        if not isinstance(module, nn.Linear | nn.Conv2d):
+    kinds = layer_types()
+    for name, module in targets.select(model, default_types=kinds).items():
+        if not isinstance(module, kinds):
             kind = type(module).__name__
             warnings.warn(f"{name} ({kind}) cannot be sparsified; left untouched", stacklevel=3)
             continue
         layer = make_sparse(module)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
+        replace_module(model, name, layer)
         layers[name] = layer
     return layers
 

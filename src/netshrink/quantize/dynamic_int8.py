@@ -19,11 +19,20 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from netshrink.artifact.modules import rebuildable
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
+from netshrink.layers import (
+    CompressedLayer,
+    as_linear,
+    embedding_names,
+    linear_types,
+    onnx_translation,
+    replace_module,
+    untied,
+    warn_left_alone,
+)
 from netshrink.quantize.affine import Granularity, quantize_weight
-from netshrink.quantize.tracing import set_submodule
+from netshrink.quantize.packed_rnn import PackedRNN, packable
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
@@ -104,6 +113,17 @@ def _(codes: torch.Tensor, weight_q: torch.Tensor, weight_scale: torch.Tensor):
     return codes.new_empty((codes.shape[0], weight_q.shape[0]), dtype=torch.float32)
 
 
+@onnx_translation(torch.ops.netshrink.matmul_u8s8.default)
+def _matmul_u8s8_onnx(codes: Any, weight_q: Any, weight_scale: Any) -> Any:
+    """ONNX for ``netshrink::matmul_u8s8``: ``MatMulInteger`` (uint8 x int8 -> int32, ONNX
+    Runtime's VNNI kernel), then the float rescale."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    acc = op.MatMulInteger(codes, op.Transpose(weight_q, perm=[1, 0]))
+    return op.Mul(op.Cast(acc, to=onnx.TensorProto.FLOAT), weight_scale)
+
+
 def _token_qparams(x2: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row affine scale and zero point of ``x2`` [tokens, features] for codes 0..qmax.
 
@@ -116,8 +136,7 @@ def _token_qparams(x2: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Ten
     return s, torch.round(-lo / s)
 
 
-@rebuildable
-class DynamicInt8Linear(nn.Module):
+class DynamicInt8Linear(CompressedLayer):
     """Linear computing uint8 x int8 -> int32 with per-token input and per-channel weight scales."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -180,10 +199,14 @@ class DynamicInt8Linear(nn.Module):
             "bias": self.bias is not None,
         }
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> DynamicInt8Linear:
-        """Empty layer; values come from the state dict."""
-        return cls(**spec)
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the int8 codes stand for (dequantized on access)."""
+        return self.weight_q.float() * self.weight_scale[:, None]
+
+    def weight_bits(self) -> int:
+        """Bits of one weight code: 8."""
+        return 8
 
     @classmethod
     @torch.no_grad()
@@ -239,8 +262,7 @@ class DynamicInt8Linear(nn.Module):
         return _matmul_u8s8_impl(codes, self.weight_q, self.weight_scale)
 
 
-@rebuildable
-class Int8Embedding(nn.Module):
+class Int8Embedding(CompressedLayer):
     """Embedding table of int8 rows, one float scale per row (symmetric)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None) -> None:
@@ -260,10 +282,14 @@ class Int8Embedding(nn.Module):
             "padding_idx": self.padding_idx,
         }
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> Int8Embedding:
-        """Empty table; values come from the state dict."""
-        return cls(**spec)
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float table the int8 rows stand for (dequantized on access)."""
+        return self.weight_q.float() * self.weight_scale
+
+    def weight_bits(self) -> int:
+        """Bits of one weight code: 8."""
+        return 8
 
     @classmethod
     @torch.no_grad()
@@ -287,15 +313,31 @@ class DynamicConfig(TechniqueConfig):
 
     targets: Targets = Field(default_factory=Targets, description="Linear layers to quantize")
     embeddings: bool = Field(True, description="also store nn.Embedding tables as int8 rows")
+    recurrent: bool = Field(
+        True, description="also store LSTM/GRU/RNN weights as int8 (the recurrence runs in float)"
+    )
 
 
 @technique("quantize.dynamic", DynamicConfig)
 def dynamic(model: nn.Module, config: DynamicConfig, ctx: Context) -> nn.Module:
-    """int8 weights and per-token uint8 activations, integer matmuls (oneDNN or _int_mm)."""
-    for name, mod in config.targets.select(model, (nn.Linear,)).items():
-        set_submodule(model, name, DynamicInt8Linear.from_float(mod))  # type: ignore[arg-type]
-    if config.embeddings:
-        for name, mod in list(model.named_modules()):
-            if type(mod) is nn.Embedding and mod.max_norm is None:
-                set_submodule(model, name, Int8Embedding.from_float(mod))
+    """int8 weights and per-token uint8 activations, integer matmuls (oneDNN or _int_mm).
+
+    Linear layers (and Hugging Face ``Conv1D``) become :class:`DynamicInt8Linear`, embedding
+    tables :class:`Int8Embedding`, LSTM/GRU/RNN layers a
+    :class:`~netshrink.quantize.packed_rnn.PackedRNN` with int8 weights (torch has no integer
+    recurrent kernel to run them on); layers whose weights are tied to another's stay as they
+    are with a warning.
+    """
+    linears = list(config.targets.select(model, linear_types()))
+    tables = embedding_names(model) if config.embeddings else []
+    rnns = [n for n, m in model.named_modules() if packable(m)] if config.recurrent else []
+    for name in untied(model, [*linears, *tables, *rnns], "quantize.dynamic"):
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.Embedding):
+            replace_module(model, name, Int8Embedding.from_float(mod))
+        elif isinstance(mod, nn.RNNBase):  # packable: a plain LSTM/GRU/RNN
+            replace_module(model, name, PackedRNN.from_float(mod, "int8"))
+        else:
+            replace_module(model, name, DynamicInt8Linear.from_float(as_linear(mod)))
+    warn_left_alone(model, "quantize.dynamic", (nn.RNNBase,), "no int8 layer for them here")
     return model

@@ -19,7 +19,7 @@ import torch.ao.quantization.fx._decomposed  # registers the quantized_decompose
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.artifact.modules import rebuildable
+from netshrink.layers import CompressedLayer, ConvGeometry, rebuildable
 from netshrink.quantize.affine import Granularity, qrange, quantize_weight
 from netshrink.quantize.packing import pack, to_signed, to_unsigned, unpack
 
@@ -67,7 +67,7 @@ class _FrozenQParams(nn.Module):
             self._frozen[p] = (float(scale), int(zero_point))
 
 
-class _QuantWeights(_FrozenQParams):
+class _QuantWeights(_FrozenQParams, CompressedLayer):
     """Shared storage and dequantization of integer weights, integer bias and input qparams."""
 
     weight_shape: tuple[int, ...]
@@ -137,11 +137,6 @@ class _QuantWeights(_FrozenQParams):
         }
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> Any:
-        """Empty layer of the right shapes; values come from the state dict."""
-        return cls(**spec)
-
-    @classmethod
     def empty_like(cls, mod: Any, bits: int, quant_output: bool, act_bits: int) -> Any:
         """An unfilled quantized layer shaped like the float layer ``mod``."""
         raise NotImplementedError
@@ -185,6 +180,20 @@ class _QuantWeights(_FrozenQParams):
         )
         return w, b
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight the integer codes stand for (dequantized on access)."""
+        return self.dequantized()[0]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The float bias the int32 codes stand for, or None."""
+        return self.dequantized()[1] if self.has_bias else None
+
+    def weight_bits(self) -> int:
+        """Bits of one weight code."""
+        return self.bits
+
     def _around(self, x: torch.Tensor, op: Any) -> torch.Tensor:
         qmax = 2**self.act_bits - 1
         x = fake_quant(x, self.input_scale, self.input_zero_point, self._frozen["input_"], qmax)
@@ -195,69 +204,41 @@ class _QuantWeights(_FrozenQParams):
         return y
 
 
-@rebuildable
 class QuantConv2d(_QuantWeights):
     """Conv2d with int8 (or packed int4) weights, int32 bias and uint8 input quantization."""
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: list[int],
-        stride: list[int],
-        padding: list[int],
-        dilation: list[int],
-        groups: int,
+        conv: dict[str, Any],
         bias: bool,
         bits: int = 8,
         quant_output: bool = False,
         act_bits: int = 8,
     ) -> None:
         super().__init__()
-        self.args = {
-            "in_channels": in_channels,
-            "out_channels": out_channels,
-            "kernel_size": list(kernel_size),
-            "stride": list(stride),
-            "padding": list(padding),
-            "dilation": list(dilation),
-            "groups": groups,
-        }
-        self.weight_shape = (out_channels, in_channels // groups, *kernel_size)
+        self.geometry = ConvGeometry.from_spec(conv)
+        self.weight_shape = self.geometry.weight_shape
         self._init_storage(bits, bias, quant_output, act_bits)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
-        return {
-            **self.args,
-            **self._storage_spec(),
-        }
+        return {"conv": self.geometry.spec(), **self._storage_spec()}
 
     @classmethod
     def empty_like(
         cls, conv: nn.Conv2d, bits: int, quant_output: bool, act_bits: int
     ) -> QuantConv2d:
         """An unfilled layer shaped like ``conv``."""
-        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        geometry = ConvGeometry.of(conv)
+        if not geometry.zero_padded:
             raise ValueError("only numeric zero padding")
-        return cls(
-            conv.in_channels, conv.out_channels, list(conv.kernel_size), list(conv.stride),
-            list(conv.padding), list(conv.dilation), conv.groups, conv.bias is not None,
-            bits, quant_output, act_bits,
-        )  # fmt: skip
+        return cls(geometry.spec(), conv.bias is not None, bits, quant_output, act_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Simulated integer convolution (see the module docstring)."""
-        a = self.args
-        return self._around(
-            x,
-            lambda x, w, b: F.conv2d(
-                x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"]
-            ),
-        )
+        return self._around(x, self.geometry.conv2d)
 
 
-@rebuildable
 class QuantLinear(_QuantWeights):
     """Linear with int8 (or packed int4) weights, int32 bias and uint8 input quantization."""
 

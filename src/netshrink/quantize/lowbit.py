@@ -7,6 +7,7 @@ on the fly (:mod:`netshrink.quantize.packed`).
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Literal
 
@@ -15,34 +16,63 @@ from torch import nn
 
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
-from netshrink.quantize.packed import Codec, PackedConv2d, PackedLinear
-from netshrink.quantize.tracing import set_submodule
+from netshrink.layers import (
+    FLOAT_ONLY,
+    ConvGeometry,
+    as_linear,
+    embedding_names,
+    layer_types,
+    replace_module,
+    untied,
+    warn_left_alone,
+)
+from netshrink.quantize.packed import Codec, PackedConv2d, PackedEmbedding, PackedLinear
+from netshrink.quantize.packed_rnn import PackedRNN, input_widths, packable
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
-KINDS = (nn.Linear, nn.Conv2d)
+
+def _groups(name: str, width: int, group_size: int) -> int:
+    """``group_size``, or 0 (one scale per row) with a warning when it does not divide ``width``."""
+    if group_size and width % group_size:
+        warnings.warn(
+            f"{name}: group_size {group_size} does not divide its {width} inputs; "
+            "using one scale per output channel",
+            stacklevel=4,
+        )
+        return 0
+    return group_size
 
 
 def encode_layers(model: nn.Module, names: list[str], codec: Codec, group_size: int) -> nn.Module:
-    """Replace each named Linear/Conv2d by its packed version; grouping applies to Linear."""
-    for name in names:
+    """Replace each named Linear/Conv1D/Conv2d/ConvTranspose2d/Embedding/LSTM/GRU/RNN by its
+    packed version.
+
+    Grouping applies to Linear and recurrent weight inputs and to embedding rows. Layers tied
+    to another layer's weight stay as they are, with a warning.
+    """
+    for name in untied(model, names, f"quantize ({codec})"):
         mod = model.get_submodule(name)
-        if isinstance(mod, nn.Conv2d):
-            if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+        if packable(mod):
+            assert isinstance(mod, nn.RNNBase)
+            groups = _groups(name, math.gcd(*input_widths(mod)), group_size)
+            replace_module(model, name, PackedRNN.from_float(mod, codec, groups))
+        elif isinstance(mod, nn.Embedding):
+            groups = _groups(name, mod.embedding_dim, group_size)
+            replace_module(model, name, PackedEmbedding.from_float(mod, codec, groups))
+        elif isinstance(mod, nn.Conv2d | nn.ConvTranspose2d):
+            if not ConvGeometry.of(mod).zero_padded:
                 warnings.warn(f"{name}: padding {mod.padding!r} is not supported; kept float",
                               stacklevel=3)  # fmt: skip
                 continue
-            set_submodule(model, name, PackedConv2d.from_float(mod, codec))
-            continue
-        groups = group_size
-        if group_size and mod.in_features % group_size:
-            warnings.warn(
-                f"{name}: group_size {group_size} does not divide in_features "
-                f"{mod.in_features}; using one scale per output channel",
-                stacklevel=3,
-            )
-            groups = 0
-        set_submodule(model, name, PackedLinear.from_float(mod, codec, groups))
+            replace_module(model, name, PackedConv2d.from_float(mod, codec))
+        else:
+            linear = as_linear(mod)
+            groups = _groups(name, linear.in_features, group_size)
+            replace_module(model, name, PackedLinear.from_float(linear, codec, groups))
+    warn_left_alone(
+        model, f"quantize ({codec})", FLOAT_ONLY, "no packed-weight layer for them here"
+    )
     return model
 
 
@@ -57,13 +87,21 @@ class WeightOnlyConfig(TechniqueConfig):
         description="inputs sharing a scale in Linear layers; 0: per channel; "
         "default: per channel for 8 bits, 32 for 4 bits",
     )
-    targets: Targets = Field(default_factory=Targets, description="Linear/Conv2d to quantize")
+    targets: Targets = Field(
+        default_factory=Targets,
+        description="Linear/Conv1D/Conv2d/ConvTranspose2d/LSTM/GRU/RNN layers to quantize",
+    )
+    embeddings: bool = Field(
+        True, description="also store nn.Embedding tables as codes (one scale per row or group)"
+    )
 
 
 @technique("quantize.weight_only", WeightOnlyConfig)
 def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.Module:
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
-    names = list(config.targets.select(model, KINDS))
+    kinds = (*layer_types(), nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN)
+    names = list(config.targets.select(model, kinds))
+    names += embedding_names(model) if config.embeddings else []
     codec: Codec = "int8" if config.bits == 8 else "int4"
     group_size = config.group_size
     if group_size is None:
@@ -74,14 +112,16 @@ def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.
 class SignConfig(TechniqueConfig):
     """Options of quantize.binary and quantize.ternary."""
 
-    targets: Targets = Field(default_factory=Targets, description="Linear/Conv2d to quantize")
+    targets: Targets = Field(
+        default_factory=Targets, description="Linear/Conv1D/Conv2d layers to quantize"
+    )
     keep_first_last: bool = Field(
         True, description="leave the first and last selected layers float (standard practice)"
     )
 
 
 def _sign_layers(model: nn.Module, config: SignConfig) -> list[str]:
-    names = list(config.targets.select(model, KINDS))
+    names = list(config.targets.select(model, layer_types()))
     return names[1:-1] if config.keep_first_last and len(names) > 2 else names
 
 

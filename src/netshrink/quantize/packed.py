@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.artifact.modules import rebuildable
+from netshrink.layers import CompressedLayer, ConvGeometry
 from netshrink.quantize.affine import Granularity, quantize_weight
 from netshrink.quantize.packing import pack, unpack
 
@@ -50,12 +50,16 @@ def encode(w: torch.Tensor, codec: Codec, group_size: int) -> tuple[torch.Tensor
     return pack((torch.sign(rows) * keep + 1).to(torch.int32), 2), scale
 
 
-class _PackedWeight(nn.Module):
-    """Storage and decoding shared by the packed conv and linear layers."""
+class _PackedWeight(CompressedLayer):
+    """Storage and decoding shared by the packed conv, linear and embedding layers."""
 
     weight_shape: tuple[int, ...]
 
-    def _init_storage(self, codec: Codec, group_size: int, bias: bool) -> None:
+    def _init_storage(
+        self, codec: Codec, group_size: int, bias: bool, outputs: int | None = None
+    ) -> None:
+        """Codes and scales for ``self.weight_shape``; a bias of ``outputs`` elements (default:
+        the weight's first dimension)."""
         self.codec, self.group_size, self.has_bias = codec, group_size, bias
         numel = math.prod(self.weight_shape)
         if codec == "int8":
@@ -67,10 +71,12 @@ class _PackedWeight(nn.Module):
         if codec in ("binary", "ternary"):
             scale_shape = (self.weight_shape[0],)
         self.register_buffer("scale", torch.ones(scale_shape))
-        self.bias = nn.Parameter(torch.zeros(self.weight_shape[0])) if bias else None
+        outputs = self.weight_shape[0] if outputs is None else outputs
+        self.bias = nn.Parameter(torch.zeros(outputs)) if bias else None
 
     @torch.no_grad()
-    def _fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def fill(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Encode ``weight`` (shaped like ``weight_shape``) and copy ``bias`` in."""
         codes, scale = encode(weight, self.codec, self.group_size)
         self.codes.copy_(codes)
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -78,8 +84,9 @@ class _PackedWeight(nn.Module):
             assert self.bias is not None
             self.bias.copy_(bias)
 
+    @property
     def weight(self) -> torch.Tensor:
-        """The float weight the codes stand for."""
+        """The float weight the codes stand for (decoded on access)."""
         mult, offset = _MULT_OFFSET[self.codec]
         if self.codec == "int8":
             codes = self.codes.to(torch.float32)
@@ -93,11 +100,14 @@ class _PackedWeight(nn.Module):
         values = values.reshape(self.weight_shape[0], -1) * self.scale.reshape(-1, 1)
         return values.reshape(self.weight_shape)
 
+    def weight_bits(self) -> int:
+        """Bits of one weight code."""
+        return _BITS[self.codec]
+
     def _spec(self) -> dict[str, Any]:
         return {"codec": self.codec, "group_size": self.group_size, "bias": self.has_bias}
 
 
-@rebuildable
 class PackedLinear(_PackedWeight):
     """Linear layer with int8/int4/binary/ternary weight codes (dequantized on the fly)."""
 
@@ -114,62 +124,80 @@ class PackedLinear(_PackedWeight):
         return {"in_features": self.in_features, "out_features": self.out_features, **self._spec()}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> PackedLinear:
-        """Empty layer of the right shapes; values come from the state dict."""
-        return cls(**spec)
-
-    @classmethod
     def from_float(cls, m: nn.Linear, codec: Codec, group_size: int = 0) -> PackedLinear:
         """Encode the weights of ``m``."""
         q = cls(m.in_features, m.out_features, codec, group_size, m.bias is not None)
-        q._fill(m.weight, m.bias)
+        q.fill(m.weight, m.bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float linear with the decoded weight."""
-        return F.linear(x, self.weight().to(x.dtype), self.bias)
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
 
 
-@rebuildable
 class PackedConv2d(_PackedWeight):
-    """Conv2d with int8/int4/binary/ternary weight codes (dequantized on the fly)."""
+    """Conv2d or ConvTranspose2d with int8/int4/binary/ternary weight codes (dequantized on the
+    fly); a transposed one has a scale per input channel (its weight's first dimension)."""
 
     def __init__(self, conv: dict[str, Any], codec: Codec, group_size: int, bias: bool) -> None:
         super().__init__()
-        self.conv = dict(conv)
-        k = conv["kernel_size"]
-        self.weight_shape = (conv["out_channels"], conv["in_channels"] // conv["groups"], *k)
-        self._init_storage(codec, group_size, bias)
+        self.geometry = ConvGeometry.from_spec(conv)
+        self.weight_shape = self.geometry.weight_shape
+        self._init_storage(codec, group_size, bias, self.geometry.out_channels)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
-        return {"conv": self.conv, **self._spec()}
+        return {"conv": self.geometry.spec(), **self._spec()}
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> PackedConv2d:
-        """Empty layer of the right shapes; values come from the state dict."""
-        return cls(**spec)
-
-    @classmethod
-    def from_float(cls, m: nn.Conv2d, codec: Codec, group_size: int = 0) -> PackedConv2d:
+    def from_float(
+        cls, m: nn.Conv2d | nn.ConvTranspose2d, codec: Codec, group_size: int = 0
+    ) -> PackedConv2d:
         """Encode the weights of ``m`` (numeric zero padding only)."""
-        if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        geometry = ConvGeometry.of(m)
+        if not geometry.zero_padded:
             raise ValueError("only numeric zero padding")
-        conv = {
-            "in_channels": m.in_channels,
-            "out_channels": m.out_channels,
-            "kernel_size": list(m.kernel_size),
-            "stride": list(m.stride),
-            "padding": list(m.padding),
-            "dilation": list(m.dilation),
-            "groups": m.groups,
-        }
-        q = cls(conv, codec, group_size, m.bias is not None)
-        q._fill(m.weight, m.bias)
+        q = cls(geometry.spec(), codec, group_size, m.bias is not None)
+        q.fill(m.weight, m.bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Float convolution with the decoded weight."""
-        c = self.conv
-        w = self.weight().to(x.dtype)
-        return F.conv2d(x, w, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+        return self.geometry.conv2d(x, self.weight.to(x.dtype), self.bias)
+
+
+class PackedEmbedding(_PackedWeight):
+    """Embedding table of int8/int4 codes, one scale per row (or per group of a row)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None,
+        codec: Codec,
+        group_size: int,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.weight_shape = (num_embeddings, embedding_dim)
+        self._init_storage(codec, group_size, False)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        shape = {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim}
+        return {**shape, "padding_idx": self.padding_idx, **self._spec()}
+
+    def _spec(self) -> dict[str, Any]:
+        return {"codec": self.codec, "group_size": self.group_size}
+
+    @classmethod
+    def from_float(cls, m: nn.Embedding, codec: Codec, group_size: int = 0) -> PackedEmbedding:
+        """Encode the rows of ``m``."""
+        q = cls(m.num_embeddings, m.embedding_dim, m.padding_idx, codec, group_size)
+        q.fill(m.weight, None)
+        return q
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Look the rows up in the decoded table."""
+        return F.embedding(ids, self.weight, self.padding_idx)

@@ -20,15 +20,27 @@ from torch import nn
 from netshrink.batches import materialize, run
 from netshrink.config import Options, TechniqueConfig
 from netshrink.context import Batch, Context
+from netshrink.layers import (
+    FLOAT_ONLY,
+    WEIGHT_READERS,
+    ConvGeometry,
+    children_of,
+    embedding_names,
+    layer_types,
+    leave_alone,
+    linearize,
+    replace_module,
+    untied,
+    warn_left_alone,
+)
 from netshrink.progress import track
 from netshrink.quantize.affine import choose_qparams
+from netshrink.quantize.dynamic_int8 import Int8Embedding
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
-from netshrink.quantize.tracing import fold_bn, set_submodule, trace_flow
+from netshrink.quantize.tracing import fold_bn, trace_flow
 from netshrink.registry import technique
 from netshrink.targets import Targets
-
-QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
 
 class BitsOverride(Options):
@@ -48,19 +60,23 @@ class StaticConfig(TechniqueConfig):
     observer: ObserverName = Field("minmax", description="how activation ranges are chosen")
     per_channel: bool = Field(True, description="one weight scale per output channel")
     calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
-    targets: Targets = Field(default_factory=Targets, description="Conv2d/Linear to quantize")
+    targets: Targets = Field(
+        default_factory=Targets, description="Conv2d/Linear/Conv1D layers to quantize"
+    )
+    embeddings: bool = Field(True, description="also store nn.Embedding tables as int8 rows")
     overrides: tuple[BitsOverride, ...] = Field(
         (), description="per-module weight bits, e.g. [{targets: {include: [fc]}, bits: 8}]"
     )
 
 
 def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
-    """Weight bits of every selected module: ``default``, then each override (later wins)."""
+    """Weight bits of every selected module: ``default``, then each override (later wins).
+
+    Layers tied to another layer's weight are left out, with a warning.
+    """
     bits = {}
-    for name, mod in config.targets.select(model, QUANTIZABLE).items():
-        if isinstance(mod, nn.Conv2d) and (
-            isinstance(mod.padding, str) or mod.padding_mode != "zeros"
-        ):
+    for name, mod in config.targets.select(model, layer_types()).items():
+        if isinstance(mod, nn.Conv2d) and not ConvGeometry.of(mod).zero_padded:
             warnings.warn(
                 f"{name}: padding={mod.padding!r}, padding_mode={mod.padding_mode!r} is not "
                 "supported by integer convolution here; the layer stays float",
@@ -69,10 +85,13 @@ def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
             continue
         bits[name] = default
     for override in config.overrides:
-        for name in override.targets.select(model, QUANTIZABLE):
+        for name in override.targets.select(model, layer_types()):
             if name in bits:
                 bits[name] = override.bits
-    return bits
+    kept = untied(model, bits, "quantize")
+    why = "their parent computes with their weight without calling them: no inputs to calibrate"
+    kept = leave_alone(kept, children_of(model, WEIGHT_READERS), "quantize", why)
+    return {name: b for name, b in bits.items() if name in kept}
 
 
 def fold_batchnorms(model: nn.Module, names: Iterable[str]) -> set[str]:
@@ -82,7 +101,7 @@ def fold_batchnorms(model: nn.Module, names: Iterable[str]) -> set[str]:
         if name in flow.bn_after:
             bn_name = flow.bn_after[name]
             fold_bn(model.get_submodule(name), model.get_submodule(bn_name))  # type: ignore[arg-type]
-            set_submodule(model, bn_name, nn.Identity())
+            replace_module(model, bn_name, nn.Identity())
     return flow.feeds_add
 
 
@@ -137,7 +156,7 @@ def quantize_relus(
         if type(mod) is nn.ReLU and f"{name}:out" in qparams:
             q = QuantReLU(act_bits)
             q.set_qparams(*qparams[f"{name}:out"])
-            set_submodule(model, name, q)
+            replace_module(model, name, q)
 
 
 def convert(
@@ -159,7 +178,7 @@ def convert(
         layer_cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
         inp, out = qparams[f"{name}:in"], qparams.get(f"{name}:out")
         new = layer_cls.from_float(mod, b, per_channel, inp, out, scales.get(name), act_bits)
-        set_submodule(model, name, new)
+        replace_module(model, name, new)
     quantize_relus(model, qparams, act_bits)
     return model
 
@@ -180,5 +199,11 @@ def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
     default = 8 if config.weights == "int8" else 4
     bits = weight_bits(model, config, default)
+    tables = untied(model, embedding_names(model), "quantize.static") if config.embeddings else []
+    linearize(model, bits)
     model.eval()
-    return quantize_static_model(model, bits, config, ctx, config.per_channel)
+    quantize_static_model(model, bits, config, ctx, config.per_channel)
+    for name in tables:
+        replace_module(model, name, Int8Embedding.from_float(model.get_submodule(name)))
+    warn_left_alone(model, "quantize.static", FLOAT_ONLY, "no integer kernel for them here")
+    return model

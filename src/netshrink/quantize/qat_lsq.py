@@ -23,6 +23,7 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.config import TechniqueConfig, TrainConfig
 from netshrink.context import Context
+from netshrink.layers import ConvGeometry, linearize, replace_module
 from netshrink.quantize.affine import qrange, round_ste
 from netshrink.quantize.layers import fake_quant
 from netshrink.quantize.observers import ObserverName
@@ -34,7 +35,6 @@ from netshrink.quantize.ptq import (
     quantize_relus,
     weight_bits,
 )
-from netshrink.quantize.tracing import set_submodule
 from netshrink.registry import technique
 from netshrink.targets import Targets
 from netshrink.train import fit
@@ -76,8 +76,7 @@ class LSQLayer(nn.Module):
         x = fake_quant(x, self.in_scale, self.in_zp, qmax=self.act_qmax)
         w, b = self.quantized_weight(), self.inner.bias
         if isinstance(self.inner, nn.Conv2d):
-            c = self.inner
-            y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+            y = ConvGeometry.of(self.inner).conv2d(x, w, b)
         else:
             y = F.linear(x, w, b)
         return y if self.out is None else fake_quant(y, *self.out, qmax=self.act_qmax)
@@ -108,6 +107,7 @@ class QATConfig(TechniqueConfig, TrainConfig):
 def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     """Quantization-aware training (LSQ weight scales, STE), converted like quantize.static."""
     bits = weight_bits(model, config, config.bits)
+    linearize(model, bits)
     model.eval()
     calib = materialize(ctx.calib_data or ctx.train_data or [], "calib_data")
     feeds_add = fold_batchnorms(model, bits)
@@ -119,7 +119,7 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
         out = qparams.get(f"{name}:out")
         inp = qparams[f"{name}:in"]
         layer = LSQLayer(inner, b, inp, out, act_bits, config.per_channel)  # type: ignore[arg-type]
-        set_submodule(model, name, layer)
+        replace_module(model, name, layer)
     quantize_relus(model, qparams, act_bits)
     assert ctx.train_data is not None
     fit(model, ctx.train_data, config, seed=ctx.seed, progress=ctx.progress, desc="quantize.qat")
@@ -128,5 +128,5 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
         layer = model.get_submodule(name)
         assert isinstance(layer, LSQLayer)
         scales[name] = layer.log_scale.detach().exp().reshape(-1)  # per channel or one
-        set_submodule(model, name, layer.inner)
+        replace_module(model, name, layer.inner)
     return convert(model.eval(), bits, qparams, True, scales, act_bits)

@@ -91,10 +91,3 @@ def fold_bn(layer: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> None:
         layer.bias = nn.Parameter(new_bias)
     else:
         layer.bias.copy_(new_bias)
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted) by ``module``."""
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, module)

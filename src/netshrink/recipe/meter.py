@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from netshrink.measure import Measurement
 
 from netshrink.context import Batch, Evaluate
+from netshrink.layers import CompressedLayer
 from netshrink.report.record import Environment, LayerInfo, StageRecord
 from netshrink.settings import Timing
 from netshrink.version import __version__
@@ -53,35 +54,40 @@ def _int_attr(module: nn.Module, name: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _weight(module: nn.Module) -> torch.Tensor | None:
-    """The module's floating ``weight``, else its int8 ``weight_q`` codes, else None."""
-    for attr, ok in (("weight", torch.is_floating_point), ("weight_q", _is_int8)):
-        t = getattr(module, attr, None)
-        if torch.is_tensor(t) and ok(t):
-            return t
-    return None
+def _weight_and_bits(module: nn.Module) -> tuple[torch.Tensor | None, int | None]:
+    """The float weight of a layer and the bits one stored weight element takes, if known.
 
-
-def _is_int8(t: torch.Tensor) -> bool:
-    return t.dtype == torch.int8
+    A compressed layer answers through its contract (``weight``, ``weight_bits()``); any other
+    module through a floating ``weight`` tensor of its own.
+    """
+    if isinstance(module, CompressedLayer):
+        with torch.no_grad():
+            return module.weight.detach(), module.weight_bits()
+    t = module._parameters.get("weight")
+    if t is not None and torch.is_floating_point(t):
+        return t.detach(), _FLOAT_BITS.get(t.dtype)
+    return None, None
 
 
 def layer_info(model: nn.Module) -> list[LayerInfo]:
-    """Sparsity, bit width and rank of every layer: a module with a weight, ``bits`` or ``rank``.
+    """Sparsity, bit width and rank of every layer: a module with a weight or a ``rank``.
 
-    sparsity = fraction of the weight's elements that are exactly zero, read from a floating
-    ``weight`` or from int8 ``weight_q`` codes (weights are quantized symmetrically, so a zero
-    weight is a zero code; packed codes are not read); bits = the module's ``bits`` attribute,
-    else the width of its floating weight's dtype; rank = the module's ``rank`` attribute.
-    Values a module does not expose stay None rather than guessed.
+    sparsity = fraction of the (decoded) weight's elements that are exactly zero; bits = bits
+    of one stored weight element (a compressed layer's ``weight_bits()``, else the width of
+    its floating weight's dtype); rank = the module's ``rank`` attribute (low-rank layers).
+    The parts of a compressed layer (a low-rank layer's two factors) are not listed apart.
     """
     out = []
+    inside: str | None = None
     for name, module in model.named_modules():
-        weight, bits, rank = _weight(module), _int_attr(module, "bits"), _int_attr(module, "rank")
-        if not name or (weight is None and bits is None and rank is None):
+        if inside is not None and name.startswith(inside):
             continue
-        if bits is None and weight is not None:
-            bits = _FLOAT_BITS.get(weight.dtype)
+        if isinstance(module, CompressedLayer):
+            inside = f"{name}."
+        weight, bits = _weight_and_bits(module)
+        rank = _int_attr(module, "rank")
+        if not name or (weight is None and rank is None):
+            continue
         sparsity = float((weight == 0).float().mean()) if weight is not None else None
         out.append(LayerInfo(name, type(module).__name__, sparsity, bits, rank))
     return out
