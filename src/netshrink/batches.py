@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +18,10 @@ def as_args(inputs: Any) -> tuple[Any, ...]:
 
 
 def run(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on ``inputs`` (a tensor or a tuple of positional tensors)."""
+    """Call ``model`` on ``inputs``: a tensor, a tuple of positional tensors or a dict of
+    keyword tensors."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(*as_args(inputs))
 
 
