@@ -20,8 +20,10 @@ from foreign_models import Foreign
 from netshrink import registry
 from netshrink.artifact.store import TENSORS_FILE
 from netshrink.batches import run
+from netshrink.config import TechniqueConfig
 from netshrink.context import Context
-from netshrink.errors import NetshrinkError
+from netshrink.errors import NetshrinkError, UnsupportedModuleError
+from netshrink.recipe.describe import describe, docs_with_options
 
 SMALL: dict[str, dict[str, Any]] = {
     "distill.kd": {"epochs": 1, "student": {"width": 0.5}},
@@ -105,3 +107,123 @@ def test_technique_is_safe_on_foreign_model(name: str, foreign: Foreign, tmp_pat
     for a, b in zip(outputs(reloaded, inputs), got, strict=True):
         assert torch.equal(a, b) if torch.is_tensor(a) else type(a) is type(b)
     assert payload_bytes(tmp_path / "compressed") <= payload_bytes(tmp_path / "baseline")
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.mark.parametrize("family", registry.families())
+def test_docs_option_tables_are_generated_from_the_configs(family: str) -> None:
+    text = (DOCS / f"{family}.md").read_text()
+    assert docs_with_options(text, family) == text, "run: python -m netshrink.recipe.describe"
+
+
+def test_every_option_has_a_description() -> None:
+    missing = [
+        f"{t.name} {o.name}"
+        for t in registry.all_techniques()
+        for o in describe(t)
+        if not o.description
+    ]
+    assert missing == []
+
+
+class Opaque(nn.Module):
+    """A layer with no ``.weight``: what a parent reading ``child.weight`` trips on."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.inner = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+class ReadsChildWeight(nn.Module):
+    """A parent whose forward reads its child's weight (as HF ViT reads projection.weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+class EmptyOptions(TechniqueConfig):
+    pass
+
+
+def wrap_linears(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Module:
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Opaque(child))
+    return model
+
+
+def identity(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Module:
+    return model
+
+
+def raw_failure(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Module:
+    return model(torch.zeros(1, 7))
+
+
+@pytest.fixture
+def fake_techniques():
+    registry.load_all()
+    fakes = {"prune.test_wrap": wrap_linears, "prune.test_identity": identity,
+             "prune.test_raw": raw_failure}  # fmt: skip
+    for name, fn in fakes.items():
+        registry.technique(name, EmptyOptions)(fn)
+    yield {name: registry.get(name) for name in fakes}
+    for name in fakes:
+        registry._REGISTRY.pop(name)
+
+
+def test_a_model_that_no_longer_runs_is_refused_naming_the_layer(fake_techniques) -> None:
+    model, x = ReadsChildWeight(), (torch.randn(2, 4),)
+    tech = fake_techniques["prune.test_wrap"]
+    with pytest.raises(
+        UnsupportedModuleError,
+        match=r"fails in the model's own forward \(ReadsChildWeight\).*AttributeError",
+    ):
+        tech.apply(model, tech.make_config({}), Context(example_inputs=x))
+    assert isinstance(model.proj, nn.Linear)
+
+
+def test_a_technique_that_changes_nothing_is_refused(fake_techniques) -> None:
+    tech = fake_techniques["prune.test_identity"]
+    with pytest.raises(UnsupportedModuleError, match="changed nothing in Sequential"):
+        tech.apply(nn.Sequential(nn.Linear(4, 4)), tech.make_config({}), Context())
+
+
+def test_a_raw_exception_becomes_an_unsupported_module_error_naming_the_layer(
+    fake_techniques,
+) -> None:
+    tech = fake_techniques["prune.test_raw"]
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(
+        UnsupportedModuleError, match=r"failed on Sequential in 0 \(Linear\) \(RuntimeError"
+    ):
+        tech.apply(model, tech.make_config({}), Context())
+
+
+def test_the_recipe_rolls_a_refused_stage_back_and_keeps_going(fake_techniques) -> None:
+    from recipe_fakes import context, tiny_model
+
+    model = tiny_model(trained=False)
+    recipe = {
+        "version": 1,
+        "stages": [
+            {"prune.test_identity": {}},
+            {"prune.magnitude": {"sparsity": 0.5, "kernel": "dense"}},
+        ],
+    }
+    result = ns.compress(model, recipe, **context())
+    first, second = result.report.stages
+    assert (
+        first.status == "rolled back"
+        and "failed: prune.test_identity changed nothing" in first.note
+    )
+    assert second.status == "applied" and result.report.final is second
