@@ -98,6 +98,8 @@ def test_technique_is_safe_on_foreign_model(name: str, foreign: Foreign, tmp_pat
         assert_same_model(model, before)
         return
     assert_same_model(model, before)
+    original = {type(m) for m in model.modules()}
+    assert {type(m) for m in out.modules()} - original <= set(tech.creates)
     expected = outputs(model, inputs)
     got = outputs(out, inputs)
     assert [getattr(t, "shape", None) for t in got] == [getattr(t, "shape", None) for t in expected]

@@ -18,7 +18,12 @@ from netshrink.errors import ConfigError, DataError
 from netshrink.lowrank import ranks
 from netshrink.lowrank.calibrate import LayerInputs, collect
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
-from netshrink.lowrank.layers import conv_from_factors, linear_from_factors, spatial_from_factors
+from netshrink.lowrank.layers import (
+    LowRankLinear,
+    conv_from_factors,
+    linear_from_factors,
+    spatial_from_factors,
+)
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
 from netshrink.registry import technique
 from netshrink.targets import Targets
@@ -242,7 +247,9 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
     return records
 
 
-@technique("lowrank.svd", SvdConfig, needs=_needs)
+@technique(
+    "lowrank.svd", SvdConfig, needs=_needs, creates=(LowRankLinear, nn.Sequential, nn.Conv2d)
+)
 def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     """Factorize Linear and Conv2d layers into two thinner ones by truncated (whitened) SVD.
 

@@ -20,9 +20,18 @@ from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
-from netshrink.prune.sparse_layers import SparseLayer, calibrate, make_sparse
+from netshrink.prune.sparse_layers import (
+    SparseConv2d,
+    SparseLayer,
+    SparseLinear,
+    calibrate,
+    make_sparse,
+)
 from netshrink.registry import technique
 from netshrink.targets import Targets
+
+SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+"""The layer types the unstructured techniques put in place of Linear and Conv2d."""
 
 CALIBRATE_ABOVE = 0.5
 """Layers sparser than this are timed; below it CSR never won on this machine (docs/prune.md)."""
@@ -135,7 +144,12 @@ def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
     return {n: (layer.weight.detach() * layer.mask).abs() for n, layer in layers.items()}
 
 
-@technique("prune.magnitude", MagnitudeConfig, needs=lambda cfg: schedule_needs(cfg.schedule))
+@technique(
+    "prune.magnitude",
+    MagnitudeConfig,
+    needs=lambda cfg: schedule_needs(cfg.schedule),
+    creates=SPARSE_LAYERS,
+)
 def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: Context) -> nn.Module:
     """Zero the weights of smallest |w|, per layer or globally (Han et al. 2015, sec. 3)."""
     layers = sparsify(model, config.targets)
@@ -150,7 +164,7 @@ def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: Context) -> nn.Mod
     return model
 
 
-@technique("prune.random", RandomConfig)
+@technique("prune.random", RandomConfig, creates=SPARSE_LAYERS)
 def random(model: nn.Module, config: RandomConfig, ctx: Context) -> nn.Module:
     """Zero a seeded random choice of weights in every layer: the baseline for other criteria."""
     layers = sparsify(model, config.targets)
@@ -174,7 +188,7 @@ def nm_layout_ok(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool(((w.reshape(*w.shape[:-1], -1, m) != 0).sum(-1) <= n).all())
 
 
-@technique("prune.nm", NMConfig)
+@technique("prune.nm", NMConfig, creates=SPARSE_LAYERS)
 def nm(model: nn.Module, config: NMConfig, ctx: Context) -> nn.Module:
     """Keep the n largest |w| of every m consecutive input weights (N:M, e.g. 2:4)."""
     n, m = config.n, config.m

@@ -289,7 +289,7 @@ class DynamicConfig(TechniqueConfig):
     embeddings: bool = Field(True, description="also store nn.Embedding tables as int8 rows")
 
 
-@technique("quantize.dynamic", DynamicConfig)
+@technique("quantize.dynamic", DynamicConfig, creates=(DynamicInt8Linear, Int8Embedding))
 def dynamic(model: nn.Module, config: DynamicConfig, ctx: Context) -> nn.Module:
     """int8 weights and per-token uint8 activations, integer matmuls (oneDNN or _int_mm)."""
     for name, mod in config.targets.select(model, (nn.Linear,)).items():

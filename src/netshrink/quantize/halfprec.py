@@ -78,7 +78,7 @@ class HalfConfig(TechniqueConfig):
     targets: Targets = Field(default_factory=Targets, description="Linear/Conv2d to convert")
 
 
-@technique("quantize.half", HalfConfig)
+@technique("quantize.half", HalfConfig, creates=(HalfLinear, HalfConv2d))
 def half(model: nn.Module, config: HalfConfig, ctx: Context) -> nn.Module:
     """Store and run Linear/Conv2d layers in float16 or bfloat16 (2x smaller weights)."""
     for name, mod in config.targets.select(model, (nn.Linear, nn.Conv2d)).items():

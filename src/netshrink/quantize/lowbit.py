@@ -60,7 +60,7 @@ class WeightOnlyConfig(TechniqueConfig):
     targets: Targets = Field(default_factory=Targets, description="Linear/Conv2d to quantize")
 
 
-@technique("quantize.weight_only", WeightOnlyConfig)
+@technique("quantize.weight_only", WeightOnlyConfig, creates=(PackedLinear, PackedConv2d))
 def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.Module:
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
     names = list(config.targets.select(model, KINDS))
@@ -85,13 +85,13 @@ def _sign_layers(model: nn.Module, config: SignConfig) -> list[str]:
     return names[1:-1] if config.keep_first_last and len(names) > 2 else names
 
 
-@technique("quantize.binary", SignConfig)
+@technique("quantize.binary", SignConfig, creates=(PackedLinear, PackedConv2d))
 def binary(model: nn.Module, config: SignConfig, ctx: Context) -> nn.Module:
     """1-bit weights: sign times the per-channel mean |w| (XNOR-Net), packed 8 per byte."""
     return encode_layers(model, _sign_layers(model, config), "binary", 0)
 
 
-@technique("quantize.ternary", SignConfig)
+@technique("quantize.ternary", SignConfig, creates=(PackedLinear, PackedConv2d))
 def ternary(model: nn.Module, config: SignConfig, ctx: Context) -> nn.Module:
     """Ternary weights {-a, 0, a} per channel (TWN, threshold 0.7 mean|w|), packed 4 per byte."""
     return encode_layers(model, _sign_layers(model, config), "ternary", 0)
