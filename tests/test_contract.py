@@ -229,3 +229,14 @@ def test_the_recipe_rolls_a_refused_stage_back_and_keeps_going(fake_techniques) 
         and "failed: prune.test_identity changed nothing" in first.note
     )
     assert second.status == "applied" and result.report.final is second
+
+
+def test_every_search_knob_gives_valid_options_for_each_of_its_settings() -> None:
+    knobs = {t.name: t for t in registry.all_techniques() if t.knob is not None}
+    assert set(knobs) >= {"prune.magnitude", "quantize.weight_only", "lowrank.svd"}
+    for tech in knobs.values():
+        assert tech.knob is not None and tech.knob.name in tech.config.model_fields
+        for value in tech.knob.values:
+            config = tech.make_config(tech.knob.options(value, {"include": ["fc"]}))
+            assert getattr(config, tech.knob.name) == value
+            assert config.targets.include == ("fc",)

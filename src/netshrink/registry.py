@@ -87,17 +87,18 @@ def config_error(exc: ValidationError, config: type[TechniqueConfig], stage: str
 
 
 @dataclass(frozen=True)
-class Probe:
-    """How the search tries a technique on one layer: a knob and the settings it may take.
+class Knob:
+    """How the search tries a technique on one layer.
 
-    ``options(value, targets)`` is the technique's options for ``value`` on the layers named by
-    ``targets`` (a Targets mapping); ``cost(value)`` the fraction of a layer's bytes kept.
+    ``name`` is the option it turns, ``values`` the settings it tries, and
+    ``options(value, targets)`` the technique's options at ``value`` on the layers ``targets``
+    (a Targets mapping) selects. The cost of each setting is measured, not declared: the search
+    saves the probed layer and counts its bytes and MACs.
     """
 
-    knob: str
+    name: str
     values: tuple[float, ...]
     options: Callable[[float, dict[str, Any]], dict[str, Any]]
-    cost: Callable[[float], float]
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class Technique:
     needs_fn: NeedsFn
     creates: tuple[type[nn.Module], ...] = ()
     """Layer types the technique puts in place of the original ones (none: it edits in place)."""
-    probe: Probe | None = field(default=None, compare=False)
+    knob: Knob | None = field(default=None, compare=False)
 
     @property
     def family(self) -> str:
@@ -245,13 +246,13 @@ def technique(
     needs: Iterable[str] | NeedsFn = (),
     *,
     creates: Iterable[type[nn.Module]] = (),
-    probe: Probe | None = None,
+    knob: Knob | None = None,
 ) -> Callable[[TechniqueFn], TechniqueFn]:
     """Register ``fn(model, config, ctx) -> model`` under ``name`` (``family.technique``).
 
     ``needs`` lists context items (see :class:`~netshrink.context.Context`) the technique
     requires, or is a function of the validated config returning them. ``creates`` names the
-    layer types it puts in the model; ``probe`` tells the search how to try it on one layer.
+    layer types it puts in the model; ``knob`` tells the search how to try it on one layer.
     """
     family, _, short = name.partition(".")
     if not (family.isidentifier() and short.isidentifier()):
@@ -261,7 +262,7 @@ def technique(
     def register(fn: TechniqueFn) -> TechniqueFn:
         if name in _REGISTRY:
             raise ValueError(f"technique {name} is registered twice")
-        _REGISTRY[name] = Technique(name, config, fn, needs_fn, tuple(creates), probe)
+        _REGISTRY[name] = Technique(name, config, fn, needs_fn, tuple(creates), knob)
         return fn
 
     return register

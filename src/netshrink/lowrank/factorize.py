@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -25,7 +25,7 @@ from netshrink.lowrank.layers import (
     spatial_from_factors,
 )
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
-from netshrink.registry import technique
+from netshrink.registry import Knob, technique
 from netshrink.targets import Targets
 
 _MODES = ("energy", "ratio", "rank", "budget")
@@ -247,8 +247,16 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
     return records
 
 
+def _probe_options(ratio: float, targets: dict[str, Any]) -> dict[str, Any]:
+    return {"ratio": ratio, "targets": targets}
+
+
 @technique(
-    "lowrank.svd", SvdConfig, needs=_needs, creates=(LowRankLinear, nn.Sequential, nn.Conv2d)
+    "lowrank.svd",
+    SvdConfig,
+    needs=_needs,
+    creates=(LowRankLinear, nn.Sequential, nn.Conv2d),
+    knob=Knob("ratio", (0.5, 0.25, 0.1), _probe_options),
 )
 def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     """Factorize Linear and Conv2d layers into two thinner ones by truncated (whitened) SVD.

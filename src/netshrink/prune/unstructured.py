@@ -10,7 +10,7 @@ timed on this machine (:func:`~netshrink.prune.sparse_layers.calibrate`).
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -27,7 +27,7 @@ from netshrink.prune.sparse_layers import (
     calibrate,
     make_sparse,
 )
-from netshrink.registry import technique
+from netshrink.registry import Knob, technique
 from netshrink.targets import Targets
 
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
@@ -144,11 +144,16 @@ def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
     return {n: (layer.weight.detach() * layer.mask).abs() for n, layer in layers.items()}
 
 
+def _probe_options(sparsity: float, targets: dict[str, Any]) -> dict[str, Any]:
+    return {"sparsity": sparsity, "kernel": "dense", "targets": targets}
+
+
 @technique(
     "prune.magnitude",
     MagnitudeConfig,
     needs=lambda cfg: schedule_needs(cfg.schedule),
     creates=SPARSE_LAYERS,
+    knob=Knob("sparsity", (0.5, 0.75, 0.9, 0.95, 0.98), _probe_options),
 )
 def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: Context) -> nn.Module:
     """Zero the weights of smallest |w|, per layer or globally (Han et al. 2015, sec. 3)."""

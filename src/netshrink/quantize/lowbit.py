@@ -8,7 +8,7 @@ on the fly (:mod:`netshrink.quantize.packed`).
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from torch import nn
@@ -17,7 +17,7 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.quantize.packed import Codec, PackedConv2d, PackedLinear
 from netshrink.quantize.tracing import set_submodule
-from netshrink.registry import technique
+from netshrink.registry import Knob, technique
 from netshrink.targets import Targets
 
 KINDS = (nn.Linear, nn.Conv2d)
@@ -60,7 +60,16 @@ class WeightOnlyConfig(TechniqueConfig):
     targets: Targets = Field(default_factory=Targets, description="Linear/Conv2d to quantize")
 
 
-@technique("quantize.weight_only", WeightOnlyConfig, creates=(PackedLinear, PackedConv2d))
+def _probe_options(bits: float, targets: dict[str, Any]) -> dict[str, Any]:
+    return {"bits": int(bits), "targets": targets}
+
+
+@technique(
+    "quantize.weight_only",
+    WeightOnlyConfig,
+    creates=(PackedLinear, PackedConv2d),
+    knob=Knob("bits", (8, 4), _probe_options),
+)
 def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.Module:
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
     names = list(config.targets.select(model, KINDS))
