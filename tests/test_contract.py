@@ -240,3 +240,15 @@ def test_every_search_knob_gives_valid_options_for_each_of_its_settings() -> Non
             config = tech.make_config(tech.knob.options(value, {"include": ["fc"]}))
             assert getattr(config, tech.knob.name) == value
             assert config.targets.include == ("fc",)
+
+
+def test_structured_pruning_keeps_every_output_of_a_dict_returning_model() -> None:
+    from foreign_models import DictInput, _dict_inputs
+
+    model = DictInput().eval()
+    inputs = _dict_inputs(torch.Generator().manual_seed(0))
+    pruned = ns.prune.channels(model, ratio=0.5, example_inputs=inputs)
+    assert [pruned.body[0].out_features, pruned.body[2].out_features] == [12, 12]
+    assert (pruned.logits.out_features, pruned.score.out_features) == (4, 1)
+    out = pruned(**inputs)
+    assert out["logits"].shape == (4, 4) and out["score"].shape == (4, 1)
