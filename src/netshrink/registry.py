@@ -217,11 +217,14 @@ class Technique:
                 raise
             except Exception as exc:
                 where = flight.culprit(model)
-                at = f" in {where}" if where else ""
+                hint = (
+                    f" in {where}; leave that layer out with targets.exclude"
+                    if where
+                    else "; the model's outputs or data are not what it expects"
+                )
                 raise UnsupportedModuleError(
-                    f"{self.name} failed on {type(original).__name__}{at} "
-                    f"({type(exc).__name__}: {exc}); leave the layer out with targets.exclude, "
-                    "or report the model"
+                    f"{self.name} failed on {type(original).__name__}{hint} "
+                    f"({type(exc).__name__}: {exc})"
                 ) from exc
 
 
