@@ -53,13 +53,14 @@ def test_compress_json_has_every_contract_field(done: tuple[Path, dict]) -> None
     for key in ("compression_rate", "speedup_rate", "metric_before", "metric_after"):
         assert isinstance(summary[key], float)
     on_disk = sum(f.stat().st_size for f in (out / "model").iterdir())  # what du -b counts
-    assert summary["compressed_bytes"] == on_disk
+    assert summary["artifact_bytes"] == on_disk  # the headline's bytes exclude the provenance
+    assert summary["compressed_bytes"] < on_disk
     assert summary["compression_rate"] == pytest.approx(
         summary["baseline_bytes"] / summary["compressed_bytes"]
     )
     assert summary["artifact"] == str(out / "model")
     assert summary["runtime"] == "eager" and summary["threads"] >= 1
-    assert json.loads((out / "report.json").read_text())["summary"]["compressed_bytes"] == on_disk
+    assert json.loads((out / "report.json").read_text())["summary"]["artifact_bytes"] == on_disk
 
 
 def test_report_html_is_self_contained(done: tuple[Path, dict]) -> None:
@@ -225,7 +226,7 @@ def test_export_and_measure_a_saved_artifact(done: tuple[Path, dict], tmp_path: 
     )
     assert result.exit_code == 0, result.output
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    assert measured["bytes"] == summary["compressed_bytes"]
+    assert measured["bytes"] == summary["artifact_bytes"]
     assert measured["metric"] == pytest.approx(summary["metric_after"])
 
 

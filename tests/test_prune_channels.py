@@ -225,6 +225,13 @@ def test_pruning_nothing_of_a_requested_ratio_raises_with_the_reason() -> None:
         ns.prune.channels(model, ratio=0.5, example_inputs=image())
 
 
+def test_channels_after_unstructured_pruning_raise_instead_of_doing_nothing() -> None:
+    # Sparse layers are not in the dependency graph's rules: nothing could be removed.
+    sparse = ns.prune.magnitude(ConvNet().eval(), sparsity=0.5)
+    with pytest.raises(UnsupportedModuleError, match="achieved 0% of the requested 50%"):
+        ns.prune.channels(sparse, ratio=0.5, example_inputs=image())
+
+
 class BareBias(nn.Module):
     def __init__(self) -> None:
         super().__init__()
