@@ -6,6 +6,7 @@ that crashes later, or a silent no-op."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,13 @@ def identity(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Module:
     return model
 
 
+def partial(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Module:
+    with torch.no_grad():
+        model[0].weight[:1].zero_()
+    warnings.warn("achieved 1 of 2 rows, because the second is protected", stacklevel=2)
+    return model
+
+
 def raw_failure(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Module:
     return model(torch.zeros(1, 7))
 
@@ -175,7 +183,7 @@ def raw_failure(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Modu
 def fake_techniques():
     registry.load_all()
     fakes = {"prune.test_wrap": wrap_linears, "prune.test_identity": identity,
-             "prune.test_raw": raw_failure}  # fmt: skip
+             "prune.test_raw": raw_failure, "prune.test_partial": partial}  # fmt: skip
     for name, fn in fakes.items():
         registry.technique(name, EmptyOptions)(fn)
     yield {name: registry.get(name) for name in fakes}
@@ -210,6 +218,18 @@ def test_a_raw_exception_becomes_an_unsupported_module_error_naming_the_layer(
         match=r"failed on Sequential in 0 \(Linear\); leave .*\(RuntimeError",
     ):
         tech.apply(model, tech.make_config({}), Context())
+
+
+def test_what_a_technique_left_undone_is_in_the_stage_record(fake_techniques) -> None:
+    from recipe_fakes import context, tiny_model
+
+    recipe = {"version": 1, "stages": [{"prune.test_partial": {}}]}
+    with pytest.warns(UserWarning, match="achieved 1 of 2"):
+        result = ns.compress(tiny_model(trained=False), recipe, **context())
+    (stage,) = result.report.stages
+    assert stage.status == "applied"
+    assert stage.note == "achieved 1 of 2 rows, because the second is protected"
+    assert "0 prune.test_partial: achieved 1 of 2 rows" in str(result.report)
 
 
 def test_the_recipe_rolls_a_refused_stage_back_and_keeps_going(fake_techniques) -> None:
