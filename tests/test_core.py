@@ -108,7 +108,7 @@ def test_unknown_technique_suggests_and_lists():
 
 def test_technique_names_are_checked():
     with pytest.raises(ValueError, match="technique name must be"):
-        registry.technique("compress.thing", ScaleConfig)
+        registry.technique("compress_thing", ScaleConfig)
 
 
 def test_family_namespace_exposes_registered_techniques():

@@ -45,11 +45,11 @@ CASES = {
     "magnitude-csr": (mlp, image, lambda m, x: ns.prune.magnitude(m, sparsity=0.9, kernel="csr")),
     "random": (ConvNet, image, lambda m, x: ns.prune.random(m, sparsity=0.6)),
     "nm": (mlp, image, lambda m, x: ns.prune.nm(m, n=2, m=4)),
-    "magnitude-then-channels": (
+    "channels-then-magnitude": (
         ConvNet,
         image,
-        lambda m, x: ns.prune.channels(
-            ns.prune.magnitude(m, sparsity=0.5), ratio=0.5, example_inputs=x
+        lambda m, x: ns.prune.magnitude(
+            ns.prune.channels(m, ratio=0.5, example_inputs=x), sparsity=0.5
         ),
     ),
 }

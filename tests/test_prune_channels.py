@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import netshrink as ns
 from netshrink.context import Context
-from netshrink.errors import ConfigError, MissingInputError, TargetError
+from netshrink.errors import ConfigError, MissingInputError, TargetError, UnsupportedModuleError
 from netshrink.prune.structured import ChannelsConfig, plan_channels
 from test_graph import ConvNet, EmbeddingNet, TinyTransformer, image, one_thread  # noqa: F401
 
@@ -210,10 +210,26 @@ def test_bad_options_and_missing_inputs_fail_before_touching_the_model() -> None
 
 
 def test_unhandled_layers_are_named_in_a_warning_and_left_alone() -> None:
-    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ConvTranspose2d(8, 8, 3), nn.Conv2d(8, 4, 1))
-    with pytest.warns(UserWarning, match=r"1 \(ConvTranspose2d\) is not understood"):
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3), nn.ConvTranspose2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+    )
+    with pytest.warns(UserWarning, match=r"2 \(ConvTranspose2d\) is not understood"):
         pruned = ns.prune.channels(model, ratio=0.5, example_inputs=image())
-    assert [m.out_channels for m in pruned] == [8, 8, 4]
+    assert [m.out_channels for m in pruned] == [4, 8, 8, 4]
+
+
+def test_pruning_nothing_of_a_requested_ratio_raises_with_the_reason() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ConvTranspose2d(8, 8, 3), nn.Conv2d(8, 4, 1))
+    reason = r"achieved 0% of the requested 50%.*1 \(ConvTranspose2d\) is not understood"
+    with pytest.raises(UnsupportedModuleError, match=reason):
+        ns.prune.channels(model, ratio=0.5, example_inputs=image())
+
+
+def test_channels_after_unstructured_pruning_raise_instead_of_doing_nothing() -> None:
+    # Sparse layers are not in the dependency graph's rules: nothing could be removed.
+    sparse = ns.prune.magnitude(ConvNet().eval(), sparsity=0.5)
+    with pytest.raises(UnsupportedModuleError, match="achieved 0% of the requested 50%"):
+        ns.prune.channels(sparse, ratio=0.5, example_inputs=image())
 
 
 class BareBias(nn.Module):
@@ -230,9 +246,9 @@ class BareBias(nn.Module):
 
 
 def test_a_bare_parameter_keeps_its_channels_because_an_artifact_could_not_rebuild_it() -> None:
-    with pytest.warns(UserWarning, match="parameter 'bias' is not in a layer an artifact can"):
-        pruned = ns.prune.channels(BareBias(), ratio=0.5, example_inputs=(torch.randn(2, 4),))
-    assert pruned.lin.out_features == 16 and pruned.bias.shape == (16,)
+    # Those were the only removable channels: pruning achieves nothing and says why.
+    with pytest.raises(UnsupportedModuleError, match="parameter 'bias' is not in a layer an"):
+        ns.prune.channels(BareBias(), ratio=0.5, example_inputs=(torch.randn(2, 4),))
 
 
 class ClassToken(nn.Module):

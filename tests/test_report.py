@@ -20,6 +20,7 @@ from netshrink.report.record import (
     Report,
     StageRecord,
 )
+from netshrink.report.tables import STAGE_HEADERS, rate, stage_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -84,9 +85,18 @@ def test_headline_uses_the_final_kept_stage() -> None:
     assert s["speedup_rate"] == pytest.approx(2.2)  # the interleaved baseline of that stage
     assert (s["latency_ms_before"], s["latency_ms_after"]) == (2.2, 1.0)
     assert s["metric_drop"] == pytest.approx(0.01)
-    report.delivered_bytes = (41_000, 10_250)
-    assert report.summary()["compression_rate"] == pytest.approx(4.0)
-    assert report.summary()["compressed_bytes"] == 10_250
+
+
+def test_headline_and_stage_table_agree_on_bytes_once_saved() -> None:
+    report = make_report(LAYERS)
+    final = report.final.measurement
+    report.delivered_bytes = (40_100, final.bytes + 1_500)  # the manifest's provenance
+    s = report.summary()
+    assert (s["baseline_bytes"], s["compressed_bytes"]) == (40_000, final.bytes)
+    row = dict(zip(STAGE_HEADERS, stage_rows(report)[1], strict=True))
+    assert row["compression"] == rate(s["compression_rate"]) == "4x"
+    assert s["artifact_bytes"] == final.bytes + 1_500
+    assert "artifact on disk" in str(report)
 
 
 def test_text_and_terminal_views_carry_numbers_notes_and_settings() -> None:

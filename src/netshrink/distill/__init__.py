@@ -4,7 +4,8 @@
 hard labels; see :mod:`netshrink.distill.technique`.
 """
 
-from netshrink.distill import technique  # noqa: F401  (registers distill.kd)
 from netshrink.registry import export_family
 
-export_family(globals(), "distill")
+__all__: list[str] = []
+
+export_family(globals())  # imports every module of the package and exports its techniques

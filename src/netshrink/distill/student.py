@@ -92,7 +92,17 @@ def _pruned_narrower(model: nn.Module, width: float, ctx: Context) -> nn.Module:
     if example is None and ctx.train_data is not None:
         example = (next(iter(ctx.train_data))[0],)
     config = channels.make_config({"ratio": 1.0 - width})
-    return channels.apply(model, config, ctx.with_(example_inputs=example))
+    try:
+        return channels.apply(model, config, ctx.with_(example_inputs=example))
+    except UnsupportedModuleError as exc:
+        raise UnsupportedModuleError(
+            f"student width={width} is built by prune.channels, which failed: {exc}. "
+            "Give your own student (teacher=... with the student as the model), or use depth"
+        ) from exc
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_student(model: nn.Module, config: StudentConfig, ctx: Context) -> nn.Module:
@@ -112,4 +122,10 @@ def build_student(model: nn.Module, config: StudentConfig, ctx: Context) -> nn.M
         student = shrink_depth(student, config.depth)
     if config.width < 1 and name is None:
         student = _pruned_narrower(student, config.width, ctx)
+    if (config.width < 1 or config.depth < 1) and _params(student) >= _params(model):
+        raise UnsupportedModuleError(
+            f"the student asked for (width={config.width}, depth={config.depth}) has "
+            f"{_params(student):,} parameters, as many as its teacher's {_params(model):,}: "
+            f"nothing in {type(model).__name__} could be made smaller; give your own student"
+        )
     return student

@@ -64,7 +64,9 @@ def _needs(config: KDConfig) -> tuple[str, ...]:
     return ("train_data", "val_data") if config.patience else ("train_data",)
 
 
-@technique("distill.kd", KDConfig, needs=_needs)
+@technique(
+    "distill.kd", KDConfig, needs=_needs, creates=(nn.Sequential, nn.ModuleList)
+)  # depth students
 def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
     """Knowledge distillation: train a student on a teacher's soft targets, features, labels."""
     batches = materialize(ctx.train_data or [], "train_data")

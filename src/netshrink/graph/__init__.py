@@ -8,7 +8,7 @@ low-rank factorization and quantization fusion.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -19,7 +19,9 @@ from netshrink.graph.surgery import prune_slot, slot_weights, sync_attention
 from netshrink.graph.trace import Traced, is_attention, trace
 
 
-def dependency_graph(model: nn.Module, example_inputs: Sequence[Any]) -> DepGraph:
+def dependency_graph(
+    model: nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any]
+) -> DepGraph:
     """Trace ``model`` on ``example_inputs`` and build its channel dependency graph.
 
     Submodules that cannot be traced are kept opaque and named in ``graph.warnings``.

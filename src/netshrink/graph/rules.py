@@ -83,13 +83,14 @@ class Builder:
         return None
 
     def freeze_all(self, value: Any) -> None:
-        """Freeze every label reachable from ``value``: a node, an info, or nested lists."""
+        """Freeze every label reachable from ``value``: a node, an info, or nested lists and
+        dicts (a forward may return a dict of outputs)."""
         if isinstance(value, fx.Node):
             value = self.info.get(value)
         if isinstance(value, Chan):
             self.graph.freeze(value.ids)
-        elif isinstance(value, list | tuple):
-            for item in value:
+        elif isinstance(value, list | tuple | dict):
+            for item in value.values() if isinstance(value, dict) else value:
                 self.freeze_all(item)
 
     def warn(self, node: fx.Node, what: str) -> None:

@@ -9,7 +9,7 @@ model's own ``forward`` raises :class:`~netshrink.errors.UnsupportedModuleError`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,8 +67,18 @@ class Traced:
     """``{qualified name: why}`` for submodules that could not be traced into."""
 
 
-def trace(model: nn.Module, example_inputs: Sequence[Any]) -> Traced:
-    """Trace ``model`` symbolically and record every node's output shape on ``example_inputs``.
+def _positional(gm: fx.GraphModule, example_inputs: Sequence[Any] | Mapping[str, Any]) -> list:
+    """``example_inputs`` as the graph's positional placeholders (a dict is matched by name;
+    a placeholder it lacks takes the forward's default)."""
+    if not isinstance(example_inputs, Mapping):
+        return list(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [example_inputs.get(n.target, n.args[0] if n.args else None) for n in placeholders]
+
+
+def trace(model: nn.Module, example_inputs: Sequence[Any] | Mapping[str, Any]) -> Traced:
+    """Trace ``model`` symbolically and record every node's output shape on ``example_inputs``
+    (a tuple of positional inputs or a dict of keyword inputs).
 
     The model's submodules are shared with the returned graph module, not copied. The model is
     run once in eval mode without gradients (so BatchNorm statistics do not move), then its
@@ -95,7 +105,7 @@ def trace(model: nn.Module, example_inputs: Sequence[Any]) -> Traced:
     model.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
+            ShapeProp(gm).propagate(*_positional(gm, example_inputs))
     except Exception as exc:
         raise UnsupportedModuleError(
             f"the traced {type(model).__name__} failed on example_inputs "

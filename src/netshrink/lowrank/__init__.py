@@ -9,6 +9,6 @@ from netshrink.lowrank.layers import LowRankLinear
 from netshrink.lowrank.summary import LayerRecord, LowRankReport, report_of
 from netshrink.registry import export_family
 
-export_family(globals(), "lowrank")
+__all__ = ["LayerRecord", "LowRankLinear", "LowRankReport", "factorize", "report_of"]
 
-__all__ = ["LayerRecord", "LowRankLinear", "LowRankReport", "factorize", "report_of", "svd"]
+export_family(globals())  # imports every module of the package and exports its techniques

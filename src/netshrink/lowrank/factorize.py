@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -27,9 +27,15 @@ from netshrink.layers import (
 from netshrink.lowrank import ranks
 from netshrink.lowrank.calibrate import LayerInputs, collect
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
-from netshrink.lowrank.layers import conv_from_factors, linear_from_factors, spatial_from_factors
+from netshrink.lowrank.layers import (
+    LowRankConv2d,
+    LowRankLinear,
+    conv_from_factors,
+    linear_from_factors,
+    spatial_from_factors,
+)
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
-from netshrink.registry import technique
+from netshrink.registry import Knob, technique
 from netshrink.targets import Targets
 
 _MODES = ("energy", "ratio", "rank", "budget")
@@ -241,7 +247,17 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
     return records
 
 
-@technique("lowrank.svd", SvdConfig, needs=_needs)
+def _probe_options(ratio: float, targets: dict[str, Any]) -> dict[str, Any]:
+    return {"ratio": ratio, "targets": targets}
+
+
+@technique(
+    "lowrank.svd",
+    SvdConfig,
+    needs=_needs,
+    creates=(LowRankLinear, LowRankConv2d),
+    knob=Knob("ratio", (0.5, 0.25, 0.1), _probe_options),
+)
 def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     """Factorize Linear and Conv2d layers into two thinner ones by truncated (whitened) SVD.
 

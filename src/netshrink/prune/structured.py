@@ -21,7 +21,6 @@ from pydantic import Field
 from torch import nn
 
 from netshrink.artifact.modules import spec_of
-from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
@@ -83,6 +82,14 @@ class ChannelPlan:
 
     graph: DepGraph
     removed: set[int]
+    units: int
+    """Removable units (channels, neurons, heads not frozen by the graph) in all groups."""
+    reasons: list[str]
+    """Why channels had to be kept: the graph's and the criterion's notes."""
+
+    def fraction(self) -> float:
+        """Fraction of the removable units that the plan removes."""
+        return len(self.removed) / self.units if self.units else 0.0
 
     def keep(self, slot: Slot) -> torch.Tensor:
         """Sorted positions of ``slot`` that stay."""
@@ -181,38 +188,48 @@ def plan_channels(model: nn.Module, cfg: ChannelsConfig, ctx: Context, ratio: fl
     groups = graph.groups()
     batches = islice(ctx.train_data, cfg.taylor_batches) if ctx.train_data is not None else None
     scores, notes = unit_scores(model, graph, groups, cfg.criterion, seed=ctx.seed, batches=batches)
-    for note in [*graph.warnings, *notes]:
-        warnings.warn(f"prune.channels: {note}", stacklevel=3)
     removed = choose(groups, scores, ratio, cfg.scope, cfg.round_to)
     _keep_one_per_layer(graph, scores, removed)
-    return ChannelPlan(graph, removed)
+    units = sum(len(g.units) for g in groups)
+    return ChannelPlan(graph, removed, units, [*graph.warnings, *notes])
 
 
-def _shapes(value: object) -> object:
-    if torch.is_tensor(value):
-        return tuple(value.shape)
-    if isinstance(value, list | tuple):
-        return [_shapes(v) for v in value]
-    return None
+def _check_achieved(model: nn.Module, plan: ChannelPlan, asked: float) -> None:
+    """Raise when the plan removes nothing of a non-zero ``asked``; warn (the stage's note)
+    when it removes less than half of it, with the reasons channels were kept."""
+    reasons = "; ".join(plan.reasons)
+    if asked > 0 and not plan.removed:
+        why = reasons or (
+            "every channel feeds the model's outputs or an op the dependency graph does not "
+            "understand, or belongs to a layer left out by targets"
+        )
+        raise UnsupportedModuleError(
+            f"prune.channels: achieved 0% of the requested {asked:.0%} of channels in "
+            f"{type(model).__name__}, because {why}"
+        )
+    for note in plan.reasons:
+        warnings.warn(f"prune.channels: {note}", stacklevel=4)
+    achieved = plan.fraction()
+    if achieved < asked / 2:
+        why = reasons or "of round_to and at least one channel kept per layer"
+        warnings.warn(
+            f"prune.channels: achieved {achieved:.0%} of the requested {asked:.0%} of the "
+            f"removable channels, because {why}",
+            stacklevel=4,
+        )
 
 
 @technique("prune.channels", ChannelsConfig, needs=_needs)
 def channels(model: nn.Module, config: ChannelsConfig, ctx: Context) -> nn.Module:
     """Remove output channels, neurons and attention heads, with every dependent input."""
-    assert ctx.example_inputs is not None
-    with torch.no_grad():
-        before = _shapes(run(model.eval(), ctx.example_inputs))
 
     def step(m: nn.Module, previous: float, target: float) -> None:
         # Each step removes a fraction of what is left so the total reaches ``target``.
-        plan_channels(m, config, ctx, 1 - (1 - target) / (1 - previous)).apply(m)
+        ratio = 1 - (1 - target) / (1 - previous)
+        plan = plan_channels(m, config, ctx, ratio)
+        _check_achieved(m, plan, ratio)
+        plan.apply(m)
 
+    # Technique.apply checks that the outputs keep their shapes on example_inputs.
     run_schedule(model, config.schedule, config.ratio, step, ctx, "prune.channels")
-    with torch.no_grad():
-        after = _shapes(run(model.eval(), ctx.example_inputs))
-    if after != before:
-        raise UnsupportedModuleError(
-            f"prune.channels changed the output shapes from {before} to {after}; a layer "
-            "was not understood: exclude it with targets.exclude"
-        )
     return model

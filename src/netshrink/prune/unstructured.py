@@ -10,7 +10,7 @@ timed on this machine (:func:`~netshrink.prune.sparse_layers.calibrate`).
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -21,9 +21,18 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.layers import layer_types, replace_module
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
-from netshrink.prune.sparse_layers import SparseLayer, calibrate, make_sparse
-from netshrink.registry import technique
+from netshrink.prune.sparse_layers import (
+    SparseConv2d,
+    SparseLayer,
+    SparseLinear,
+    calibrate,
+    make_sparse,
+)
+from netshrink.registry import Knob, technique
 from netshrink.targets import Targets
+
+SPARSE_LAYERS = (SparseLinear, SparseConv2d)
+"""The layer types the unstructured techniques put in place of Linear and Conv2d."""
 
 CALIBRATE_ABOVE = 0.5
 """Layers sparser than this are timed; below it CSR never won on this machine (docs/prune.md)."""
@@ -136,7 +145,17 @@ def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
     return {n: (layer.weight.detach() * layer.mask).abs() for n, layer in layers.items()}
 
 
-@technique("prune.magnitude", MagnitudeConfig, needs=lambda cfg: schedule_needs(cfg.schedule))
+def _probe_options(sparsity: float, targets: dict[str, Any]) -> dict[str, Any]:
+    return {"sparsity": sparsity, "kernel": "dense", "targets": targets}
+
+
+@technique(
+    "prune.magnitude",
+    MagnitudeConfig,
+    needs=lambda cfg: schedule_needs(cfg.schedule),
+    creates=SPARSE_LAYERS,
+    knob=Knob("sparsity", (0.5, 0.75, 0.9, 0.95, 0.98), _probe_options),
+)
 def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: Context) -> nn.Module:
     """Zero the weights of smallest |w|, per layer or globally (Han et al. 2015, sec. 3)."""
     layers = sparsify(model, config.targets)
@@ -151,7 +170,7 @@ def magnitude(model: nn.Module, config: MagnitudeConfig, ctx: Context) -> nn.Mod
     return model
 
 
-@technique("prune.random", RandomConfig)
+@technique("prune.random", RandomConfig, creates=SPARSE_LAYERS)
 def random(model: nn.Module, config: RandomConfig, ctx: Context) -> nn.Module:
     """Zero a seeded random choice of weights in every layer: the baseline for other criteria."""
     layers = sparsify(model, config.targets)
@@ -175,7 +194,7 @@ def nm_layout_ok(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool(((w.reshape(*w.shape[:-1], -1, m) != 0).sum(-1) <= n).all())
 
 
-@technique("prune.nm", NMConfig)
+@technique("prune.nm", NMConfig, creates=SPARSE_LAYERS)
 def nm(model: nn.Module, config: NMConfig, ctx: Context) -> nn.Module:
     """Keep the n largest |w| of every m consecutive input weights (N:M, e.g. 2:4)."""
     n, m = config.n, config.m

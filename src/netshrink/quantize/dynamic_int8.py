@@ -318,7 +318,7 @@ class DynamicConfig(TechniqueConfig):
     )
 
 
-@technique("quantize.dynamic", DynamicConfig)
+@technique("quantize.dynamic", DynamicConfig, creates=(DynamicInt8Linear, Int8Embedding, PackedRNN))
 def dynamic(model: nn.Module, config: DynamicConfig, ctx: Context) -> nn.Module:
     """int8 weights and per-token uint8 activations, integer matmuls (oneDNN or _int_mm).
 

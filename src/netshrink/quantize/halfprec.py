@@ -117,7 +117,7 @@ def half_layer(mod: nn.Module, dtype: str) -> nn.Module:
     return new.to(next(mod.parameters()).device)
 
 
-@technique("quantize.half", HalfConfig)
+@technique("quantize.half", HalfConfig, creates=(HalfLinear, HalfConv2d, HalfEmbedding))
 def half(model: nn.Module, config: HalfConfig, ctx: Context) -> nn.Module:
     """Store and run Linear/Conv2d layers (and embedding tables) in float16 or bfloat16.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from torch import nn
@@ -28,8 +28,11 @@ from netshrink.layers import (
 )
 from netshrink.quantize.packed import Codec, PackedConv2d, PackedEmbedding, PackedLinear
 from netshrink.quantize.packed_rnn import PackedRNN, input_widths, packable
-from netshrink.registry import technique
+from netshrink.registry import Knob, technique
 from netshrink.targets import Targets
+
+PACKED_LAYERS = (PackedLinear, PackedConv2d, PackedEmbedding, PackedRNN)
+"""What the weight-only, binary and ternary quantizers put in the model."""
 
 
 def _groups(name: str, width: int, group_size: int) -> int:
@@ -96,7 +99,16 @@ class WeightOnlyConfig(TechniqueConfig):
     )
 
 
-@technique("quantize.weight_only", WeightOnlyConfig)
+def _probe_options(bits: float, targets: dict[str, Any]) -> dict[str, Any]:
+    return {"bits": int(bits), "targets": targets}
+
+
+@technique(
+    "quantize.weight_only",
+    WeightOnlyConfig,
+    creates=PACKED_LAYERS,
+    knob=Knob("bits", (8, 4), _probe_options),
+)
 def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.Module:
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
     kinds = (*layer_types(), nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN)
@@ -125,13 +137,13 @@ def _sign_layers(model: nn.Module, config: SignConfig) -> list[str]:
     return names[1:-1] if config.keep_first_last and len(names) > 2 else names
 
 
-@technique("quantize.binary", SignConfig)
+@technique("quantize.binary", SignConfig, creates=PACKED_LAYERS)
 def binary(model: nn.Module, config: SignConfig, ctx: Context) -> nn.Module:
     """1-bit weights: sign times the per-channel mean |w| (XNOR-Net), packed 8 per byte."""
     return encode_layers(model, _sign_layers(model, config), "binary", 0)
 
 
-@technique("quantize.ternary", SignConfig)
+@technique("quantize.ternary", SignConfig, creates=PACKED_LAYERS)
 def ternary(model: nn.Module, config: SignConfig, ctx: Context) -> nn.Module:
     """Ternary weights {-a, 0, a} per channel (TWN, threshold 0.7 mean|w|), packed 4 per byte."""
     return encode_layers(model, _sign_layers(model, config), "ternary", 0)

@@ -42,6 +42,9 @@ from netshrink.quantize.tracing import fold_bn, trace_flow
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
+QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantReLU, Int8Embedding, nn.Identity)
+"""What static quantization puts in the model (Identity where a BatchNorm was folded)."""
+
 
 class BitsOverride(Options):
     """A different weight bit width for some modules (mixed precision)."""
@@ -194,7 +197,7 @@ def quantize_static_model(
     return convert(model, bits, qparams, per_channel, act_bits=act_bits)
 
 
-@technique("quantize.static", StaticConfig, needs=("calib_data",))
+@technique("quantize.static", StaticConfig, needs=("calib_data",), creates=QUANT_LAYERS)
 def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
     default = 8 if config.weights == "int8" else 4

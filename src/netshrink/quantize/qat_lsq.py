@@ -28,6 +28,7 @@ from netshrink.quantize.affine import qrange, round_ste
 from netshrink.quantize.layers import fake_quant
 from netshrink.quantize.observers import ObserverName
 from netshrink.quantize.ptq import (
+    QUANT_LAYERS,
     BitsOverride,
     calibrate,
     convert,
@@ -103,7 +104,7 @@ class QATConfig(TechniqueConfig, TrainConfig):
     )
 
 
-@technique("quantize.qat", QATConfig, needs=("train_data",))
+@technique("quantize.qat", QATConfig, needs=("train_data",), creates=QUANT_LAYERS)
 def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     """Quantization-aware training (LSQ weight scales, STE), converted like quantize.static."""
     bits = weight_bits(model, config, config.bits)

@@ -5,7 +5,10 @@ model is touched. Then each stage runs through the registry (``Technique.apply``
 and fine-tunes when the stage asks), and the model after it is measured against the baseline:
 the model from before the recipe, which is also the default teacher. A stage with a ``guard``
 whose metric cost exceeds its limit is undone (``on_fail: rollback``) or undone and the rest
-skipped (``on_fail: stop``), and the report says so.
+skipped (``on_fail: stop``), and the report says so. A stage whose technique cannot handle the
+model (:class:`~netshrink.errors.UnsupportedModuleError`: it would change nothing, break the
+forward, or untie weights) is undone the same way, its error in the stage's note; what a
+technique achieved short of what was asked is in its note too.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from torch import nn
 
 from netshrink.batches import check_finite_weights, materialize
 from netshrink.context import Batch, Context
-from netshrink.errors import ConfigError, MissingInputError, RecipeError
+from netshrink.errors import ConfigError, MissingInputError, RecipeError, UnsupportedModuleError
 from netshrink.progress import track
 from netshrink.recipe import builtin
 from netshrink.recipe.meter import Meter, layer_info
@@ -88,7 +91,17 @@ class _Run:
             return StageRecord(stage.index, stage.name, "skipped", None, options=options, note=note)
         torch.manual_seed(self.ctx.seed)
         start = time.perf_counter()
-        candidate = stage.technique.apply(self.model, stage.config, self.ctx).eval()
+        try:
+            applied = stage.technique.run(self.model, stage.config, self.ctx)
+        except UnsupportedModuleError as exc:
+            # The technique cannot handle this model: the stage is undone, as a guard would.
+            self.stopped = stage.guard is not None and stage.guard.on_fail == "stop"
+            later = ", later stages skipped" if self.stopped else ""
+            note = f"failed: {exc}: stage undone{later}"
+            return StageRecord(
+                stage.index, stage.name, "rolled back", None, options=options, note=note
+            )
+        candidate = applied.model.eval()
         seconds = time.perf_counter() - start
         measured, baseline_ms = self.meter.measure(candidate)
         record = StageRecord(
@@ -99,6 +112,7 @@ class _Run:
             baseline_ms,
             options,
             seconds,
+            note="; ".join(applied.notes),
             layers=layer_info(candidate),
         )
         after = None
@@ -114,7 +128,9 @@ class _Run:
                 record.status = "rolled back"
                 self.stopped = stage.guard.on_fail == "stop"
                 later = ", later stages skipped" if self.stopped else ""
-                record.note = f"{reason}: stage undone{later}"
+                record.note = "; ".join(
+                    filter(None, (f"{reason}: stage undone{later}", record.note))
+                )
                 return record
         self.model, self.model_guard = candidate, after
         return record

@@ -116,13 +116,13 @@ class Report:
     def summary(self) -> dict[str, Any]:
         """The headline: the fields of ``--json`` (see the module docstring for definitions).
 
-        Once the run is saved, the bytes are those of the delivered baseline and compressed
-        artifacts (the latter with its provenance); before, those measured after each stage.
+        The bytes are those the stage table shows for the baseline and the final stage, so the
+        headline and the table always agree. Once the run is saved, ``artifact_bytes`` is the
+        delivered artifact's size on disk, which also holds the run's provenance.
         """
         before, after = self.baseline, self.final
         assert before.measurement is not None and after.measurement is not None
-        measured = (before.measurement.bytes, after.measurement.bytes)
-        base_bytes, compressed = self.delivered_bytes or measured
+        base_bytes, compressed = before.measurement.bytes, after.measurement.bytes
         return {
             "compression_rate": base_bytes / compressed,
             "speedup_rate": after.speedup,
@@ -138,6 +138,7 @@ class Report:
             "threads": self.environment.threads,
             "machine": self.environment.machine,
             "artifact": self.artifact,
+            "artifact_bytes": self.delivered_bytes[1] if self.delivered_bytes else None,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -78,6 +78,16 @@ def headline(report: Report) -> list[tuple[str, str]]:
         ),
         (f"{s['metric']} before / after", f"{s['metric_before']:.4f} / {s['metric_after']:.4f}"),
         (f"{s['metric']} drop", f"{s['metric_drop']:+.4f}"),
+        *(
+            [
+                (
+                    "artifact on disk",
+                    f"{human_bytes(s['artifact_bytes'])}  (with the run's provenance)",
+                )
+            ]
+            if s["artifact_bytes"] is not None
+            else []
+        ),
     ]
 
 

@@ -18,11 +18,13 @@ from netshrink.batches import materialize
 from netshrink.context import Batch, Context
 from netshrink.errors import ArtifactError, ConfigError, MissingInputError
 from netshrink.search.sensitivity import (
-    DEFAULT_SETTINGS,
     FAMILIES,
+    PROBED,
     Prober,
     combined_bytes,
     copy_model,
+    default_settings,
+    knob,
     layer_bytes,
     layer_macs,
     probe_layers,
@@ -98,9 +100,7 @@ class Sensitivity:
                 ys = [p["metric"] if use_metric else p["error"] for p in pts]
                 ax.plot([p["value"] for p in pts], ys, marker="o", label=layer)
             ax.set_title(family)
-            ax.set_xlabel(
-                {"prune": "sparsity", "quant": "weight bits", "lowrank": "rank ratio"}[family]
-            )
+            ax.set_xlabel(f"{PROBED[family]} {knob(family).name}")
             ax.set_ylabel("metric" if use_metric else "relative output error")
         axes[0][0].legend(fontsize=6)
         fig.tight_layout()
@@ -147,7 +147,7 @@ def check_settings(
             f"families {list(families)!r}: choose one or more of {', '.join(FAMILIES)}"
         )
     given = dict(settings or {})
-    return {f: [float(v) for v in given.get(f, DEFAULT_SETTINGS[f])] for f in families}
+    return {f: [float(v) for v in given.get(f, default_settings(f))] for f in families}
 
 
 def analyze(

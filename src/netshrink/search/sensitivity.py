@@ -22,29 +22,33 @@ from torch import nn
 
 from netshrink import registry
 from netshrink.context import Batch, Context
+from netshrink.errors import UnsupportedModuleError
 from netshrink.progress import track
 
-FAMILIES = ("prune", "quant", "lowrank")
-"""Families probed: prune.magnitude sparsity, quantize.weight_only bits, lowrank.svd ratio."""
+PROBED = {"prune": "prune.magnitude", "quant": "quantize.weight_only", "lowrank": "lowrank.svd"}
+"""The technique behind each search family; its :class:`~netshrink.registry.Knob` (declared in
+the technique's own file) says which settings are tried and how they become options."""
 
-DEFAULT_SETTINGS: dict[str, tuple[float, ...]] = {
-    "prune": (0.5, 0.75, 0.9, 0.95, 0.98),
-    "quant": (8, 4),
-    "lowrank": (0.5, 0.25, 0.1),
-}
-"""Settings probed per family: sparsity (fraction zero), weight bits, kept-weight ratio."""
+FAMILIES = tuple(PROBED)
+
+
+def knob(family: str) -> registry.Knob:
+    """The knob of ``family``'s technique."""
+    found = registry.get(PROBED[family]).knob
+    assert found is not None, f"{PROBED[family]} declares no knob"
+    return found
+
+
+def default_settings(family: str) -> tuple[float, ...]:
+    """Settings probed by default: sparsity (fraction zero), weight bits, kept-weight ratio."""
+    return knob(family).values
 
 
 def stage_for(family: str, value: float, names: Sequence[str]) -> dict[str, Any]:
     """The recipe stage applying ``family`` at ``value`` to the layers ``names`` only."""
-    targets = {"include": list(names)}
-    if family == "prune":
-        return {"prune.magnitude": {"sparsity": value, "kernel": "dense", "targets": targets}}
-    if family == "quant":
-        return {"quantize.weight_only": {"bits": int(value), "targets": targets}}
-    if family == "lowrank":
-        return {"lowrank.svd": {"ratio": value, "targets": targets}}
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family not in PROBED:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    return {PROBED[family]: knob(family).options(value, {"include": list(names)})}
 
 
 def apply_stage(model: nn.Module, stage: dict[str, Any], ctx: Context) -> nn.Module:
@@ -55,7 +59,11 @@ def apply_stage(model: nn.Module, stage: dict[str, Any], ctx: Context) -> nn.Mod
         # A probe tries every setting on every layer: a technique's note about one layer
         # (e.g. a group size that does not divide it) would repeat for each probe.
         warnings.simplefilter("ignore")
-        return tech.apply(model, tech.make_config(options, stage=name), ctx).eval()
+        try:
+            return tech.apply(model, tech.make_config(options, stage=name), ctx).eval()
+        except UnsupportedModuleError:
+            # The setting cannot change this layer (e.g. too small to factorize): it stays.
+            return model
 
 
 def layer_bytes(model: nn.Module, name: str) -> int:
