@@ -12,7 +12,7 @@ import netshrink as ns
 from netshrink.errors import ConfigError
 from netshrink.prune import SparseConv2d, SparseLinear, nm_layout_ok, sparsity_report
 from netshrink.prune.schedules import Schedule, fractions
-from netshrink.prune.sparse_layers import calibrate, make_sparse
+from netshrink.prune.sparse_layers import choose_kernel, make_sparse
 from test_graph import one_thread  # noqa: F401
 
 
@@ -127,7 +127,7 @@ def test_calibration_records_the_choice_and_the_report_lists_dense_layers() -> N
     layer = make_sparse(nn.Linear(256, 256)).eval()
     with torch.no_grad():
         layer.weight[torch.rand(256, 256) < 0.99] = 0
-    kernel = calibrate(layer, torch.randn(64, 256), runs=5)
+    kernel = choose_kernel(layer, torch.randn(64, 256), runs=5)
     assert kernel in ("dense", "csr") and set(layer.timing) == {"dense_ms", "csr_ms"}
     assert (kernel == "csr") == (layer.timing["csr_ms"] < 0.9 * layer.timing["dense_ms"])
     assert layer.spec()["kernel"] == kernel

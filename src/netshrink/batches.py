@@ -1,8 +1,8 @@
-"""Helpers for ``(inputs, targets)`` batches, where inputs is a tensor or a tuple of tensors."""
+"""Helpers for ``(inputs, targets)`` batches: inputs a tensor, a tuple or a dict of tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -18,7 +18,9 @@ def as_args(inputs: Any) -> tuple[Any, ...]:
 
 
 def run(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on ``inputs`` (a tensor or a tuple of positional tensors)."""
+    """Call ``model`` on ``inputs``: a tensor, a tuple of positional or a dict of keyword ones."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
     return model(*as_args(inputs))
 
 
@@ -28,7 +30,7 @@ def materialize(batches: Iterable[Batch], what: str) -> list[Batch]:
     if not out:
         raise DataError(f"{what} is empty; give at least one (inputs, targets) batch")
     for i, (inputs, _) in enumerate(out):
-        for t in as_args(inputs):
+        for t in inputs.values() if isinstance(inputs, Mapping) else as_args(inputs):
             if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
                 raise DataError(f"{what} batch {i} contains NaN or Inf values")
     return out

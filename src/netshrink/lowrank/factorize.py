@@ -16,8 +16,8 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import ConfigError, DataError
 from netshrink.lowrank import ranks
-from netshrink.lowrank.calibrate import LayerInputs, collect
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
+from netshrink.lowrank.inputs import LayerInputs, layer_inputs
 from netshrink.lowrank.layers import conv_from_factors, linear_from_factors, spatial_from_factors
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
 from netshrink.registry import technique
@@ -259,10 +259,10 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     stats = {n: LayerInputs() for n in todo}
     if config.activation_aware:
         calib = materialize(ctx.calib_data or [], "calib_data")
-        stats = collect(model, todo, calib, covariance=True, show=ctx.progress)
+        stats = layer_inputs(model, todo, calib, covariance=True, show=ctx.progress)
     if config.budget is not None and config.budget_metric == "macs":
         example = [(ctx.example_inputs, None)]
-        for name, seen in collect(model, todo, example, covariance=False, show=False).items():
+        for name, seen in layer_inputs(model, todo, example, covariance=False, show=False).items():
             stats[name].in_shape, stats[name].out_shape = seen.in_shape, seen.out_shape
         idle = [name for name, s in stats.items() if not s.out_shape]
         if idle:

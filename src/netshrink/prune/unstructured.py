@@ -4,7 +4,7 @@ Selected Linear and Conv2d layers become :class:`~netshrink.prune.sparse_layers.
 ``SparseConv2d``: the pruned weights are zero in the dense tensor (the artifact stores it packed)
 and stay zero through fine-tuning. Sparsity is exact: ``round(sparsity * n)`` weights are zeroed,
 ties broken by position. Afterwards each layer keeps the faster of the dense and the CSR kernel,
-timed on this machine (:func:`~netshrink.prune.sparse_layers.calibrate`).
+timed on this machine (:func:`~netshrink.prune.sparse_layers.choose_kernel`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from netshrink.batches import run
+from netshrink.calibrate import Capture, collect
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
-from netshrink.prune.sparse_layers import SparseLayer, calibrate, make_sparse
+from netshrink.prune.sparse_layers import SparseLayer, choose_kernel, make_sparse
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
@@ -106,29 +106,22 @@ def choose_kernels(
     model: nn.Module, layers: dict[str, SparseLayer], kernel: str, ctx: Context
 ) -> None:
     """Set each layer's kernel: forced, or (auto) timed on its real input shape."""
-    inputs: dict[str, torch.Tensor] = {}
+    seen = {name: Capture(limit=1) for name in layers}
     if kernel == "auto" and ctx.example_inputs is not None:
-        hooks = [
-            layer.register_forward_pre_hook(lambda _m, a, n=name: inputs.setdefault(n, a[0]))
-            for name, layer in layers.items()
-        ]
-        was_training = model.training
-        run(model.eval(), ctx.example_inputs)
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+        points = {name: [capture] for name, capture in seen.items()}
+        collect(model, points, [(ctx.example_inputs, None)], "kernel choice", show=False)
     gen = torch.Generator().manual_seed(ctx.seed)
     for name, layer in layers.items():
         if kernel != "auto":
             layer.kernel = kernel
             continue
-        x = inputs.get(name)
+        x = seen[name].tensors[0] if seen[name].tensors else None
         if x is None and isinstance(layer, nn.Linear):
             x = torch.randn(64, layer.in_features, generator=gen)  # no example: a 64-row batch
         if x is None or layer.sparsity() < CALIBRATE_ABOVE:
             layer.kernel, layer.timing = "dense", {}
         else:
-            calibrate(layer, x)
+            choose_kernel(layer, x)
 
 
 def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
