@@ -159,6 +159,20 @@ def _input_last(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.dim() == 2 else weight.permute(0, 2, 3, 1)
 
 
+def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask keeping the ``n`` highest ``scores`` of every ``m`` consecutive input weights.
+
+    ``scores`` is shaped like the weight, (out, in) or (out, in, kh, kw); groups run along the
+    input channels, whose count must be a multiple of ``m``.
+    """
+    s = _input_last(scores)
+    blocks = s.reshape(*s.shape[:-1], -1, m)
+    keep = torch.zeros_like(blocks, dtype=torch.bool)
+    keep.scatter_(-1, blocks.topk(n, dim=-1).indices, True)
+    mask = keep.reshape(s.shape)
+    return mask if scores.dim() == 2 else mask.permute(0, 3, 1, 2)
+
+
 def nm_layout_ok(weight: torch.Tensor, n: int, m: int) -> bool:
     """True when every block of ``m`` consecutive input weights holds at most ``n`` non-zeros."""
     w = _input_last(weight)
@@ -182,13 +196,8 @@ def nm(model: nn.Module, config: NMConfig, ctx: Context) -> nn.Module:
             )
             layer.kernel = "dense"
             continue
-        blocks = w.reshape(*w.shape[:-1], -1, m)
-        keep = torch.zeros_like(blocks, dtype=torch.bool)
-        keep.scatter_(-1, blocks.abs().topk(n, dim=-1).indices, True)
-        mask = keep.reshape(w.shape)
-        mask = mask if layer.weight.dim() == 2 else mask.permute(0, 3, 1, 2)
         with torch.no_grad():
-            layer.weight.mul_(mask)
+            layer.weight.mul_(nm_keep(layer.weight.detach().abs(), n, m))
         layer.refresh_mask()
         assert nm_layout_ok(layer.weight, n, m)
         layers[name] = layer
