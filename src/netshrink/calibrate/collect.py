@@ -10,7 +10,8 @@ kept, never the activations.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -102,7 +103,25 @@ def _feed_outputs(reducers: list[Reducer], where: str):
     return hook
 
 
-@torch.no_grad()
+@contextmanager
+def module_calls(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, every submodule called as a module; restored afterwards.
+
+    torch's fused fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` (taken
+    in eval mode without gradients) reads the weights directly and never calls ``linear1``,
+    ``linear2`` or ``out_proj``, so their hooks would see nothing: it is turned off meanwhile.
+    """
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
+
+
 def collect(
     model: nn.Module, points: Points, batches: Iterable[Batch], desc: str, show: bool = True
 ) -> None:
@@ -111,11 +130,6 @@ def collect(
     Inputs may be a tensor, a tuple of positional tensors or a dict of keyword tensors. The
     model's train/eval mode is restored and the hooks removed afterwards, even on error.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with Hooks(model, points):
-            for inputs, _ in track(batches, desc, show=show):
-                run(model, inputs)
-    finally:
-        model.train(was_training)
+    with module_calls(model), Hooks(model, points):
+        for inputs, _ in track(batches, desc, show=show):
+            run(model, inputs)

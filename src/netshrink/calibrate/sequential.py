@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.calibrate.collect import Hooks, Points, first_tensor
+from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls
 from netshrink.context import Batch
 from netshrink.errors import TargetError, UnsupportedModuleError
 from netshrink.progress import track
@@ -165,7 +165,6 @@ def _next_input(call: _Call, output: Any, name: str) -> _Call:
     return _Call((first_tensor(output, f"block {name!r}"), *call.args[1:]), call.kwargs)
 
 
-@torch.no_grad()
 def run_blocks(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -176,13 +175,12 @@ def run_blocks(
     """Calibrate and compress ``model`` block by block (see the module docstring).
 
     ``batches`` are ``(inputs, targets)`` with inputs a tensor, a tuple or a dict of tensors.
-    The model runs in eval mode; its mode is restored afterwards.
+    The model runs in eval mode without gradients (see :func:`module_calls`); its mode is
+    restored afterwards.
     """
     names = find_blocks(model, blocks)
     model_bytes = _tensor_bytes([*model.parameters(), *model.buffers()])
-    was_training = model.training
-    model.eval()
-    try:
+    with module_calls(model):
         calls = _first_block_calls(model, model.get_submodule(names[0]), batches)
         peak = _tensor_bytes(calls)
         for i, name in enumerate(names):
@@ -200,6 +198,4 @@ def run_blocks(
                 outputs.append(_next_input(call, block(*call.args, **call.kwargs), name))
             peak = max(peak, _tensor_bytes([*calls, *outputs]) + stats_bytes)
             calls = outputs
-    finally:
-        model.train(was_training)
     return SequentialReport(tuple(names), model_bytes, peak)
