@@ -190,3 +190,13 @@ def test_blocks_that_never_run_are_reported() -> None:
     model.unused = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
     with pytest.raises(UnsupportedModuleError, match="never ran"):
         run_blocks(model, [((torch.randn(1, 4), torch.randn(1, 4)), None)], Record(), show=False)
+
+
+def test_a_module_giving_no_tensor_is_a_target_error_naming_it() -> None:
+    class Named(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"y": x}
+
+    model = nn.Sequential(Named())
+    with pytest.raises(TargetError, match="module '0''s output is a dict, not a tensor"):
+        collect(model, {"0": [MinMax("output")]}, [(torch.randn(2), None)], "test", show=False)

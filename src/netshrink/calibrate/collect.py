@@ -28,12 +28,15 @@ Points = Mapping[str, Sequence[Reducer]]
 """Statistic points: module qualified name -> the reducers that watch it."""
 
 
-def first_tensor(value: Any, where: str) -> torch.Tensor:
-    """The tensor in ``value``: itself, or the first item of a tuple/list."""
+def first_tensor(value: Any, what: str) -> torch.Tensor:
+    """The tensor in ``value``: itself, or the first item of a tuple/list.
+
+    ``what`` names the value in the :class:`TargetError` raised when there is no tensor.
+    """
     if isinstance(value, tuple | list) and value:
         value = value[0]
     if not torch.is_tensor(value):
-        raise TargetError(f"{where} returns a {type(value).__name__}, not a tensor to match")
+        raise TargetError(f"{what} is a {type(value).__name__}, not a tensor")
     return value
 
 
@@ -58,7 +61,7 @@ class Hooks:
                 )
         self._handles: list[RemovableHandle] = []
         for name, reducers in points.items():
-            where = f"{role} module {name!r}"
+            where = f"{role} module {name!r}'s"
             ins = [r for r in reducers if r.on == "input"]
             outs = [r for r in reducers if r.on == "output"]
             if ins:
@@ -96,7 +99,7 @@ def _feed_inputs(reducers: list[Reducer], where: str):
 
 def _feed_outputs(reducers: list[Reducer], where: str):
     def hook(module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        y = first_tensor(output, where)
+        y = first_tensor(output, f"{where} output")
         for r in reducers:
             r.update(module, y)
 

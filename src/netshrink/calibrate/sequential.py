@@ -162,7 +162,7 @@ def _next_input(call: _Call, output: Any, name: str) -> _Call:
             f"block {name!r} takes its hidden state as a keyword argument; "
             "the sequential engine needs it as the first positional argument"
         )
-    return _Call((first_tensor(output, f"block {name!r}"), *call.args[1:]), call.kwargs)
+    return _Call((first_tensor(output, f"block {name!r}'s output"), *call.args[1:]), call.kwargs)
 
 
 def run_blocks(

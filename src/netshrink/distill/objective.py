@@ -38,7 +38,7 @@ def primary_output(output: Any, who: str) -> torch.Tensor:
             f"the {who} returns a mapping with keys {sorted(output)}; distillation needs one of "
             f"{', '.join(_OUTPUT_KEYS)}"
         )
-    return first_tensor(output, f"the {who}")
+    return first_tensor(output, f"the {who}'s output")
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
