@@ -114,6 +114,7 @@ def test_without_calibration_data_the_model_is_not_touched() -> None:
         {"n": 4, "m": 4},
         {"n": 2, "m": 4, "sparsity": 0.5},
         {"n": 2, "m": 4, "scope": "layer"},
+        {"blocks": ["0"]},
     ],
 )
 def test_contradictory_options_are_config_errors(options: dict) -> None:

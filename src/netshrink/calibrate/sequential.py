@@ -3,7 +3,8 @@
 One-shot methods that reconstruct each layer from its inputs (GPTQ, Frantar et al. 2022;
 SparseGPT, Frantar & Alistarh 2023; Wanda, Sun et al. 2023; SmoothQuant; AWQ) work block by
 block: block k is calibrated on the inputs that the *already compressed* blocks 0..k-1 produce,
-so errors do not compound unseen (SparseGPT sec. 3.5, "sequential"). Steps:
+so each block compensates for what the earlier ones lost (the order GPTQ and SparseGPT
+calibrate in). Steps:
 
 1. Find the blocks: the repeated children of a ``ModuleList`` (a transformer's layers), or the
    modules the caller names.

@@ -4,12 +4,12 @@ Sun et al. 2023, "A Simple and Effective Pruning Approach for Large Language Mod
 weight W_ij (output i, input j) scores S_ij = |W_ij| * ||X_j||_2, where X_j collects input
 feature j over every token (or conv patch) of the calibration data. An input that is always
 large makes even its small weights matter, which magnitude pruning misses on models with
-outlier features. Scores compete per output row (the paper's comparison group, sec. 3 and
-table 5), per layer, or across all targeted layers of a block (one sparsity per block); N:M
-keeps the n best-scored weights of every m consecutive inputs. No weight is updated.
+outlier features. Scores compete per output row (the paper's comparison group, sec. 3), per
+layer, or across all targeted layers of a block (one sparsity per block); N:M keeps the n
+best-scored weights of every m consecutive inputs. No weight is updated.
 
 With ``sequential`` each block (a transformer layer) is calibrated on the outputs of the blocks
-before it *after* they were pruned (the paper's sec. 3 runs its LLaMA layers this way), through
+before it *after* they were pruned (as GPTQ and SparseGPT calibrate), through
 :func:`netshrink.calibrate.run_blocks`. Pruned layers are the sparse layers ``prune.magnitude``
 makes, so artifacts store them packed and the dense/CSR kernel choice is shared.
 """
@@ -64,6 +64,8 @@ class WandaConfig(SparseConfig):
 
     @model_validator(mode="after")
     def _one_pattern(self) -> WandaConfig:
+        if self.blocks and not (self.sequential or self.scope == "block"):
+            raise ValueError("blocks applies with sequential: true or scope: block; set one")
         if (self.n is None) != (self.m is None):
             raise ValueError(f"give both n and m (e.g. n=2, m=4), got n={self.n}, m={self.m}")
         if self.n is not None and self.m is not None:
