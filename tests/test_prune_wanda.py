@@ -42,7 +42,7 @@ def norms_of(model: nn.Module, names: list[str], batches: list) -> dict[str, tor
     return {n: s.norms() for n, s in stats.items()}
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(sparsity=st.floats(0.0, 0.95))
 def test_each_output_row_loses_exactly_its_lowest_scores(sparsity: float) -> None:
     model, calib = convnet(), images()
@@ -165,3 +165,29 @@ def test_block_scope_hits_the_sparsity_over_each_block() -> None:
         mine = [m.weight for n, m in layers.items() if n.startswith(block + ".")]
         zero = sum(int((w == 0).sum()) for w in mine)
         assert zero == round(0.4 * sum(w.numel() for w in mine))
+
+
+def test_sequential_on_a_hugging_face_bert_with_keyword_batches() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    ids, mask = torch.randint(0, 40, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    pruned = ns.prune.wanda(
+        model, sparsity=0.5, sequential=True, calib_data=[(batch, None)], kernel="dense"
+    )
+    layers = sparse_layers(pruned)
+    assert len(layers) == 12  # q, k, v, attention output, intermediate, output: 6 per layer
+    for name, layer in layers.items():
+        assert bool(((layer.weight == 0).sum(1) == layer.weight.shape[1] // 2).all()), name
+    with torch.no_grad():
+        assert pruned(**batch).last_hidden_state.shape == (3, 6, 16)
