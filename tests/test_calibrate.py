@@ -113,7 +113,8 @@ def _reference(model: nn.Module, batches: list, blocks: list[str]) -> dict[str, 
     return ref
 
 
-def _bert() -> tuple[nn.Module, list]:
+def tiny_bert() -> tuple[nn.Module, list]:
+    """A random 3-layer BERT (with pooler) and one keyword batch with padding."""
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=40,
@@ -139,7 +140,7 @@ def _encoder() -> tuple[nn.Module, list]:
     return model, [(torch.randn(2, 5, 8), None), (torch.randn(3, 5, 8), None)]
 
 
-@pytest.mark.parametrize("build", [_bert, _encoder], ids=["hf-bert", "nn-transformer"])
+@pytest.mark.parametrize("build", [tiny_bert, _encoder], ids=["hf-bert", "nn-transformer"])
 def test_with_an_identity_compressor_every_block_sees_what_the_model_feeds_it(build) -> None:
     model, batches = build()
     blocks = find_blocks(model)

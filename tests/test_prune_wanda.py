@@ -15,6 +15,7 @@ from netshrink.calibrate import SumSquares, collect
 from netshrink.errors import ConfigError, DataError, MissingInputError
 from netshrink.prune import SparseConv2d, SparseLinear, nm_layout_ok
 from netshrink.prune.wanda import wanda_scores
+from test_calibrate import tiny_bert
 
 
 def convnet() -> nn.Module:
@@ -168,26 +169,12 @@ def test_block_scope_hits_the_sparsity_over_each_block() -> None:
 
 
 def test_sequential_on_a_hugging_face_bert_with_keyword_batches() -> None:
-    transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    model = transformers.BertModel(config, add_pooling_layer=False).eval()
-    ids, mask = torch.randint(0, 40, (3, 6)), torch.ones(3, 6, dtype=torch.long)
-    mask[0, 3:] = 0
-    batch = {"input_ids": ids, "attention_mask": mask}
-    pruned = ns.prune.wanda(
-        model, sparsity=0.5, sequential=True, calib_data=[(batch, None)], kernel="dense"
-    )
+    model, calib = tiny_bert()
+    pruned = ns.prune.wanda(model, sparsity=0.5, sequential=True, calib_data=calib, kernel="dense")
     layers = sparse_layers(pruned)
-    assert len(layers) == 12  # q, k, v, attention output, intermediate, output: 6 per layer
+    # per layer q, k, v, attention output, intermediate, output; the pooler is outside the blocks
+    assert len(layers) == 3 * 6 + 1
     for name, layer in layers.items():
         assert bool(((layer.weight == 0).sum(1) == layer.weight.shape[1] // 2).all()), name
     with torch.no_grad():
-        assert pruned(**batch).last_hidden_state.shape == (3, 6, 16)
+        assert pruned(**calib[0][0]).last_hidden_state.shape == (2, 7, 16)
