@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from netshrink.calibrate import input_vectors
 from netshrink.lowrank import ranks
-from netshrink.lowrank.calibrate import input_vectors
 from netshrink.lowrank.decompose import spectrum, whitening
 from netshrink.lowrank.layers import (
     LowRankLinear,

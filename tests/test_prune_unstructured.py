@@ -12,7 +12,7 @@ import netshrink as ns
 from netshrink.errors import ConfigError
 from netshrink.prune import SparseConv2d, SparseLinear, nm_layout_ok, sparse_layers, sparsity_report
 from netshrink.prune.schedules import Schedule, fractions
-from netshrink.prune.sparse_layers import calibrate, make_sparse
+from netshrink.prune.sparse_layers import choose_kernel, make_sparse
 from test_graph import one_thread  # noqa: F401
 
 
@@ -141,7 +141,7 @@ def test_calibration_keeps_csr_only_when_10_percent_faster(
         return dense_ms, csr_ms
 
     monkeypatch.setattr(sparse_layers, "time_pair", fake_timing)
-    assert calibrate(layer, torch.randn(4, 256), runs=5) == chosen
+    assert choose_kernel(layer, torch.randn(4, 256), runs=5) == chosen
     assert timed == ["dense", "csr"]
     assert layer.kernel == layer.spec()["kernel"] == chosen
     assert layer.timing == {"dense_ms": dense_ms, "csr_ms": csr_ms}
@@ -151,7 +151,7 @@ def test_calibration_times_both_kernels_and_the_report_lists_dense_layers() -> N
     layer = make_sparse(nn.Linear(256, 256)).eval()
     with torch.no_grad():
         layer.weight[torch.rand(256, 256) < 0.99] = 0
-    kernel = calibrate(layer, torch.randn(64, 256), runs=5)
+    kernel = choose_kernel(layer, torch.randn(64, 256), runs=5)
     assert layer.spec()["kernel"] == kernel
     assert layer.timing["dense_ms"] > 0 and layer.timing["csr_ms"] > 0
     pruned = ns.prune.magnitude(cnn(), sparsity=0.3, example_inputs=data(4)[0][:1])

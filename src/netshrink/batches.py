@@ -32,7 +32,7 @@ def materialize(batches: Iterable[Batch], what: str) -> list[Batch]:
     if not out:
         raise DataError(f"{what} is empty; give at least one (inputs, targets) batch")
     for i, (inputs, _) in enumerate(out):
-        for t in as_args(inputs):
+        for t in inputs.values() if isinstance(inputs, Mapping) else as_args(inputs):
             if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
                 raise DataError(f"{what} batch {i} contains NaN or Inf values")
     return out

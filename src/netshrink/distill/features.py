@@ -10,16 +10,17 @@ teacher's width, here a 1x1 convolution or a linear layer) or by attention trans
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from netshrink.calibrate import Hooks, Latest
 from netshrink.config import Options
 from netshrink.distill.losses import attention_transfer_loss
-from netshrink.errors import ConfigError, TargetError
+from netshrink.errors import ConfigError
 
 # Attention transfer's maps are unit vectors: their squared differences are tiny, so the paper
 # weighs them by beta / 2 with beta = 1000 (Zagoruyko & Komodakis 2017, eq. 2 and sec. 4.1).
@@ -49,47 +50,21 @@ class FeatureMatch(Options):
         return DEFAULT_WEIGHT[self.loss] if self.weight is None else self.weight
 
 
-def first_tensor(output: Any, where: str) -> torch.Tensor:
-    """The tensor a module produced: itself, or the first item of a tuple/list output."""
-    if isinstance(output, tuple | list) and output:
-        output = output[0]
-    if not torch.is_tensor(output):
-        raise TargetError(f"{where} returns a {type(output).__name__}, not a tensor to match")
-    return output
-
-
-def _listing(names: Sequence[str], most: int = 60) -> str:
-    shown = ", ".join(names[:most])
-    return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "")
-
-
 class Taps:
     """Forward hooks recording the latest output of named modules of ``model``."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], role: str) -> None:
-        modules = dict(model.named_modules())
-        for name in names:
-            if name not in modules:
-                available = [n for n in modules if n]
-                raise TargetError(
-                    f"the {role} has no module named {name!r}; its modules are: "
-                    f"{_listing(available)}"
-                )
-        self.role = role
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles = [modules[n].register_forward_hook(self._record(n)) for n in names]
+        self._latest = {name: Latest("output") for name in names}
+        self._hooks = Hooks(model, {n: [tap] for n, tap in self._latest.items()}, role=role)
 
-    def _record(self, name: str):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            self.outputs[name] = first_tensor(output, f"{self.role} module {name!r}")
-
-        return hook
+    @property
+    def outputs(self) -> dict[str, torch.Tensor]:
+        """The latest output of each tapped module that has run."""
+        return {n: tap.value for n, tap in self._latest.items() if tap.value is not None}
 
     def remove(self) -> None:
         """Detach the hooks; the model runs as before."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
 
 def make_adapter(match: FeatureMatch, student: torch.Tensor, teacher: torch.Tensor) -> nn.Module:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.batches import as_args, run
+from netshrink.calibrate import first_tensor
 from netshrink.context import Batch
-from netshrink.distill.features import FeatureMatch, Taps, feature_loss, first_tensor, make_adapter
+from netshrink.distill.features import FeatureMatch, Taps, feature_loss, make_adapter
 from netshrink.distill.losses import hard_label_loss, soft_target_loss
 from netshrink.errors import ConfigError
 
@@ -37,7 +38,7 @@ def primary_output(output: Any, who: str) -> torch.Tensor:
             f"the {who} returns a mapping with keys {sorted(output)}; distillation needs one of "
             f"{', '.join(_OUTPUT_KEYS)}"
         )
-    return first_tensor(output, f"the {who}")
+    return first_tensor(output, f"the {who}'s output")
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:

@@ -25,8 +25,8 @@ from netshrink.layers import (
     untied,
 )
 from netshrink.lowrank import ranks
-from netshrink.lowrank.calibrate import LayerInputs, collect
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
+from netshrink.lowrank.inputs import LayerInputs, layer_inputs
 from netshrink.lowrank.layers import (
     LowRankConv2d,
     LowRankLinear,
@@ -274,14 +274,13 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
         names = ", ".join(f"{n} ({why})" for n, why in unsupported.items())
         warnings.warn(f"lowrank.svd leaves these layers as they are: {names}", stacklevel=2)
     todo = {n: m for n, m in layers.items() if n not in unsupported}
-    in_model = {n: model.get_submodule(n) for n in todo}  # where the hooks see inputs
     stats = {n: LayerInputs() for n in todo}
     if config.activation_aware:
         calib = materialize(ctx.calib_data or [], "calib_data")
-        stats = collect(model, in_model, calib, covariance=True, show=ctx.progress)
+        stats = layer_inputs(model, todo, calib, covariance=True, show=ctx.progress)
     if config.budget is not None and config.budget_metric == "macs":
         example = [(ctx.example_inputs, None)]
-        for name, seen in collect(model, in_model, example, covariance=False, show=False).items():
+        for name, seen in layer_inputs(model, todo, example, covariance=False, show=False).items():
             stats[name].in_shape, stats[name].out_shape = seen.in_shape, seen.out_shape
         idle = [name for name, s in stats.items() if not s.out_shape]
         if idle:

@@ -8,7 +8,7 @@ contribute nothing; ``eval()`` and ``state_dict()`` set them back to exactly zer
 optimizer's momentum moved them (a mask applied while Adam state exists, as in gradual pruning).
 
 In eval mode a layer whose ``kernel`` is ``"csr"`` multiplies with the weight in compressed
-sparse row form (``torch.addmm`` with a CSR matrix); the choice is made by :func:`calibrate`,
+sparse row form (``torch.addmm`` with a CSR matrix); the choice is made by :func:`choose_kernel`,
 which times both kernels on this machine, and is recorded in the layer's spec.
 """
 
@@ -207,7 +207,7 @@ def time_pair(fn: Callable[[], Any], other: Callable[[], Any], runs: int) -> tup
 
 
 @torch.no_grad()
-def calibrate(layer: SparseLayer, x: torch.Tensor, runs: int = 25, margin: float = 0.9) -> str:
+def choose_kernel(layer: SparseLayer, x: torch.Tensor, runs: int = 25, margin: float = 0.9) -> str:
     """Time ``layer`` on ``x`` with the dense and the CSR kernel; keep CSR only when its median
     is below ``margin`` x dense. Records ``layer.kernel`` and ``layer.timing`` (ms); returns the
     kernel."""

@@ -4,7 +4,7 @@ Selected Linear and Conv2d layers become :class:`~netshrink.prune.sparse_layers.
 ``SparseConv2d``: the pruned weights are zero in the dense tensor (the artifact stores it packed)
 and stay zero through fine-tuning. Sparsity is exact: ``round(sparsity * n)`` weights are zeroed,
 ties broken by position. Afterwards each layer keeps the faster of the dense and the CSR kernel,
-timed on this machine (:func:`~netshrink.prune.sparse_layers.calibrate`).
+timed on this machine (:func:`~netshrink.prune.sparse_layers.choose_kernel`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from netshrink.batches import run
+from netshrink.calibrate import Capture, collect
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.layers import layer_types, replace_module
@@ -25,7 +25,7 @@ from netshrink.prune.sparse_layers import (
     SparseConv2d,
     SparseLayer,
     SparseLinear,
-    calibrate,
+    choose_kernel,
     make_sparse,
 )
 from netshrink.registry import Knob, technique
@@ -116,29 +116,22 @@ def choose_kernels(
     model: nn.Module, layers: dict[str, SparseLayer], kernel: str, ctx: Context
 ) -> None:
     """Set each layer's kernel: forced, or (auto) timed on its real input shape."""
-    inputs: dict[str, torch.Tensor] = {}
+    seen = {name: Capture(limit=1) for name in layers}
     if kernel == "auto" and ctx.example_inputs is not None:
-        hooks = [
-            layer.register_forward_pre_hook(lambda _m, a, n=name: inputs.setdefault(n, a[0]))
-            for name, layer in layers.items()
-        ]
-        was_training = model.training
-        run(model.eval(), ctx.example_inputs)
-        model.train(was_training)
-        for hook in hooks:
-            hook.remove()
+        points = {name: [capture] for name, capture in seen.items()}
+        collect(model, points, [(ctx.example_inputs, None)], "kernel choice", show=False)
     gen = torch.Generator().manual_seed(ctx.seed)
     for name, layer in layers.items():
         if kernel != "auto":
             layer.kernel = kernel
             continue
-        x = inputs.get(name)
+        x = seen[name].tensors[0] if seen[name].tensors else None
         if x is None and isinstance(layer, nn.Linear):
             x = torch.randn(64, layer.in_features, generator=gen)  # no example: a 64-row batch
         if x is None or layer.sparsity() < CALIBRATE_ABOVE:
             layer.kernel, layer.timing = "dense", {}
         else:
-            calibrate(layer, x)
+            choose_kernel(layer, x)
 
 
 def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
@@ -186,6 +179,20 @@ def _input_last(weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.dim() == 2 else weight.permute(0, 2, 3, 1)
 
 
+def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask keeping the ``n`` highest ``scores`` of every ``m`` consecutive input weights.
+
+    ``scores`` is shaped like the weight, (out, in) or (out, in, kh, kw); groups run along the
+    input channels, whose count must be a multiple of ``m``.
+    """
+    s = _input_last(scores)
+    blocks = s.reshape(*s.shape[:-1], -1, m)
+    keep = torch.zeros_like(blocks, dtype=torch.bool)
+    keep.scatter_(-1, blocks.topk(n, dim=-1).indices, True)
+    mask = keep.reshape(s.shape)
+    return mask if scores.dim() == 2 else mask.permute(0, 3, 1, 2)
+
+
 def nm_layout_ok(weight: torch.Tensor, n: int, m: int) -> bool:
     """True when every block of ``m`` consecutive input weights holds at most ``n`` non-zeros."""
     w = _input_last(weight)
@@ -209,13 +216,8 @@ def nm(model: nn.Module, config: NMConfig, ctx: Context) -> nn.Module:
             )
             layer.kernel = "dense"
             continue
-        blocks = w.reshape(*w.shape[:-1], -1, m)
-        keep = torch.zeros_like(blocks, dtype=torch.bool)
-        keep.scatter_(-1, blocks.abs().topk(n, dim=-1).indices, True)
-        mask = keep.reshape(w.shape)
-        mask = mask if layer.weight.dim() == 2 else mask.permute(0, 3, 1, 2)
         with torch.no_grad():
-            layer.weight.mul_(mask)
+            layer.weight.mul_(nm_keep(layer.weight.detach().abs(), n, m))
         layer.refresh_mask()
         assert nm_layout_ok(layer.weight, n, m)
         layers[name] = layer

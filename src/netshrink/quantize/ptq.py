@@ -17,7 +17,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from netshrink.batches import materialize, run
+from netshrink.batches import materialize
+from netshrink.calibrate import Observe, Reducer, collect
+from netshrink.calibrate.reducers import Side
 from netshrink.config import Options, TechniqueConfig
 from netshrink.context import Batch, Context
 from netshrink.layers import (
@@ -33,7 +35,6 @@ from netshrink.layers import (
     untied,
     warn_left_alone,
 )
-from netshrink.progress import track
 from netshrink.quantize.affine import choose_qparams
 from netshrink.quantize.dynamic_int8 import Int8Embedding
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
@@ -108,8 +109,7 @@ def fold_batchnorms(model: nn.Module, names: Iterable[str]) -> set[str]:
     return flow.feeds_add
 
 
-@torch.no_grad()
-def calibrate(
+def observe_ranges(
     model: nn.Module,
     names: Iterable[str],
     feeds_add: set[str],
@@ -121,33 +121,25 @@ def calibrate(
     """Observe inputs of ``names``, outputs of those in ``feeds_add`` and of every ReLU.
 
     Returns unsigned ``act_bits`` ``(scale, zero_point)`` per observation point:
-    ``"<name>:in"``, ``"<name>:out"``.
+    ``"<name>:in"``, ``"<name>:out"``. The model is left in eval mode.
     """
     observers: dict[str, Observer] = {}
-    hooks = []
+    points: dict[str, list[Reducer]] = {}
 
-    def watch(key: str) -> Observer:
+    def watch(name: str, side: Side) -> None:
+        key = f"{name}:{'in' if side == 'input' else 'out'}"
         observers[key] = make_observer(observer, key, bits=act_bits, seed=ctx.seed)
-        return observers[key]
+        points.setdefault(name, []).append(Observe(observers[key], on=side))
 
     for name in names:
-        mod = model.get_submodule(name)
-        obs_in = watch(f"{name}:in")
-        hooks.append(mod.register_forward_pre_hook(lambda _m, a, o=obs_in: o.update(a[0])))
+        watch(name, "input")
         if name in feeds_add:
-            obs_out = watch(f"{name}:out")
-            hooks.append(mod.register_forward_hook(lambda _m, _a, y, o=obs_out: o.update(y)))
+            watch(name, "output")
     for name, mod in model.named_modules():
         if type(mod) is nn.ReLU:
-            obs_out = watch(f"{name}:out")
-            hooks.append(mod.register_forward_hook(lambda _m, _a, y, o=obs_out: o.update(y)))
+            watch(name, "output")
     model.eval()
-    try:
-        for inputs, _ in track(batches, "quantize calibration", show=ctx.progress):
-            run(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    collect(model, points, batches, "quantize calibration", show=ctx.progress)
     return {k: choose_qparams(*o.range(), act_bits, False) for k, o in observers.items()}
 
 
@@ -193,7 +185,7 @@ def quantize_static_model(
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     act_bits = 8 if config.activations == "int8" else 4
     feeds_add = fold_batchnorms(model, bits)
-    qparams = calibrate(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
+    qparams = observe_ranges(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
     return convert(model, bits, qparams, per_channel, act_bits=act_bits)
 
 

@@ -30,9 +30,9 @@ from netshrink.quantize.observers import ObserverName
 from netshrink.quantize.ptq import (
     QUANT_LAYERS,
     BitsOverride,
-    calibrate,
     convert,
     fold_batchnorms,
+    observe_ranges,
     quantize_relus,
     weight_bits,
 )
@@ -114,7 +114,7 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
     feeds_add = fold_batchnorms(model, bits)
     act_bits = config.activation_bits
     batches = calib[: config.calib_batches]
-    qparams = calibrate(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
+    qparams = observe_ranges(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
     for name, b in bits.items():
         inner = model.get_submodule(name)
         out = qparams.get(f"{name}:out")

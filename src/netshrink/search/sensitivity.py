@@ -12,6 +12,7 @@ per-layer sensitivity (Dong et al., 2019, §3), measured rather than approximate
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from netshrink import registry
+from netshrink.calibrate import Shape, collect
 from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.progress import track
@@ -80,22 +82,13 @@ def layer_bytes(model: nn.Module, name: str) -> int:
 
 def layer_macs(model: nn.Module, inputs: tuple[Any, ...], names: Sequence[str]) -> dict[str, int]:
     """Multiply-accumulates per sample of each Linear/Conv2d in ``names``, from one forward pass."""
-    macs: dict[str, int] = {}
-    hooks = []
-    for name in names:
-        module = model.get_submodule(name)
-
-        def hook(m: nn.Module, args: Any, out: torch.Tensor, name: str = name) -> None:
-            per_out = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.in_features
-            macs[name] = out.numel() // max(out.shape[0], 1) * per_out
-
-        hooks.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    shapes = {name: Shape("output") for name in names}
+    collect(model, {n: [s] for n, s in shapes.items()}, [(inputs, None)], "layer MACs", show=False)
+    macs = {}
+    for name, shape in shapes.items():
+        m = model.get_submodule(name)
+        per_out = m.weight[0].numel() if isinstance(m, nn.Conv2d) else m.in_features
+        macs[name] = math.prod(shape.shape) // max(shape.shape[0], 1) * per_out
     return macs
 
 

@@ -1,0 +1,45 @@
+"""Calibration: what a model's layers see on calibration data, gathered in one pass.
+
+:mod:`~netshrink.calibrate.reducers` are bounded running statistics, :mod:`~.collect` hooks
+them on named modules and streams the batches, :mod:`~.sequential` runs data-aware methods one
+block at a time on the inputs the already compressed blocks produce.
+"""
+
+from netshrink.calibrate.collect import Hooks, Points, collect, first_tensor
+from netshrink.calibrate.reducers import (
+    Capture,
+    Gram,
+    Latest,
+    MinMax,
+    Observe,
+    Reducer,
+    Shape,
+    SumSquares,
+    input_vectors,
+)
+from netshrink.calibrate.sequential import (
+    BlockCompressor,
+    SequentialReport,
+    find_blocks,
+    run_blocks,
+)
+
+__all__ = [
+    "BlockCompressor",
+    "Capture",
+    "Gram",
+    "Hooks",
+    "Latest",
+    "MinMax",
+    "Observe",
+    "Points",
+    "Reducer",
+    "SequentialReport",
+    "Shape",
+    "SumSquares",
+    "collect",
+    "find_blocks",
+    "first_tensor",
+    "input_vectors",
+    "run_blocks",
+]

@@ -1,0 +1,138 @@
+"""One statistics pass: reducers hooked on named modules, streamed over calibration batches.
+
+An algorithm declares its *statistic points* up front, as a mapping from a module's qualified
+name to the reducers to feed (learned from NNCF's statistic points: algorithms say what they
+need, one pass collects it). :class:`Hooks` attaches them and always detaches them again (a
+context manager); :func:`collect` runs the model over the batches under them, in eval mode and
+without gradients, with a progress bar. Memory stays bounded: only the reducers' summaries are
+kept, never the activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from netshrink.batches import run
+from netshrink.calibrate.reducers import Reducer
+from netshrink.context import Batch
+from netshrink.errors import TargetError
+from netshrink.progress import track
+
+Points = Mapping[str, Sequence[Reducer]]
+"""Statistic points: module qualified name -> the reducers that watch it."""
+
+
+def first_tensor(value: Any, what: str) -> torch.Tensor:
+    """The tensor in ``value``: itself, or the first item of a tuple/list.
+
+    ``what`` names the value in the :class:`TargetError` raised when there is no tensor.
+    """
+    if isinstance(value, tuple | list) and value:
+        value = value[0]
+    if not torch.is_tensor(value):
+        raise TargetError(f"{what} is a {type(value).__name__}, not a tensor")
+    return value
+
+
+def _listing(names: Sequence[str], most: int = 60) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
+class Hooks:
+    """Forward hooks feeding each point's reducers, removed by :meth:`remove` or on exit.
+
+    ``role`` names the model in error messages ("the student has no module named ...").
+    """
+
+    def __init__(self, model: nn.Module, points: Points, role: str = "model") -> None:
+        modules = dict(model.named_modules())
+        for name in points:
+            if name not in modules:
+                raise TargetError(
+                    f"the {role} has no module named {name!r}; its modules are: "
+                    f"{_listing([n for n in modules if n])}"
+                )
+        self._handles: list[RemovableHandle] = []
+        for name, reducers in points.items():
+            where = f"{role} module {name!r}'s"
+            ins = [r for r in reducers if r.on == "input"]
+            outs = [r for r in reducers if r.on == "output"]
+            if ins:
+                self._handles.append(
+                    modules[name].register_forward_pre_hook(
+                        _feed_inputs(ins, where), with_kwargs=True
+                    )
+                )
+            if outs:
+                self._handles.append(
+                    modules[name].register_forward_hook(_feed_outputs(outs, where))
+                )
+
+    def remove(self) -> None:
+        """Detach every hook; the model runs as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Hooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def _feed_inputs(reducers: list[Reducer], where: str):
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = first_tensor(args[0] if args else next(iter(kwargs.values()), None), f"{where} input")
+        for r in reducers:
+            r.update(module, x)
+
+    return hook
+
+
+def _feed_outputs(reducers: list[Reducer], where: str):
+    def hook(module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+        y = first_tensor(output, f"{where} output")
+        for r in reducers:
+            r.update(module, y)
+
+    return hook
+
+
+@contextmanager
+def module_calls(model: nn.Module) -> Iterator[None]:
+    """Eval mode without gradients, every submodule called as a module; restored afterwards.
+
+    torch's fused fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` (taken
+    in eval mode without gradients) reads the weights directly and never calls ``linear1``,
+    ``linear2`` or ``out_proj``, so their hooks would see nothing: it is turned off meanwhile.
+    """
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
+
+
+def collect(
+    model: nn.Module, points: Points, batches: Iterable[Batch], desc: str, show: bool = True
+) -> None:
+    """Run ``model`` (in eval mode) on every batch's inputs, feeding the reducers of ``points``.
+
+    Inputs may be a tensor, a tuple of positional tensors or a dict of keyword tensors. The
+    model's train/eval mode is restored and the hooks removed afterwards, even on error.
+    """
+    with module_calls(model), Hooks(model, points):
+        for inputs, _ in track(batches, desc, show=show):
+            run(model, inputs)

@@ -1,0 +1,202 @@
+"""The sequential engine: calibrate and compress a model one block at a time.
+
+One-shot methods that reconstruct each layer from its inputs (GPTQ, Frantar et al. 2022;
+SparseGPT, Frantar & Alistarh 2023; Wanda, Sun et al. 2023; SmoothQuant; AWQ) work block by
+block: block k is calibrated on the inputs that the *already compressed* blocks 0..k-1 produce,
+so each block compensates for what the earlier ones lost (the order GPTQ and SparseGPT
+calibrate in). Steps:
+
+1. Find the blocks: the repeated children of a ``ModuleList`` (a transformer's layers), or the
+   modules the caller names.
+2. Run the model once per calibration batch up to the first block and keep that block's call
+   arguments (positional and keyword: attention masks, position ids), then stop the forward.
+3. For each block: run it on the kept inputs with the compressor's statistic points hooked on
+   its layers, let the compressor change the block, run the changed block again and keep its
+   outputs as the next block's first positional input (the keyword arguments stay).
+
+Peak memory is the model plus one block's inputs and outputs over the calibration set, plus the
+statistics; :class:`SequentialReport` records the activation and statistics bytes measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from netshrink.batches import run
+from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls
+from netshrink.context import Batch
+from netshrink.errors import TargetError, UnsupportedModuleError
+from netshrink.progress import track
+
+
+class BlockCompressor(Protocol):
+    """What a sequential method does with each block."""
+
+    def statistics(self, name: str, block: nn.Module) -> Points:
+        """Statistic points to collect in ``block`` (names relative to it; may be empty)."""
+        ...
+
+    def compress(self, name: str, block: nn.Module, points: Points) -> None:
+        """Change ``block`` in place, reading the reducers of the points it asked for."""
+        ...
+
+
+@dataclass(frozen=True)
+class SequentialReport:
+    """What one sequential run held: bytes are tensor bytes (numel x element size)."""
+
+    blocks: tuple[str, ...]
+    model_bytes: int
+    peak_activation_bytes: int
+    """Most bytes held at once in block inputs/outputs and statistics."""
+
+    @property
+    def peak_bytes(self) -> int:
+        """Model parameters and buffers plus the peak activation and statistics bytes."""
+        return self.model_bytes + self.peak_activation_bytes
+
+    def __str__(self) -> str:
+        mib = 2**20
+        return (
+            f"sequential calibration over {len(self.blocks)} blocks: model "
+            f"{self.model_bytes / mib:.1f} MiB + peak activations/statistics "
+            f"{self.peak_activation_bytes / mib:.1f} MiB = {self.peak_bytes / mib:.1f} MiB"
+        )
+
+
+def find_blocks(model: nn.Module, names: Sequence[str] = ()) -> list[str]:
+    """Qualified names of the blocks, in execution order.
+
+    ``names`` given: checked to exist. Otherwise the children of the ``ModuleList`` holding the
+    most parameters among those with at least two children all of one type (BERT's
+    ``encoder.layer``, ``nn.TransformerEncoder``'s ``layers``). Raises :class:`TargetError`.
+    """
+    modules = dict(model.named_modules())
+    if names:
+        missing = [n for n in names if n not in modules or not n]
+        if missing:
+            raise TargetError(f"blocks {missing} are not modules of the model; name submodules")
+        return list(names)
+    best, best_params = "", 0
+    for name, module in modules.items():
+        kids = list(module.children())
+        if not isinstance(module, nn.ModuleList) or len(kids) < 2:
+            continue
+        if len({type(k) for k in kids}) == 1:
+            params = sum(p.numel() for p in module.parameters())
+            if params > best_params:
+                best, best_params = name, params
+    if not best_params:
+        raise TargetError(
+            f"{type(model).__name__} has no ModuleList of repeated blocks; "
+            "name the blocks to calibrate one at a time (e.g. blocks: [encoder.0, encoder.1])"
+        )
+    prefix = f"{best}." if best else ""
+    return [f"{prefix}{child}" for child, _ in modules[best].named_children()]
+
+
+@dataclass
+class _Call:
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+class _Stop(Exception):
+    """Raised inside the first block's hook: the rest of the forward is not needed."""
+
+
+def _tensor_bytes(values: Iterable[Any]) -> int:
+    """Bytes of the distinct tensor storages among ``values`` (nested tuples, lists, dicts)."""
+    seen: dict[int, int] = {}
+
+    def visit(v: Any) -> None:
+        if torch.is_tensor(v):
+            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        elif isinstance(v, tuple | list):
+            for item in v:
+                visit(item)
+        elif isinstance(v, Mapping):
+            for item in v.values():
+                visit(item)
+        elif isinstance(v, _Call):
+            visit(v.args)
+            visit(v.kwargs)
+
+    for v in values:
+        visit(v)
+    return sum(seen.values())
+
+
+def _first_block_calls(model: nn.Module, block: nn.Module, batches: Sequence[Batch]) -> list[_Call]:
+    """The arguments ``block`` is called with, once per batch, without running past it."""
+    calls: list[_Call] = []
+
+    def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append(_Call(args, dict(kwargs)))
+        raise _Stop
+
+    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for inputs, _ in batches:
+            try:
+                run(model, inputs)
+            except _Stop:
+                continue
+            raise UnsupportedModuleError(
+                f"the first block never ran on a calibration batch; choose blocks that "
+                f"{type(model).__name__}.forward calls"
+            )
+    finally:
+        handle.remove()
+    return calls
+
+
+def _next_input(call: _Call, output: Any, name: str) -> _Call:
+    """``call`` with its first positional argument replaced by the block's output tensor."""
+    if not call.args:
+        raise UnsupportedModuleError(
+            f"block {name!r} takes its hidden state as a keyword argument; "
+            "the sequential engine needs it as the first positional argument"
+        )
+    return _Call((first_tensor(output, f"block {name!r}'s output"), *call.args[1:]), call.kwargs)
+
+
+def run_blocks(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    compressor: BlockCompressor,
+    blocks: Sequence[str] = (),
+    show: bool = True,
+) -> SequentialReport:
+    """Calibrate and compress ``model`` block by block (see the module docstring).
+
+    ``batches`` are ``(inputs, targets)`` with inputs a tensor, a tuple or a dict of tensors.
+    The model runs in eval mode without gradients (see :func:`module_calls`); its mode is
+    restored afterwards.
+    """
+    names = find_blocks(model, blocks)
+    model_bytes = _tensor_bytes([*model.parameters(), *model.buffers()])
+    with module_calls(model):
+        calls = _first_block_calls(model, model.get_submodule(names[0]), batches)
+        peak = _tensor_bytes(calls)
+        for i, name in enumerate(names):
+            block = model.get_submodule(name)
+            points = compressor.statistics(name, block)
+            if points:
+                with Hooks(block, points, role=f"block {name!r}"):
+                    for call in track(calls, f"calibrate block {i + 1}/{len(names)}", show=show):
+                        block(*call.args, **call.kwargs)
+            compressor.compress(name, block, points)
+            held = [r for rs in points.values() for r in rs]
+            stats_bytes = sum(r.nbytes() for r in held)
+            outputs = []
+            for call in track(calls, f"propagate block {i + 1}/{len(names)}", show=show):
+                outputs.append(_next_input(call, block(*call.args, **call.kwargs), name))
+            peak = max(peak, _tensor_bytes([*calls, *outputs]) + stats_bytes)
+            calls = outputs
+    return SequentialReport(tuple(names), model_bytes, peak)
