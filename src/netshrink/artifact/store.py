@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from torch import nn
 from netshrink.artifact.codec import decode, encode
 from netshrink.artifact.modules import build, spec_of
 from netshrink.errors import ArtifactError
+from netshrink.outdir import make_dir_beside, swap_in
 
 FORMAT = "netshrink-artifact"
 FORMAT_VERSION = 1
@@ -87,17 +87,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` directory to ``target``, replacing an older artifact there."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / "a")
-    os.replace(tmp, target)
-    shutil.rmtree(old)
-
-
 def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | None = None) -> Path:
     """Write ``model`` as an artifact directory at ``path`` (replaced if present); return it.
 
@@ -122,7 +111,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
         "versions": _versions(),
         "extra": manifest_extra or {},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = make_dir_beside(target, "tmp")
     try:
         save_file(stored, str(tmp / TENSORS_FILE))
         manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
@@ -131,7 +120,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
         except (TypeError, ValueError) as exc:
             raise ArtifactError(f"manifest_extra is not JSON-serialisable: {exc}") from exc
         (tmp / MANIFEST_FILE).write_text(text)
-        _replace_dir(tmp, target)
+        swap_in(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 from netshrink import refs
 from netshrink.context import Evaluate
 from netshrink.errors import ArtifactError, ModelReferenceError
+from netshrink.outdir import RunOutput, space_needed
 from netshrink.recipe import builtin
 from netshrink.recipe.deliver import PROVENANCE_KEY, save_run
 from netshrink.recipe.result import Result
@@ -124,19 +125,23 @@ def run(
 ) -> tuple[Result, dict[str, Path]]:
     """``netshrink compress``: validate the recipe, resolve inputs, compress, save; return both."""
     recipe = builtin.load(recipe_ref)
-    model, kwargs, extra = prepare(
-        model_ref,
-        weights=weights,
-        data_ref=data_ref,
-        eval_ref=eval_ref,
-        seed=seed,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
-        progress=progress,
-    )
-    result = compress(model, recipe, **kwargs)
-    return result, save_run(result, out, extra)
+    with RunOutput(out) as unit:
+        model, kwargs, extra = prepare(
+            model_ref,
+            weights=weights,
+            data_ref=data_ref,
+            eval_ref=eval_ref,
+            seed=seed,
+            runtime=runtime,
+            threads=threads,
+            runs=runs,
+            progress=progress,
+        )
+        unit.check_space(space_needed(model))
+        result = compress(model, recipe, **kwargs)
+        paths = save_run(result, unit.staging, extra)
+        unit.commit()
+    return result, unit.final(paths)
 
 
 def provenance(artifact: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from netshrink.outdir import destination
 from netshrink.recipe.result import Result
 
 PROVENANCE_KEY = "provenance"
@@ -29,7 +30,7 @@ def save_run(result: Result, out: str | Path, extra: Mapping[str, Any] | None = 
     save(result.baseline, out / "baseline")
     provenance = {**report.provenance(), **(extra or {})}
     save(result.model, out / "model", manifest_extra={PROVENANCE_KEY: provenance})
-    report.artifact = str(out / "model")
+    report.artifact = str(destination(out) / "model")  # where it lies once swapped in
     report.delivered_bytes = (artifact_bytes(out / "baseline"), artifact_bytes(out / "model"))
     paths = write(report, out)
     return {"artifact": out / "model", "baseline": out / "baseline", **paths}

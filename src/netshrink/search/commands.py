@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from netshrink.outdir import RunOutput, space_needed
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.auto import auto
 from netshrink.search.front import AutoResult
@@ -26,22 +27,23 @@ def run_analyze(
     """Probe every layer on the validation split; write sensitivity.json and .png into ``out``."""
     from netshrink.recipe.commands import resolve
 
-    given = resolve(model_ref, weights, data_ref, eval_ref, seed)
-    sens = analyze(
-        given.model,
-        example_inputs=given.data.example_inputs(),
-        data=given.data.val,
-        evaluate=given.evaluate,
-        calib_data=given.data.calib,
-        progress=progress,
-        seed=seed,
-    )
-    out = Path(out)
-    paths = {
-        "json": sens.save(out / "sensitivity.json"),
-        "plot": sens.plot(out / "sensitivity.png"),
-    }
-    return sens, paths
+    with RunOutput(Path(out)) as unit:
+        given = resolve(model_ref, weights, data_ref, eval_ref, seed)
+        sens = analyze(
+            given.model,
+            example_inputs=given.data.example_inputs(),
+            data=given.data.val,
+            evaluate=given.evaluate,
+            calib_data=given.data.calib,
+            progress=progress,
+            seed=seed,
+        )
+        paths = {
+            "json": sens.save(unit.staging / "sensitivity.json"),
+            "plot": sens.plot(unit.staging / "sensitivity.png"),
+        }
+        unit.commit()
+    return sens, unit.final(paths)
 
 
 def run_auto(
@@ -62,16 +64,20 @@ def run_auto(
     from netshrink.recipe.commands import prepare
 
     goal = parse_target(target)
-    model, kwargs, extra = prepare(
-        model_ref,
-        weights=weights,
-        data_ref=data_ref,
-        eval_ref=eval_ref,
-        seed=seed,
-        runtime=runtime,
-        threads=threads,
-        runs=runs,
-        progress=progress,
-    )
-    found = auto(model, goal, **kwargs)
-    return found, found.save(out, {**extra, "target": str(goal)})
+    with RunOutput(Path(out)) as unit:
+        model, kwargs, extra = prepare(
+            model_ref,
+            weights=weights,
+            data_ref=data_ref,
+            eval_ref=eval_ref,
+            seed=seed,
+            runtime=runtime,
+            threads=threads,
+            runs=runs,
+            progress=progress,
+        )
+        unit.check_space(space_needed(model))
+        found = auto(model, goal, **kwargs)
+        paths = found.save(unit.staging, {**extra, "target": str(goal)})
+        unit.commit()
+    return found, unit.final(paths)

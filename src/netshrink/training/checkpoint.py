@@ -3,15 +3,14 @@
 A checkpoint holds nested state (model, optimizer and scheduler state dicts, RNG states, loop
 counters). :func:`flatten` splits such a tree into its tensors, stored as safetensors, and a JSON
 skeleton that points at them, stored in the file's metadata. The file is written to a temporary
-name in the same folder, flushed to disk and renamed over the old one, so a crash at any moment
+name in the same folder, flushed to disk and renamed over the old one
+(:func:`netshrink.outdir.write_atomic`), so a crash at any moment
 leaves either the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 
 from netshrink.errors import ArtifactError
+from netshrink.outdir import write_atomic
 
 _META_KEY = "netshrink_checkpoint"
 
@@ -56,21 +56,6 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(skeleton, list):
         return [unflatten(v, tensors) for v in skeleton]
     return skeleton
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
