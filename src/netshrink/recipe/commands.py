@@ -27,6 +27,7 @@ from netshrink.recipe import builtin
 from netshrink.recipe.deliver import PROVENANCE_KEY, save_run
 from netshrink.recipe.result import Result
 from netshrink.recipe.runner import compress
+from netshrink.usercode import check_data
 
 
 @dataclass
@@ -58,6 +59,8 @@ def resolve(
             )
         data_ref = model_ref
     data = refs.data_from(data_ref)
+    splits = {"train": data.train, "val": data.val, "calib": data.calib, "test": data.test}
+    check_data(model, splits, data_ref)
     return Inputs(model, data, evaluate, model_ref, data_ref)
 
 
