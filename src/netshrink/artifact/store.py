@@ -9,8 +9,10 @@ The manifest (format version 1) records:
   built model, so pruned, factorized and quantized layers come back with the right structure;
 - ``tensors``: each state-dict entry's dtype, shape and encoding (dense, bitmask or CSR, see
   :mod:`netshrink.artifact.codec`); ``aliases`` for tied tensors stored once;
-- ``sha256`` of the tensor file, provenance (versions) and ``extra`` (the recipe, seed, measurements
-  a caller passes).
+- ``sha256`` of the tensor file, ``checksum`` (the sha256 of the rest of the manifest, so one
+  value covers both files; :mod:`netshrink.artifact.validate` checks it and every declared size
+  before ``load`` allocates), provenance (versions) and ``extra`` (the recipe, seed,
+  measurements a caller passes).
 
 Every file is written atomically: the directory is assembled under a temporary name beside the
 target and renamed into place, so a crash never leaves a half-written artifact.
@@ -18,7 +20,6 @@ target and renamed into place, so a crash never leaves a half-written artifact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -33,6 +34,15 @@ from torch import nn
 
 from netshrink.artifact.codec import decode, encode
 from netshrink.artifact.modules import build, spec_of
+from netshrink.artifact.validate import (
+    CHECKSUM_KEY,
+    check_checksum,
+    check_modules,
+    check_tensors,
+    checksum,
+    file_sha256,
+    read_json,
+)
 from netshrink.errors import ArtifactError
 from netshrink.outdir import make_dir_beside, swap_in
 
@@ -50,14 +60,6 @@ def architecture_of(model: nn.Module) -> str:
         return f"zoo:{zoo_name}"
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -114,8 +116,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
     tmp = make_dir_beside(target, "tmp")
     try:
         save_file(stored, str(tmp / TENSORS_FILE))
-        manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
+        manifest["sha256"] = file_sha256(tmp / TENSORS_FILE)
         try:
+            manifest[CHECKSUM_KEY] = checksum(manifest)
             text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ArtifactError(f"manifest_extra is not JSON-serialisable: {exc}") from exc
@@ -137,12 +140,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     file = root / MANIFEST_FILE
     if not root.is_dir():
         raise ArtifactError(f"{root} is not an artifact directory (expected {ARTIFACT_FILES})")
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{root} has no {MANIFEST_FILE}; not a netshrink artifact") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{file} is corrupt or truncated: {exc}") from exc
+    manifest = read_json(file)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{file} is not a netshrink manifest (no format: {FORMAT})")
     version = manifest.get("format_version")
@@ -151,7 +149,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{root} has format version {version!r}; this netshrink reads up to {FORMAT_VERSION}"
             " — upgrade netshrink"
         )
-    for key in ("modules", "tensors", "aliases", "sha256"):
+    for key in ("modules", "tensors", "aliases", "sha256", CHECKSUM_KEY):
         if key not in manifest:
             raise ArtifactError(f"{file} lacks '{key}'; the artifact is incomplete")
     return manifest
@@ -205,15 +203,14 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     root = Path(path)
     manifest = read_manifest(root)
     tensors_file = root / TENSORS_FILE
-    if not tensors_file.is_file():
-        raise ArtifactError(f"{root} has no {TENSORS_FILE}")
-    if _sha256(tensors_file) != manifest["sha256"]:
-        raise ArtifactError(f"{tensors_file} does not match its manifest checksum: corrupt")
+    load_all()  # registers netshrink's own rebuildable layers
+    check_modules(manifest)  # shapes on the meta device, then files: nothing allocated yet
+    check_checksum(root, manifest)
+    check_tensors(root, manifest)
     try:
         parts = load_file(str(tensors_file))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{tensors_file} is corrupt or truncated: {exc}") from exc
-    load_all()  # registers netshrink's own rebuildable layers
     model = model if model is not None else _fresh_model(manifest)
     model = _replay_structure(model, manifest["modules"])
     state = {name: decode(name, entry, parts) for name, entry in manifest["tensors"].items()}

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from netshrink.measure import Measurement
 
 from netshrink import refs
+from netshrink.artifact.validate import check_input_specs
 from netshrink.context import Evaluate
 from netshrink.errors import ArtifactError, ModelReferenceError
 from netshrink.outdir import RunOutput, space_needed
@@ -173,6 +174,7 @@ def recorded_inputs(info: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
     specs = info.get("inputs")
     if not specs:
         return None
+    check_input_specs(specs)
     try:
         return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in specs)
     except (KeyError, TypeError, AttributeError) as exc:
