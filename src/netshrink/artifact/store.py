@@ -37,8 +37,9 @@ from netshrink.artifact.modules import build, spec_of
 from netshrink.artifact.validate import (
     CHECKSUM_KEY,
     check_checksum,
+    check_entries,
     check_modules,
-    check_tensors,
+    check_stored,
     checksum,
     file_sha256,
     read_json,
@@ -204,9 +205,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     manifest = read_manifest(root)
     tensors_file = root / TENSORS_FILE
     load_all()  # registers netshrink's own rebuildable layers
-    check_modules(manifest)  # shapes on the meta device, then files: nothing allocated yet
+    check_entries(manifest)  # the manifest, the modules on the meta device, then the files:
+    check_modules(manifest)  # every size is checked before anything is allocated
     check_checksum(root, manifest)
-    check_tensors(root, manifest)
+    check_stored(root, manifest)
     try:
         parts = load_file(str(tensors_file))
     except (SafetensorError, OSError) as exc:

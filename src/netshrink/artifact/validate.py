@@ -141,8 +141,8 @@ def _stored(parts: dict[str, tuple[str, list[int], int]], key: str) -> tuple[str
     return parts[key]
 
 
-def _check_tensor(name: str, entry: Any, parts: dict[str, tuple[str, list[int], int]]) -> int:
-    """Check one manifest entry against the stored parts; return its decoded size in bytes."""
+def _check_tensor(name: str, entry: Any, parts: dict[str, tuple[str, list[int], int]]) -> None:
+    """Check one manifest entry against the stored parts (the bytes they hold)."""
     dtype, shape, encoding = _entry(name, entry)
     numel = math.prod(shape)
     decoded = numel * dtype.itemsize
@@ -165,7 +165,6 @@ def _check_tensor(name: str, entry: Any, parts: dict[str, tuple[str, list[int], 
             f"tensor {excerpt(name, 80)}: the manifest declares {dtype} {shape} ({encoding}) "
             "but the tensor file holds something else"
         )
-    return decoded
 
 
 def physical_memory() -> int:
@@ -176,15 +175,16 @@ def physical_memory() -> int:
         return 2**40
 
 
-def check_tensors(root: Path, manifest: dict[str, Any]) -> None:
-    """Check every tensor entry and alias against the tensor file's header and the RAM."""
-    from netshrink.artifact.store import TENSORS_FILE
-
+def check_entries(manifest: dict[str, Any]) -> None:
+    """Check the manifest's tensor entries and aliases are well formed and decode to no more
+    than this machine's memory (the manifest alone: run before :func:`check_modules`)."""
     tensors, aliases = manifest["tensors"], manifest["aliases"]
     if not isinstance(tensors, dict) or not isinstance(aliases, dict):
         raise ArtifactError("the manifest's 'tensors' and 'aliases' must be mappings")
-    parts = _header(root / TENSORS_FILE)
-    total = sum(_check_tensor(name, entry, parts) for name, entry in tensors.items())
+    total = 0
+    for name, entry in tensors.items():
+        dtype, shape, _ = _entry(name, entry)
+        total += math.prod(shape) * dtype.itemsize
     for alias, original in aliases.items():
         if not isinstance(original, str) or original not in tensors:
             raise ArtifactError(f"alias {excerpt(alias, 80)} names no stored tensor")
@@ -193,6 +193,15 @@ def check_tensors(root: Path, manifest: dict[str, Any]) -> None:
             f"the artifact decodes to {total / 2**30:.1f} GiB of tensors, more than this "
             f"machine's {physical_memory() / 2**30:.1f} GiB of memory"
         )
+
+
+def check_stored(root: Path, manifest: dict[str, Any]) -> None:
+    """Check every tensor entry against the tensor file's header (a few bytes read)."""
+    from netshrink.artifact.store import TENSORS_FILE
+
+    parts = _header(root / TENSORS_FILE)
+    for name, entry in manifest["tensors"].items():
+        _check_tensor(name, entry, parts)
 
 
 def check_checksum(root: Path, manifest: dict[str, Any]) -> None:
