@@ -25,6 +25,7 @@ from netshrink.distill.student import StudentConfig, build_student
 from netshrink.metrics import accuracy
 from netshrink.registry import technique
 from netshrink.train import fit
+from netshrink.training.checkpoint import weights_hash
 
 
 class KDConfig(TechniqueConfig):
@@ -74,6 +75,15 @@ class KDConfig(TechniqueConfig):
         return value
 
 
+def resume_signature(config: KDConfig, teacher: nn.Module) -> dict[str, Any]:
+    """What a distillation checkpoint must match besides fit's own options: this stage's
+    options and the teacher's weights (a changed teacher must not hand back the old student)."""
+    return {
+        "stage": {"distill.kd": config.model_dump(mode="json")},
+        "teacher": weights_hash(teacher),
+    }
+
+
 def _needs(config: KDConfig) -> tuple[str, ...]:
     return ("train_data", "val_data") if config.patience else ("train_data",)
 
@@ -121,6 +131,7 @@ def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
             patience=config.patience,
             checkpoint_dir=config.checkpoint_dir,
             checkpoint_every=config.checkpoint_every,
+            signature=resume_signature(config, teacher) if config.checkpoint_dir else None,
         )
     finally:
         distiller.close()

@@ -10,13 +10,16 @@ leaves either the previous checkpoint or the new one, never half of one.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
+from torch import nn
 
 from netshrink.errors import ArtifactError
 from netshrink.outdir import write_atomic
@@ -56,6 +59,30 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(skeleton, list):
         return [unflatten(v, tensors) for v in skeleton]
     return skeleton
+
+
+def _digest_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 of ``module``'s state dict: names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        _digest_tensor(digest, key, tensor)
+    return digest.hexdigest()
+
+
+def data_hash(batches: Iterable[Any]) -> str:
+    """sha256 of every tensor in ``batches`` (nested tuples, lists and dicts), in order."""
+    digest = hashlib.sha256()
+    tensors: dict[str, torch.Tensor] = {}
+    flatten(list(batches), tensors)
+    for key, tensor in tensors.items():
+        _digest_tensor(digest, key, tensor)
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ states.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,13 @@ from netshrink.errors import ConfigError
 from netshrink.metrics import accuracy
 from netshrink.progress import track
 from netshrink.training import distributed as dd
-from netshrink.training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from netshrink.training.checkpoint import (
+    data_hash,
+    load_checkpoint,
+    save_checkpoint,
+    weights_hash,
+    write_atomic,
+)
 from netshrink.training.optim import make_optimizer, make_schedule
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -153,15 +160,14 @@ class _Trainer:
         if not self.path.exists():
             return
         state = load_checkpoint(self.path)
-        if state["fingerprint"] != self.fingerprint:
-            diff = {
-                k: (state["fingerprint"].get(k), v)
-                for k, v in self.fingerprint.items()
-                if state["fingerprint"].get(k) != v
-            }
+        saved = state["fingerprint"]
+        if saved != self.fingerprint:
+            changed = sorted(
+                k for k in {*saved, *self.fingerprint} if saved.get(k) != self.fingerprint.get(k)
+            )
             raise ConfigError(
-                f"checkpoint {self.path} was written by a different run (saved vs now: {diff}); "
-                "delete it or choose another checkpoint_dir"
+                f"checkpoint {self.path} was written by a different run ({', '.join(changed)} "
+                "changed since); refusing to resume: delete it or choose another checkpoint_dir"
             )
         self.model.load_state_dict(state["model"])
         if self.aux is not None:
@@ -170,6 +176,10 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.result = FitResult(**state["result"])
         self.result.resumed_from_step = self.result.steps
+        if self.world.main:
+            print(
+                f"netshrink: resumed from step {self.result.steps} ({self.path})", file=sys.stderr
+            )
         self.epoch, self.epoch_loss_sum = state["epoch"], state["epoch_loss_sum"]
         self.bad_epochs, self.best_state = state["bad_epochs"], state["best_state"]
         self.done = state["done"]
@@ -263,6 +273,7 @@ def fit(
     aux: nn.Module | None = None,
     device: str | torch.device | None = None,
     distributed: bool | None = None,
+    signature: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``epochs`` passes over ``train_data``; return what happened.
 
@@ -280,6 +291,9 @@ def fit(
     - ``distributed``: train with DistributedDataParallel over the ``torchrun`` processes
       (default: when launched with ``WORLD_SIZE`` > 1); batches are sharded across ranks,
       losses and metrics averaged over them, and only rank 0 writes checkpoints.
+    - ``signature``: what else a checkpoint must have been written for (the recipe stage, the
+      teacher's weights hash); with the options, the starting weights' hash and the data's hash
+      it decides whether a checkpoint is resumed or refused.
     """
     _validate(epochs, lr, patience, val_data, checkpoint_every)
     batches = materialize(train_data, "train_data")
@@ -317,6 +331,10 @@ def fit(
         "batches": len(batches),
         "world_size": world.size,
         "params": [[n, list(p.shape)] for n, p in model.named_parameters()],
+        "model": weights_hash(model) if checkpoint_dir is not None else None,
+        "data": data_hash(batches) if checkpoint_dir is not None else None,
+        "val_data": data_hash(val) if checkpoint_dir is not None and val is not None else None,
+        **(signature or {}),
     }
     path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     t = _Trainer(model, net, aux, opt, sched, world, dev, fingerprint, path)
