@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -180,3 +184,24 @@ def test_cli_refuses_a_bad_out_before_any_work(tmp_path: Path, prepare, fragment
     result = runner.invoke(app, [*args, "--data", "x:y", "--out", str(out)])
     assert result.exit_code == 2, result.output
     assert fragment in " ".join(result.stderr.split())  # raising_model was never called
+
+
+def test_kill_while_writing_leaves_the_previous_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_writing(out, {"report.json": "previous run"})
+    (tmp_path / "r.yaml").write_text("version: 1\nstages:\n  - prune.magnitude: {}\n")
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests)])}
+    args = ["compress", str(tmp_path / "r.yaml"), "--model", "recipe_fakes:untrained_model"]
+    args += ["--data", "recipe_fakes:cli_data", "--out", str(out), "--quiet", "--threads", "1"]
+    child = subprocess.Popen([sys.executable, "-m", "netshrink", *args], env=env, cwd=tests)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.netshrink-staging-*/baseline")):
+        assert child.poll() is None and time.monotonic() < deadline, "no staging was written"
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert sorted(os.listdir(out)) == [MARKER, "report.json"]
+    assert (out / "report.json").read_text() == "previous run"
+    run_writing(out, {"report.json": "next run"})  # the killed run's staging is cleaned
+    assert beside(tmp_path) == ["out", "r.yaml"]

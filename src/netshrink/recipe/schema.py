@@ -187,7 +187,7 @@ def parse(data: Any, source: str = "<recipe>") -> Recipe:
     version = data.get("version")
     if version is None:
         raise RecipeError(f"{source}: missing 'version'; write 'version: {VERSION}'")
-    if version != VERSION or isinstance(version, bool):
+    if type(version) is not int or version != VERSION:  # not 1.0, not true
         raise RecipeError(f"{source}: unsupported version {excerpt(version)}; supported: {VERSION}")
     description = data.get("description", "")
     if not isinstance(description, str):
