@@ -129,3 +129,14 @@ def test_excerpt_is_bounded_for_any_value() -> None:
         nested = [nested, "x" * 1000]
     assert len(excerpt(nested)) <= MAX_CHARS
     assert len(excerpt("q" * 10**6)) <= MAX_CHARS
+
+
+def test_validators_that_rewrite_values_still_work() -> None:
+    text = "version: 1\nstages:\n - distill.kd: {features: [a], student: {width: 1}}\n"
+    stage = recipe.loads(text).stages[0]
+    assert stage.config.features[0].student == "a" and stage.config.student.width == 1.0
+
+
+def test_version_must_be_the_integer_one() -> None:
+    refused("version: 1.0\n" + STAGE, "unsupported version 1.0")
+    refused("version: true\n" + STAGE, "unsupported version True")

@@ -122,19 +122,26 @@ def _where(index: int | None) -> str | None:
     return None if index is None else f"stage {index}"
 
 
+_SCALAR_TYPE_ERRORS = ("int_type", "float_type", "bool_type", "string_type")
+"""Strict-mode errors of scalars; containers are left to the lax pass (a YAML list fills a
+tuple option, and validators that rewrite a value before checking it work as in Python)."""
+
+
 def _check_strict(config: type[Options], options: Any, label: str) -> None:
     """Refuse what pydantic's lax mode would coerce: ``"0.5"`` for a number, ``true`` for 1.
 
-    Options are validated as the JSON they are (strict, so a YAML list still fills a tuple
-    field); a value JSON cannot hold (a YAML date) is given as its text, which no number or
-    choice accepts.
+    Options are validated as the JSON they are, in strict mode; only scalar type errors count.
+    A value JSON cannot hold (a YAML date) is given as its text, which no number accepts.
     """
     if not isinstance(options, Mapping):
         return  # the technique's own validation says what a stage's options must be
     try:
         config.model_validate_json(json.dumps(options, default=str), strict=True)
     except ValidationError as exc:
-        raise registry.config_error(exc, config, label) from None
+        scalar = [e for e in exc.errors() if e["type"] in _SCALAR_TYPE_ERRORS]
+        if scalar:
+            strict = ValidationError.from_exception_data(exc.title, scalar)  # type: ignore[arg-type]
+            raise registry.config_error(strict, config, label) from None
 
 
 def parse_stage(index: int, raw: Any) -> Stage:
