@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -85,7 +84,7 @@ def handles_errors(fn: F) -> F:
             _debug_traceback(exc)
             err().print(f"[red]failed:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a bug or the system (memory, disk): still one line
             _debug_traceback(exc)
@@ -99,7 +98,10 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-_DEBUG = {"on": False}
+class _BeforeVerb:
+    """Options given before the verb, for the whole invocation."""
+
+    debug = False
 
 
 @app.callback()
@@ -109,12 +111,12 @@ def _options(
     ] = False,
 ) -> None:
     """Make trained PyTorch models smaller and faster, and prove it by measuring."""
-    _DEBUG["on"] = debug
+    _BeforeVerb.debug = debug
 
 
 def _debug_traceback(exc: BaseException) -> None:
     """With ``--debug``, print ``exc``'s traceback (the user's code's, for a UserCodeError)."""
-    if _DEBUG["on"]:
+    if _BeforeVerb.debug:
         traceback.print_exception(exc)
 
 
