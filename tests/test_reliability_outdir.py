@@ -77,7 +77,7 @@ def test_an_empty_folder_is_fine(tmp_path: Path) -> None:
 
 def test_out_that_is_a_file_or_below_one(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("data")
-    with pytest.raises(OutputError, match="is a file"):
+    with pytest.raises(OutputError, match="is not a folder"):
         RunOutput(tmp_path / "f")
     with pytest.raises(OutputError, match="which is a file"):
         RunOutput(tmp_path / "f" / "sub" / "out")
@@ -173,7 +173,7 @@ def test_concurrent_saves_to_one_path_leave_one_whole_artifact(tmp_path: Path) -
     ("prepare", "fragment"),
     [
         (lambda out: (out / "model").mkdir(parents=True), "did not write ('model')"),
-        (lambda out: out.write_text("x"), "is a file"),
+        (lambda out: out.write_text("x"), "is not a folder"),
     ],
 )
 def test_cli_refuses_a_bad_out_before_any_work(tmp_path: Path, prepare, fragment: str) -> None:
@@ -205,3 +205,30 @@ def test_kill_while_writing_leaves_the_previous_run(tmp_path: Path) -> None:
     assert (out / "report.json").read_text() == "previous run"
     run_writing(out, {"report.json": "next run"})  # the killed run's staging is cleaned
     assert beside(tmp_path) == ["out", "r.yaml"]
+
+
+def test_ns_save_never_replaces_a_folder_of_yours(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputError, match=r"thesis\.tex"):
+        save(nn.Linear(2, 2), tmp_path / "a")
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(OutputError, match="is not a folder"):
+        save(nn.Linear(2, 2), tmp_path / "f")
+    assert (tmp_path / "a" / "thesis.tex").read_text() == "mine"
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "not json", "a list"])
+def test_a_hostile_marker_makes_the_folder_foreign_without_hanging(
+    tmp_path: Path, kind: str
+) -> None:
+    run_writing(tmp_path / "out", {"report.json": "1"})
+    marker = tmp_path / "out" / MARKER
+    marker.unlink()
+    if kind == "fifo":
+        os.mkfifo(marker)
+    else:
+        marker.write_text("{" if kind == "not json" else '["report.json"]')
+    with pytest.raises(OutputError, match="did not write"):
+        RunOutput(tmp_path / "out")

@@ -23,7 +23,8 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -40,6 +41,7 @@ TAG = ".netshrink-"
 REPORT_OVERHEAD = 16 * 2**20
 """Bytes a run writes besides its two artifacts (report, plots), generously rounded up."""
 PROBE_BYTES = 4096
+MAX_MARKER_BYTES = 2**20
 
 P = TypeVar("P")
 
@@ -136,6 +138,24 @@ def swap_in(new: Path, target: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def check_replaceable(target: Path, ours: Iterable[str], what: str | None = None) -> None:
+    """Refuse to replace ``target`` unless it is absent, an empty folder, or a folder holding
+    only entries named in ``ours`` (what netshrink wrote there). ``what`` names it in errors."""
+    name = what or str(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise OutputError(f"{name} is not a folder (a file or a link); netshrink replaces folders")
+    foreign = sorted(set(os.listdir(target)) - set(ours))
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        shown = ", ".join(excerpt(f, 60) for f in foreign[:5]) + more
+        raise OutputError(
+            f"{name} holds files netshrink did not write ({shown}); it is replaced as a whole, "
+            "so give a new or empty folder, or one netshrink wrote"
+        )
+
+
 def _first_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -143,10 +163,18 @@ def _first_existing(path: Path) -> Path:
 
 
 def _owned(out: Path) -> set[str]:
-    """Entries of the previous run recorded in ``out``'s marker (empty without one)."""
+    """Entries of the previous run recorded in ``out``'s marker (empty without one).
+
+    Only a small regular file is read: a FIFO in its place would block the reader forever.
+    """
     try:
-        files = json.loads((out / MARKER).read_text(encoding="utf-8")).get("files", [])
+        info = os.lstat(out / MARKER)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_MARKER_BYTES:
+            return set()
+        files = json.loads((out / MARKER).read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):
+        return set()
+    if not isinstance(files, list):
         return set()
     return {f for f in files if isinstance(f, str)} | {MARKER}
 
@@ -156,20 +184,11 @@ def check_target(out: Path) -> None:
     ancestor = _first_existing(out.absolute())
     if ancestor != out.absolute() and not ancestor.is_dir():
         raise OutputError(f"--out {str(out)!r} lies below {str(ancestor)!r}, which is a file")
-    if not out.exists():
+    if not out.exists() and not out.is_symlink():
         if not os.access(ancestor, os.W_OK | os.X_OK):
             raise OutputError(f"--out {str(out)!r}: no permission to create it in {ancestor}")
         return
-    if not out.is_dir():
-        raise OutputError(f"--out {str(out)!r} is a file; give a folder (new, empty or a run's)")
-    foreign = sorted(set(os.listdir(out)) - _owned(out))
-    if foreign:
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        shown = ", ".join(excerpt(f, 60) for f in foreign[:5]) + more
-        raise OutputError(
-            f"--out {str(out)!r} holds files netshrink did not write ({shown}); a run replaces "
-            "its folder as a whole, so give a new or empty folder, or one a netshrink run wrote"
-        )
+    check_replaceable(out, _owned(out), f"--out {str(out)!r}")
     for path in (out, out.parent):
         if not os.access(path, os.W_OK | os.X_OK):
             raise OutputError(

@@ -45,7 +45,7 @@ from netshrink.artifact.validate import (
     read_json,
 )
 from netshrink.errors import ArtifactError
-from netshrink.outdir import make_dir_beside, swap_in
+from netshrink.outdir import check_replaceable, make_dir_beside, swap_in
 
 FORMAT = "netshrink-artifact"
 FORMAT_VERSION = 1
@@ -96,6 +96,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
     ``manifest_extra`` (JSON-serialisable) is stored under the manifest's ``extra`` key.
     """
     target = Path(path)
+    check_replaceable(target, ARTIFACT_FILES)
     target.parent.mkdir(parents=True, exist_ok=True)
     unique, aliases = _split_aliases(model.state_dict())
     stored: dict[str, torch.Tensor] = {}
