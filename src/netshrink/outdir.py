@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import json
 import os
 import secrets
@@ -230,7 +231,7 @@ def _clean_stale(out: Path) -> None:
     A run killed between the two renames of the fallback swap left ``OUT`` missing and its
     previous content in an ``old`` folder: that is put back first.
     """
-    for path in out.parent.glob(f"{_beside(out, '')}*"):
+    for path in out.parent.glob(f"{glob.escape(_beside(out, ''))}*"):
         if not path.is_dir() or path.is_symlink():
             continue
         previous = path / "previous"
