@@ -113,3 +113,24 @@ def test_check_batch(batch: object, fragment: str | None) -> None:
         return
     with pytest.raises(DataError, match=fragment):
         check_batch(batch, "b")
+
+
+def test_deep_and_empty_batches_are_described_briefly() -> None:
+    deep: list = [torch.zeros(1)]
+    for _ in range(5000):
+        deep = [deep, deep]
+    with pytest.raises(DataError, match="a batch is a pair") as info:
+        check_batch((deep, None, None), "b")
+    assert len(str(info.value)) < 600
+    with pytest.raises(DataError, match="empty tensor"):
+        check_batch((torch.zeros(0, 4), None), "b")
+
+
+def test_weights_that_are_a_fifo_are_refused_without_opening(tmp_path: Path) -> None:
+    import os
+
+    from netshrink.refs import load_weights
+
+    os.mkfifo(tmp_path / "w.safetensors")
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_weights(recipe_fakes.untrained_model(), tmp_path / "w.safetensors")

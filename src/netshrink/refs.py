@@ -104,7 +104,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--weights {str(path)!r} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise DataError(f"--weights {str(path)!r} {what}")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

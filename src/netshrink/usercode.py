@@ -76,11 +76,13 @@ def _tensors(value: Any) -> list[Any]:
     return list(value) if isinstance(value, tuple | list) else [value]
 
 
-def _describe(value: Any) -> str:
+def _describe(value: Any, depth: int = 2) -> str:
+    """A short description of a batch's part: tensors with their shape, containers two deep."""
     if torch.is_tensor(value):
         return f"tensor{tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-    if isinstance(value, tuple | list):
-        return f"{type(value).__name__} of {len(value)}: [{', '.join(map(_describe, value[:4]))}]"
+    if isinstance(value, tuple | list) and depth > 0:
+        inner = ", ".join(_describe(v, depth - 1) for v in value[:4])
+        return f"{type(value).__name__} of {len(value)}: [{inner}]"
     if isinstance(value, Mapping):
         return f"dict with keys {excerpt(list(value))}"
     return type(value).__name__
@@ -97,6 +99,8 @@ def check_batch(batch: Any, where: str) -> None:
     for t in _tensors(inputs):
         if not torch.is_tensor(t):
             raise DataError(f"{where} inputs hold a {_describe(t)}; inputs must be tensors")
+        if t.numel() == 0:
+            raise DataError(f"{where} inputs hold an empty {_describe(t)}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise DataError(f"{where} inputs contain NaN or Inf")
     if targets is not None and not torch.is_tensor(targets):
@@ -111,7 +115,8 @@ def _check_labels(output: Any, batch: Sequence[Any], where: str) -> None:
         raise DataError(
             f"{where}: the model gave {output.shape[0]} outputs for {targets.shape[0]} targets"
         )
-    if targets.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+    integer = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+    if targets.dtype in integer and targets.numel():
         classes = output.shape[1]
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= classes:
