@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_fixtures import TEXTS, build, encode, model_dir, tokenizer
+from netshrink.config import TrainConfig
 from netshrink.errors import ConfigError, DataError, MissingInputError
 from netshrink.hf import LOSSES, load_model, loss_for
 from netshrink.train import fit
@@ -112,7 +113,7 @@ def test_fine_tuning_with_a_task_loss_moves_the_student_toward_the_teacher(folde
     loss = loss_for("embedding", teacher=teacher)
     batches = [(inputs, None)]
     before = float(loss(student, batches[0]).detach())
-    fit(student, batches, epochs=5, lr=1e-3, loss_fn=loss, progress=False)  # in place
+    fit(student, batches, TrainConfig(epochs=5, lr=1e-3), loss_fn=loss, progress=False)  # in place
     assert float(loss(student, batches[0]).detach()) < before
 
 

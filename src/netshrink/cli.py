@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -20,6 +22,7 @@ from rich.table import Table
 
 from netshrink import progress
 from netshrink.errors import ConfigError, InputError, NetshrinkError
+from netshrink.quote import excerpt
 from netshrink.recipe.builtin import DEMO_RUNTIME, DEMO_THREADS
 from netshrink.settings import Inputs, Timing
 
@@ -47,11 +50,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, headline only")]
-SeedOpt = Annotated[int, typer.Option(help="seed of every random choice")]
+MAX_SEED = 2**32 - 1
+"""Largest seed: numpy's generators take seeds below 2**32."""
+MAX_THREADS = (os.cpu_count() or 1) * 4
+"""Most intra-op threads accepted: more only oversubscribes the cores (and can exhaust memory)."""
+SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of every random choice")]
 RunsOpt = Annotated[int, typer.Option(min=20, max=100000, help="timed runs per latency median")]
 RuntimeOpt = Annotated[str, typer.Option(help="where latency is timed: eager or onnxruntime")]
 ThreadsOpt = Annotated[
-    int | None, typer.Option(min=1, help="intra-op threads for timing (default: torch's)")
+    int | None,
+    typer.Option(min=1, max=MAX_THREADS, help="intra-op threads for timing (default: torch's)"),
 ]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="zoo:<name> or pkg.module:factory")]
 DataOpt = Annotated[
@@ -70,13 +78,47 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InputError as exc:
+            _debug_traceback(exc)
             err().print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
         except NetshrinkError as exc:
+            _debug_traceback(exc)
             err().print(f"[red]failed:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a bug or the system (memory, disk): still one line
+            _debug_traceback(exc)
+            err().print(
+                f"[red]failed:[/red] {type(exc).__name__}: {escape(excerpt(str(exc)))} "
+                "(--debug shows the traceback)",
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _BeforeVerb:
+    """Options given before the verb, for the whole invocation."""
+
+    debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="print the traceback of an error (before the verb)")
+    ] = False,
+) -> None:
+    """Make trained PyTorch models smaller and faster, and prove it by measuring."""
+    _BeforeVerb.debug = debug
+
+
+def _debug_traceback(exc: BaseException) -> None:
+    """With ``--debug``, print ``exc``'s traceback (the user's code's, for a UserCodeError)."""
+    if _BeforeVerb.debug:
+        traceback.print_exception(exc)
 
 
 def _scripted(quiet: bool, as_json: bool) -> bool:
@@ -214,7 +256,9 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-demo"),
     seed: SeedOpt = 0,
     runtime: RuntimeOpt = DEMO_RUNTIME,
-    threads: Annotated[int, typer.Option(min=1, help="intra-op threads for timing")] = DEMO_THREADS,
+    threads: Annotated[
+        int, typer.Option(min=1, max=MAX_THREADS, help="intra-op threads for timing")
+    ] = DEMO_THREADS,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:

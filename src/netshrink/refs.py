@@ -20,6 +20,8 @@ from netshrink.batches import materialize
 from netshrink.context import Batch, Evaluate
 from netshrink.data import DataSplits
 from netshrink.errors import DataError, ModelReferenceError
+from netshrink.quote import excerpt
+from netshrink.usercode import check_batch, check_reference, guarded
 
 ZOO = "zoo:"
 DATA_SPLITS = ("train", "val", "calib")
@@ -28,6 +30,13 @@ DATA_SPLITS = ("train", "val", "calib")
 def zoo_name(ref: object) -> str | None:
     """The model name of a ``zoo:<name>`` reference, else None (also for a non-string)."""
     return ref[len(ZOO) :] if isinstance(ref, str) and ref.startswith(ZOO) else None
+
+
+def _import(module_name: str, what: str, ref: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelReferenceError(f"{what} {ref!r}: cannot import {module_name!r}: {exc}") from None
 
 
 def load_object(ref: str, what: str) -> Any:
@@ -43,10 +52,7 @@ def load_object(ref: str, what: str) -> Any:
         )
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelReferenceError(f"{what} {ref!r}: cannot import {module_name!r}: {exc}") from None
+    module = guarded(f"{what} {ref}", f"import {module_name}", _import, module_name, what, ref)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -57,9 +63,8 @@ def load_object(ref: str, what: str) -> Any:
 
 def _call(ref: str, what: str) -> Any:
     factory = load_object(ref, what)
-    if not callable(factory):
-        raise ModelReferenceError(f"{what} {ref!r} is not callable: {type(factory).__name__}")
-    return factory()
+    check_reference(factory, ref, what)
+    return guarded(f"{what} {ref}", f"{ref.partition(':')[2]}()", factory)
 
 
 def build_model(ref: str, seed: int = 0, trained: bool = True) -> nn.Module:
@@ -72,7 +77,8 @@ def build_model(ref: str, seed: int = 0, trained: bool = True) -> nn.Module:
     model = _call(ref, "--model")
     if not isinstance(model, nn.Module):
         raise ModelReferenceError(
-            f"--model {ref!r} returned {type(model).__name__}; it must return a torch.nn.Module"
+            f"--model {ref!r} returned {type(model).__name__} {excerpt(model, 80)}; "
+            "it must return a torch.nn.Module"
         )
     return model
 
@@ -84,7 +90,8 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"--weights {str(path)!r} does not exist")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise DataError(f"--weights {str(path)!r} {what}")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -109,7 +116,13 @@ def model_from(ref: str, weights: str | Path | None = None, seed: int = 0) -> nn
 
 def _split(data: Any, key: str, ref: str) -> list[Batch] | None:
     value = data.get(key) if isinstance(data, Mapping) else getattr(data, key, None)
-    return None if value is None else materialize(value, f"--data {ref} split '{key}'")
+    if value is None:
+        return None
+    what = f"--data {ref} split '{key}'"
+    batches = guarded(f"--data {ref}", f"iterating split '{key}'", list, value)
+    for i, batch in enumerate(batches):
+        check_batch(batch, f"{what} batch {i}")
+    return materialize(batches, what)
 
 
 def data_from(ref: str) -> DataSplits:
@@ -154,8 +167,7 @@ def evaluate_from(ref: str | None, model_ref: str = "") -> Evaluate:
 
         return zoo.evaluate(name)
     fn = load_object(ref, "--eval")
-    if not callable(fn):
-        raise ModelReferenceError(f"--eval {ref!r} is not callable: {type(fn).__name__}")
+    check_reference(fn, ref, "--eval")
     return checked_metric(fn, ref)
 
 
@@ -163,11 +175,15 @@ def checked_metric(fn: Callable[..., Any], ref: str) -> Evaluate:
     """Wrap ``fn`` so that a result that is not a finite number raises DataError."""
 
     def evaluate(model: nn.Module, batches: Any) -> float:
-        value = fn(model, batches)
+        value = guarded(
+            f"--eval {ref}", f"{ref.partition(':')[2]}(model, batches)", fn, model, batches
+        )
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise DataError(f"--eval {ref!r} returned {value!r}; it must return a float") from None
+            raise DataError(
+                f"--eval {ref!r} returned {excerpt(value, 80)}; it must return a float"
+            ) from None
         if number != number or number in (float("inf"), float("-inf")):
             raise DataError(f"--eval {ref!r} returned {number}; it must be finite")
         return number

@@ -34,6 +34,7 @@ from netshrink.batches import check_finite_weights
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import ConfigError, DataError, NetshrinkError, UnsupportedModuleError
+from netshrink.quote import excerpt
 from netshrink.safety import (
     Signature,
     changed,
@@ -82,7 +83,7 @@ def config_error(exc: ValidationError, config: type[TechniqueConfig], stage: str
     else:
         field = config.model_fields.get(str(err["loc"][0])) if err["loc"] else None
         about = f" ({field.description})" if field and field.description else ""
-        message = f"{err['msg']}; got {err.get('input')!r}{about}"
+        message = f"{err['msg']}; got {excerpt(err.get('input'))}{about}"
     return ConfigError(message, stage=stage, key=key)
 
 

@@ -9,8 +9,10 @@ The manifest (format version 1) records:
   built model, so pruned, factorized and quantized layers come back with the right structure;
 - ``tensors``: each state-dict entry's dtype, shape and encoding (dense, bitmask or CSR, see
   :mod:`netshrink.artifact.codec`); ``aliases`` for tied tensors stored once;
-- ``sha256`` of the tensor file, provenance (versions) and ``extra`` (the recipe, seed, measurements
-  a caller passes).
+- ``sha256`` of the tensor file, ``checksum`` (the sha256 of the rest of the manifest, so one
+  value covers both files; :mod:`netshrink.artifact.validate` checks it and every declared size
+  before ``load`` allocates), provenance (versions) and ``extra`` (the recipe, seed,
+  measurements a caller passes).
 
 Every file is written atomically: the directory is assembled under a temporary name beside the
 target and renamed into place, so a crash never leaves a half-written artifact.
@@ -18,12 +20,10 @@ target and renamed into place, so a crash never leaves a half-written artifact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,23 @@ from torch import nn
 
 from netshrink.artifact.codec import decode, encode
 from netshrink.artifact.modules import build, spec_of
+from netshrink.artifact.validate import (
+    CHECKSUM_KEY,
+    TENSORS_FILE,
+    check_checksum,
+    check_entries,
+    check_modules,
+    check_stored,
+    checksum,
+    file_sha256,
+    read_json,
+)
 from netshrink.errors import ArtifactError, TargetError
 from netshrink.layers import replace_module
+from netshrink.outdir import check_replaceable, make_dir_beside, swap_in
 
 FORMAT = "netshrink-artifact"
 FORMAT_VERSION = 1
-TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 ARTIFACT_FILES = (TENSORS_FILE, MANIFEST_FILE)
 
@@ -51,14 +62,6 @@ def architecture_of(model: nn.Module) -> str:
         return f"zoo:{zoo_name}"
     cls = type(model)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,23 +91,13 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished ``tmp`` directory to ``target``, replacing an older artifact there."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / "a")
-    os.replace(tmp, target)
-    shutil.rmtree(old)
-
-
 def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | None = None) -> Path:
     """Write ``model`` as an artifact directory at ``path`` (replaced if present); return it.
 
     ``manifest_extra`` (JSON-serialisable) is stored under the manifest's ``extra`` key.
     """
     target = Path(path)
+    check_replaceable(target, ARTIFACT_FILES)
     target.parent.mkdir(parents=True, exist_ok=True)
     unique, aliases = _split_aliases(model.state_dict())
     stored: dict[str, torch.Tensor] = {}
@@ -123,16 +116,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
         "versions": _versions(),
         "extra": manifest_extra or {},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = make_dir_beside(target, "tmp")
     try:
         save_file(stored, str(tmp / TENSORS_FILE))
-        manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
+        manifest["sha256"] = file_sha256(tmp / TENSORS_FILE)
         try:
+            manifest[CHECKSUM_KEY] = checksum(manifest)
             text = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ArtifactError(f"manifest_extra is not JSON-serialisable: {exc}") from exc
         (tmp / MANIFEST_FILE).write_text(text)
-        _replace_dir(tmp, target)
+        swap_in(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -149,12 +143,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     file = root / MANIFEST_FILE
     if not root.is_dir():
         raise ArtifactError(f"{root} is not an artifact directory (expected {ARTIFACT_FILES})")
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{root} has no {MANIFEST_FILE}; not a netshrink artifact") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{file} is corrupt or truncated: {exc}") from exc
+    manifest = read_json(file)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{file} is not a netshrink manifest (no format: {FORMAT})")
     version = manifest.get("format_version")
@@ -163,7 +152,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{root} has format version {version!r}; this netshrink reads up to {FORMAT_VERSION}"
             " — upgrade netshrink"
         )
-    for key in ("modules", "tensors", "aliases", "sha256"):
+    for key in ("modules", "tensors", "aliases", "sha256", CHECKSUM_KEY):
         if key not in manifest:
             raise ArtifactError(f"{file} lacks '{key}'; the artifact is incomplete")
     return manifest
@@ -216,15 +205,15 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     root = Path(path)
     manifest = read_manifest(root)
     tensors_file = root / TENSORS_FILE
-    if not tensors_file.is_file():
-        raise ArtifactError(f"{root} has no {TENSORS_FILE}")
-    if _sha256(tensors_file) != manifest["sha256"]:
-        raise ArtifactError(f"{tensors_file} does not match its manifest checksum: corrupt")
+    load_all()  # registers netshrink's own rebuildable layers
+    check_entries(manifest)  # the manifest, the modules on the meta device, then the files:
+    check_modules(manifest)  # every size is checked before anything is allocated
+    check_checksum(root, manifest)
+    check_stored(root, manifest)
     try:
         parts = load_file(str(tensors_file))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{tensors_file} is corrupt or truncated: {exc}") from exc
-    load_all()  # registers netshrink's own rebuildable layers
     model = model if model is not None else _fresh_model(manifest)
     model = _replay_structure(model, manifest["modules"])
     state = {name: decode(name, entry, parts) for name, entry in manifest["tensors"].items()}

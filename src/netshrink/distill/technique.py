@@ -25,6 +25,7 @@ from netshrink.distill.student import StudentConfig, build_student
 from netshrink.metrics import accuracy
 from netshrink.registry import technique
 from netshrink.train import fit
+from netshrink.training.checkpoint import weights_hash
 
 
 class KDConfig(TechniqueConfig, TrainConfig):
@@ -58,6 +59,15 @@ class KDConfig(TechniqueConfig, TrainConfig):
         if isinstance(value, list | tuple):
             return [{"student": v} if isinstance(v, str) else v for v in value]
         return value
+
+
+def resume_signature(config: KDConfig, teacher: nn.Module) -> dict[str, Any]:
+    """What a distillation checkpoint must match besides fit's own options: this stage's
+    options and the teacher's weights (a changed teacher must not hand back the old student)."""
+    return {
+        "stage": {"distill.kd": config.model_dump(mode="json")},
+        "teacher": weights_hash(teacher),
+    }
 
 
 def _needs(config: KDConfig) -> tuple[str, ...]:
@@ -101,6 +111,7 @@ def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
             desc="distill.kd",
             val_data=ctx.val_data,
             evaluate=ctx.evaluate or (accuracy if distiller.mode == "kl" else None),
+            signature=resume_signature(config, teacher) if config.checkpoint_dir else None,
         )
     finally:
         distiller.close()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from netshrink.errors import RecipeError
 from netshrink.recipe.schema import Recipe, loads
+from netshrink.recipe.yamlsafe import MAX_BYTES
 
 DEFAULT = "distill-prune-int8"
 """The recipe ``netshrink demo`` runs."""
@@ -51,7 +52,8 @@ def load(ref: str | Path) -> Recipe:
     path = Path(ref)
     if path.is_file():
         try:
-            body = path.read_text(encoding="utf-8")
+            with path.open(encoding="utf-8") as f:
+                body = f.read(MAX_BYTES + 1)  # a longer file is refused by loads, unread
         except (OSError, UnicodeDecodeError) as exc:
             raise RecipeError(f"cannot read recipe file {str(path)!r}: {exc}") from None
         return loads(body, source=str(path))

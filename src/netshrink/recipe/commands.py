@@ -20,14 +20,17 @@ if TYPE_CHECKING:
     from netshrink.measure import Measurement
 
 from netshrink import refs
+from netshrink.artifact.validate import check_input_specs
 from netshrink.context import Evaluate
 from netshrink.data import DataSplits
 from netshrink.errors import ArtifactError, ModelReferenceError
+from netshrink.outdir import RunOutput, space_needed
 from netshrink.recipe import builtin
 from netshrink.recipe.deliver import PROVENANCE_KEY, save_run
 from netshrink.recipe.result import Result
 from netshrink.recipe.runner import compress
 from netshrink.settings import Inputs, Timing
+from netshrink.usercode import check_data
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ def resolve(inputs: Inputs) -> Resolved:
             )
         data_ref = inputs.model_ref
     data = refs.data_from(data_ref)
+    splits = {"train": data.train, "val": data.val, "calib": data.calib, "test": data.test}
+    check_data(model, splits, data_ref)
     return Resolved(model, data, evaluate, dataclasses.replace(inputs, data_ref=data_ref))
 
 
@@ -98,9 +103,13 @@ def run(
 ) -> tuple[Result, dict[str, Path]]:
     """``netshrink compress``: validate the recipe, resolve inputs, compress, save; return both."""
     recipe = builtin.load(recipe_ref)
-    model, kwargs, extra = prepare(inputs, progress)
-    result = compress(model, recipe, timing=timing, **kwargs)
-    return result, save_run(result, out, extra)
+    with RunOutput(out) as unit:
+        model, kwargs, extra = prepare(inputs, progress)
+        unit.check_space(space_needed(model))
+        result = compress(model, recipe, timing=timing, **kwargs)
+        paths = save_run(result, unit.staging, extra)
+        unit.commit()
+    return result, unit.final(paths)
 
 
 def provenance(artifact: Path) -> dict[str, Any]:
@@ -129,10 +138,8 @@ def recorded_inputs(info: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
     specs = info.get("inputs")
     if not specs:
         return None
-    try:
-        return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in specs)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ArtifactError(f"the manifest's recorded inputs {specs!r} are malformed") from exc
+    check_input_specs(specs)  # shapes and dtypes well formed, sizes bounded
+    return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in specs)
 
 
 def measure_target(target: str, inputs: Inputs, timing: Timing) -> Measurement:

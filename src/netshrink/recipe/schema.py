@@ -18,21 +18,27 @@ A recipe never names an import path, so reading one cannot run code.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from netshrink import registry
 from netshrink.config import Options
 from netshrink.context import Context
 from netshrink.errors import ConfigError, RecipeError
+from netshrink.quote import excerpt
+from netshrink.recipe.yamlsafe import load_yaml
 
 VERSION = 1
 TOP_LEVEL_KEYS = ("version", "description", "stages")
 STAGE_KEYS = ("guard",)
+MAX_DESCRIPTION = 500
+"""Longest recipe description, in characters (it is recorded in the artifact's manifest)."""
+MAX_STAGES = 64
+"""Most stages one recipe may hold."""
 
 
 class GuardConfig(Options):
@@ -116,20 +122,42 @@ def _where(index: int | None) -> str | None:
     return None if index is None else f"stage {index}"
 
 
+_SCALAR_TYPE_ERRORS = ("int_type", "float_type", "bool_type", "string_type")
+"""Strict-mode errors of scalars; containers are left to the lax pass (a YAML list fills a
+tuple option, and validators that rewrite a value before checking it work as in Python)."""
+
+
+def _check_strict(config: type[Options], options: Any, label: str) -> None:
+    """Refuse what pydantic's lax mode would coerce: ``"0.5"`` for a number, ``true`` for 1.
+
+    Options are validated as the JSON they are, in strict mode; only scalar type errors count.
+    A value JSON cannot hold (a YAML date) is given as its text, which no number accepts.
+    """
+    if not isinstance(options, Mapping):
+        return  # the technique's own validation says what a stage's options must be
+    try:
+        config.model_validate_json(json.dumps(options, default=str), strict=True)
+    except ValidationError as exc:
+        scalar = [e for e in exc.errors() if e["type"] in _SCALAR_TYPE_ERRORS]
+        if scalar:
+            strict = ValidationError.from_exception_data(exc.title, scalar)  # type: ignore[arg-type]
+            raise registry.config_error(strict, config, label) from None
+
+
 def parse_stage(index: int, raw: Any) -> Stage:
     """Validate one raw stage mapping (as YAML gives it) into a :class:`Stage`."""
     where = f"stage {index}"
     if not isinstance(raw, Mapping):
         raise RecipeError(
             f"a stage is a mapping like '- prune.magnitude: {{sparsity: 0.5}}', "
-            f"got {type(raw).__name__} {raw!r}",
+            f"got {type(raw).__name__} {excerpt(raw)}",
             stage=where,
         )
     names = [k for k in raw if k not in STAGE_KEYS]
     if len(names) != 1 or not all(isinstance(k, str) for k in raw):
         raise RecipeError(
             f"a stage names exactly one technique (plus optional {', '.join(STAGE_KEYS)}), "
-            f"got keys {list(raw)}",
+            f"got keys {excerpt(list(raw))}",
             stage=where,
         )
     name = names[0]
@@ -138,9 +166,11 @@ def parse_stage(index: int, raw: Any) -> Stage:
     except ConfigError as exc:
         raise RecipeError(str(exc), stage=where) from None
     label = f"{where} ({name})"
+    _check_strict(tech.config, raw[name], label)
     config = tech.make_config(raw[name], stage=label)
     guard = None
     if "guard" in raw:
+        _check_strict(GuardConfig, raw["guard"], f"{label} guard")
         try:
             guard = GuardConfig.model_validate(raw["guard"])
         except ValidationError as exc:
@@ -158,29 +188,36 @@ def parse(data: Any, source: str = "<recipe>") -> Recipe:
     unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
     if unknown:
         raise RecipeError(
-            f"{source}: unknown top-level key(s) {unknown}; valid keys: {', '.join(TOP_LEVEL_KEYS)}"
+            f"{source}: unknown top-level key(s) {excerpt(unknown)}; "
+            f"valid keys: {', '.join(TOP_LEVEL_KEYS)}"
         )
     version = data.get("version")
     if version is None:
         raise RecipeError(f"{source}: missing 'version'; write 'version: {VERSION}'")
-    if version != VERSION or isinstance(version, bool):
-        raise RecipeError(f"{source}: unsupported version {version!r}; supported: {VERSION}")
+    if type(version) is not int or version != VERSION:  # not 1.0, not true
+        raise RecipeError(f"{source}: unsupported version {excerpt(version)}; supported: {VERSION}")
     description = data.get("description", "")
     if not isinstance(description, str):
-        raise RecipeError(f"{source}: 'description' must be a string, got {description!r}")
+        raise RecipeError(f"{source}: 'description' must be a string, got {excerpt(description)}")
+    if len(description) > MAX_DESCRIPTION:
+        raise RecipeError(
+            f"{source}: 'description' has {len(description)} characters; "
+            f"at most {MAX_DESCRIPTION} (it is stored in the artifact and counts in its size)"
+        )
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
-        raise RecipeError(f"{source}: 'stages' must be a non-empty list of stages, got {stages!r}")
+        raise RecipeError(
+            f"{source}: 'stages' must be a non-empty list of stages, got {excerpt(stages)}"
+        )
+    if len(stages) > MAX_STAGES:
+        raise RecipeError(f"{source}: {len(stages)} stages; a recipe holds at most {MAX_STAGES}")
     return Recipe(tuple(parse_stage(i, s) for i, s in enumerate(stages)), description, source)
 
 
 def loads(text: str, source: str = "<recipe>") -> Recipe:
-    """Parse and validate recipe YAML text (``yaml.safe_load``: plain data, never objects)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: not valid YAML: {exc}") from None
-    return parse(data, source)
+    """Parse and validate recipe YAML text: plain data only, duplicate keys, alias bombs and
+    deep nesting refused (:func:`~netshrink.recipe.yamlsafe.load_yaml`)."""
+    return parse(load_yaml(text, source), source)
 
 
 def stage_schema(tech: registry.Technique, ref: str, guard_ref: str) -> dict[str, Any]:

@@ -7,27 +7,14 @@ written atomically (temporary file in the same folder, then renamed).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from netshrink.outdir import write_atomic
 from netshrink.report.html import html
 from netshrink.report.plots import figures
 from netshrink.report.record import Report
 from netshrink.report.terminal import print_report
 from netshrink.report.text import markdown
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write(report: Report, out: str | Path) -> dict[str, Path]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.context import Batch, Context
 from netshrink.errors import ArtifactError, ConfigError, MissingInputError
+from netshrink.outdir import write_atomic
 from netshrink.search.sensitivity import (
     FAMILIES,
     PROBED,
@@ -77,11 +77,7 @@ class Sensitivity:
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temp file in the same folder, then rename)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(self.to_json())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_json().encode())
         return path
 
     def plot(self, path: str | Path) -> Path:

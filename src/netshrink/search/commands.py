@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from netshrink.outdir import RunOutput, space_needed
 from netshrink.recipe.commands import prepare, resolve
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.auto import auto
@@ -19,22 +20,23 @@ def run_analyze(
     inputs: Inputs, out: Path, progress: bool = True
 ) -> tuple[Sensitivity, dict[str, Path]]:
     """Probe every layer on the validation split; write sensitivity.json and .png into ``out``."""
-    given = resolve(inputs)
-    sens = analyze(
-        given.model,
-        example_inputs=given.data.example_inputs(),
-        data=given.data.val,
-        evaluate=given.evaluate,
-        calib_data=given.data.calib,
-        progress=progress,
-        seed=inputs.seed,
-    )
-    out = Path(out)
-    paths = {
-        "json": sens.save(out / "sensitivity.json"),
-        "plot": sens.plot(out / "sensitivity.png"),
-    }
-    return sens, paths
+    with RunOutput(Path(out)) as unit:
+        given = resolve(inputs)
+        sens = analyze(
+            given.model,
+            example_inputs=given.data.example_inputs(),
+            data=given.data.val,
+            evaluate=given.evaluate,
+            calib_data=given.data.calib,
+            progress=progress,
+            seed=inputs.seed,
+        )
+        paths = {
+            "json": sens.save(unit.staging / "sensitivity.json"),
+            "plot": sens.plot(unit.staging / "sensitivity.png"),
+        }
+        unit.commit()
+    return sens, unit.final(paths)
 
 
 def run_auto(
@@ -42,6 +44,10 @@ def run_auto(
 ) -> tuple[AutoResult, dict[str, Path]]:
     """Search a recipe meeting ``target``; save its run, recipe.yaml and the Pareto front."""
     goal = parse_target(target)
-    model, kwargs, extra = prepare(inputs, progress)
-    found = auto(model, goal, timing=timing, **kwargs)
-    return found, found.save(out, {**extra, "target": str(goal)})
+    with RunOutput(Path(out)) as unit:
+        model, kwargs, extra = prepare(inputs, progress)
+        unit.check_space(space_needed(model))
+        found = auto(model, goal, timing=timing, **kwargs)
+        paths = found.save(unit.staging, {**extra, "target": str(goal)})
+        unit.commit()
+    return found, unit.final(paths)

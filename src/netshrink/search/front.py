@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from netshrink.outdir import write_atomic
 from netshrink.recipe import Result, save_run
 from netshrink.search.analysis import Sensitivity
 from netshrink.search.target import Goal
@@ -194,8 +193,5 @@ class AutoResult:
 
 
 def _write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
     return path

@@ -3,23 +3,26 @@
 A checkpoint holds nested state (model, optimizer and scheduler state dicts, RNG states, loop
 counters). :func:`flatten` splits such a tree into its tensors, stored as safetensors, and a JSON
 skeleton that points at them, stored in the file's metadata. The file is written to a temporary
-name in the same folder, flushed to disk and renamed over the old one, so a crash at any moment
+name in the same folder, flushed to disk and renamed over the old one
+(:func:`netshrink.outdir.write_atomic`), so a crash at any moment
 leaves either the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
+from torch import nn
 
 from netshrink.errors import ArtifactError
+from netshrink.outdir import write_atomic
 
 _META_KEY = "netshrink_checkpoint"
 
@@ -58,19 +61,28 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return skeleton
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a synced temporary file renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _digest_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().cpu().contiguous()
+    digest.update(f"{key}:{t.dtype}:{list(t.shape)};".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 of ``module``'s state dict: names, dtypes, shapes and values."""
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        _digest_tensor(digest, key, tensor)
+    return digest.hexdigest()
+
+
+def data_hash(batches: Iterable[Any]) -> str:
+    """sha256 of every tensor in ``batches`` (nested tuples, lists and dicts), in order."""
+    digest = hashlib.sha256()
+    tensors: dict[str, torch.Tensor] = {}
+    flatten(list(batches), tensors)
+    for key, tensor in tensors.items():
+        _digest_tensor(digest, key, tensor)
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

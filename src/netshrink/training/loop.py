@@ -16,6 +16,7 @@ states.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,13 @@ from netshrink.errors import ConfigError
 from netshrink.metrics import accuracy
 from netshrink.progress import track
 from netshrink.training import distributed as dd
-from netshrink.training.checkpoint import load_checkpoint, save_checkpoint, write_atomic
+from netshrink.training.checkpoint import (
+    data_hash,
+    load_checkpoint,
+    save_checkpoint,
+    weights_hash,
+    write_atomic,
+)
 from netshrink.training.optim import make_optimizer, make_schedule
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -128,8 +135,10 @@ class _Trainer:
         config: TrainConfig,
         seed: int,
         num_batches: int,
+        resume_key: dict[str, Any],
     ) -> _Trainer:
-        """Optimizer, schedule and DDP wrapper for a run of ``num_batches`` batches an epoch."""
+        """Optimizer, schedule and DDP wrapper for a run of ``num_batches`` batches an epoch;
+        ``resume_key`` joins the options in the fingerprint a checkpoint must match."""
         steps_per_epoch = len(dd.shard(range(num_batches), world))
         opt = make_optimizer(
             params,
@@ -154,6 +163,7 @@ class _Trainer:
             "batches": num_batches,
             "world_size": world.size,
             "params": [[n, list(p.shape)] for n, p in model.named_parameters()],
+            **resume_key,
         }
         ckpt = config.checkpoint_dir
         path = Path(ckpt) / CHECKPOINT_NAME if ckpt is not None else None
@@ -189,15 +199,14 @@ class _Trainer:
         if not self.path.exists():
             return
         state = load_checkpoint(self.path)
-        if state["fingerprint"] != self.fingerprint:
-            diff = {
-                k: (state["fingerprint"].get(k), v)
-                for k, v in self.fingerprint.items()
-                if state["fingerprint"].get(k) != v
-            }
+        saved = state["fingerprint"]
+        if saved != self.fingerprint:
+            changed = sorted(
+                k for k in {*saved, *self.fingerprint} if saved.get(k) != self.fingerprint.get(k)
+            )
             raise ConfigError(
-                f"checkpoint {self.path} was written by a different run (saved vs now: {diff}); "
-                "delete it or choose another checkpoint_dir"
+                f"checkpoint {self.path} was written by a different run ({', '.join(changed)} "
+                "changed since); refusing to resume: delete it or choose another checkpoint_dir"
             )
         self.model.load_state_dict(state["model"])
         if self.aux is not None:
@@ -206,6 +215,10 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.result = FitResult(**state["result"])
         self.result.resumed_from_step = self.result.steps
+        if self.world.main:
+            print(
+                f"netshrink: resumed from step {self.result.steps} ({self.path})", file=sys.stderr
+            )
         self.epoch, self.epoch_loss_sum = state["epoch"], state["epoch_loss_sum"]
         self.bad_epochs, self.best_state = state["bad_epochs"], state["best_state"]
         self.done = state["done"]
@@ -305,6 +318,7 @@ def fit(
     desc: str = "train",
     device: str | torch.device | None = None,
     distributed: bool | None = None,
+    signature: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``config.epochs`` passes over ``train_data``; say what happened.
 
@@ -322,6 +336,9 @@ def fit(
       (default: when launched with ``WORLD_SIZE`` > 1); batches are sharded across ranks,
       losses and metrics averaged over them, and only rank 0 writes checkpoints. A process
       group joined here is left again when ``fit`` returns (``distributed.process_group``).
+    - ``signature``: what else a checkpoint must have been written for (the recipe stage, the
+      teacher's weights hash); with the options, the starting weights' hash and the data's hash
+      it decides whether a checkpoint is resumed or refused.
 
     With ``config.checkpoint_dir``, calling ``fit`` again with the same arguments resumes from
     the last checkpoint and ends with the weights an uninterrupted run would have.
@@ -344,9 +361,17 @@ def fit(
         return FitResult()
     batches = [_to_device(b, dev) for b in batches]
     val = [_to_device(b, dev) for b in val] if val is not None else None
+    resume_key: dict[str, Any] = {}
+    if config.checkpoint_dir is not None:  # hashed only where a checkpoint could be resumed
+        resume_key = {
+            "model": weights_hash(model),
+            "data": data_hash(batches),
+            "val_data": data_hash(val) if val is not None else None,
+            **(signature or {}),
+        }
     group = dd.process_group(dev) if distributed else contextlib.nullcontext(dd.current())
     with group as world:
-        t = _Trainer.start(model, aux, params, world, dev, config, seed, len(batches))
+        t = _Trainer.start(model, aux, params, world, dev, config, seed, len(batches), resume_key)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             t.restore()
             while not t.done and t.epoch < config.epochs and not t.result.stopped_early:
