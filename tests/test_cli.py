@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import recipe_fakes
 from netshrink import progress
+from netshrink.artifact import load
 from netshrink.cli import app
 from netshrink.recipe.result import SUMMARY_FIELDS
 
@@ -208,17 +209,19 @@ def test_a_failing_technique_exits_1(tmp_path: Path) -> None:
 def test_export_and_measure_a_saved_artifact(done: tuple[Path, dict], tmp_path: Path) -> None:
     out, summary = done
     result = invoke("export", str(out / "model"), "--onnx", str(tmp_path / "m.onnx"))
-    assert result.exit_code == 2 and "pass model=" in result.stderr  # not a zoo model
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "give --model package.module:function" in message
+    assert "the run used --model recipe_fakes:tiny_model" in message  # not a zoo model
     model_ref = ["--model", "recipe_fakes:untrained_model"]
-    result = invoke("export", str(out / "model"), "--onnx", str(tmp_path / "m.onnx"), *model_ref)
-    assert result.exit_code == 0, result.output
-    from netshrink.artifact import load
-
-    model = load(out / "model", model=recipe_fakes.untrained_model())
     x = recipe_fakes.tiny_data(11, 1)[0][0]
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
+    for folder in ("model", "baseline"):  # both artifacts of a run record their inputs
+        onnx_file = tmp_path / f"{folder}.onnx"
+        result = invoke("export", str(out / folder), "--onnx", str(onnx_file), *model_ref)
+        assert result.exit_code == 0, result.output
+        model = load(out / folder, model=recipe_fakes.untrained_model())
+        session = ort.InferenceSession(str(onnx_file))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
     result = invoke(
         "measure", str(out / "model"), *model_ref, "--data", "recipe_fakes:cli_data", "--json"
     )
