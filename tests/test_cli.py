@@ -11,14 +11,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import recipe_fakes
 from netshrink import progress
 from netshrink.artifact import load
-from netshrink.cli import app
+from netshrink.cli import app, say
 from netshrink.recipe.result import SUMMARY_FIELDS
+from netshrink.report.tables import plural
 
 runner = CliRunner()
 MODEL = ["--model", "recipe_fakes:tiny_model", "--data", "recipe_fakes:cli_data"]
@@ -196,6 +198,37 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(
     assert fragment in " ".join(result.stderr.split())
     assert ("Traceback" not in result.output and result.exception is None) or isinstance(
         result.exception, SystemExit
+    )
+
+
+def test_terminal_output_fits_80_columns_and_names_the_metric(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    args = [str(tmp_path / "r.yaml"), *MODEL, "--eval", "recipe_fakes:agreement", "--threads", "1"]
+    result = runner.invoke(
+        app, ["compress", *args, "--out", str(tmp_path / "o")], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    header = next(line for line in lines if line.startswith("stage "))
+    # size, speed and quality first; what does not fit is named, not squeezed
+    assert header.split() == ["stage", "bytes", "compression", "speedup", "agreement", "drop"]
+    assert "not shown here: latency ms, params, MACs, non-zero, seconds" in result.stdout
+    assert "runtime eager, 1 thread, median of 20 timed runs" in " ".join(result.stdout.split())
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["summary"]["metric"] == "agreement"
+
+
+def test_say_breaks_lines_only_between_phrases() -> None:
+    console = Console(record=True, width=80)
+    phrases = [
+        "netshrink demo: recipe distill-prune-int8 on zoo:digits-cnn",
+        "timed on onnxruntime",
+    ]
+    say(console, *phrases, plural(1, "thread"))
+    assert console.export_text() == (
+        "netshrink demo: recipe distill-prune-int8 on zoo:digits-cnn,\n"
+        "  timed on onnxruntime, 1 thread\n"
     )
 
 

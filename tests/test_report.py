@@ -20,6 +20,7 @@ from netshrink.recipe.result import (
 )
 from netshrink.report import print_report, write
 from netshrink.report.plots import figures
+from netshrink.report.tables import measured_on, plural
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -99,6 +100,26 @@ def test_text_and_terminal_views_carry_numbers_notes_and_settings() -> None:
     print_report(report, console)
     shown = console.export_text()
     assert "rolled back" in shown and "skipped" in shown and "2.2x" in shown
+    assert "not shown here" not in shown  # 200 columns hold every column
+
+
+def test_terminal_table_keeps_the_columns_that_fit_in_priority_order() -> None:
+    report = make_report(LAYERS)
+    console = Console(record=True, width=80)
+    print_report(report, console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if line.startswith("stage "))
+    assert header.split() == ["stage", "status", "compression", "speedup", "accuracy", "drop"]
+    assert any(line.split()[:4] == ["1", "prune.magnitude", "rolled", "back"] for line in lines)
+    assert "not shown here: bytes, latency ms, params, MACs, non-zero, seconds" in " ".join(lines)
+
+
+def test_plural_follows_the_count() -> None:
+    assert [plural(n, "thread") for n in (0, 1, 2)] == ["0 threads", "1 thread", "2 threads"]
+    report = make_report(LAYERS)
+    report.environment.threads = 1
+    assert "runtime eager, 1 thread, median of 20 timed runs" in measured_on(report)
 
 
 def test_figures_include_only_the_layer_plots_with_values() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,6 +22,7 @@ from rich.table import Table
 from netshrink import progress
 from netshrink.errors import ConfigError, InputError, NetshrinkError
 from netshrink.recipe.builtin import DEMO_RUNTIME, DEMO_THREADS
+from netshrink.report.tables import plural
 
 app = typer.Typer(
     add_completion=False,
@@ -31,10 +33,12 @@ app = typer.Typer(
 
 
 def out() -> Console:
-    """A console on stdout: the terminal's width, or 160 columns when stdout is not a terminal
-    (a log file), so the stage table keeps one line per stage."""
+    """A console on stdout: ``$COLUMNS`` or the terminal's width, else 160 columns when stdout
+    is not a terminal (a log file), so the stage table keeps all its columns."""
     console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=160)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console
+    return Console(highlight=False, width=160)
 
 
 def err() -> Console:
@@ -82,6 +86,19 @@ def _scripted(quiet: bool, as_json: bool) -> bool:
     """Turn progress bars off for ``--quiet``/``--json``; return whether output is for scripts."""
     progress.set_enabled(not (quiet or as_json))
     return quiet or as_json
+
+
+def say(console: Console, *phrases: str) -> None:
+    """Print ``phrases`` joined by commas, breaking lines only between phrases (never inside
+    one), indenting continuation lines."""
+    lines = [phrases[0]]
+    for phrase in phrases[1:]:
+        if len(f"{lines[-1]}, {phrase}") > console.width:
+            lines[-1] += ","
+            lines.append(f"  {phrase}")
+        else:
+            lines[-1] += f", {phrase}"
+    console.print("\n".join(lines), soft_wrap=True)
 
 
 def _print_json(data: dict[str, Any]) -> None:
@@ -232,9 +249,11 @@ def demo(
 
     scripted = _scripted(quiet, as_json)
     if not scripted:
-        err().print(
-            f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}, "
-            f"{threads} thread(s)"
+        say(
+            err(),
+            f"netshrink demo: recipe {DEFAULT} on {DEMO_MODEL}",
+            f"timed on {runtime}",
+            plural(threads, "thread"),
         )
     result, paths = run(
         DEFAULT,

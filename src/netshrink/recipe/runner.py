@@ -60,6 +60,12 @@ def guard_verdict(guard: GuardConfig, before: float, after: float, baseline: flo
     return ""
 
 
+def metric_name(evaluate: Any) -> str:
+    """The name the report gives the metric: its function's name ("metric" for a lambda)."""
+    name = getattr(evaluate, "__name__", "")
+    return name if name.isidentifier() else "metric"
+
+
 class _Run:
     """State of one recipe run: the current model and, once a guard needed it, its metric."""
 
@@ -179,7 +185,7 @@ def compress(
         stages=records,
         recipe=plan.resolved(),
         seed=ctx.seed,
-        metric_name=getattr(ctx.evaluate, "__name__", "metric"),
+        metric_name=metric_name(ctx.evaluate),
         environment=meter.environment(),
     )
     return Result(run.model, report, baseline)

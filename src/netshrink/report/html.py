@@ -12,11 +12,11 @@ from netshrink.recipe.result import Report
 from netshrink.report.plots import Figure
 from netshrink.report.tables import (
     DEFINITIONS,
-    STAGE_HEADERS,
     headline,
     layer_rows,
     measured_on,
     notes,
+    stage_headers,
     stage_rows,
 )
 
@@ -55,7 +55,7 @@ def html(report: Report, figures: Sequence[Figure]) -> str:
         "<h1>netshrink report</h1>",
         _table(["", ""], headline(report), "headline"),
         "<h2>Stages</h2>",
-        _table(STAGE_HEADERS, stage_rows(report)),
+        _table(stage_headers(report), stage_rows(report)),
         *(f'<p class="note">{escape(n)}</p>' for n in notes(report)),
         f"<p>{escape(measured_on(report))}.</p>",
         *(_figure(f) for f in figures),
