@@ -19,13 +19,17 @@ from torch import nn
 from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
+from netshrink.progress import track
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
 from netshrink.prune.sparse_layers import SparseLayer, calibrate, make_sparse
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
-CALIBRATE_ABOVE = 0.5
-"""Layers sparser than this are timed; below it CSR never won on this machine (docs/prune.md)."""
+CSR_CROSSOVER = ((16, 0.7), (0, 0.99))
+"""(at least this many rows, below this sparsity): where CSR never came within reach of dense in
+the measured crossover (1 thread, docs/benchmarks/prune.md "Where CSR beats dense": it lost at
+70% and below for 64 rows, and below 99% for one row). ``kernel: auto`` keeps such layers dense
+without timing them."""
 
 
 class SparseConfig(TechniqueConfig):
@@ -118,6 +122,7 @@ def choose_kernels(
         for hook in hooks:
             hook.remove()
     gen = torch.Generator().manual_seed(ctx.seed)
+    timed: list[tuple[SparseLayer, torch.Tensor]] = []
     for name, layer in layers.items():
         if kernel != "auto":
             layer.kernel = kernel
@@ -125,10 +130,20 @@ def choose_kernels(
         x = inputs.get(name)
         if x is None and isinstance(layer, nn.Linear):
             x = torch.randn(64, layer.in_features, generator=gen)  # no example: a 64-row batch
-        if x is None or layer.sparsity() < CALIBRATE_ABOVE:
-            layer.kernel, layer.timing = "dense", {}
-        else:
-            calibrate(layer, x)
+        layer.kernel, layer.timing = "dense", {}
+        if x is not None and csr_may_win(layer, x):
+            timed.append((layer, x))
+    for layer, x in track(timed, f"timing dense vs CSR ({len(timed)} layers)", show=ctx.progress):
+        calibrate(layer, x)
+
+
+def csr_may_win(layer: SparseLayer, x: torch.Tensor) -> bool:
+    """False where the measured crossover (:data:`CSR_CROSSOVER`) rules the CSR kernel out for
+    ``layer``'s sparsity on input ``x``: its matmul has ``x.numel() / in_features`` rows."""
+    in_features = x.shape[-1] if isinstance(layer, nn.Linear) else x.shape[1]
+    rows = x.numel() // max(in_features, 1)
+    below = next(s for least, s in CSR_CROSSOVER if rows >= least)
+    return layer.sparsity() >= below
 
 
 def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:
