@@ -11,7 +11,7 @@ skipped (``on_fail: stop``), and the report says so.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +48,28 @@ def make_context(context: Mapping[str, Any]) -> Context:
     return Context(**context)
 
 
-def guard_verdict(guard: GuardConfig, before: float, after: float, baseline: float) -> str:
-    """Empty when the stage is within ``guard``'s limits, else the reason it is not."""
+def guard_verdict(
+    guard: GuardConfig, before: float, after: float, baseline: float, kept: Sequence[int] = ()
+) -> str:
+    """Empty when the stage is within ``guard``'s limits, else the reason it is not.
+
+    ``kept`` are the indices of the earlier stages whose models were kept: when they had spent
+    part of the ``max_total_drop`` budget, the reason names them and splits the drop.
+    """
     if guard.max_drop is not None and before - after > guard.max_drop:
         return f"metric fell {before - after:.4f} in this stage > max_drop {guard.max_drop}"
     if guard.max_total_drop is not None and baseline - after > guard.max_total_drop:
-        return (
+        reason = (
             f"metric fell {baseline - after:.4f} from the baseline > "
             f"max_total_drop {guard.max_total_drop}"
         )
+        if kept and baseline - before > 0:
+            stages = ", ".join(str(i) for i in kept)
+            reason += (
+                f": budget used by stage{'s' if len(kept) > 1 else ''} {stages} "
+                f"({baseline - before:.4f} before this stage, {before - after:.4f} in it)"
+            )
+        return reason
     return ""
 
 
@@ -78,6 +91,7 @@ class _Run:
         self.model_guard: float | None = None
         self.baseline_guard: float | None = None
         self.stopped = False
+        self.kept: list[int] = []
 
     def guard_metric(self, model: nn.Module) -> float:
         """The metric guards judge on: ``ctx.evaluate`` on the validation data."""
@@ -113,7 +127,9 @@ class _Run:
                 same = self.model is self.baseline
                 self.model_guard = self.baseline_guard if same else self.guard_metric(self.model)
             after = record.guard_metric = self.guard_metric(candidate)
-            reason = guard_verdict(stage.guard, self.model_guard, after, self.baseline_guard)
+            reason = guard_verdict(
+                stage.guard, self.model_guard, after, self.baseline_guard, self.kept
+            )
             if reason:
                 record.status = "rolled back"
                 self.stopped = stage.guard.on_fail == "stop"
@@ -121,6 +137,7 @@ class _Run:
                 record.note = f"{reason}: stage undone{later}"
                 return record
         self.model, self.model_guard = candidate, after
+        self.kept.append(stage.index)
         return record
 
 
