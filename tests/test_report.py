@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,31 @@ def test_figures_include_only_the_layer_plots_with_values() -> None:
     assert [f.name for f in figs] == ["metric-vs-size", "metric-vs-latency"]
     assert all(f.png.startswith(PNG_MAGIC) for f in figs)
     assert all("2 threads" in f.caption and "runtime eager" in f.caption for f in figs)
+
+
+def test_int8_rounding_zeros_and_uniform_bits_get_no_chart() -> None:
+    int8 = [LayerInfo(f"l{i}", "QuantLinear", sparsity=0.002 * i, bits=8) for i in range(5)]
+    assert [f.name for f in figures(make_report(int8))] == ["metric-vs-size", "metric-vs-latency"]
+    uniform = [LayerInfo(f"l{i}", "SparseLinear", sparsity=0.5, bits=32) for i in range(3)]
+    assert "layer-sparsity" not in [f.name for f in figures(make_report(uniform))]
+    pruned = [*uniform, LayerInfo("head", "SparseLinear", sparsity=0.9, bits=32)]
+    assert "layer-sparsity" in [f.name for f in figures(make_report(pruned))]
+
+
+def test_html_shows_every_stage_against_the_baseline_and_each_caption_once(
+    tmp_path: Path,
+) -> None:
+    report = make_report(LAYERS)
+    page = write(report, tmp_path)["html"].read_text()
+    glance = page.split('<table class="glance">')[1].split("</table>")[0]
+    rows = glance.split("<tr>")[2:]  # after the header row
+    assert len(rows) == 4
+    assert "9.77 KiB, 4x" in rows[1] and "1 ms, 2.2x" in rows[1] and "-0.0100" in rows[1]
+    assert 'style="width:25.0%"' in rows[1]  # 10 000 of the baseline's 40 000 bytes
+    assert "1 prune.magnitude (rolled back)" in rows[2]
+    assert "2 quantize.static (skipped)" in rows[3]
+    for fig in figures(report):
+        assert page.count(escape(fig.caption)) == 1
 
 
 def test_written_files(tmp_path: Path) -> None:
