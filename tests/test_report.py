@@ -183,3 +183,22 @@ def test_written_files(tmp_path: Path) -> None:
     for name in ("metric-vs-size", "layer-bits"):
         assert f"](plots/{name}.png)" in md and (tmp_path / "plots" / f"{name}.png").is_file()
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_labels_of_close_points_do_not_overlap() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    from netshrink.report.plots import _label_points
+
+    fig = MplFigure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    points = [(58.1, 0.9888, "baseline"), (12.3, 0.9926, "1 prune.channels")]
+    points += [(1.42, 0.9926, "2 quantize.static"), (7.7, 0.9926, "0 distill.kd")]
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.set_xlim(-5, 65)
+    _label_points(fig, ax, points)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

@@ -64,26 +64,59 @@ def _bytes_axis(ax: Any, xs: list[float]) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
 
 
+_LABEL_SPOTS = (
+    (5, 5, "left"),
+    (5, -12, "left"),
+    (-5, 5, "right"),
+    (-5, -12, "right"),
+    (5, 17, "left"),
+    (5, -24, "left"),
+    (5, 29, "left"),
+    (5, -36, "left"),
+)
+"""Where a point's label may go, in points from the point (dx, dy, alignment), tried in order:
+right above, right below, left above, left below, then further up and down."""
+
+
+def _label_points(fig: Any, ax: Any, points: list[tuple[float, float, str]]) -> None:
+    """Label each point at the first spot of :data:`_LABEL_SPOTS` where its text overlaps no
+    label placed before it (measured on the rendered figure), else at the first spot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+
+    def annotate(x: float, y: float, text: str, spot: tuple[int, int, str]) -> Any:
+        dx, dy, align = spot
+        return ax.annotate(
+            text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=align, fontsize=8
+        )
+
+    placed: list[Any] = []
+    for x, y, text in points:
+        for spot in _LABEL_SPOTS:
+            label = annotate(x, y, text, spot)
+            if not any(label.get_window_extent(renderer).overlaps(box) for box in placed):
+                break
+            label.remove()
+        else:  # every spot is taken: overlap at the first rather than drop the label
+            label = annotate(x, y, text, _LABEL_SPOTS[0])
+        placed.append(label.get_window_extent(renderer))
+
+
 def _tradeoff(report: Report, x_of: Callable[[Any], float], xlabel: str, bytes_axis: bool) -> bytes:
     """Metric (y) against ``x_of`` of each measured stage, in recipe order."""
     from matplotlib.figure import Figure as MplFigure
 
     fig = MplFigure(figsize=(6.4, 4.2))
     ax = fig.subplots()
-    kept_x, kept_y = [], []
+    kept_x, kept_y, labels = [], [], []
     for record in measured(report):
         m = record.measurement
         assert m is not None
         x, y = x_of(m), record.metric
         undone = record.status == "rolled back"
         ax.scatter([x], [y], s=40, facecolors="none" if undone else "C0", edgecolors="C0")
-        ax.annotate(
-            record.label + (" (rolled back)" if undone else ""),
-            (x, y),
-            textcoords="offset points",
-            xytext=(5, 5),
-            fontsize=8,
-        )
+        labels.append((x, y, record.label + (" (rolled back)" if undone else "")))
         if not undone:
             kept_x.append(x)
             kept_y.append(y)
@@ -94,6 +127,7 @@ def _tradeoff(report: Report, x_of: Callable[[Any], float], xlabel: str, bytes_a
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{report.metric_name} (evaluation data)")
     ax.grid(alpha=0.3)
+    _label_points(fig, ax, labels)
     return _png(fig)
 
 
