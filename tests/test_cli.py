@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 import recipe_fakes
 from netshrink import progress
 from netshrink.artifact import load
-from netshrink.cli import app, say
+from netshrink.cli import app
 from netshrink.recipe.result import SUMMARY_FIELDS
 from netshrink.report.tables import plural
+from netshrink.report.terminal import say
 
 runner = CliRunner()
 MODEL = ["--model", "recipe_fakes:tiny_model", "--data", "recipe_fakes:cli_data"]

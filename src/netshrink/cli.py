@@ -23,6 +23,7 @@ from netshrink import progress
 from netshrink.errors import ConfigError, InputError, NetshrinkError
 from netshrink.recipe.builtin import DEMO_RUNTIME, DEMO_THREADS
 from netshrink.report.tables import plural
+from netshrink.report.terminal import say
 
 app = typer.Typer(
     add_completion=False,
@@ -86,19 +87,6 @@ def _scripted(quiet: bool, as_json: bool) -> bool:
     """Turn progress bars off for ``--quiet``/``--json``; return whether output is for scripts."""
     progress.set_enabled(not (quiet or as_json))
     return quiet or as_json
-
-
-def say(console: Console, *phrases: str) -> None:
-    """Print ``phrases`` joined by commas, breaking lines only between phrases (never inside
-    one), indenting continuation lines."""
-    lines = [phrases[0]]
-    for phrase in phrases[1:]:
-        if len(f"{lines[-1]}, {phrase}") > console.width:
-            lines[-1] += ","
-            lines.append(f"  {phrase}")
-        else:
-            lines[-1] += f", {phrase}"
-    console.print("\n".join(lines), soft_wrap=True)
 
 
 def _print_json(data: dict[str, Any]) -> None:

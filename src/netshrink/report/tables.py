@@ -63,13 +63,20 @@ def rate(x: float) -> str:
     return f"{x:.3g}x" if x < 100 else f"{x:.0f}x"
 
 
+def measured_on_phrases(report: Report) -> list[str]:
+    """The phrases of :func:`measured_on`, for printing that breaks lines only between them."""
+    env = report.environment
+    return [
+        f"Measured on {env.machine}",
+        f"runtime {env.runtime}",
+        plural(env.threads, "thread"),
+        f"median of {plural(env.latency_runs, 'timed run')}",
+    ]
+
+
 def measured_on(report: Report) -> str:
     """The line every figure and table carries: machine, runtime, threads, timed runs."""
-    env = report.environment
-    return (
-        f"Measured on {env.machine}, runtime {env.runtime}, {plural(env.threads, 'thread')}, "
-        f"median of {plural(env.latency_runs, 'timed run')}"
-    )
+    return ", ".join(measured_on_phrases(report))
 
 
 def headline(report: Report) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from netshrink.recipe.result import Report
 from netshrink.report.tables import (
     STAGE_HEADERS,
     headline,
-    measured_on,
+    measured_on_phrases,
     notes,
     stage_headers,
     stage_rows,
@@ -71,6 +71,19 @@ def fitting_columns(report: Report, console: Console) -> list[int]:
     return chosen
 
 
+def say(console: Console, *phrases: str, style: str | None = None) -> None:
+    """Print ``phrases`` joined by commas, breaking lines only between phrases (never inside
+    one), indenting continuation lines; a line keeps room for the comma that ends it."""
+    lines = [phrases[0]]
+    for phrase in phrases[1:]:
+        if len(f"{lines[-1]}, {phrase}") >= console.width:
+            lines[-1] += ","
+            lines.append(f"  {phrase}")
+        else:
+            lines[-1] += f", {phrase}"
+    console.print("\n".join(lines), soft_wrap=True, style=style)
+
+
 def print_report(report: Report, console: Console, stages: bool = True) -> None:
     """Print the headline and, when ``stages``, the per-stage table (the columns that fit the
     console), notes and where it was measured."""
@@ -90,4 +103,4 @@ def print_report(report: Report, console: Console, stages: bool = True) -> None:
         console.print(shown, style="dim")
     for note in notes(report):
         console.print(f"[yellow]{escape(note)}[/yellow]")
-    console.print(measured_on(report), style="dim")
+    say(console, *measured_on_phrases(report), style="dim")
