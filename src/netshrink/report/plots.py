@@ -2,8 +2,9 @@
 
 The caption (what the axes mean, where the numbers were measured: machine, runtime, threads) is
 text beside the image in report.md and report.html, shown once; the image itself carries axis
-labels with units, so a figure cut out of the report still reads. Tick labels never overlap:
-byte axes get at most a few rotated ticks, layer names go on the y axis of horizontal bars.
+labels with units, so a figure cut out of the report still reads. Text never overlaps: byte
+axes get at most five ticks at round sizes, point labels move to a free spot, layer names go on
+the y axis of horizontal bars.
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ _LAYER_PLOTS: tuple[tuple[str, str, str, Callable[[Sequence[Any]], bool]], ...] 
 
 
 def figures(report: Report) -> list[Figure]:
-    """The trade-off plots for every run, plus per-layer bars where they say something: the
-    values differ between layers (a uniform value is one number, in the layer table)."""
+    """The trade-off plots for every run, plus per-layer bars where they say something (the
+    predicates of :data:`_LAYER_PLOTS`; the layer table has every value either way)."""
     where = measured_on(report)
     metric = report.metric_name
     size_caption = (
