@@ -166,3 +166,10 @@ def cli_data() -> dict:
 def bad_metric(model: nn.Module, batches) -> str:
     """A ``--eval`` function that breaks the contract: it returns text."""
     return "high"
+
+
+def agreement(model: nn.Module, batches) -> float:
+    """A ``--eval`` function with its own name: top-1 accuracy under another name."""
+    from netshrink.metrics import accuracy
+
+    return accuracy(model, batches)

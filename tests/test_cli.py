@@ -11,13 +11,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import recipe_fakes
 from netshrink import progress
+from netshrink.artifact import load
 from netshrink.cli import app
 from netshrink.report.record import SUMMARY_FIELDS
+from netshrink.report.tables import plural
+from netshrink.report.terminal import say
 
 runner = CliRunner()
 MODEL = ["--model", "recipe_fakes:tiny_model", "--data", "recipe_fakes:cli_data"]
@@ -199,6 +203,37 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(
     assert result.stderr.lstrip().startswith(("error:", "Usage:")), result.stderr
 
 
+def test_terminal_output_fits_80_columns_and_names_the_metric(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    args = [str(tmp_path / "r.yaml"), *MODEL, "--eval", "recipe_fakes:agreement", "--threads", "1"]
+    result = runner.invoke(
+        app, ["compress", *args, "--out", str(tmp_path / "o")], env={"COLUMNS": "80"}
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    header = next(line for line in lines if line.startswith("stage "))
+    # size, speed and quality first; what does not fit is named, not squeezed
+    assert header.split() == ["stage", "bytes", "compression", "speedup", "agreement", "drop"]
+    assert "not shown here: latency ms, params, MACs, non-zero, seconds" in result.stdout
+    assert "runtime eager, 1 thread, median of 20 timed runs" in " ".join(result.stdout.split())
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["summary"]["metric"] == "agreement"
+
+
+def test_say_breaks_lines_only_between_phrases() -> None:
+    console = Console(record=True, width=80)
+    phrases = [
+        "netshrink demo: recipe distill-prune-int8 on zoo:digits-cnn",
+        "timed on onnxruntime",
+    ]
+    say(console, *phrases, plural(1, "thread"))
+    assert console.export_text() == (
+        "netshrink demo: recipe distill-prune-int8 on zoo:digits-cnn,\n"
+        "  timed on onnxruntime, 1 thread\n"
+    )
+
+
 def test_a_stage_the_model_does_not_support_is_rolled_back_and_reported(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("version: 1\nstages:\n  - prune.fake_fail: {}\n")
     result = invoke("compress", str(tmp_path / "r.yaml"), *MODEL, "--out", str(tmp_path / "o"))
@@ -210,17 +245,19 @@ def test_a_stage_the_model_does_not_support_is_rolled_back_and_reported(tmp_path
 def test_export_and_measure_a_saved_artifact(done: tuple[Path, dict], tmp_path: Path) -> None:
     out, summary = done
     result = invoke("export", str(out / "model"), "--onnx", str(tmp_path / "m.onnx"))
-    assert result.exit_code == 2 and "pass model=" in result.stderr  # not a zoo model
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "give --model package.module:function" in message
+    assert "the run used --model recipe_fakes:tiny_model" in message  # not a zoo model
     model_ref = ["--model", "recipe_fakes:untrained_model"]
-    result = invoke("export", str(out / "model"), "--onnx", str(tmp_path / "m.onnx"), *model_ref)
-    assert result.exit_code == 0, result.output
-    from netshrink.artifact import load
-
-    model = load(out / "model", model=recipe_fakes.untrained_model())
     x = recipe_fakes.tiny_data(11, 1)[0][0]
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
+    for folder in ("model", "baseline"):  # both artifacts of a run record their inputs
+        onnx_file = tmp_path / f"{folder}.onnx"
+        result = invoke("export", str(out / folder), "--onnx", str(onnx_file), *model_ref)
+        assert result.exit_code == 0, result.output
+        model = load(out / folder, model=recipe_fakes.untrained_model())
+        session = ort.InferenceSession(str(onnx_file))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4)
     result = invoke(
         "measure", str(out / "model"), *model_ref, "--data", "recipe_fakes:cli_data", "--json"
     )

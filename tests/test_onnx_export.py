@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -147,3 +148,33 @@ def test_a_baked_in_batch_is_caught_and_not_written(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="batch is not dynamic"):
         export_onnx(Baked(), tmp_path / "b.onnx", (torch.randn(4, 3),), exporter="torchscript")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_bf16_model_gets_a_netshrink_error_saying_what_to_do(tmp_path: Path) -> None:
+    from netshrink.quantize import half
+
+    x = torch.randn(2, 1, 8, 8)
+    model = half(tiny_models()["mlp"], dtype="bf16", example_inputs=(x,))
+    with pytest.raises(ArtifactError, match=r"bfloat16 weights.*dtype: fp16") as caught:
+        export_onnx(model, tmp_path / "m.onnx", (x,))
+    assert "ONNXRuntimeError" not in str(caught.value)
+    assert not (tmp_path / "m.onnx").exists()
+    fp16 = half(tiny_models()["mlp"], dtype="fp16", example_inputs=(x,))
+    assert export_onnx(fp16, tmp_path / "m.onnx", (x,)).is_file()  # what the error advises
+
+
+def test_exporter_log_records_go_to_debug_not_the_terminal(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from netshrink.artifact.onnx import _quiet
+
+    folder = logging.getLogger("onnxscript.optimizer._constant_folding")
+    torch_onnx = logging.getLogger("torch.onnx")
+    before = (list(torch_onnx.handlers), torch_onnx.propagate)
+    with caplog.at_level(logging.DEBUG, logger="netshrink.artifact.onnx"), _quiet():
+        folder.warning("Evaluation failed: cannot reshape array of size 1 into shape (1,8)")
+        torch_onnx.warning("torchvision is not installed")
+    assert "Evaluation failed" not in capfd.readouterr().err
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any("Evaluation failed: cannot reshape" in m for m in debug)
+    assert (torch_onnx.handlers, torch_onnx.propagate) == before  # restored after the export

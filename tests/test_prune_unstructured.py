@@ -10,7 +10,14 @@ from torch import nn
 
 import netshrink as ns
 from netshrink.errors import ConfigError
-from netshrink.prune import SparseConv2d, SparseLinear, nm_layout_ok, sparse_layers, sparsity_report
+from netshrink.prune import (
+    SparseConv2d,
+    SparseLinear,
+    nm_layout_ok,
+    sparse_layers,
+    sparsity_report,
+    unstructured,
+)
 from netshrink.prune.schedules import Schedule, fractions
 from netshrink.prune.sparse_layers import choose_kernel, make_sparse
 from test_graph import one_thread  # noqa: F401
@@ -156,8 +163,24 @@ def test_calibration_times_both_kernels_and_the_report_lists_dense_layers() -> N
     assert layer.timing["dense_ms"] > 0 and layer.timing["csr_ms"] > 0
     pruned = ns.prune.magnitude(cnn(), sparsity=0.3, example_inputs=data(4)[0][:1])
     report = sparsity_report(pruned)
-    assert report.dense_layers == ["0", "2", "4"]  # below 0.5 sparsity nothing is timed
+    assert report.dense_layers == ["0", "2", "4"]  # below 0.7 sparsity nothing is timed
     assert "0.300" in str(report) and isinstance(pruned[0], SparseConv2d)
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "rows", "timed"),
+    [(0.5, 64, False), (0.69, 64, False), (0.9, 64, True), (0.95, 1, False), (0.995, 1, True)],
+)
+def test_auto_times_only_where_the_crossover_lets_csr_win(
+    sparsity: float, rows: int, timed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    monkeypatch.setattr(unstructured, "choose_kernel", lambda layer, x: seen.append(layer.kernel))
+    model = nn.Sequential(nn.Linear(200, 200)).eval()
+    pruned = ns.prune.magnitude(model, sparsity=sparsity, example_inputs=(torch.randn(rows, 200),))
+    assert len(seen) == int(timed)
+    assert pruned[0].kernel == "dense" and pruned[0].timing == {}  # untimed layers stay dense
+    assert unstructured.csr_may_win(pruned[0], torch.randn(rows, 200)) == timed
 
 
 def test_state_dict_is_the_dense_layout_and_loading_restores_the_mask() -> None:

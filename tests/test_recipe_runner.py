@@ -106,6 +106,22 @@ def test_guard_stop_skips_the_remaining_stages(trained: nn.Module) -> None:
     assert result.report.final is result.report.stages[0]
 
 
+def test_a_total_budget_spent_by_an_earlier_stage_is_named(trained: nn.Module) -> None:
+    result = run(
+        trained,
+        "prune.fake_zero: {fraction: 0.9}",  # unguarded, costs well over 0.05
+        # a harmless change (a stage that changes nothing is refused before any guard)
+        "{prune.fake_noise: {scale: 0.0001}, guard: {max_total_drop: 0.05}}",
+    )
+    first, cheap = result.report.stages
+    assert (first.status, cheap.status) == ("applied", "rolled back")
+    val = recipe_fakes.context()["val_data"]
+    spent = accuracy(trained, val) - accuracy(result.model, val)  # result.model: stage 0's
+    assert spent > 0.05
+    assert f"budget used by stage 0 ({spent:.4f} before this stage, " in cheap.note
+    assert cheap.note.endswith(" in it): stage undone")
+
+
 def test_guard_passes_a_cheap_stage(trained: nn.Module) -> None:
     result = run(trained, "{prune.fake_zero: {fraction: 0.05}, guard: {max_drop: 0.05}}")
     assert result.report.stages[0].status == "applied"

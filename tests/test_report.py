@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from netshrink.report.record import (
     Report,
     StageRecord,
 )
-from netshrink.report.tables import STAGE_HEADERS, rate, stage_rows
+from netshrink.report.tables import STAGE_HEADERS, measured_on, plural, rate, stage_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -109,6 +110,26 @@ def test_text_and_terminal_views_carry_numbers_notes_and_settings() -> None:
     print_report(report, console)
     shown = console.export_text()
     assert "rolled back" in shown and "skipped" in shown and "2.2x" in shown
+    assert "not shown here" not in shown  # 200 columns hold every column
+
+
+def test_terminal_table_keeps_the_columns_that_fit_in_priority_order() -> None:
+    report = make_report(LAYERS)
+    console = Console(record=True, width=80)
+    print_report(report, console)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    header = next(line for line in lines if line.startswith("stage "))
+    assert header.split() == ["stage", "status", "compression", "speedup", "accuracy", "drop"]
+    assert any(line.split()[:4] == ["1", "prune.magnitude", "rolled", "back"] for line in lines)
+    assert "not shown here: bytes, latency ms, params, MACs, non-zero, seconds" in " ".join(lines)
+
+
+def test_plural_follows_the_count() -> None:
+    assert [plural(n, "thread") for n in (0, 1, 2)] == ["0 threads", "1 thread", "2 threads"]
+    report = make_report(LAYERS)
+    report.environment.threads = 1
+    assert "runtime eager, 1 thread, median of 20 timed runs" in measured_on(report)
 
 
 def test_figures_include_only_the_layer_plots_with_values() -> None:
@@ -125,6 +146,31 @@ def test_figures_include_only_the_layer_plots_with_values() -> None:
     assert [f.name for f in figs] == ["metric-vs-size", "metric-vs-latency"]
     assert all(f.png.startswith(PNG_MAGIC) for f in figs)
     assert all("2 threads" in f.caption and "runtime eager" in f.caption for f in figs)
+
+
+def test_int8_rounding_zeros_and_uniform_bits_get_no_chart() -> None:
+    int8 = [LayerInfo(f"l{i}", "QuantLinear", sparsity=0.002 * i, bits=8) for i in range(5)]
+    assert [f.name for f in figures(make_report(int8))] == ["metric-vs-size", "metric-vs-latency"]
+    uniform = [LayerInfo(f"l{i}", "SparseLinear", sparsity=0.5, bits=32) for i in range(3)]
+    assert "layer-sparsity" not in [f.name for f in figures(make_report(uniform))]
+    pruned = [*uniform, LayerInfo("head", "SparseLinear", sparsity=0.9, bits=32)]
+    assert "layer-sparsity" in [f.name for f in figures(make_report(pruned))]
+
+
+def test_html_shows_every_stage_against_the_baseline_and_each_caption_once(
+    tmp_path: Path,
+) -> None:
+    report = make_report(LAYERS)
+    page = write(report, tmp_path)["html"].read_text()
+    glance = page.split('<table class="glance">')[1].split("</table>")[0]
+    rows = glance.split("<tr>")[2:]  # after the header row
+    assert len(rows) == 4
+    assert "9.77 KiB, 4x" in rows[1] and "1 ms, 2.2x" in rows[1] and "-0.0100" in rows[1]
+    assert 'style="width:25.0%"' in rows[1]  # 10 000 of the baseline's 40 000 bytes
+    assert "1 prune.magnitude (rolled back)" in rows[2]
+    assert "2 quantize.static (skipped)" in rows[3]
+    for fig in figures(report):
+        assert page.count(escape(fig.caption)) == 1
 
 
 def test_written_files(tmp_path: Path) -> None:
@@ -146,3 +192,22 @@ def test_written_files(tmp_path: Path) -> None:
     for name in ("metric-vs-size", "layer-bits"):
         assert f"](plots/{name}.png)" in md and (tmp_path / "plots" / f"{name}.png").is_file()
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_labels_of_close_points_do_not_overlap() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    from netshrink.report.plots import _label_points
+
+    fig = MplFigure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
+    points = [(58.1, 0.9888, "baseline"), (12.3, 0.9926, "1 prune.channels")]
+    points += [(1.42, 0.9926, "2 quantize.static"), (7.7, 0.9926, "0 distill.kd")]
+    ax.scatter([p[0] for p in points], [p[1] for p in points])
+    ax.set_xlim(-5, 65)
+    _label_points(fig, ax, points)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])

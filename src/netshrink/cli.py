@@ -24,6 +24,8 @@ from netshrink import progress
 from netshrink.errors import ConfigError, InputError, NetshrinkError
 from netshrink.quote import excerpt
 from netshrink.recipe.builtin import DEMO_RUNTIME, DEMO_THREADS
+from netshrink.report.tables import plural
+from netshrink.report.terminal import say
 from netshrink.settings import Inputs, Timing
 
 app = typer.Typer(
@@ -35,10 +37,12 @@ app = typer.Typer(
 
 
 def out() -> Console:
-    """A console on stdout: the terminal's width, or 160 columns when stdout is not a terminal
-    (a log file), so the stage table keeps one line per stage."""
+    """A console on stdout: ``$COLUMNS`` or the terminal's width, else 160 columns when stdout
+    is not a terminal (a log file), so the stage table keeps all its columns."""
     console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=160)
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        return console
+    return Console(highlight=False, width=160)
 
 
 def err() -> Console:
@@ -268,9 +272,11 @@ def demo(
 
     scripted = _scripted(quiet, as_json)
     if not scripted:
-        err().print(
-            f"netshrink demo: recipe '{DEFAULT}' on {DEMO_MODEL}, timed on {runtime}, "
-            f"{threads} thread(s)"
+        say(
+            err(),
+            f"netshrink demo: recipe {DEFAULT} on {DEMO_MODEL}",
+            f"timed on {runtime}",
+            plural(threads, "thread"),
         )
     inputs = Inputs(model_ref=DEMO_MODEL, seed=seed)
     timing = Timing(runtime=runtime, threads=threads)

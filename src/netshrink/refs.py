@@ -7,6 +7,7 @@ imported: a recipe or an artifact never makes netshrink import a module it names
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
@@ -172,8 +173,10 @@ def evaluate_from(ref: str | None, model_ref: str = "") -> Evaluate:
 
 
 def checked_metric(fn: Callable[..., Any], ref: str) -> Evaluate:
-    """Wrap ``fn`` so that a result that is not a finite number raises DataError."""
+    """Wrap ``fn`` so that a result that is not a finite number raises DataError; the wrapper
+    keeps ``fn``'s name, which the report shows as the metric's."""
 
+    @functools.wraps(fn)
     def evaluate(model: nn.Module, batches: Any) -> float:
         value = guarded(
             f"--eval {ref}", f"{ref.partition(':')[2]}(model, batches)", fn, model, batches

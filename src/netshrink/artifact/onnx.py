@@ -54,18 +54,36 @@ def _example_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return args
 
 
+_log = logging.getLogger(__name__)
+
+_NOISY_LOGGERS = ("torch.onnx", "onnxscript")
+"""Loggers whose records during an export are the exporters' business, not the user's: e.g.
+onnxscript's constant folder logs "Evaluation failed" warnings for every node it cannot fold."""
+
+
+class _AtDebug(logging.Handler):
+    """Re-log every record it receives on netshrink's logger at DEBUG level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _log.debug("%s: %s", record.name, record.getMessage())
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporters' progress prints, torchvision notices and deprecation warnings."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Keep the terminal clean during an export: the exporters' progress prints go nowhere,
+    their log records go to netshrink's logger at DEBUG, warnings (deprecations, torchvision
+    notices) are ignored."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    saved = [(logger.handlers, logger.propagate) for logger in loggers]
+    for logger in loggers:  # torch's logging puts its own handler on torch.onnx: replace it
+        logger.handlers, logger.propagate = [_AtDebug()], False
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, (handlers, propagate) in zip(loggers, saved, strict=True):
+            logger.handlers, logger.propagate = handlers, propagate
 
 
 _FAKE_QUANT_SHAPES: list[str] = []
@@ -113,6 +131,24 @@ def _torchscript_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: 
     return {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
 
 
+def _check_dtypes(model: nn.Module) -> None:
+    """Refuse a model that computes in bfloat16: ONNX Runtime has no CPU kernels for bfloat16
+    Conv, MatMul or Gemm, so the file would not run (``_check_batch`` would fail in ORT)."""
+    bf16 = [
+        name or type(model).__name__
+        for name, module in model.named_modules()
+        if any(t.dtype == torch.bfloat16 for t in module.parameters(recurse=False))
+        or any(t.dtype == torch.bfloat16 for t in module.buffers(recurse=False))
+    ]
+    if bf16:
+        shown = ", ".join(bf16[:3]) + (f" and {len(bf16) - 3} more" if len(bf16) > 3 else "")
+        raise ArtifactError(
+            f"{shown} hold bfloat16 weights, which ONNX Runtime cannot run on CPU; for ONNX use "
+            "quantize.half with dtype: fp16 (the same size) or quantize.weight_only bits: 8, "
+            "or keep bf16 and run the model in torch (--runtime eager)"
+        )
+
+
 def _reason(exc: Exception) -> str:
     """One line saying why an exporter failed (torch.export buries it under a summary head)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
@@ -134,7 +170,10 @@ def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 4  # failures are raised below; stderr stays clean
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own types (InvalidGraph, NotImplemented, ...)
+        raise ArtifactError(f"ONNX Runtime cannot load the exported graph: {exc}") from exc
     names = [i.name for i in session.get_inputs()]
     n = args[0].shape[0]
     bigger = tuple(torch.cat([a, a[:1]]) if a.dim() > 0 else a for a in args)
@@ -180,6 +219,7 @@ def export_onnx(
     if opset is not None and not 13 <= opset <= 25:
         raise ConfigError(f"opset must be in 13..25 (per-channel QDQ needs 13), got {opset}")
     args = _example_args(example_inputs)
+    _check_dtypes(model)
     if dynamic_batch and any(a.dim() > 0 and a.shape[0] == 1 for a in args):
         # A batch of one would be specialised to a constant 1 while tracing; trace with two.
         args = tuple(torch.cat([a, a]) if a.dim() > 0 else a for a in args)

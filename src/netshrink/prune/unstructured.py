@@ -20,6 +20,7 @@ from netshrink.calibrate import Capture, collect
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.layers import layer_types, replace_module
+from netshrink.progress import track
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
 from netshrink.prune.sparse_layers import (
     SparseConv2d,
@@ -34,8 +35,11 @@ from netshrink.targets import Targets
 SPARSE_LAYERS = (SparseLinear, SparseConv2d)
 """The layer types the unstructured techniques put in place of Linear and Conv2d."""
 
-CALIBRATE_ABOVE = 0.5
-"""Layers sparser than this are timed; below it CSR never won on this machine (docs/prune.md)."""
+CSR_CROSSOVER = ((16, 0.7), (0, 0.99))
+"""(at least this many rows, below this sparsity): where CSR never came within reach of dense in
+the measured crossover (1 thread, docs/benchmarks/prune.md "Where CSR beats dense": it lost at
+70% and below for 64 rows, and below 99% for one row). ``kernel: auto`` keeps such layers dense
+without timing them."""
 
 
 class SparseConfig(TechniqueConfig):
@@ -121,6 +125,7 @@ def choose_kernels(
         points = {name: [capture] for name, capture in seen.items()}
         collect(model, points, [(ctx.example_inputs, None)], "kernel choice", show=False)
     gen = torch.Generator().manual_seed(ctx.seed)
+    timed: list[tuple[SparseLayer, torch.Tensor]] = []
     for name, layer in layers.items():
         if kernel != "auto":
             layer.kernel = kernel
@@ -128,10 +133,20 @@ def choose_kernels(
         x = seen[name].tensors[0] if seen[name].tensors else None
         if x is None and isinstance(layer, nn.Linear):
             x = torch.randn(64, layer.in_features, generator=gen)  # no example: a 64-row batch
-        if x is None or layer.sparsity() < CALIBRATE_ABOVE:
-            layer.kernel, layer.timing = "dense", {}
-        else:
-            choose_kernel(layer, x)
+        layer.kernel, layer.timing = "dense", {}
+        if x is not None and csr_may_win(layer, x):
+            timed.append((layer, x))
+    for layer, x in track(timed, f"timing dense vs CSR ({len(timed)} layers)", show=ctx.progress):
+        choose_kernel(layer, x)
+
+
+def csr_may_win(layer: SparseLayer, x: torch.Tensor) -> bool:
+    """False where the measured crossover (:data:`CSR_CROSSOVER`) rules the CSR kernel out for
+    ``layer``'s sparsity on input ``x``: its matmul has ``x.numel() / in_features`` rows."""
+    in_features = x.shape[-1] if isinstance(layer, nn.Linear) else x.shape[1]
+    rows = x.numel() // max(in_features, 1)
+    below = next(s for least, s in CSR_CROSSOVER if rows >= least)
+    return layer.sparsity() >= below
 
 
 def _magnitude_keys(layers: dict[str, SparseLayer]) -> dict[str, torch.Tensor]:

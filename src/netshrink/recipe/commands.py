@@ -112,23 +112,29 @@ def run(
     return result, unit.final(paths)
 
 
-def provenance(artifact: Path) -> dict[str, Any]:
-    """The run provenance recorded in ``artifact``'s manifest (empty when there is none)."""
-    from netshrink.artifact import read_manifest
-
-    extra = read_manifest(artifact).get("extra")
+def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run provenance recorded in an artifact's ``manifest`` (empty when there is none)."""
+    extra = manifest.get("extra")
     found = extra.get(PROVENANCE_KEY) if isinstance(extra, dict) else None
     return found if isinstance(found, dict) else {}
 
 
 def reopen(artifact: Path, model_ref: str | None) -> tuple[nn.Module, dict[str, Any]]:
     """Load ``artifact``; rebuild into ``model_ref``'s model, else the zoo model it records."""
-    from netshrink.artifact import load
+    from netshrink.artifact import load, read_manifest
 
-    info = provenance(artifact)
+    manifest = read_manifest(artifact)
+    info = provenance(manifest)
     recorded = info.get("model")
     if model_ref is None and refs.zoo_name(recorded):
         model_ref = recorded
+    arch = str(manifest.get("architecture", ""))
+    if model_ref is None and not arch.startswith("zoo:"):
+        made_with = f" (the run used --model {recorded})" if recorded else ""
+        raise ModelReferenceError(
+            f"{artifact} holds a {arch}, not a zoo model: give --model package.module:function "
+            f"that builds a fresh one to load it into{made_with}"
+        )
     skeleton = None if model_ref is None else refs.build_model(model_ref, trained=False)
     return load(artifact, model=skeleton).eval(), info
 
@@ -189,7 +195,7 @@ def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None) -> Path:
     inputs = recorded_inputs(info)
     if inputs is None:
         raise ArtifactError(
-            f"{artifact} records no example inputs (it was not saved by netshrink compress); "
-            "export it from Python with ns.export_onnx(model, path, example_inputs)"
+            f"{artifact} records no example inputs (it was saved by ns.save, not by a netshrink "
+            "run); export it from Python with ns.export_onnx(model, path, example_inputs)"
         )
     return export(model, onnx_path, inputs)

@@ -16,9 +16,10 @@ PROVENANCE_KEY = "provenance"
 def save_run(result: Result, out: str | Path, extra: Mapping[str, Any] | None = None) -> dict:
     """Save ``out/baseline``, ``out/model`` and the report files; return their paths by kind.
 
-    The compressed artifact's manifest records the report's provenance (resolved recipe, seed,
-    versions, per-stage measurements) plus ``extra`` (e.g. the model and data references). The
-    headline's bytes become those of the two saved artifacts, as ``du -b`` would count them.
+    Both manifests record ``extra`` (the model and data references and the example inputs'
+    shapes, which ``netshrink measure`` and ``export`` read back); the compressed one adds the
+    report's provenance (resolved recipe, seed, per-stage measurements). The headline's bytes
+    become those of the two saved artifacts, as ``du -b`` would count them.
     """
     from netshrink.artifact import artifact_bytes, save
     from netshrink.report import write
@@ -27,7 +28,7 @@ def save_run(result: Result, out: str | Path, extra: Mapping[str, Any] | None = 
     out.mkdir(parents=True, exist_ok=True)
     report = result.report
     assert result.baseline is not None, "save_run needs the Result returned by compress"
-    save(result.baseline, out / "baseline")
+    save(result.baseline, out / "baseline", manifest_extra={PROVENANCE_KEY: dict(extra or {})})
     provenance = {**report.provenance(), **(extra or {})}
     # The description is prose for report.json: in the manifest its bytes would count in the
     # compressed artifact's size and move the compression rate.

@@ -14,7 +14,7 @@ technique achieved short of what was asked is in its note too.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +53,35 @@ def make_context(context: Mapping[str, Any]) -> Context:
     return Context(**context)
 
 
-def guard_verdict(guard: GuardConfig, before: float, after: float, baseline: float) -> str:
-    """Empty when the stage is within ``guard``'s limits, else the reason it is not."""
+def guard_verdict(
+    guard: GuardConfig, before: float, after: float, baseline: float, kept: Sequence[int] = ()
+) -> str:
+    """Empty when the stage is within ``guard``'s limits, else the reason it is not.
+
+    ``kept`` are the indices of the earlier stages whose models were kept: when they had spent
+    part of the ``max_total_drop`` budget, the reason names them and splits the drop.
+    """
     if guard.max_drop is not None and before - after > guard.max_drop:
         return f"metric fell {before - after:.4f} in this stage > max_drop {guard.max_drop}"
     if guard.max_total_drop is not None and baseline - after > guard.max_total_drop:
-        return (
+        reason = (
             f"metric fell {baseline - after:.4f} from the baseline > "
             f"max_total_drop {guard.max_total_drop}"
         )
+        if kept and baseline - before > 0:
+            stages = ", ".join(str(i) for i in kept)
+            reason += (
+                f": budget used by stage{'s' if len(kept) > 1 else ''} {stages} "
+                f"({baseline - before:.4f} before this stage, {before - after:.4f} in it)"
+            )
+        return reason
     return ""
+
+
+def metric_name(evaluate: Any) -> str:
+    """The name the report gives the metric: its function's name ("metric" for a lambda)."""
+    name = getattr(evaluate, "__name__", "")
+    return name if name.isidentifier() else "metric"
 
 
 class _Run:
@@ -77,6 +96,7 @@ class _Run:
         self.model_guard: float | None = None
         self.baseline_guard: float | None = None
         self.stopped = False
+        self.kept: list[int] = []
 
     def guard_metric(self, model: nn.Module) -> float:
         """The metric guards judge on: ``ctx.evaluate`` on the validation data."""
@@ -123,7 +143,9 @@ class _Run:
                 same = self.model is self.baseline
                 self.model_guard = self.baseline_guard if same else self.guard_metric(self.model)
             after = record.guard_metric = self.guard_metric(candidate)
-            reason = guard_verdict(stage.guard, self.model_guard, after, self.baseline_guard)
+            reason = guard_verdict(
+                stage.guard, self.model_guard, after, self.baseline_guard, self.kept
+            )
             if reason:
                 record.status = "rolled back"
                 self.stopped = stage.guard.on_fail == "stop"
@@ -133,6 +155,7 @@ class _Run:
                 )
                 return record
         self.model, self.model_guard = candidate, after
+        self.kept.append(stage.index)
         return record
 
 
@@ -185,7 +208,7 @@ def compress(
         stages=records,
         recipe=plan.resolved(),
         seed=ctx.seed,
-        metric_name=getattr(ctx.evaluate, "__name__", "metric"),
+        metric_name=metric_name(ctx.evaluate),
         environment=meter.environment(),
     )
     return Result(run.model, report, baseline)

@@ -30,6 +30,17 @@ STAGE_HEADERS = (
     "drop",
     "seconds",
 )
+"""Columns of the per-stage table; ``metric`` is shown under the metric's own name."""
+
+
+def stage_headers(report: Report) -> list[str]:
+    """:data:`STAGE_HEADERS` with ``metric`` replaced by the report's metric name."""
+    return [report.metric_name if h == "metric" else h for h in STAGE_HEADERS]
+
+
+def plural(n: int, word: str) -> str:
+    """``1 thread``, ``2 threads``: a count and a noun in the number it takes."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def human_bytes(n: float) -> str:
@@ -53,13 +64,20 @@ def rate(x: float) -> str:
     return f"{x:.3g}x" if x < 100 else f"{x:.0f}x"
 
 
+def measured_on_phrases(report: Report) -> list[str]:
+    """The phrases of :func:`measured_on`, for printing that breaks lines only between them."""
+    env = report.environment
+    return [
+        f"Measured on {env.machine}",
+        f"runtime {env.runtime}",
+        plural(env.threads, "thread"),
+        f"median of {plural(env.latency_runs, 'timed run')}",
+    ]
+
+
 def measured_on(report: Report) -> str:
     """The line every figure and table carries: machine, runtime, threads, timed runs."""
-    env = report.environment
-    return (
-        f"Measured on {env.machine}, runtime {env.runtime}, {env.threads} threads, "
-        f"median of {env.latency_runs} timed runs"
-    )
+    return ", ".join(measured_on_phrases(report))
 
 
 def headline(report: Report) -> list[tuple[str, str]]:

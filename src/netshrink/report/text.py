@@ -9,11 +9,11 @@ import yaml
 
 from netshrink.report.tables import (
     DEFINITIONS,
-    STAGE_HEADERS,
     headline,
     layer_rows,
     measured_on,
     notes,
+    stage_headers,
     stage_rows,
 )
 
@@ -33,7 +33,12 @@ def aligned(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def plain_table(report: Report) -> str:
     """The headline and the per-stage table as plain text (``str(report)``)."""
     head = "\n".join(f"{label}: {value}" for label, value in headline(report))
-    parts = [head, aligned(STAGE_HEADERS, stage_rows(report)), *notes(report), measured_on(report)]
+    parts = [
+        head,
+        aligned(stage_headers(report), stage_rows(report)),
+        *notes(report),
+        measured_on(report),
+    ]
     return "\n\n".join(parts)
 
 
@@ -46,7 +51,7 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def markdown(report: Report, figures: Sequence[tuple[str, str, str]] = ()) -> str:
     """``report.md``: headline, stages, per-layer table, figures (title, caption, file)."""
     out = ["# netshrink report", "", _md_table(["", ""], headline(report)), ""]
-    out += ["## Stages", "", _md_table(STAGE_HEADERS, stage_rows(report)), ""]
+    out += ["## Stages", "", _md_table(stage_headers(report), stage_rows(report)), ""]
     out += [f"- {n}" for n in notes(report)]
     out += ["", measured_on(report) + ".", ""]
     for title, caption, path in figures:

@@ -88,7 +88,13 @@ class Sensitivity:
         import matplotlib.pyplot as plt
 
         families = [f for f in FAMILIES if any(p["family"] == f for p in self.points)]
-        fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+        fig, axes = plt.subplots(
+            1,
+            len(families),
+            figsize=(5 * len(families) + 2, 4),
+            squeeze=False,
+            layout="constrained",
+        )
         use_metric = self.baseline_metric is not None
         for ax, family in zip(axes[0], families, strict=True):
             for layer in self.layers:
@@ -98,8 +104,9 @@ class Sensitivity:
             ax.set_title(family)
             ax.set_xlabel(f"{PROBED[family]} {knob(family).name}")
             ax.set_ylabel("metric" if use_metric else "relative output error")
-        axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
+        # One legend for all panels, outside them on the right: inside, it covered the curves.
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, title="layer", loc="outside right upper", fontsize=6)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
