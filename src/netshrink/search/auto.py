@@ -95,8 +95,8 @@ def auto(
 
     Sensitivity is probed on ``val_data`` (unless ``sensitivity`` is given); candidates are
     measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency on
-    ``runtime`` ("eager" or "onnxruntime") over ``runs`` timed passes with ``threads`` intra-op
-    threads (None: torch's current count); ``train_data`` turns on
+    ``runtime`` (in ``netshrink.runtime.RUNTIMES``) over ``runs`` timed passes with ``threads``
+    intra-op threads (None: torch's current count); ``train_data`` turns on
     ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates are
     measured. When none meets the target the result says so and holds the closest one.
     """
