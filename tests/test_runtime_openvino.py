@@ -41,8 +41,10 @@ def eager(model: nn.Module, args: tuple) -> torch.Tensor:
         # QDQ in OpenVINO's u8 kernels vs the simulated int8 in torch: rounding of the
         # requantized activations, well under one output quantization step (about 0.05)
         ("static", 1e-2),
-        # same integer GEMM (MatMulInteger) and the same float rescale
-        ("dynamic", 1e-4),
+        # the same int8 weights; activations quantized per token by netshrink in eager, per
+        # token and group of 32 features by OpenVINO's FullyConnected: two 8-bit roundings
+        # of outputs that reach 0.3
+        ("dynamic", 1e-2),
         # int4 weights dequantized to the same floats in both
         ("int4", 1e-4),
     ],
@@ -61,9 +63,12 @@ def test_runner_matches_eager(name: str, tolerance: float) -> None:
     torch.testing.assert_close(out, eager(model, args), atol=tolerance, rtol=0)
     assert runner.precision == "f32" and runner.describe() == "openvino (f32)"
     assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    prims = runner.primitives()
     if name == "static":  # the QDQ graph runs on integer convolutions, not float ones
-        prims = runner.primitives()
         assert prims.get("Convolution/u8", 0) >= 5 and "Convolution/f32" not in prims
+    if name == "dynamic":  # int8 weights kept, both GEMMs on OpenVINO's int8 kernel
+        assert prims.get("FullyConnected/i8") == 2 and "FullyConnected/f32" not in prims
+        assert type(model[0]).__name__ == "DynamicInt8Linear"  # the caller's model untouched
 
 
 def test_default_precision_is_recorded_and_measure_reports_it() -> None:
@@ -92,7 +97,7 @@ def test_save_ir_writes_xml_and_bin_that_run_alike(tmp_path: Path) -> None:
     xml = save_ir(model, tmp_path / "ir" / "model.xml", XF)
     assert sorted(p.name for p in xml.parent.iterdir()) == ["model.bin", "model.xml"]
     from_ir = OpenVinoRunner(str(xml), threads=1, precision="f32")
-    torch.testing.assert_close(from_ir(XF), eager(model, XF), atol=1e-4, rtol=0)
+    torch.testing.assert_close(from_ir(XF), eager(model, XF), atol=1e-2, rtol=0)  # as above
     with pytest.raises(ConfigError, match=r"ends in \.xml"):
         save_ir(model, tmp_path / "model.bin", XF)
 

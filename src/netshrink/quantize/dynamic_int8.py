@@ -198,6 +198,14 @@ class DynamicInt8Linear(nn.Module):
         q.refresh()
         return q
 
+    def netshrink_openvino(self) -> nn.Module:
+        """This layer as OpenVINO runs it fastest: int8 weights it keeps, its own dynamic
+        activation quantization (see :class:`netshrink.runtime.openvino.CompressedWeightLinear`).
+        """
+        from netshrink.runtime.openvino import CompressedWeightLinear
+
+        return CompressedWeightLinear(self.weight_q, self.weight_scale, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = s_x * (s_w * (q_x @ q_w^T) - z_x * s_w * sum_k q_w) + b, q_x per token in [0, 255].
 
