@@ -142,10 +142,17 @@ def ort_variant(path: Path, setup: Setup) -> Built:
     return Built(lambda i, m: torch.from_numpy(runner((i, m))), folder_bytes(path))
 
 
-def ov_variant(source: Path, setup: Setup, precision: str = "default") -> Built:
-    """OpenVINO on an ONNX file or IR; bytes are the IR it deploys as (.xml + .bin)."""
-    runner = OpenVinoRunner(source, threads=setup.threads, precision=precision)  # type: ignore[arg-type]
-    xml = source if source.suffix == ".xml" else save_ir(source, source.with_suffix(".ir.xml"))
+def cached_ir(setup: Setup, name: str, make: Callable[[], object]) -> Path:
+    """OpenVINO IR of ``make()`` (a module, or an ONNX file) at ``work/name.xml``, reused."""
+    xml = setup.work / f"{name}.xml"
+    if not xml.exists():
+        save_ir(make(), xml, setup.example)  # type: ignore[arg-type]
+    return xml
+
+
+def ov_variant(xml: Path, setup: Setup, precision: str = "default") -> Built:
+    """OpenVINO on an IR; bytes are the IR it deploys as (.xml + .bin)."""
+    runner = OpenVinoRunner(xml, threads=setup.threads, precision=precision)  # type: ignore[arg-type]
     size = folder_bytes(xml, xml.with_suffix(".bin"))
     return Built(lambda i, m: runner((i, m)), size, runner.primitives(), runner.precision)
 
@@ -168,12 +175,16 @@ def build_fp32_ort(s: Setup) -> Built:
     return ort_variant(cached_onnx(s, "fp32", lambda: s.fp32), s)
 
 
+def fp32_ir(s: Setup) -> Path:
+    return cached_ir(s, "fp32", lambda: cached_onnx(s, "fp32", lambda: s.fp32))
+
+
 def build_fp32_ov_f32(s: Setup) -> Built:
-    return ov_variant(cached_onnx(s, "fp32", lambda: s.fp32), s, "f32")
+    return ov_variant(fp32_ir(s), s, "f32")
 
 
 def build_fp32_ov(s: Setup) -> Built:
-    return ov_variant(cached_onnx(s, "fp32", lambda: s.fp32), s)
+    return ov_variant(fp32_ir(s), s)
 
 
 def build_dyn_eager(s: Setup) -> Built:
@@ -192,7 +203,8 @@ def build_dyn_ort(s: Setup) -> Built:
 
 
 def build_dyn_ov(s: Setup) -> Built:
-    return ov_variant(cached_onnx(s, "dyn", lambda: ns_dynamic(s)), s)
+    """From the module, so its layers' OpenVINO form (int8 weights, OV's dynamic int8) is used."""
+    return ov_variant(cached_ir(s, "dyn", lambda: ns_dynamic(s)), s)
 
 
 def build_static_ort(s: Setup) -> Built:
@@ -200,7 +212,9 @@ def build_static_ort(s: Setup) -> Built:
 
 
 def build_static_ov(s: Setup) -> Built:
-    return ov_variant(cached_onnx(s, "static", lambda: ns_static(s)), s)
+    return ov_variant(
+        cached_ir(s, "static", lambda: cached_onnx(s, "static", lambda: ns_static(s))), s
+    )
 
 
 def build_nncf_ov(s: Setup) -> Built:
@@ -210,7 +224,7 @@ def build_nncf_ov(s: Setup) -> Built:
         import nncf
         import openvino as ov
 
-        model = ov.Core().read_model(str(cached_onnx(s, "fp32", lambda: s.fp32)))
+        model = ov.Core().read_model(str(fp32_ir(s)))
         names = [i.get_any_name() for i in model.inputs]
         data = nncf.Dataset(
             s.calib, lambda b: {n: t.numpy() for n, t in zip(names, b, strict=True)}
@@ -331,7 +345,7 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help="folder of exported files, reused if present")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64
@@ -346,7 +360,7 @@ def main() -> None:
         f"openvino {openvino.get_version()}, cpus {os.cpu_count()}",
         flush=True,
     )
-    work = Path(tempfile.mkdtemp(prefix="ns-bench-runtimes-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="ns-bench-runtimes-"))
     torch.set_num_threads(1)
     s, tok = setup(work, 1, args.calib)
     batches = tokenize(tok, fidelity_text(args.sentences))
@@ -359,25 +373,27 @@ def main() -> None:
     with torch.inference_mode():
         ref = F.normalize(torch.cat([s.fp32(*b) for b in batches]), dim=-1)
         scores = {n: fidelity(b.embed, batches, ref) for n, b in built.items()}
-        ms = {
-            1: time_all({n: lambda b=b: b.embed(*s.example) for n, b in built.items()}, args.runs)
-        }
+        print(f"fidelity done over {len(ref)} sentences", flush=True)
+        ms = time_all({n: lambda b=b: b.embed(*s.example) for n, b in built.items()}, args.runs)
+    print_table(1, "interleaved in one process", ms, built, scores, names[0])
     for threads in (t for t in args.threads if t != 1):
-        ms[threads] = {n: alone(n, work, threads, args.runs, args.calib) for n in names}
-    base_bytes = built[names[0]].bytes
-    cols = ["variant", "precision"]
-    for t in ms:
-        cols += [f"ms {t}t", f"vs fp32 eager {t}t"]
-    cols += ["cos", "top-5", "bytes", "size vs fp32", "OpenVINO primitives (int8 paths)"]
-    print(f"\nall-MiniLM-L6-v2, batch {BATCH} x {TOKENS}, {len(ref)} held-out sentences")
+        ms = {n: alone(n, work, threads, args.runs, args.calib) for n in names}
+        print_table(
+            threads, "each variant alone in its own subprocess", ms, built, scores, names[0]
+        )
+
+
+def print_table(threads: int, how: str, ms: dict, built: dict, scores: dict, base: str) -> None:
+    """One Markdown table: latency and speedup at ``threads``, fidelity, bytes, primitives."""
+    cols = ["variant", "OV precision", "ms", "vs fp32 eager", "cos", "top-5", "bytes"]
+    cols += ["size vs fp32", "OpenVINO primitives (int8 paths)"]
+    print(f"\n{threads} thread(s), {how}, median of the timed runs; batch {BATCH} x {TOKENS}")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for n, b in built.items():
-        row = [n, b.precision]
-        for times in ms.values():
-            row += [f"{times[n]:.0f}", f"{times[names[0]] / times[n]:.2f}x"]
         cos, top5 = scores[n]
         prims = int8_primitives(b.primitives) if "int8" in n or "netshrink" in n else ""
-        row += [f"{cos:.4f}", f"{top5:.3f}", f"{b.bytes:,}", f"{base_bytes / b.bytes:.2f}x", prims]
+        row = [n, b.precision, f"{ms[n]:.0f}", f"{ms[base] / ms[n]:.2f}x", f"{cos:.4f}"]
+        row += [f"{top5:.3f}", f"{b.bytes:,}", f"{built[base].bytes / b.bytes:.2f}x", prims]
         print("| " + " | ".join(row) + " |", flush=True)
 
 
