@@ -26,7 +26,6 @@ import inspect
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from minilm import SentenceEncoder
 from netshrink.artifact import artifact_bytes, save
 from netshrink.artifact.onnx import export_onnx
 from netshrink.runtime import OpenVinoRunner, OrtRunner, save_ir
+from quantize import interleaved
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 BATCH, TOKENS = 32, 128
@@ -283,20 +283,6 @@ def setup(work: Path, threads: int, calib_sentences: int) -> tuple[Setup, object
     return Setup(fp32, calib, work, threads), tok
 
 
-def time_all(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 2) -> dict:
-    """Median ms of each function, timed round-robin (drift hits every variant alike)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def fidelity(embed: Embed, batches: list, ref: torch.Tensor) -> tuple[float, float]:
     """(mean cosine to fp32, top-5 neighbour agreement with fp32) over every sentence."""
     emb = F.normalize(torch.cat([embed(*b) for b in batches]).float(), dim=-1)
@@ -318,7 +304,7 @@ def worker(name: str, work: Path, threads: int, runs: int, calib_sentences: int)
     s, _ = setup(work, threads, calib_sentences)
     built = VARIANTS[name](s)
     with torch.inference_mode():
-        ms = time_all({name: lambda: built.embed(*s.example)}, runs)[name]
+        ms = interleaved({name: lambda: built.embed(*s.example)}, runs)[name]
     print(json.dumps({"ms": ms}))
 
 
@@ -374,7 +360,7 @@ def main() -> None:
         ref = F.normalize(torch.cat([s.fp32(*b) for b in batches]), dim=-1)
         scores = {n: fidelity(b.embed, batches, ref) for n, b in built.items()}
         print(f"fidelity done over {len(ref)} sentences", flush=True)
-        ms = time_all({n: lambda b=b: b.embed(*s.example) for n, b in built.items()}, args.runs)
+        ms = interleaved({n: lambda b=b: b.embed(*s.example) for n, b in built.items()}, args.runs)
     print_table(1, "interleaved in one process", ms, built, scores, names[0])
     for threads in (t for t in args.threads if t != 1):
         ms = {n: alone(n, work, threads, args.runs, args.calib) for n in names}
