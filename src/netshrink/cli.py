@@ -60,7 +60,13 @@ MAX_THREADS = (os.cpu_count() or 1) * 4
 """Most intra-op threads accepted: more only oversubscribes the cores (and can exhaust memory)."""
 SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of every random choice")]
 RunsOpt = Annotated[int, typer.Option(min=20, max=100000, help="timed runs per latency median")]
-RuntimeOpt = Annotated[str, typer.Option(help="where latency is timed: eager or onnxruntime")]
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        help="where latency is timed: eager, onnxruntime, openvino (its default precision, "
+        "bf16 on bf16 CPUs) or openvino-f32"
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(min=1, max=MAX_THREADS, help="intra-op threads for timing (default: torch's)"),
@@ -313,14 +319,21 @@ def measure(
 @handles_errors
 def export(
     artifact: Annotated[Path, typer.Argument(help="artifact folder (e.g. OUT/model)")],
-    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write")],
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file to write")] = None,
+    openvino: Annotated[
+        Path | None, typer.Option("--openvino", help="folder for OpenVINO IR model.xml/.bin")
+    ] = None,
     model: ModelOpt = None,
 ) -> None:
-    """Export a saved artifact to ONNX (inputs shaped like those the run recorded)."""
-    from netshrink.recipe.commands import export_onnx
+    """Export a saved artifact to ONNX and/or OpenVINO IR (inputs shaped as the run recorded)."""
+    from netshrink.recipe.commands import export_onnx, export_openvino
 
-    path = export_onnx(artifact, onnx, model)
-    out().print(f"onnx: {path}")
+    if onnx is None and openvino is None:
+        raise ConfigError("give --onnx FILE, --openvino DIR, or both")
+    if onnx is not None:
+        out().print(f"onnx: {export_onnx(artifact, onnx, model_ref=model)}")
+    if openvino is not None:
+        out().print(f"openvino: {export_openvino(artifact, openvino, model_ref=model)}")
 
 
 def main() -> None:

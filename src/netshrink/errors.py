@@ -50,6 +50,10 @@ class DataError(InputError):
     """Data or weights are unusable: empty calibration set, NaN or Inf values."""
 
 
+class MissingExtraError(InputError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
 class UnsupportedModuleError(NetshrinkError):
     """A technique met a layer type it cannot handle and cannot skip."""
 
@@ -63,6 +67,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "InputError",
+    "MissingExtraError",
     "MissingInputError",
     "ModelReferenceError",
     "NetshrinkError",

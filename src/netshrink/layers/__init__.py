@@ -7,6 +7,7 @@ from netshrink.layers.base import (
     rebuildable,
     rebuildable_types,
 )
+from netshrink.layers.dequant import DequantLinear
 from netshrink.layers.geometry import ConvGeometry
 from netshrink.layers.surgery import (
     FAST_PATH_READERS,
@@ -31,6 +32,7 @@ __all__ = [
     "WEIGHT_READERS",
     "CompressedLayer",
     "ConvGeometry",
+    "DequantLinear",
     "as_linear",
     "children_of",
     "embedding_names",

@@ -21,7 +21,6 @@ from netshrink.measure.memory import peak_memory
 from netshrink.measure.results import Comparison, Measurement
 from netshrink.runtime import (
     OrtModule,
-    OrtRunner,
     Runner,
     check_runtime,
     make_runner,
@@ -32,7 +31,7 @@ from netshrink.runtime import (
 from netshrink.settings import Timing
 
 Measurable = nn.Module | str | Path | bytes
-"""A torch module, or (for runtime="onnxruntime") an ONNX file path or ONNX bytes."""
+"""A torch module, or (for onnxruntime and openvino) an ONNX file path or ONNX bytes."""
 
 
 def saved_bytes(model: nn.Module) -> int:
@@ -90,10 +89,10 @@ def _check_same_shapes(outputs: list[Any]) -> None:
 def _score(
     model: Any, runner: Runner, evaluate: Evaluate | None, data: list[Batch] | None
 ) -> float | None:
-    """``evaluate`` on what the runtime computes: the module itself, or ORT's outputs."""
+    """``evaluate`` on what the runtime computes: the module itself, or the runtime's outputs."""
     if evaluate is None or data is None:
         return None
-    target = OrtModule(runner) if isinstance(runner, OrtRunner) else model
+    target = model if runner.runtime == "eager" else OrtModule(runner)
     with torch_threads(runner.threads):
         return float(evaluate(target, data))
 
@@ -131,14 +130,14 @@ def _measure_all(
             **s,
             latency_ms=t.median_ms,
             latency_p90_ms=t.p90_ms,
-            runtime=timing.runtime,
+            runtime=r.describe(),
             threads=n,
             batch_size=int(args[0].shape[0]) if args[0].dim() else 1,
             runs=t.runs,
             metric=metric,
             metric_name=name,
         )
-        for s, t, metric in zip(static, timings, metrics, strict=True)
+        for s, t, metric, r in zip(static, timings, metrics, runners, strict=True)
     ]
 
 
@@ -157,10 +156,10 @@ def measure(
     """Measure ``model`` on ``example_inputs`` (a tuple of positional tensors).
 
     Latency: ``timing.warmup`` untimed then ``timing.runs`` timed forwards on
-    ``timing.runtime`` ("eager" or "onnxruntime") with ``timing.threads`` intra-op threads
-    (None: torch's current count). With ``data``, ``evaluate(model, data)`` (default: top-1
-    accuracy) scores what that runtime computes. The model is measured in eval mode; its
-    training flag is restored after.
+    ``timing.runtime`` (eager, onnxruntime, openvino or openvino-f32) with ``timing.threads``
+    intra-op threads (None: torch's current count). With ``data``, ``evaluate(model, data)``
+    (default: top-1 accuracy) scores what that runtime computes. The model is measured in eval
+    mode; its training flag is restored after.
     """
     return _measure_all([model], example_inputs, evaluate, data, timing)[0]
 

@@ -23,6 +23,7 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.layers import (
     CompressedLayer,
+    DequantLinear,
     as_linear,
     embedding_names,
     linear_types,
@@ -220,6 +221,12 @@ class DynamicInt8Linear(CompressedLayer):
             q.bias.copy_(m.bias)  # type: ignore[union-attr]
         q.refresh()
         return q
+
+    def netshrink_openvino(self) -> nn.Module:
+        """This layer as OpenVINO runs it fastest: int8 weights it keeps, its own dynamic
+        activation quantization (see :class:`netshrink.layers.DequantLinear`).
+        """
+        return DequantLinear(self.weight_q, self.weight_scale, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = s_x * (s_w * (q_x @ q_w^T) - z_x * s_w * sum_k q_w) + b, q_x per token in [0, 255].

@@ -187,10 +187,8 @@ def measure_target(target: str, inputs: Inputs, timing: Timing) -> Measurement:
     return dataclasses.replace(measured, bytes=artifact_bytes(target))
 
 
-def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None) -> Path:
-    """``netshrink export``: load ``artifact`` and write it as ONNX, traced on recorded inputs."""
-    from netshrink.artifact import export_onnx as export
-
+def _model_and_inputs(artifact: Path, model_ref: str | None) -> tuple[nn.Module, tuple]:
+    """The artifact's model and the example inputs its run recorded (needed to trace it)."""
     model, info = reopen(artifact, model_ref)
     inputs = recorded_inputs(info)
     if inputs is None:
@@ -198,4 +196,20 @@ def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None) -> Path:
             f"{artifact} records no example inputs (it was saved by ns.save, not by a netshrink "
             "run); export it from Python with ns.export_onnx(model, path, example_inputs)"
         )
+    return model, inputs
+
+
+def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None = None) -> Path:
+    """``netshrink export``: load ``artifact`` and write it as ONNX, traced on recorded inputs."""
+    from netshrink.artifact import export_onnx as export
+
+    model, inputs = _model_and_inputs(artifact, model_ref)
     return export(model, onnx_path, inputs)
+
+
+def export_openvino(artifact: Path, out_dir: Path, model_ref: str | None = None) -> Path:
+    """``netshrink export --openvino``: write ``out_dir``/model.xml + .bin (OpenVINO IR)."""
+    from netshrink.runtime.openvino import save_ir
+
+    model, inputs = _model_and_inputs(artifact, model_ref)
+    return save_ir(model, Path(out_dir) / "model.xml", inputs)

@@ -173,9 +173,9 @@ def compress(
     ``train_data``, ``val_data``, ``teacher``, ``evaluate``, ``seed``, ...). The teacher defaults
     to ``model`` as given, the metric to top-1 accuracy. The reported metric is measured on
     ``eval_data`` (default ``val_data``); guards judge on ``val_data``. Latency is the median of
-    ``timing.runs`` timed forward passes on ``example_inputs`` with ``timing.runtime`` ("eager"
-    or "onnxruntime") and ``timing.threads`` intra-op threads (None: torch's current count).
-    The weights of ``model`` are left unchanged (it is put in eval mode).
+    ``timing.runs`` timed forward passes on ``example_inputs`` with ``timing.runtime`` (a name in
+    ``netshrink.runtime.RUNTIMES``) and ``timing.threads`` intra-op threads (None: torch's
+    current count). The weights of ``model`` are left unchanged (it is put in eval mode).
     """
     from netshrink.runtime import check_runtime
 

@@ -1,4 +1,5 @@
-"""Running a model for measurement: eager PyTorch and ONNX Runtime behind one call interface.
+"""Running a model for measurement: eager PyTorch, ONNX Runtime and OpenVINO behind one call
+interface.
 
 A runner takes the positional inputs of one forward call (a tuple) and returns the output;
 ``bind(inputs)`` returns a zero-argument callable that runs only the model, with any input
@@ -7,6 +8,7 @@ conversion done beforehand, so a timer sees the model and nothing else.
 
 from netshrink.runtime.base import RUNTIMES, Runner, check_runtime, make_runner
 from netshrink.runtime.eager import EagerRunner
+from netshrink.runtime.openvino import OpenVinoRunner, import_openvino, save_ir
 from netshrink.runtime.ort import OnnxSource, OrtModule, OrtRunner, onnx_bytes, onnx_session
 from netshrink.runtime.threads import resolve_threads, torch_threads
 
@@ -14,13 +16,16 @@ __all__ = [
     "RUNTIMES",
     "EagerRunner",
     "OnnxSource",
+    "OpenVinoRunner",
     "OrtModule",
     "OrtRunner",
     "Runner",
     "check_runtime",
+    "import_openvino",
     "make_runner",
     "onnx_bytes",
     "onnx_session",
     "resolve_threads",
+    "save_ir",
     "torch_threads",
 ]

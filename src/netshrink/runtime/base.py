@@ -12,8 +12,10 @@ from netshrink.runtime.eager import EagerRunner
 from netshrink.runtime.ort import OrtRunner
 from netshrink.runtime.threads import resolve_threads
 
-RUNTIMES = ("eager", "onnxruntime")
-"""Runtime names: eager PyTorch under ``torch.inference_mode``, ONNX Runtime on CPU."""
+RUNTIMES = ("eager", "onnxruntime", "openvino", "openvino-f32")
+"""Runtime names: eager PyTorch under ``torch.inference_mode``, ONNX Runtime on CPU, and
+OpenVINO's CPU plugin (the optional extra ``netshrink[openvino]``) at its default compute
+precision (bf16 on CPUs with bf16 instructions) or told to compute in fp32 (``openvino-f32``)."""
 
 
 class Runner(Protocol):
@@ -30,6 +32,10 @@ class Runner(Protocol):
         """Return a zero-argument callable running the model on ``inputs``, for timing."""
         ...
 
+    def describe(self) -> str:
+        """What ran, for reports: the runtime name and any setting it chose (precision)."""
+        ...
+
 
 def check_runtime(runtime: str) -> str:
     """Return ``runtime`` when it names a known runtime, else raise :class:`ConfigError`."""
@@ -43,8 +49,9 @@ def make_runner(
 ) -> Runner:
     """Build the runner for ``model`` on ``runtime`` with ``threads`` intra-op threads.
 
-    ``model`` is an ``nn.Module``; for ``onnxruntime`` it may also be anything
+    ``model`` is an ``nn.Module``; for ``onnxruntime`` and ``openvino`` it may also be anything
     :func:`~netshrink.runtime.ort.onnx_bytes` accepts (an ONNX file path, bytes, a ModelProto).
+    ``openvino`` runs at OpenVINO's default compute precision, ``openvino-f32`` in fp32.
     """
     check_runtime(runtime)
     n = resolve_threads(threads)
@@ -55,4 +62,9 @@ def make_runner(
                 "use runtime='onnxruntime' for an ONNX file"
             )
         return EagerRunner(model, n)
+    if runtime.startswith("openvino"):
+        from netshrink.runtime.openvino import OpenVinoRunner
+
+        precision = "f32" if runtime == "openvino-f32" else "default"
+        return OpenVinoRunner(model, example_inputs, n, precision)
     return OrtRunner(model, example_inputs, n)

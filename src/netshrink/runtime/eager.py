@@ -20,6 +20,10 @@ class EagerRunner:
         self.model = model
         self.threads = resolve_threads(threads)
 
+    def describe(self) -> str:
+        """The runtime name (nothing else to record)."""
+        return self.runtime
+
     def __call__(self, inputs: tuple[Any, ...]) -> Any:
         """Run one forward pass on ``inputs``; returns the model's output (tensors)."""
         with torch_threads(self.threads):

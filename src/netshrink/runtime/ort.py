@@ -113,6 +113,10 @@ class OrtRunner:
             )
         return {name: _numpy(x) for name, x in zip(self.input_names, inputs, strict=True)}
 
+    def describe(self) -> str:
+        """The runtime name (nothing else to record)."""
+        return self.runtime
+
     def __call__(self, inputs: tuple[Any, ...]) -> Any:
         """Run one forward pass on ``inputs``."""
         return self.bind(inputs)()
@@ -129,17 +133,17 @@ class OrtRunner:
 
 
 class OrtModule(nn.Module):
-    """An ``nn.Module`` face on an :class:`OrtRunner`: tensors in, tensors out.
+    """An ``nn.Module`` face on an ONNX Runtime or OpenVINO runner: tensors in, tensors out.
 
-    It lets an ``evaluate(model, batches)`` function score exactly what ONNX Runtime computes.
+    It lets an ``evaluate(model, batches)`` function score exactly what the runtime computes.
     """
 
-    def __init__(self, runner: OrtRunner):
+    def __init__(self, runner: Any):
         super().__init__()
         self.runner = runner
 
     def forward(self, *inputs: Any) -> Any:
         out = self.runner(inputs)
         if isinstance(out, tuple):
-            return tuple(torch.from_numpy(o) for o in out)
-        return torch.from_numpy(out)
+            return tuple(torch.as_tensor(o) for o in out)
+        return torch.as_tensor(out)

