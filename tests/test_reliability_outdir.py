@@ -84,15 +84,16 @@ def test_out_that_is_a_file_or_below_one(tmp_path: Path) -> None:
     assert (tmp_path / "f").read_text() == "data"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_parent(tmp_path: Path) -> None:
+def test_read_only_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # root writes into a chmod 555 folder, so the permission answer is what is faked: the check
+    # must ask before any work and say which folder refused
     (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o555)
-    try:
-        with pytest.raises(OutputError, match="permission"):
-            RunOutput(tmp_path / "ro" / "out")
-    finally:
-        (tmp_path / "ro").chmod(0o755)
+    denied = tmp_path / "ro"
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != denied and real(p, mode))
+    with pytest.raises(OutputError, match=f"no permission to create it in {denied}"):
+        RunOutput(tmp_path / "ro" / "out")
+    assert list(denied.iterdir()) == []
 
 
 def test_a_concurrent_run_is_refused_and_the_lock_is_released(tmp_path: Path) -> None:
