@@ -202,6 +202,27 @@ def test_a_linear_also_called_on_another_input_is_left_alone() -> None:
     assert not torch.equal(smoothed.head.weight, model.head.weight)
 
 
+class Peek(nn.Module):
+    """Returns a norm's output beside the Linear reading it, or changes it in place first."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.norm, self.fc, self.in_place = nn.LayerNorm(8), nn.Linear(8, 8), in_place
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x)
+        if self.in_place:
+            h.add_(1.0)
+            return self.fc(h), x
+        return self.fc(h), h
+
+
+@pytest.mark.parametrize(("in_place", "reader"), [(False, "model's outputs"), (True, "add_")])
+def test_a_norm_output_read_by_anything_but_linears_is_refused(in_place: bool, reader: str) -> None:
+    with pytest.raises(UnsupportedModuleError, match=f"also feeds (the )?{reader}"):
+        ns.quantize.smoothquant(Peek(in_place).eval(), calib_data=[(torch.randn(4, 8), None)])
+
+
 def test_bad_options_and_missing_data_leave_the_model_alone() -> None:
     model, calib = pre_norm()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -117,7 +117,9 @@ class _Readers(TorchFunctionMode):
             self.fed.setdefault(linear, set()).add(self.live.get(id(args[0]), ""))
         for arg in pytree.tree_leaves((args, kwargs)):
             name = self.live.get(id(arg)) if torch.is_tensor(arg) else None
-            if name is None or result is arg:
+            op = getattr(func, "__name__", str(func))
+            in_place = op.endswith("_") or op.startswith("__i")
+            if name is None or (result is arg and not in_place):
                 continue  # not a producer output, or an op returning it unchanged (eval dropout)
             if not any(torch.is_tensor(r) for r in pytree.tree_leaves(result)):
                 continue  # .shape, .size(), .dim(): metadata only
@@ -125,7 +127,7 @@ class _Readers(TorchFunctionMode):
             if linear and arg is args[0]:
                 producer.readers.add(linear)
             elif not producer.other:
-                producer.other = getattr(func, "__name__", str(func))
+                producer.other = op
         return result
 
 
@@ -142,7 +144,7 @@ def _note_output(p: Producer, out: torch.Tensor, keep_rows: int) -> None:
 @contextmanager
 def _watch(
     model: nn.Module, seen: dict[str, Producer], fed: dict[str, set[str]], keep_rows: int
-) -> Iterator[None]:
+) -> Iterator[_Readers]:
     """Hooks on the producers named in ``seen`` and the mode noting who reads their outputs."""
     owners = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     live: dict[int, str] = {}
@@ -163,7 +165,7 @@ def _watch(
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in seen]
     try:
         with mode:
-            yield
+            yield mode
     finally:
         for h in handles:
             h.remove()
@@ -185,8 +187,11 @@ def observe(
     fed: dict[str, set[str]] = {}
     with module_calls(model):
         for inputs, _ in track(batches, "smoothquant: activation ranges", show=show):
-            with _watch(model, seen, fed, keep_rows):
-                run(model, inputs)
+            with _watch(model, seen, fed, keep_rows) as mode:
+                for leaf in pytree.tree_leaves(run(model, inputs)):
+                    name = mode.live.get(id(leaf)) if torch.is_tensor(leaf) else None
+                    if name is not None and not seen[name].other:
+                        seen[name].other = "the model's outputs"  # returned as it is
     return seen, fed
 
 
