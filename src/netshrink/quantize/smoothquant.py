@@ -115,10 +115,10 @@ class _Readers(TorchFunctionMode):
         linear = self.owners.get(id(args[1]), "") if func is F.linear and len(args) > 1 else ""
         if linear:  # where this Linear's input came from: a producer, or "" for anything else
             self.fed.setdefault(linear, set()).add(self.live.get(id(args[0]), ""))
+        op = getattr(func, "__name__", str(func))
+        in_place = op.endswith("_") or op.startswith("__i")  # add_, __iadd__: change the tensor
         for arg in pytree.tree_leaves((args, kwargs)):
             name = self.live.get(id(arg)) if torch.is_tensor(arg) else None
-            op = getattr(func, "__name__", str(func))
-            in_place = op.endswith("_") or op.startswith("__i")
             if name is None or (result is arg and not in_place):
                 continue  # not a producer output, or an op returning it unchanged (eval dropout)
             if not any(torch.is_tensor(r) for r in pytree.tree_leaves(result)):
