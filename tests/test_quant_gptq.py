@@ -1,0 +1,183 @@
+"""quantize.gptq: round-to-nearest under an identity Hessian, smaller output error otherwise."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import netshrink as ns
+from netshrink.errors import ConfigError, MissingInputError
+from netshrink.layers import tied_modules
+from netshrink.quantize.affine import Granularity, qrange, quantize_weight
+from netshrink.quantize.gptq import gptq_codes
+from netshrink.quantize.packed import PackedLinear
+from netshrink.quantize.packing import unpack
+from test_calibrate import tiny_bert
+from test_layers_models import _conv1d_names, _gpt2
+
+
+def packed(model: nn.Module) -> dict[str, PackedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+
+
+def rtn_codes(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Round-to-nearest codes minus zero point, shaped like ``w``."""
+    q, _, zero = quantize_weight(w, bits, symmetric, Granularity(True, group_size))
+    return (q - zero).reshape(w.shape)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    groups=st.integers(1, 4),
+    group_size=st.sampled_from([0, 4, 8, 64]),
+    grid=st.sampled_from([(2, True), (3, True), (4, True), (8, True), (2, False), (3, False)]),
+    act_order=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_an_identity_hessian_gives_round_to_nearest_codes_exactly(
+    rows: int, groups: int, group_size: int, grid: tuple[int, bool], act_order: bool, seed: int
+) -> None:
+    bits, symmetric = grid
+    cols = groups * (group_size or 16)
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    gram = 3.0 * torch.eye(cols, dtype=torch.float64)  # X = sqrt(3) I: no column sees another
+    codes, scale = gptq_codes(w, gram, bits, group_size, symmetric, act_order)
+    assert torch.equal(codes, rtn_codes(w, bits, group_size, symmetric))
+    _, rtn_scale, _ = quantize_weight(w, bits, symmetric, Granularity(True, group_size))
+    assert torch.equal(scale, rtn_scale.reshape(scale.shape))
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 8), (4, 0), (8, 0), (8, 16)])
+def test_on_identity_inputs_the_layer_stored_is_the_weight_only_one(
+    bits: int, group_size: int
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 8)).eval()
+    eye = [(2.0 * torch.eye(32), None)]
+    got = ns.quantize.gptq(model, bits=bits, group_size=group_size, calib_data=eye)[0]
+    want = ns.quantize.weight_only(model, bits=bits, group_size=group_size)[0]
+    assert isinstance(got, PackedLinear) and isinstance(want, PackedLinear)
+    assert got.spec() == want.spec()
+    for key, value in want.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
+
+
+def correlated(seed: int, rows: int = 512, width: int = 128) -> torch.Tensor:
+    """Inputs whose features are mixed and of unequal size (as a transformer's are)."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.eye(width) + torch.randn(width, width, generator=gen) / width**0.5
+    scales = 10 ** torch.empty(width).uniform_(-1, 1, generator=gen)
+    return (torch.randn(rows, width, generator=gen) * scales) @ mix
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "act_order"),
+    [(4, 32, False), (4, 32, True), (3, 0, True), (8, 0, False)],
+)
+def test_output_error_is_at_most_round_to_nearest_on_correlated_inputs(
+    seed: int, bits: int, group_size: int, act_order: bool
+) -> None:
+    torch.manual_seed(seed)
+    layer = nn.Linear(128, 48, bias=False)
+    x = correlated(seed)
+    w = layer.weight.detach()
+    gram = (x.T.double() @ x.double()) / x.shape[0]
+    codes, scale = gptq_codes(w, gram, bits, group_size, True, act_order)
+    per = group_size or 128
+    w_gptq = (codes.reshape(48, -1, per) * scale.reshape(48, -1, 1)).reshape(w.shape)
+    _, rtn_scale, _ = quantize_weight(w, bits, True, Granularity(True, group_size))
+    w_rtn = (rtn_codes(w, bits, group_size, True).reshape(48, -1, per) * rtn_scale.reshape(
+        48, -1, 1
+    )).reshape(w.shape)  # fmt: skip
+    err_gptq = float((x @ (w - w_gptq).T).norm())
+    err_rtn = float((x @ (w - w_rtn).T).norm())
+    assert err_gptq <= err_rtn, (err_gptq, err_rtn)
+
+
+def test_act_order_with_groups_gives_a_valid_packed_layer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    x = correlated(3)
+    out = ns.quantize.gptq(
+        model, bits=4, group_size=32, act_order=True, calib_data=[(x, None)]
+    ).eval()
+    layer = out[0]
+    assert isinstance(layer, PackedLinear)
+    assert layer.scale.shape == (64, 4, 1)  # groups of 32 consecutive inputs, as RTN stores
+    lo, hi = qrange(4, True)
+    codes = unpack(layer.codes, 4, 64 * 128).to(torch.int32) - 8
+    assert lo <= int(codes.min()) and int(codes.max()) <= hi
+    decoded = (codes.reshape(64, 4, 32) * layer.scale).reshape(64, 128)
+    assert torch.equal(layer.weight, decoded)
+    rtn = ns.quantize.weight_only(model, bits=4, group_size=32)
+    with torch.no_grad():
+        ref = model[0](x)
+        assert (out[0](x) - ref).norm() <= (rtn[0](x) - ref).norm()
+        assert out(x).shape == (512, 4) and bool(out(x).isfinite().all())
+
+
+def test_without_calibration_data_the_model_is_not_touched() -> None:
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MissingInputError, match="calib_data"):
+        ns.quantize.gptq(model, bits=4, group_size=0)
+    assert isinstance(model[0], nn.Linear)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"bits": 4, "symmetric": False}, {"bits": 5}, {"damp": 0}, {"blocks": ["0"]}],
+)
+def test_options_that_cannot_be_honoured_are_config_errors(options: dict) -> None:
+    model = nn.Sequential(nn.Linear(8, 4)).eval()
+    with pytest.raises(ConfigError):
+        ns.quantize.gptq(model, calib_data=[(torch.randn(4, 8), None)], **options)
+
+
+def test_save_load_gives_identical_outputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    calib = [(torch.randn(16, 64), None)]
+    out = ns.quantize.gptq(model, bits=3, symmetric=False, group_size=16, calib_data=calib)
+    assert len(packed(out)) == 2
+    ns.save(out, tmp_path / "a")
+    loaded = ns.load(tmp_path / "a", model=model)
+    x = calib[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out(x))
+
+
+def test_sequential_bert_quantizes_every_block_layer_on_quantized_inputs() -> None:
+    model, calib = tiny_bert()
+    options = {"bits": 4, "group_size": 8, "calib_data": calib}
+    plain = packed(ns.quantize.gptq(model, **options))
+    seq = packed(ns.quantize.gptq(model, sequential=True, **options))
+    assert len(seq) == 3 * 6 + 1  # q, k, v, attention output, intermediate, output; the pooler
+    assert seq.keys() == plain.keys()
+    # block 0 sees the float inputs either way; the later ones see quantized ones only in seq
+    for name, layer in seq.items():
+        same = torch.equal(layer.weight, plain[name].weight)
+        assert same == (not name.startswith(("encoder.layer.1.", "encoder.layer.2."))), name
+
+
+def test_gpt2_conv1d_is_quantized_as_linear_and_tied_weights_stay_tied() -> None:
+    torch.manual_seed(0)
+    model, x = _gpt2(), torch.randint(0, 40, (2, 6))
+    before = _conv1d_names(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tied lm_head is named and left alone
+        out = ns.quantize.gptq(model, bits=8, group_size=0, calib_data=[(x, None)])
+    assert all(isinstance(out.get_submodule(n), PackedLinear) for n in before)
+    assert {"lm_head", "transformer.wte"} <= tied_modules(out)
+    assert out.lm_head.weight is out.transformer.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(out(x).logits, model(x).logits, atol=0.1, rtol=0)
