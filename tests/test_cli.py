@@ -292,3 +292,28 @@ def test_bad_input_in_a_real_process_prints_one_error_line(tmp_path: Path) -> No
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown zoo model 'nope'")
+
+
+COMPRESS = ("compress", "int8", "--model", "zoo:x", "--out", "o")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("frobnicate",), "error: No such command 'frobnicate'"),
+        (
+            ("compress", "int8", "--model", "zoo:x", "--out", "o", "--threads", "100000"),
+            "--threads",
+        ),
+        (("compress", "int8", "--model", "zoo:x", "--out", "o", "--seed", str(2**70)), "--seed"),
+        (("compress", "int8", "--model", "zoo:x", "--out", "o", "--bogus"), "No such option"),
+    ],
+)
+def test_usage_errors_in_a_real_process_are_one_error_line(
+    args: tuple[str, ...], message: str, tmp_path: Path
+) -> None:
+    done = _netshrink(*args, cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -337,5 +338,27 @@ def export(
 
 
 def main() -> None:
-    """Entry point of the ``netshrink`` console script and ``python -m netshrink``."""
-    app()
+    """Entry point of the ``netshrink`` console script and ``python -m netshrink``.
+
+    A usage error (an unknown verb or option, a value out of its range) is one ``error:`` line
+    and exit 2, like every other bad input, instead of click's boxed usage text.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        # typer raises click's exception types, from click or from the copy it vendors: match
+        # them by class name rather than by one module's classes
+        kinds = {c.__name__ for c in type(exc).__mro__}
+        ctx = getattr(exc, "ctx", None)
+        if "NoArgsIsHelpError" in kinds:
+            print(ctx.get_help() if ctx else str(exc), file=sys.stderr)
+        elif "UsageError" in kinds:
+            hint = f" (see: {ctx.command_path} --help)" if ctx else ""
+            err().print(f"[red]error:[/red] {escape(exc.format_message())}{hint}", soft_wrap=True)
+        elif "Abort" in kinds:
+            err().print("[red]failed:[/red] interrupted", soft_wrap=True)
+            raise SystemExit(1) from None
+        else:
+            raise
+        code = 2
+    raise SystemExit(code if isinstance(code, int) else 0)
