@@ -178,3 +178,9 @@ def test_exporter_log_records_go_to_debug_not_the_terminal(
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert any("Evaluation failed: cannot reshape" in m for m in debug)
     assert (torch_onnx.handlers, torch_onnx.propagate) == before  # restored after the export
+
+
+def test_an_onnx_path_that_is_a_folder_is_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder"):
+        export_onnx(nn.Linear(3, 2), tmp_path, (torch.randn(2, 3),))
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from netshrink import outdir
 from netshrink.artifact import load, save
+from netshrink.artifact.validate import TENSORS_FILE
 from netshrink.cli import app
 from netshrink.outdir import MARKER, OutputError, RunOutput
 
@@ -144,8 +145,16 @@ def test_files_follow_the_umask(tmp_path: Path, mask: int) -> None:
         os.umask(previous)
     for folder in (tmp_path / "out", tmp_path / "out2" / "model"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
-    for file in (tmp_path / "out" / "report.json", tmp_path / "out2" / "model" / "manifest.json"):
-        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask
+    artifact = tmp_path / "out2" / "model"
+    files = (tmp_path / "out" / "report.json", artifact / "manifest.json", artifact / TENSORS_FILE)
+    for file in files:  # safetensors alone would write its file 0o600
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file
+
+
+def test_an_out_name_the_file_system_refuses_is_an_output_error(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="cannot write there"):
+        RunOutput(tmp_path / ("L" * 300))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_concurrent_saves_to_one_path_leave_one_whole_artifact(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from netshrink.errors import ConfigError, RecipeError
 from netshrink.quote import MAX_CHARS, excerpt
 from netshrink.recipe import builtin
 from netshrink.recipe.schema import MAX_DESCRIPTION
-from netshrink.recipe.yamlsafe import MAX_BYTES, MAX_DEPTH, MAX_NODES
+from netshrink.recipe.yamlsafe import MAX_BYTES, MAX_DEPTH, MAX_NODES, load_yaml
 
 STAGE = "stages:\n - prune.magnitude: {sparsity: 0.5}\n"
 
@@ -140,3 +140,8 @@ def test_validators_that_rewrite_values_still_work() -> None:
 def test_version_must_be_the_integer_one() -> None:
     refused("version: 1.0\n" + STAGE, "unsupported version 1.0")
     refused("version: true\n" + STAGE, "unsupported version True")
+
+
+def test_control_characters_are_bad_input_not_a_failure() -> None:
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_yaml("version: 1\x00\nstages: []\n")

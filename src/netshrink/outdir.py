@@ -72,6 +72,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def file_mode() -> int:
+    """``0o666`` less the process's umask: the mode an ordinary new file gets. Read from
+    /proc/self/status where Linux shows it (``os.umask`` can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def make_dir_beside(target: Path, kind: str) -> Path:
     """A new, empty folder ``.<target name>.netshrink-<kind>-<random>`` beside ``target``,
     created with the umask's mode (``tempfile.mkdtemp`` would force 0o700)."""
@@ -249,8 +263,8 @@ class RunOutput:
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        check_target(out)
-        try:
+        try:  # a name the file system refuses (too long, say) fails here as an OSError
+            check_target(out)
             out.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _Lock(out)
         except OSError as exc:

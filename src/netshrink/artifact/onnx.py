@@ -224,6 +224,10 @@ def export_onnx(
         # A batch of one would be specialised to a constant 1 while tracing; trace with two.
         args = tuple(torch.cat([a, a]) if a.dim() > 0 else a for a in args)
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(
+            f"{path} is a folder; give the ONNX file to write, e.g. {path}/model.onnx"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     names = ["dynamo", "torchscript"] if exporter == "auto" else [exporter]

@@ -47,7 +47,7 @@ from netshrink.artifact.validate import (
 )
 from netshrink.errors import ArtifactError, TargetError
 from netshrink.layers import replace_module
-from netshrink.outdir import check_replaceable, make_dir_beside, swap_in
+from netshrink.outdir import check_replaceable, file_mode, make_dir_beside, swap_in
 
 FORMAT = "netshrink-artifact"
 FORMAT_VERSION = 1
@@ -119,6 +119,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
     tmp = make_dir_beside(target, "tmp")
     try:
         save_file(stored, str(tmp / TENSORS_FILE))
+        os.chmod(tmp / TENSORS_FILE, file_mode())  # safetensors writes 0o600 whatever the umask
         manifest["sha256"] = file_sha256(tmp / TENSORS_FILE)
         try:
             manifest[CHECKSUM_KEY] = checksum(manifest)

@@ -89,8 +89,9 @@ def load_yaml(text: str, source: str = "<recipe>") -> Any:
     """Parse one YAML document of plain data within the bounds above; RecipeError otherwise."""
     if len(text) > MAX_BYTES:
         raise RecipeError(f"{source}: {len(text)} characters; a recipe holds at most {MAX_BYTES}")
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader refuses control characters (a NUL) at once
         return loader.get_single_data()
     except RecipeError as exc:
         raise RecipeError(f"{source}: {exc}") from None
@@ -99,4 +100,5 @@ def load_yaml(text: str, source: str = "<recipe>") -> Any:
     except RecursionError:
         raise RecipeError(f"{source}: nested too deeply to read") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

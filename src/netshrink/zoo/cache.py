@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from netshrink.errors import ArtifactError
+from netshrink.outdir import file_mode
 
 CACHE_ENV = "NETSHRINK_CACHE"
 _PACKAGE = Path(__file__).resolve().parents[1]
@@ -68,6 +69,7 @@ def save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"sha256": _checksum(tensors)})
+        os.chmod(tmp, file_mode())  # mkstemp and safetensors both make it 0o600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
