@@ -10,12 +10,15 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 import hf_fixtures
 import netshrink as ns
 from netshrink import hf, progress
 from netshrink.cli import app
+from netshrink.recipe.commands import input_specs, recorded_inputs
+from netshrink.settings import Timing
 
 runner = CliRunner()
 
@@ -143,3 +146,44 @@ def test_bad_hf_input_is_one_error_line(args, message, bert: Path, tmp_path: Pat
     assert message in result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+class Scaled(nn.Module):
+    """A model that takes keyword inputs: ``linear(x) * gate``, gate ``(batch, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * gate
+
+
+def keyword_inputs(batch: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(batch)
+    return {"x": torch.randn(batch, 4), "gate": torch.rand(batch, 1)}
+
+
+def test_export_onnx_names_keyword_inputs_and_keeps_the_batch_dynamic(tmp_path: Path) -> None:
+    model = Scaled().eval()
+    path = ns.export_onnx(model, tmp_path / "m.onnx", keyword_inputs(2))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "gate"]
+    bigger = keyword_inputs(5)
+    (out,) = session.run(None, {k: v.numpy() for k, v in bigger.items()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(out), model(**bigger), atol=1e-6)
+
+
+def test_measure_times_and_counts_keyword_inputs() -> None:
+    measured = ns.measure(Scaled(), keyword_inputs(8), timing=Timing(runs=20, warmup=1))
+    assert measured.macs == 8 * 4 * 3  # the Linear's multiply-accumulates, batch 8
+    assert measured.batch_size == 8
+
+
+def test_recorded_keyword_inputs_come_back_as_a_dict() -> None:
+    example = keyword_inputs(3)
+    specs = input_specs(example)
+    rebuilt = recorded_inputs({"inputs": specs})
+    assert isinstance(rebuilt, dict) and list(rebuilt) == ["x", "gate"]
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in example.items()}

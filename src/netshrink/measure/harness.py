@@ -156,7 +156,8 @@ def measure(
     data: Iterable[Batch] | None = None,
     timing: Timing = MEASURE_TIMING,
 ) -> Measurement:
-    """Measure ``model`` on ``example_inputs`` (a tuple of positional tensors).
+    """Measure ``model`` on ``example_inputs`` (a tuple of positional tensors, or a dict of
+    keyword tensors).
 
     Latency: ``timing.warmup`` untimed then ``timing.runs`` timed forwards on
     ``timing.runtime`` (eager, onnxruntime, openvino or openvino-f32) with ``timing.threads``
