@@ -72,9 +72,21 @@ ThreadsOpt = Annotated[
     int | None,
     typer.Option(min=1, max=MAX_THREADS, help="intra-op threads for timing (default: torch's)"),
 ]
-ModelOpt = Annotated[str | None, typer.Option("--model", help="zoo:<name> or pkg.module:factory")]
+MODEL_HELP = "zoo:<name>, hf:<folder> or pkg.module:factory"
+ModelOpt = Annotated[str | None, typer.Option("--model", help=MODEL_HELP)]
 DataOpt = Annotated[
-    str | None, typer.Option("--data", help="pkg.module:function -> {train, val, calib[, test]}")
+    str | None,
+    typer.Option(
+        "--data",
+        help="pkg.module:function -> {train, val, calib[, test]}, or text:<file> for an hf: "
+        "model (default: zoo data, or the built-in text corpus)",
+    ),
+]
+TaskOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--task", help="hf: model task: embedding, classification, causal-lm, masked-lm (inferred)"
+    ),
 ]
 EvalOpt = Annotated[
     str | None, typer.Option("--eval", help="pkg.module:metric(model, batches) -> float")
@@ -195,7 +207,7 @@ def _finish_run(result: Any, paths: dict[str, Path], quiet: bool, as_json: bool)
 @app.command()
 @handles_errors
 def compress(
-    model: Annotated[str, typer.Option("--model", help="zoo:<name> or pkg.module:factory")],
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
     out: Annotated[Path, typer.Option("--out", help="output folder")],
     recipe: Annotated[
         str | None, typer.Argument(help="recipe YAML file or built-in name (or give --target)")
@@ -212,6 +224,7 @@ def compress(
     ] = None,
     data: DataOpt = None,
     eval_: EvalOpt = None,
+    task: TaskOpt = None,
     seed: SeedOpt = 0,
     runtime: RuntimeOpt = "eager",
     threads: ThreadsOpt = None,
@@ -225,7 +238,9 @@ def compress(
     scripted = _scripted(quiet, as_json)
     if (recipe is None) == (target is None):
         raise ConfigError("give either a RECIPE or --target (e.g. --target size=10x,max_drop=0.01)")
-    inputs = Inputs(model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed)
+    inputs = Inputs(
+        model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed, task=task
+    )
     timing = Timing(runtime=runtime, threads=threads, runs=runs)
     if target is not None:
         from netshrink.search.commands import run_auto
@@ -242,13 +257,14 @@ def compress(
 @app.command()
 @handles_errors
 def analyze(
-    model: Annotated[str, typer.Option("--model", help="zoo:<name> or pkg.module:factory")],
+    model: Annotated[str, typer.Option("--model", help=MODEL_HELP)],
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-analyze"),
     weights: Annotated[
         Path | None, typer.Option("--weights", help="safetensors state dict for --model")
     ] = None,
     data: DataOpt = None,
     eval_: EvalOpt = None,
+    task: TaskOpt = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -256,7 +272,9 @@ def analyze(
     from netshrink.search.commands import run_analyze
 
     _scripted(quiet, False)
-    inputs = Inputs(model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed)
+    inputs = Inputs(
+        model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed, task=task
+    )
     _, paths = run_analyze(inputs, out, progress=not quiet)
     typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
 
@@ -298,6 +316,7 @@ def measure(
     model: ModelOpt = None,
     data: DataOpt = None,
     eval_: EvalOpt = None,
+    task: TaskOpt = None,
     runtime: RuntimeOpt = "eager",
     threads: ThreadsOpt = None,
     runs: RunsOpt = 20,
@@ -308,7 +327,7 @@ def measure(
     from netshrink.recipe.commands import measure_target
 
     _scripted(quiet, as_json)
-    inputs = Inputs(model_ref=model, data_ref=data, eval_ref=eval_)
+    inputs = Inputs(model_ref=model, data_ref=data, eval_ref=eval_, task=task)
     measured = measure_target(target, inputs, Timing(runtime=runtime, threads=threads, runs=runs))
     if as_json:
         _print_json(measured.to_dict())
@@ -325,6 +344,7 @@ def export(
         Path | None, typer.Option("--openvino", help="folder for OpenVINO IR model.xml/.bin")
     ] = None,
     model: ModelOpt = None,
+    task: TaskOpt = None,
 ) -> None:
     """Export a saved artifact to ONNX and/or OpenVINO IR (inputs shaped as the run recorded)."""
     from netshrink.recipe.commands import export_onnx, export_openvino
@@ -332,9 +352,10 @@ def export(
     if onnx is None and openvino is None:
         raise ConfigError("give --onnx FILE, --openvino DIR, or both")
     if onnx is not None:
-        out().print(f"onnx: {export_onnx(artifact, onnx, model_ref=model)}")
+        out().print(f"onnx: {export_onnx(artifact, onnx, model_ref=model, task=task)}")
     if openvino is not None:
-        out().print(f"openvino: {export_openvino(artifact, openvino, model_ref=model)}")
+        path = export_openvino(artifact, openvino, model_ref=model, task=task)
+        out().print(f"openvino: {path}")
 
 
 def main() -> None:

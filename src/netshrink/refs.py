@@ -1,8 +1,10 @@
 """Resolving what the command line names: ``--model``, ``--weights``, ``--data`` and ``--eval``.
 
-A reference is either ``zoo:<name>`` (a built-in model and its data) or ``package.module:function``
-(the user's own code, imported and called with no arguments). Only references the user typed are
-imported: a recipe or an artifact never makes netshrink import a module it names.
+A model reference is ``zoo:<name>`` (a built-in model and its data), ``hf:<folder or hub id>``
+(a transformers model, :mod:`netshrink.hf`; its data is ``text:<file>`` or the built-in corpus)
+or ``package.module:function`` (the user's own code, imported and called with no arguments).
+Only references the user typed are imported: a recipe or an artifact never makes netshrink
+import a module it names.
 """
 
 from __future__ import annotations
@@ -20,17 +22,38 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.context import Batch, Evaluate
 from netshrink.data import DataSplits
-from netshrink.errors import DataError, ModelReferenceError
+from netshrink.errors import ConfigError, DataError, ModelReferenceError
 from netshrink.quote import excerpt
 from netshrink.usercode import check_batch, check_reference, guarded
 
 ZOO = "zoo:"
+HF = "hf:"
+TEXT = "text:"
 DATA_SPLITS = ("train", "val", "calib")
 
 
 def zoo_name(ref: object) -> str | None:
     """The model name of a ``zoo:<name>`` reference, else None (also for a non-string)."""
     return ref[len(ZOO) :] if isinstance(ref, str) and ref.startswith(ZOO) else None
+
+
+def is_hf(ref: object) -> bool:
+    """Whether ``ref`` is an ``hf:`` model reference."""
+    return isinstance(ref, str) and ref.startswith(HF)
+
+
+def is_text(ref: object) -> bool:
+    """Whether ``ref`` is a ``text:<file>`` data reference."""
+    return isinstance(ref, str) and ref.startswith(TEXT)
+
+
+def hf_baseline(model: nn.Module) -> nn.Module | None:
+    """For a model built from an ``hf:`` reference (as ``load`` rebuilds an hf artifact), the
+    pretrained model that reference names: what its default metric compares with. Else None."""
+    from netshrink import hf
+
+    info = hf.reference_info(model)
+    return None if info is None else hf.load_model(info["ref"], info["task"])
 
 
 def _import(module_name: str, what: str, ref: str) -> Any:
@@ -68,8 +91,18 @@ def _call(ref: str, what: str) -> Any:
     return guarded(f"{what} {ref}", f"{ref.partition(':')[2]}()", factory)
 
 
-def build_model(ref: str, seed: int = 0, trained: bool = True) -> nn.Module:
-    """The model ``ref`` names: a zoo model (trained unless ``trained=False``) or a factory's."""
+def build_model(
+    ref: str, seed: int = 0, trained: bool = True, task: str | None = None
+) -> nn.Module:
+    """The model ``ref`` names: a zoo or hf model (trained, or pretrained, unless
+    ``trained=False``) or a factory's. ``task`` is the hf model's (None: inferred); any other
+    model takes none (:class:`ConfigError`)."""
+    if is_hf(ref):
+        from netshrink import hf
+
+        return hf.load_model(ref, task) if trained else hf.fresh_model(ref, task)
+    if task is not None:
+        raise ConfigError(f"--task {task} applies to hf: models only, not --model {ref}")
     name = zoo_name(ref)
     if name is not None:
         from netshrink import zoo
@@ -107,9 +140,11 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def model_from(ref: str, weights: str | Path | None = None, seed: int = 0) -> nn.Module:
-    """The model for ``--model ref [--weights file]``, in eval mode."""
-    model = build_model(ref, seed=seed, trained=weights is None)
+def model_from(
+    ref: str, weights: str | Path | None = None, seed: int = 0, task: str | None = None
+) -> nn.Module:
+    """The model for ``--model ref [--weights file] [--task task]``, in eval mode."""
+    model = build_model(ref, seed=seed, trained=weights is None, task=task)
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
@@ -126,12 +161,24 @@ def _split(data: Any, key: str, ref: str) -> list[Batch] | None:
     return materialize(batches, what)
 
 
-def data_from(ref: str) -> DataSplits:
-    """The batches ``--data ref`` names: ``zoo:<name>`` or a function returning a mapping.
+def data_from(ref: str | None, model: nn.Module | None = None, seed: int = 0) -> DataSplits:
+    """The batches ``--data ref`` names: ``zoo:<name>``, a function returning a mapping, or for
+    an hf ``model``, ``text:<file>`` tokenized with its tokenizer (``ref`` None: the built-in
+    corpus; ``seed`` salts the split).
 
     The mapping needs ``train``, ``val`` and ``calib`` (iterables of ``(inputs, targets)``
     batches) and may hold ``test``, where the reported metric is then measured.
     """
+    if ref is None or is_text(ref):
+        from netshrink import hf
+
+        if model is None or hf.reference_info(model) is None:
+            shown = "--data text:<file>" if ref is None else f"--data {ref}"
+            raise DataError(
+                f"{shown} is tokenized with an hf: model's tokenizer, and the model is not one;"
+                " give --model hf:<folder>, or --data package.module:function for this model"
+            )
+        return hf.data_for(model, ref, seed)  # type: ignore[arg-type]
     name = zoo_name(ref)
     if name is not None:
         from netshrink import zoo
@@ -153,11 +200,23 @@ def data_from(ref: str) -> DataSplits:
     )
 
 
-def evaluate_from(ref: str | None, model_ref: str = "") -> Evaluate:
+def evaluate_from(
+    ref: str | None,
+    model_ref: str = "",
+    baseline: nn.Module | None = None,
+    data: DataSplits | None = None,
+) -> Evaluate:
     """The metric ``--eval ref`` names (``fn(model, batches) -> float``, higher is better).
 
-    Without ``ref``: the zoo model's own metric for a ``zoo:`` model, else top-1 accuracy.
+    Without ``ref``: for an hf ``baseline`` (the uncompressed model) its task's fidelity to it
+    on ``data``'s test split; the zoo model's own metric for a ``zoo:`` model; else top-1
+    accuracy.
     """
+    if ref is None and baseline is not None and data is not None:
+        from netshrink import hf
+
+        if hf.reference_info(baseline) is not None:
+            return hf.evaluate_for(baseline, data)  # type: ignore[arg-type]
     if ref is None:
         from netshrink.metrics import accuracy
 

@@ -27,13 +27,17 @@ def check_runs(runs: int, warmup: int) -> None:
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a run is given, as the user named it: ``--model/--weights/--data/--eval/--seed``.
+    """What a run is given, as the user named it:
+    ``--model/--weights/--data/--eval/--seed/--task``.
 
-    ``model_ref`` is ``zoo:<name>`` or ``package.module:factory`` (None: not given, as when
-    ``measure`` or ``export`` rebuild the model an artifact records); ``weights`` a safetensors
-    state dict for it; ``data_ref`` a ``package.module:function`` returning the data splits
-    (None: a zoo model's own data); ``eval_ref`` a ``package.module:metric`` (None: the zoo
-    model's metric, else top-1 accuracy); ``seed`` seeds every random choice of the run.
+    ``model_ref`` is ``zoo:<name>``, ``hf:<folder or hub id>`` or ``package.module:factory``
+    (None: not given, as when ``measure`` or ``export`` rebuild the model an artifact records);
+    ``weights`` a safetensors state dict for it; ``data_ref`` a ``package.module:function``
+    returning the data splits, or ``text:<file>`` for an hf model (None: a zoo model's own data,
+    an hf model's built-in corpus); ``eval_ref`` a ``package.module:metric`` (None: the zoo
+    model's metric, an hf model's fidelity to the uncompressed model, else top-1 accuracy);
+    ``seed`` seeds every random choice of the run; ``task`` an hf model's task (``embedding``,
+    ``classification``, ``causal-lm``, ``masked-lm``; None: inferred).
     """
 
     model_ref: str | None = None
@@ -41,6 +45,7 @@ class Inputs:
     data_ref: str | None = None
     eval_ref: str | None = None
     seed: int = 0
+    task: str | None = None
 
 
 @dataclass(frozen=True)

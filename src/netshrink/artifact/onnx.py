@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,21 +37,22 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from netshrink.batches import as_args
+from netshrink.batches import example_args
 from netshrink.errors import ArtifactError, ConfigError, DataError
 from netshrink.layers import onnx_translations
 
 Exporter = Literal["auto", "dynamo", "torchscript"]
 
 
-def _example_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    args = as_args(example_inputs)
+def _example_args(example_inputs: Any) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...] | None]:
+    """The example tensors in order, and their keyword names when they are keyword inputs."""
+    args = example_args(example_inputs)
     if not args or not all(torch.is_tensor(a) for a in args):
         raise DataError(
-            "example_inputs must be a non-empty tuple of tensors, e.g. (x,); got "
-            f"{type(example_inputs).__name__}"
+            "example_inputs must be a non-empty tuple of tensors, e.g. (x,), or a dict of "
+            f"keyword tensors; got {type(example_inputs).__name__}"
         )
-    return args
+    return args, tuple(example_inputs) if isinstance(example_inputs, Mapping) else None
 
 
 _log = logging.getLogger(__name__)
@@ -110,10 +111,20 @@ def _cachemask_shapes(x: torch.Tensor, *args: Any) -> tuple[torch.Tensor, torch.
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
-def _dynamo_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool) -> dict:
+def _dynamo_options(
+    model: nn.Module, args: tuple[torch.Tensor, ...], names: tuple[str, ...] | None, dyn: bool
+) -> dict:
     _register_fake_quant_shapes()
     batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} if a.dim() > 0 else {} for a in args) if dyn else None
+    shapes: Any = tuple({0: batch} if a.dim() > 0 else {} for a in args) if dyn else None
+    if shapes is not None and names is not None:
+        # Keyword inputs (token ids and masks) are keyed by name; their second dimension is
+        # left to torch.export (Dim.AUTO): symbolic when the model allows it, as a text's
+        # token count does, else kept at the traced size.
+        shapes = {
+            n: {**s, 1: torch.export.Dim.AUTO} if a.dim() > 1 else s
+            for n, s, a in zip(names, shapes, args, strict=True)
+        }
     return {
         "external_data": False,
         "dynamic_shapes": shapes,
@@ -122,10 +133,14 @@ def _dynamo_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool)
     }
 
 
-def _torchscript_options(model: nn.Module, args: tuple[torch.Tensor, ...], dyn: bool) -> dict:
+def _torchscript_options(
+    model: nn.Module, args: tuple[torch.Tensor, ...], names: tuple[str, ...] | None, dyn: bool
+) -> dict:
     with torch.no_grad():
-        n_out = len(tree_leaves(model(*args)))
-    inputs = [f"input_{i}" for i in range(len(args))]
+        n_out = len(
+            tree_leaves(model(**dict(zip(names, args, strict=True))) if names else model(*args))
+        )
+    inputs = list(names) if names else [f"input_{i}" for i in range(len(args))]
     outputs = [f"output_{i}" for i in range(n_out)]
     axes = {name: {0: "batch"} for name in inputs + outputs} if dyn else None
     return {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
@@ -161,7 +176,7 @@ _EXPORTERS = {"dynamo": _dynamo_options, "torchscript": _torchscript_options}
 """Each exporter's ``torch.onnx.export`` keyword arguments (names, dynamic batch axes)."""
 
 
-def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
+def _check_batch(path: Path, args: tuple[torch.Tensor, ...], names: tuple[str, ...] | None) -> None:
     """Run the file in ONNX Runtime at the traced batch and one more: a baked-in batch fails.
 
     Every output whose first dimension was the batch must grow with it. ONNX Runtime is called
@@ -174,16 +189,17 @@ def _check_batch(path: Path, args: tuple[torch.Tensor, ...]) -> None:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own types (InvalidGraph, NotImplemented, ...)
         raise ArtifactError(f"ONNX Runtime cannot load the exported graph: {exc}") from exc
-    names = [i.name for i in session.get_inputs()]
+    inputs = [i.name for i in session.get_inputs()]
     n = args[0].shape[0]
     bigger = tuple(torch.cat([a, a[:1]]) if a.dim() > 0 else a for a in args)
+
+    def feeds(batch: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+        # keyword inputs by name: the graph may drop one the model does not use
+        named = dict(zip(names or inputs, batch, strict=True))
+        return {k: named[k].detach().cpu().numpy() for k in inputs}
+
     try:
-        before, after = (
-            session.run(
-                None, {k: a.detach().cpu().numpy() for k, a in zip(names, batch, strict=True)}
-            )
-            for batch in (args, bigger)
-        )
+        before, after = (session.run(None, feeds(batch)) for batch in (args, bigger))
     except Exception as exc:  # ORT raises its own types (Fail, InvalidArgument, ...)
         raise ArtifactError(
             f"the exported graph fails at batch {n + 1}, so its batch is not dynamic; "
@@ -208,7 +224,9 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` (in eval mode) to one ONNX file at ``path``; return the path.
 
-    ``example_inputs`` is the tuple of positional tensors of one forward call. With
+    ``example_inputs`` is the tuple of positional tensors of one forward call, or the dict of
+    its keyword tensors (``{"input_ids": ..., "attention_mask": ...}``: the ONNX inputs are
+    named after the keys, in their order). With
     ``dynamic_batch`` the first dimension of every input and output is symbolic (verified by
     running the file at another batch size). ``opset`` None takes the exporter's default. The
     file is written to a temporary name in the same folder, checked with ``onnx.checker`` and
@@ -218,7 +236,7 @@ def export_onnx(
         raise ConfigError(f"unknown exporter {exporter!r}; use auto, dynamo or torchscript")
     if opset is not None and not 13 <= opset <= 25:
         raise ConfigError(f"opset must be in 13..25 (per-channel QDQ needs 13), got {opset}")
-    args = _example_args(example_inputs)
+    args, keywords = _example_args(example_inputs)
     _check_dtypes(model)
     if dynamic_batch and any(a.dim() > 0 and a.shape[0] == 1 for a in args):
         # A batch of one would be specialised to a constant 1 while tracing; trace with two.
@@ -238,9 +256,13 @@ def export_onnx(
         for name in names:
             try:
                 with _quiet():
-                    options = _EXPORTERS[name](model, args, dynamic_batch)
+                    options = _EXPORTERS[name](model, args, keywords, dynamic_batch)
                     options.update(dynamo=name == "dynamo", opset_version=opset)
-                    torch.onnx.export(model, args, str(tmp), **options)
+                    if keywords is None:
+                        torch.onnx.export(model, args, str(tmp), **options)
+                    else:
+                        kwargs = dict(zip(keywords, args, strict=True))
+                        torch.onnx.export(model, (), str(tmp), kwargs=kwargs, **options)
                 break
             except Exception as exc:  # each exporter fails in its own way; report them all
                 errors.append(f"{name}: {_reason(exc)}")
@@ -255,7 +277,7 @@ def export_onnx(
         except onnx.checker.ValidationError as exc:
             raise ArtifactError(f"the exported ONNX graph is invalid: {exc}") from exc
         if dynamic_batch:
-            _check_batch(tmp, args)
+            _check_batch(tmp, args, keywords)
         os.replace(tmp, path)
     finally:
         model.train(was_training)

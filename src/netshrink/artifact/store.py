@@ -4,6 +4,9 @@ The manifest (format version 1) records:
 
 - ``architecture``: ``zoo:<name>`` for built-in models, else the model class's qualified name
   (information only: ``load`` never imports what a manifest names);
+- ``hf`` (models built from an ``hf:`` reference only): ``{"ref", "task"}``, from which ``load``
+  builds the fresh model with :func:`netshrink.hf.fresh_model` (transformers' own classes from
+  the folder's config, no code the folder or manifest names);
 - ``modules``: for every submodule netshrink can rebuild, its type and the constructor arguments
   that fix its shapes (:mod:`netshrink.artifact.modules`). ``load`` replays these on a freshly
   built model, so pruned, factorized and quantized layers come back with the right structure;
@@ -45,9 +48,11 @@ from netshrink.artifact.validate import (
     file_sha256,
     read_json,
 )
-from netshrink.errors import ArtifactError, TargetError
+from netshrink.errors import ArtifactError, InputError, TargetError
+from netshrink.hf.reference import fresh_model, reference_info
 from netshrink.layers import replace_module
 from netshrink.outdir import check_replaceable, file_mode, make_dir_beside, swap_in
+from netshrink.quote import excerpt
 
 FORMAT = "netshrink-artifact"
 FORMAT_VERSION = 1
@@ -106,6 +111,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
         parts, entries[name] = encode(name, tensor)
         stored.update(parts)
     modules = {name: spec for name, m in model.named_modules() if (spec := spec_of(m))}
+    hf_info = reference_info(model)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -116,6 +122,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
         "versions": _versions(),
         "extra": manifest_extra or {},
     }
+    if hf_info is not None:
+        manifest["hf"] = hf_info
     tmp = make_dir_beside(target, "tmp")
     try:
         save_file(stored, str(tmp / TENSORS_FILE))
@@ -160,6 +168,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _fresh_model(manifest: dict[str, Any]) -> nn.Module:
+    hf_info = manifest.get("hf")
+    if hf_info is not None:
+        return _fresh_hf_model(hf_info)
     arch = str(manifest.get("architecture", ""))
     if not arch.startswith("zoo:"):
         raise ArtifactError(
@@ -169,6 +180,26 @@ def _fresh_model(manifest: dict[str, Any]) -> nn.Module:
     from netshrink import zoo
 
     return zoo.build(arch.removeprefix("zoo:"))
+
+
+def _fresh_hf_model(info: Any) -> nn.Module:
+    """The model an ``hf`` manifest entry ``{"ref": "hf:...", "task": ...}`` names, freshly
+    built; :class:`ArtifactError` for an entry of another shape or a model that cannot be built."""
+    fields = ("ref", "task")
+    if not (
+        isinstance(info, dict)
+        and sorted(info) == sorted(fields)
+        and all(isinstance(info[k], str) for k in fields)
+        and info["ref"].startswith("hf:")
+    ):
+        raise ArtifactError(f"the manifest's hf entry {excerpt(info, 120)} is not {{ref, task}}")
+    try:
+        return fresh_model(info["ref"], info["task"])
+    except InputError as exc:
+        raise ArtifactError(
+            f"cannot rebuild the artifact's model {info['ref']} ({info['task']}): {exc}; pass "
+            "model= a fresh instance, e.g. netshrink.hf.fresh_model(ref, task)"
+        ) from exc
 
 
 def _replay_structure(model: nn.Module, modules: dict[str, Any]) -> nn.Module:

@@ -6,6 +6,7 @@ gives the same permutation on every machine and torch version, so a split is rep
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,11 @@ class DataSplits:
     test: list[Batch]
     calib: list[Batch]
 
-    def example_inputs(self) -> tuple[Any, ...]:
-        """Positional inputs of the first validation batch: what latency is timed on."""
-        return as_args(self.val[0][0])
+    def example_inputs(self) -> tuple[Any, ...] | dict[str, Any]:
+        """Inputs of the first validation batch, what latency is timed on: a tuple of positional
+        tensors, or the dict of keyword tensors of a batch that has one (text data)."""
+        inputs = self.val[0][0]
+        return dict(inputs) if isinstance(inputs, Mapping) else as_args(inputs)
 
     def as_mapping(self) -> dict[str, list[Batch]]:
         """The splits as ``{"train", "val", "test", "calib"}``, the shape ``--data`` returns."""

@@ -5,13 +5,14 @@ or tokenizer does (and says how to install it when missing).
 """
 
 from netshrink.hf.corpus import heldout_corpus, stdlib_corpus
+from netshrink.hf.inputs import data_for, evaluate_for
 from netshrink.hf.losses import LOSSES, loss_for
-from netshrink.hf.metrics import Fidelity, fidelity, metric_for, neighbour_agreement
+from netshrink.hf.metrics import Fidelity, fidelity, metric_for, metric_name, neighbour_agreement
 from netshrink.hf.model import TaskModel
 from netshrink.hf.pooling import Pooling, pooling_of
 from netshrink.hf.reference import fresh_model, load_model, load_tokenizer, reference_info
 from netshrink.hf.tasks import TASKS, Task, infer_task
-from netshrink.hf.text import read_texts, text_data
+from netshrink.hf.text import read_texts, text_data, texts_data
 
 __all__ = [
     "LOSSES",
@@ -20,6 +21,8 @@ __all__ = [
     "Pooling",
     "Task",
     "TaskModel",
+    "data_for",
+    "evaluate_for",
     "fidelity",
     "fresh_model",
     "heldout_corpus",
@@ -28,10 +31,12 @@ __all__ = [
     "load_tokenizer",
     "loss_for",
     "metric_for",
+    "metric_name",
     "neighbour_agreement",
     "pooling_of",
     "read_texts",
     "reference_info",
     "stdlib_corpus",
     "text_data",
+    "texts_data",
 ]

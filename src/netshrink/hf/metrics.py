@@ -246,7 +246,8 @@ def metric_for(
 ) -> Callable[[nn.Module, Iterable[Batch]], float]:
     """``evaluate(model, batches) -> float`` (higher is better) returning the task's primary
     fidelity number against ``baseline``: top-k neighbour agreement (embedding), accuracy or
-    else top-1 agreement (classification), top-1 agreement (language models).
+    else top-1 agreement (classification), top-1 agreement (language models). The function's
+    ``__name__`` is :func:`metric_name`'s, which reports show as the metric's name.
 
     The baseline's outputs on ``batches`` are computed once here and reused whenever
     ``evaluate`` is called with that same list; other batches are run through the baseline.
@@ -262,4 +263,14 @@ def metric_for(
             return _score(task_, model, baseline, hit[0], k, hit[1]).value
         return fidelity(task_, model, baseline, eval_batches, k).value
 
+    evaluate.__name__ = metric_name(task_, batches, k)
     return evaluate
+
+
+def metric_name(task: str, batches: list[Batch] | None = None, k: int = TOP_K) -> str:
+    """The name reports give :func:`metric_for`'s number: ``top5_agreement`` (embedding, k=5),
+    ``accuracy`` (classification on ``batches`` that all have labels), else ``top1_agreement``."""
+    if task == "embedding":
+        return f"top{k}_agreement"
+    labelled = bool(batches) and all(t is not None for _, t in batches)
+    return "accuracy" if task == "classification" and labelled else "top1_agreement"

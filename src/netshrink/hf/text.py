@@ -134,11 +134,14 @@ def text_data(
     :class:`ConfigError` for a bad size and :class:`DataError` for unusable text, or a split that
     would be empty (fewer than about 20 texts).
     """
-    for name, value in (
-        ("max_length", max_length),
-        ("batch_size", batch_size),
-        ("calib_size", calib_size),
-    ):
+    sizes = {"max_length": max_length, "batch_size": batch_size, "calib_size": calib_size}
+    _check_sizes(tokenizer, sizes)
+    texts, labels = read_texts(path)
+    return texts_data(texts, labels, tokenizer, f"text:{path}", **sizes, seed=seed)
+
+
+def _check_sizes(tokenizer: Any, sizes: dict[str, int]) -> None:
+    for name, value in sizes.items():
         if value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value}", key=name)
     if getattr(tokenizer, "pad_token", None) is None:
@@ -146,15 +149,29 @@ def text_data(
             "the tokenizer has no padding token; load it with "
             "netshrink.hf.load_tokenizer, which pads with end-of-text"
         )
+
+
+def texts_data(
+    texts: list[str],
+    labels: list[int] | None,
+    tokenizer: Any,
+    source: str,
+    max_length: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+    calib_size: int = 256,
+) -> DataSplits:
+    """:func:`text_data` on ``texts`` (and their ``labels``) already in memory, such as
+    :func:`netshrink.hf.stdlib_corpus`; ``source`` names them in errors."""
+    sizes = {"max_length": max_length, "batch_size": batch_size, "calib_size": calib_size}
+    _check_sizes(tokenizer, sizes)
     # never past the positions the model has: the tokenizer records them (BERT: 512)
     max_length = min(max_length, getattr(tokenizer, "model_max_length", max_length))
-    texts, labels = read_texts(path)
     splits: dict[str, list[Batch]] = {}
     for name, index in split_indices(texts, seed).items():
         if not index:
             raise DataError(
-                f"text:{path}: {len(texts)} texts leave the {name} split empty; "
-                "give at least 20 texts"
+                f"{source}: {len(texts)} texts leave the {name} split empty; give at least 20 texts"
             )
         chosen = [texts[i] for i in index]
         chosen_labels = None if labels is None else [labels[i] for i in index]

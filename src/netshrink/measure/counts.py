@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
 
-from netshrink.batches import as_args
+from netshrink.batches import run
 from netshrink.layers import CompressedLayer
 
 
@@ -131,7 +131,8 @@ class _SeenOps(TorchDispatchMode):
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one forward pass on ``example_inputs`` (the whole batch).
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (the whole batch; a tuple
+    of positional inputs or a dict of keyword ones).
 
     Counted by ``torch.utils.flop_counter.FlopCounterMode`` on the aten ops that actually run
     (MACs = FLOPs / 2), with formulas added for integer/packed matmuls and CPU attention.
@@ -142,7 +143,7 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
     seen = _SeenOps()
     counter = FlopCounterMode(display=False, custom_mapping=formulas)
     with torch.no_grad(), counter, seen:
-        model(*as_args(example_inputs))
+        run(model, example_inputs)  # positional tuple or keyword dict
     missed = sorted(
         str(op)
         for op in seen.seen

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from netshrink.batches import as_args
+from netshrink.batches import example_args, positional
 from netshrink.context import Batch, Evaluate
 from netshrink.errors import DataError, MissingInputError
 from netshrink.measure.counts import count_macs, count_nonzero, count_params
@@ -55,8 +55,9 @@ def _eval_mode(models: Iterable[Any]) -> Iterator[None]:
             m.train(flag)
 
 
-def _static(model: Any, args: tuple[Any, ...]) -> dict[str, Any]:
-    """Counts, bytes and memory; a bare ONNX model has only its file size."""
+def _static(model: Any, called: Any, args: tuple[Any, ...]) -> dict[str, Any]:
+    """Counts, bytes and memory of ``model`` (run as ``called(*args)``); a bare ONNX model has
+    only its file size."""
     if not isinstance(model, nn.Module):
         return {
             "params": None,
@@ -69,8 +70,8 @@ def _static(model: Any, args: tuple[Any, ...]) -> dict[str, Any]:
     return {
         "params": count_params(model),
         "nonzero_params": count_nonzero(model),
-        "macs": count_macs(model, args),
-        "peak_memory_bytes": peak_memory(model, args),
+        "macs": count_macs(called, args),
+        "peak_memory_bytes": peak_memory(called, args),
         "bytes": saved_bytes(model),
         "bytes_of": "netshrink artifact",
     }
@@ -106,9 +107,9 @@ def _measure_all(
 ) -> list[Measurement]:
     check_runtime(timing.runtime)
     n = resolve_threads(timing.threads)
-    args = as_args(example_inputs)
+    args = example_args(example_inputs)
     if not args or not all(torch.is_tensor(a) for a in args):
-        raise DataError("example_inputs must be a tuple of tensors, e.g. (x,)")
+        raise DataError("example_inputs must be a tuple of tensors, e.g. (x,), or a dict of them")
     if evaluate is not None and data is None:
         raise MissingInputError("evaluate needs data: an iterable of (inputs, targets) batches")
     if data is not None and evaluate is None:
@@ -117,12 +118,14 @@ def _measure_all(
         evaluate = accuracy
     batches = list(data) if data is not None else None
     with _eval_mode(models):
-        runners = [make_runner(m, timing.runtime, n, args) for m in models]
+        # keyword inputs are timed and counted through a positional wrapper (batches.Keywords)
+        called = [positional(m, example_inputs) for m in models]
+        runners = [make_runner(m, timing.runtime, n, args) for m in called]
         with torch_threads(n):
             fns = [r.bind(args) for r in runners]
             _check_same_shapes([fn() for fn in fns])
             timings = time_interleaved(fns, timing.runs, timing.warmup)
-            static = [_static(m, args) for m in models]
+            static = [_static(m, c, args) for m, c in zip(models, called, strict=True)]
         metrics = [_score(m, r, evaluate, batches) for m, r in zip(models, runners, strict=True)]
     name = getattr(evaluate, "__name__", "metric") if evaluate is not None else None
     return [
@@ -153,7 +156,8 @@ def measure(
     data: Iterable[Batch] | None = None,
     timing: Timing = MEASURE_TIMING,
 ) -> Measurement:
-    """Measure ``model`` on ``example_inputs`` (a tuple of positional tensors).
+    """Measure ``model`` on ``example_inputs`` (a tuple of positional tensors, or a dict of
+    keyword tensors).
 
     Latency: ``timing.warmup`` untimed then ``timing.runs`` timed forwards on
     ``timing.runtime`` (eager, onnxruntime, openvino or openvino-f32) with ``timing.threads``

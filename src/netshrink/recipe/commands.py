@@ -45,30 +45,38 @@ class Resolved:
 
 
 def resolve(inputs: Inputs) -> Resolved:
-    """Resolve the references; a zoo model brings its own data when ``data_ref`` is None."""
+    """Resolve the references; with no ``data_ref`` a zoo model brings its own data and an hf
+    model the built-in text corpus."""
     if inputs.model_ref is None:
-        raise ModelReferenceError("--model is needed: zoo:<name> or package.module:factory")
-    evaluate = refs.evaluate_from(inputs.eval_ref, inputs.model_ref)
-    model = refs.model_from(inputs.model_ref, inputs.weights, seed=inputs.seed)
+        raise ModelReferenceError(
+            "--model is needed: zoo:<name>, hf:<folder> or package.module:factory"
+        )
+    if refs.is_text(inputs.data_ref) and not refs.is_hf(inputs.model_ref):
+        refs.data_from(inputs.data_ref)  # says why, before a zoo model is trained for nothing
+    model = refs.model_from(inputs.model_ref, inputs.weights, seed=inputs.seed, task=inputs.task)
     data_ref = inputs.data_ref
-    if data_ref is None:
+    if data_ref is None and not refs.is_hf(inputs.model_ref):
         if refs.zoo_name(inputs.model_ref) is None:
             raise ModelReferenceError(
                 f"--model {inputs.model_ref} is not a zoo model, so --data is needed: "
                 "package.module:function returning {'train': ..., 'val': ..., 'calib': ...}"
             )
         data_ref = inputs.model_ref
-    data = refs.data_from(data_ref)
+    data = refs.data_from(data_ref, model, seed=inputs.seed)
+    evaluate = refs.evaluate_from(inputs.eval_ref, inputs.model_ref, model, data)
     splits = {"train": data.train, "val": data.val, "calib": data.calib, "test": data.test}
-    check_data(model, splits, data_ref)
+    check_data(model, splits, data_ref or "(built-in corpus)")
     return Resolved(model, data, evaluate, dataclasses.replace(inputs, data_ref=data_ref))
 
 
-def input_specs(inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
-    """Shape and dtype of each tensor input, as the manifest records them for ``export``."""
+def input_specs(inputs: tuple[Any, ...] | dict[str, Any]) -> list[dict[str, Any]]:
+    """Shape and dtype of each tensor input (and its keyword ``name`` for keyword inputs), as
+    the manifest records them for ``export``."""
+    named = inputs.items() if isinstance(inputs, dict) else ((None, t) for t in inputs)
     return [
         {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-        for t in inputs
+        | ({} if name is None else {"name": name})
+        for name, t in named
         if torch.is_tensor(t)
     ]
 
@@ -93,6 +101,7 @@ def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], 
         "weights": None if inputs.weights is None else str(inputs.weights),
         "data": given.inputs.data_ref,
         "eval": inputs.eval_ref,
+        "task": inputs.task,
         "inputs": input_specs(example),
     }
     return given.model, kwargs, extra
@@ -119,8 +128,11 @@ def provenance(manifest: dict[str, Any]) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def reopen(artifact: Path, model_ref: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    """Load ``artifact``; rebuild into ``model_ref``'s model, else the zoo model it records."""
+def reopen(
+    artifact: Path, model_ref: str | None, task: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load ``artifact``; rebuild into ``model_ref``'s model (an hf one for ``task``), else the
+    zoo or hf model its manifest records."""
     from netshrink.artifact import load, read_manifest
 
     manifest = read_manifest(artifact)
@@ -129,31 +141,38 @@ def reopen(artifact: Path, model_ref: str | None) -> tuple[nn.Module, dict[str, 
     if model_ref is None and refs.zoo_name(recorded):
         model_ref = recorded
     arch = str(manifest.get("architecture", ""))
-    if model_ref is None and not arch.startswith("zoo:"):
+    if model_ref is None and not arch.startswith("zoo:") and "hf" not in manifest:
         made_with = f" (the run used --model {recorded})" if recorded else ""
         raise ModelReferenceError(
             f"{artifact} holds a {arch}, not a zoo model: give --model package.module:function "
             f"that builds a fresh one to load it into{made_with}"
         )
-    skeleton = None if model_ref is None else refs.build_model(model_ref, trained=False)
+    skeleton = None if model_ref is None else refs.build_model(model_ref, trained=False, task=task)
     return load(artifact, model=skeleton).eval(), info
 
 
-def recorded_inputs(info: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
-    """Zero tensors shaped like the example inputs a run recorded, or None."""
+def recorded_inputs(
+    info: dict[str, Any],
+) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor] | None:
+    """Zero tensors shaped like the example inputs a run recorded (a dict of them for keyword
+    inputs), or None."""
     specs = info.get("inputs")
     if not specs:
         return None
     check_input_specs(specs)  # shapes and dtypes well formed, sizes bounded
-    return tuple(torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in specs)
+    tensors = [torch.zeros(s["shape"], dtype=getattr(torch, s["dtype"])) for s in specs]
+    if all("name" in s for s in specs):
+        return {s["name"]: t for s, t in zip(specs, tensors, strict=True)}
+    return tuple(tensors)
 
 
 def measure_target(target: str, inputs: Inputs, timing: Timing) -> Measurement:
     """``netshrink measure``: a zoo model (trained) or a saved artifact, on its data's test split.
 
     For an artifact, ``inputs.model_ref`` is the model to rebuild into; one made by a run of a
-    zoo model finds its model and data from its manifest, any other needs ``--model`` and
-    ``--data``.
+    zoo or hf model finds its model and data from its manifest (an hf model: the ``text:`` file
+    the run used, else the built-in corpus; its metric compares with the pretrained model its
+    reference names), any other needs ``--model`` and ``--data``.
     """
     from netshrink.artifact import artifact_bytes
     from netshrink.measure import measure
@@ -161,18 +180,19 @@ def measure_target(target: str, inputs: Inputs, timing: Timing) -> Measurement:
     if refs.zoo_name(target) is not None:
         given = resolve(dataclasses.replace(inputs, model_ref=target, weights=None))
     else:
-        model, info = reopen(Path(target), inputs.model_ref)
+        model, info = reopen(Path(target), inputs.model_ref, inputs.task)
         recorded = info.get("data")
         data_ref = inputs.data_ref
-        if data_ref is None and refs.zoo_name(recorded):
+        if data_ref is None and (refs.zoo_name(recorded) or refs.is_text(recorded)):
             data_ref = recorded
-        if data_ref is None:
+        baseline = refs.hf_baseline(model)
+        if data_ref is None and baseline is None:
             raise ModelReferenceError(
                 f"{target} records no zoo data; give --data package.module:function"
             )
         model_ref = inputs.model_ref or info.get("model", "")
-        evaluate = refs.evaluate_from(inputs.eval_ref, model_ref)
-        data = refs.data_from(data_ref)
+        data = refs.data_from(data_ref, baseline, seed=inputs.seed)
+        evaluate = refs.evaluate_from(inputs.eval_ref, model_ref, baseline, data)
         given = Resolved(model, data, evaluate, dataclasses.replace(inputs, data_ref=data_ref))
     measured = measure(
         given.model,
@@ -187,9 +207,11 @@ def measure_target(target: str, inputs: Inputs, timing: Timing) -> Measurement:
     return dataclasses.replace(measured, bytes=artifact_bytes(target))
 
 
-def _model_and_inputs(artifact: Path, model_ref: str | None) -> tuple[nn.Module, tuple]:
+def _model_and_inputs(
+    artifact: Path, model_ref: str | None, task: str | None
+) -> tuple[nn.Module, tuple | dict]:
     """The artifact's model and the example inputs its run recorded (needed to trace it)."""
-    model, info = reopen(artifact, model_ref)
+    model, info = reopen(artifact, model_ref, task)
     inputs = recorded_inputs(info)
     if inputs is None:
         raise ArtifactError(
@@ -199,17 +221,21 @@ def _model_and_inputs(artifact: Path, model_ref: str | None) -> tuple[nn.Module,
     return model, inputs
 
 
-def export_onnx(artifact: Path, onnx_path: Path, model_ref: str | None = None) -> Path:
+def export_onnx(
+    artifact: Path, onnx_path: Path, model_ref: str | None = None, task: str | None = None
+) -> Path:
     """``netshrink export``: load ``artifact`` and write it as ONNX, traced on recorded inputs."""
     from netshrink.artifact import export_onnx as export
 
-    model, inputs = _model_and_inputs(artifact, model_ref)
+    model, inputs = _model_and_inputs(artifact, model_ref, task)
     return export(model, onnx_path, inputs)
 
 
-def export_openvino(artifact: Path, out_dir: Path, model_ref: str | None = None) -> Path:
+def export_openvino(
+    artifact: Path, out_dir: Path, model_ref: str | None = None, task: str | None = None
+) -> Path:
     """``netshrink export --openvino``: write ``out_dir``/model.xml + .bin (OpenVINO IR)."""
     from netshrink.runtime.openvino import save_ir
 
-    model, inputs = _model_and_inputs(artifact, model_ref)
+    model, inputs = _model_and_inputs(artifact, model_ref, task)
     return save_ir(model, Path(out_dir) / "model.xml", inputs)

@@ -1,0 +1,189 @@
+"""Hugging Face models from the command line only: ``--model hf:DIR``, ``--data text:FILE`` or the
+built-in corpus, the task's default metric, and artifacts that ``measure``, ``export`` and
+``ns.load`` rebuild from the manifest (tiny random-init BERT, hidden size 32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import hf_fixtures
+import netshrink as ns
+from netshrink import hf, progress
+from netshrink.cli import app
+from netshrink.recipe.commands import input_specs, recorded_inputs
+from netshrink.settings import Timing
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def last_json(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def progress_back():
+    yield
+    progress.set_enabled(True)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    return hf_fixtures.model_dir(tmp_path_factory.mktemp("bert"), "bert")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    """60 standard-library paragraphs, one a line: about 48 train, 6 val, 6 test texts."""
+    path = tmp_path_factory.mktemp("text") / "texts.txt"
+    path.write_text("\n".join(hf.stdlib_corpus(60)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(bert: Path, texts: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """``compress int8 --model hf:DIR --data text:FILE --json``: its artifact and summary."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    result = invoke(
+        "compress", "int8", "--model", f"hf:{bert}", "--data", f"text:{texts}",
+        "--out", str(out), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out / "model", last_json(result.stdout)
+
+
+def test_compress_reports_the_embedding_metric_against_the_fp32_model(run) -> None:
+    _, summary = run
+    assert summary["metric"] == "top5_agreement"
+    assert summary["metric_before"] == 1.0  # the uncompressed model agrees with itself
+    assert 0.5 < summary["metric_after"] <= 1.0
+    assert summary["compression_rate"] > 1.5  # int8 weights, the manifest aside
+
+
+def test_the_artifact_records_the_hf_reference(run, bert: Path) -> None:
+    artifact, _ = run
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["hf"] == {"ref": f"hf:{bert}", "task": "embedding"}
+
+
+def test_measure_rebuilds_the_artifact_with_the_same_metric(run) -> None:
+    artifact, summary = run
+    result = invoke("measure", str(artifact), "--json")
+    assert result.exit_code == 0, result.output
+    measured = last_json(result.stdout)
+    # same test split of the recorded text file, same baseline: the same number
+    assert measured["metric"] == pytest.approx(summary["metric_after"], abs=1e-9)
+    assert measured["metric_name"] == "top5_agreement"
+
+
+def test_ns_load_without_a_model_computes_what_the_run_measured(run, bert, texts) -> None:
+    artifact, summary = run
+    model = ns.load(artifact)
+    again = ns.load(artifact, model=hf.fresh_model(f"hf:{bert}", "embedding"))
+    data = hf.text_data(texts, hf.load_tokenizer(f"hf:{bert}"), max_length=64)
+    inputs = data.test[0][0]
+    with torch.no_grad():
+        assert torch.equal(model(**inputs), again(**inputs))
+    baseline = hf.load_model(f"hf:{bert}")
+    evaluate = hf.metric_for("embedding", baseline, data.test)
+    assert evaluate(model, data.test) == pytest.approx(summary["metric_after"], abs=1e-9)
+
+
+def test_export_onnx_takes_keyword_inputs(run, bert: Path, tmp_path: Path) -> None:
+    artifact, _ = run
+    path = tmp_path / "model.onnx"
+    result = invoke("export", str(artifact), "--onnx", str(path))
+    assert result.exit_code == 0, result.output
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert set(names) <= {"input_ids", "token_type_ids", "attention_mask"}
+    encoded = hf_fixtures.encode(hf.load_tokenizer(f"hf:{bert}"))
+    (onnx_out,) = session.run(None, {k: encoded[k].numpy() for k in names})
+    with torch.no_grad():
+        expected = ns.load(artifact)(**encoded)
+    assert onnx_out.shape == (len(hf_fixtures.TEXTS), hf_fixtures.HIDDEN)  # batch not baked in
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(onnx_out), expected)
+    assert cosine.min() > 0.99  # ONNX Runtime's integer kernels vs torch's simulated int8
+
+
+def test_compress_without_data_uses_the_builtin_corpus(bert: Path, tmp_path: Path) -> None:
+    result = invoke(
+        "compress", "int8", "--model", f"hf:{bert}", "--out", str(tmp_path / "out"), "--json"
+    )
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.stdout)
+    assert summary["metric"] == "top5_agreement"
+    manifest = json.loads((tmp_path / "out" / "model" / "manifest.json").read_text())
+    assert (
+        manifest["extra"]["provenance"]["data"] is None
+    )  # the built-in corpus, re-made by measure
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "zoo:digits-cnn", "--data", "text:x.txt"], "hf: model's tokenizer"),
+        (["--model", "hf:{bert}", "--task", "translation"], "translation"),
+        (["--model", "hf:{missing}"], "is not a directory"),
+        (["--model", "zoo:digits-cnn", "--task", "embedding"], "hf: models only"),
+        (["--model", "hf:{bert}", "--data", "text:{missing}"], "cannot read it"),
+    ],
+)
+def test_bad_hf_input_is_one_error_line(args, message, bert: Path, tmp_path: Path) -> None:
+    filled = [a.format(bert=bert, missing=tmp_path / "missing") for a in args]
+    result = invoke("compress", "int8", *filled, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+class Scaled(nn.Module):
+    """A model that takes keyword inputs: ``linear(x) * gate``, gate ``(batch, 1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * gate
+
+
+def keyword_inputs(batch: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(batch)
+    return {"x": torch.randn(batch, 4), "gate": torch.rand(batch, 1)}
+
+
+def test_export_onnx_names_keyword_inputs_and_keeps_the_batch_dynamic(tmp_path: Path) -> None:
+    model = Scaled().eval()
+    path = ns.export_onnx(model, tmp_path / "m.onnx", keyword_inputs(2))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "gate"]
+    bigger = keyword_inputs(5)
+    (out,) = session.run(None, {k: v.numpy() for k, v in bigger.items()})
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(out), model(**bigger), atol=1e-6)
+
+
+def test_measure_times_and_counts_keyword_inputs() -> None:
+    measured = ns.measure(Scaled(), keyword_inputs(8), timing=Timing(runs=20, warmup=1))
+    assert measured.macs == 8 * 4 * 3  # the Linear's multiply-accumulates, batch 8
+    assert measured.batch_size == 8
+
+
+def test_recorded_keyword_inputs_come_back_as_a_dict() -> None:
+    example = keyword_inputs(3)
+    specs = input_specs(example)
+    rebuilt = recorded_inputs({"inputs": specs})
+    assert isinstance(rebuilt, dict) and list(rebuilt) == ["x", "gate"]
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in example.items()}
