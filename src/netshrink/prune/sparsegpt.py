@@ -31,7 +31,7 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.calibrate import Gram, Points, collect, find_blocks, run_blocks
 from netshrink.context import Batch, Context
-from netshrink.layers import layer_types, untied
+from netshrink.layers import layer_types, leave_alone, tied_modules
 from netshrink.prune.sparse_layers import SparseLayer
 from netshrink.prune.unstructured import SPARSE_LAYERS, SparseConfig, choose_kernels, sparsify
 from netshrink.prune.wanda import DEFAULT_SPARSITY, block_owners
@@ -245,11 +245,14 @@ class _BlockPruner:
 
 
 def _untied_targets(model: nn.Module, targets: Targets) -> Targets:
-    """``targets`` with the layers whose weights are tied to another's excluded (a warning names
-    them): SparseGPT rewrites the kept weights too, which would change the other side silently."""
+    """``targets`` with the layers whose weights are tied to another module's excluded, with a
+    warning: SparseGPT rewrites the kept weights too, which would change the other side."""
     chosen = list(targets.select(model, default_types=layer_types()))
-    tied = sorted(set(chosen) - set(untied(model, chosen, "prune.sparsegpt")))
-    return targets.model_copy(update={"exclude": (*targets.exclude, *tied)})
+    why = "their weights are tied to another module's, which rewriting them would change too"
+    kept = leave_alone(chosen, tied_modules(model), "prune.sparsegpt", why)
+    return targets.model_copy(
+        update={"exclude": (*targets.exclude, *sorted(set(chosen) - set(kept)))}
+    )
 
 
 @technique("prune.sparsegpt", SparseGPTConfig, needs=("calib_data",), creates=SPARSE_LAYERS)
