@@ -156,8 +156,8 @@ def sparsegpt_solve(
 def prune_layer(layer: SparseLayer, hessian: torch.Tensor, config: SparseGPTConfig) -> None:
     """Prune ``layer`` in place with :func:`sparsegpt_solve` on its inputs' Gram ``hessian``.
 
-    A Conv2d's weight is solved as (Cout, Cin*kh*kw), one group at a time for a grouped conv;
-    for N:M its columns are reordered to (kh, kw, Cin) so groups run along the input channels,
+    A Conv2d's weight is solved as (Cout, Cin*kh*kw), one group at a time for a grouped conv,
+    its columns taken in (kh, kw, Cin) order so that N:M groups run along the input channels,
     as :func:`netshrink.prune.nm_keep` lays them out.
     """
     nm = (config.n, config.m) if config.n is not None and config.m is not None else None
