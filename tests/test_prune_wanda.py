@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,8 +10,7 @@ from torch import nn
 
 import netshrink as ns
 from netshrink.calibrate import SumSquares, collect
-from netshrink.errors import ConfigError, DataError, MissingInputError
-from netshrink.prune import SparseConv2d, SparseLinear, nm_layout_ok
+from netshrink.prune import SparseConv2d, SparseLinear
 from netshrink.prune.wanda import wanda_scores
 from test_calibrate import tiny_bert
 
@@ -61,26 +58,6 @@ def test_each_output_row_loses_exactly_its_lowest_scores(sparsity: float) -> Non
                 assert row_scores[row_gone].max() <= row_scores[~row_gone].min()
 
 
-@pytest.mark.parametrize(("n", "m"), [(2, 4), (1, 4), (4, 8)])
-def test_n_of_every_m_inputs_are_kept_in_every_group(n: int, m: int) -> None:
-    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
-    calib = [(torch.randn(6, 16), None)]
-    pruned = ns.prune.wanda(model, n=n, m=m, calib_data=calib, kernel="dense")
-    for layer in sparse_layers(pruned).values():
-        assert nm_layout_ok(layer.weight, n, m)
-        blocks = (layer.weight != 0).reshape(layer.weight.shape[0], -1, m)
-        assert bool((blocks.sum(-1) == n).all())
-
-
-def test_conv_n_m_groups_run_along_input_channels_and_odd_layers_stay_dense() -> None:
-    with pytest.warns(UserWarning, match="not a multiple of m=4"):
-        pruned = ns.prune.wanda(convnet(), n=2, m=4, calib_data=images(), kernel="dense")
-    layers = sparse_layers(pruned)
-    assert nm_layout_ok(layers["0"].weight, 2, 4)  # 4 input channels
-    assert nm_layout_ok(layers["7"].weight, 2, 4)  # 16 inputs
-    assert float((layers["2"].weight == 0).float().mean()) == 0.0  # 2 inputs per group: dense
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reconstruction_beats_magnitude_when_inputs_have_outlier_channels(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -95,44 +72,6 @@ def test_reconstruction_beats_magnitude_when_inputs_have_outlier_channels(seed: 
         ref = model(x)
         err_w, err_m = float((w(x) - ref).norm()), float((mag(x) - ref).norm())
     assert err_w <= err_m, (err_w, err_m)
-
-
-def test_without_calibration_data_the_model_is_not_touched() -> None:
-    model = convnet()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(MissingInputError, match="calib_data"):
-        ns.prune.wanda(model, sparsity=0.5)
-    with pytest.raises(DataError, match="empty"):
-        ns.prune.wanda(model, sparsity=0.5, calib_data=[])
-    assert not sparse_layers(model)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"n": 2},
-        {"n": 4, "m": 4},
-        {"n": 2, "m": 4, "sparsity": 0.5},
-        {"n": 2, "m": 4, "scope": "layer"},
-        {"blocks": ["0"]},
-    ],
-)
-def test_contradictory_options_are_config_errors(options: dict) -> None:
-    with pytest.raises(ConfigError):
-        ns.prune.wanda(convnet(), calib_data=images(), **options)
-
-
-def test_save_load_gives_identical_outputs(tmp_path: Path) -> None:
-    calib = images()
-    pruned = ns.prune.wanda(convnet(), sparsity=0.6, calib_data=calib).eval()
-    ns.save(pruned, tmp_path / "a")
-    loaded = ns.load(tmp_path / "a", model=convnet())
-    x = calib[0][0]
-    with torch.no_grad():
-        assert torch.equal(loaded(x), pruned(x))
-    for name, layer in sparse_layers(pruned).items():
-        assert torch.equal(loaded.get_submodule(name).weight, layer.weight)
 
 
 def encoder() -> nn.Module:

@@ -176,7 +176,9 @@ class _BlockPruner:
             prune_group({n: self.layers[n] for n in names}, norms, self.config)
 
 
-def _owners(names: Sequence[str], blocks: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
+def block_owners(
+    names: Sequence[str], blocks: Sequence[str]
+) -> tuple[dict[str, list[str]], list[str]]:
     """The layer names inside each block, and those inside none."""
     owned: dict[str, list[str]] = {block: [] for block in blocks}
     outside = []
@@ -193,7 +195,7 @@ def wanda(model: nn.Module, config: WandaConfig, ctx: Context) -> nn.Module:
     by_block = config.sequential or config.scope == "block"
     blocks = find_blocks(model, config.blocks) if by_block else []
     layers = sparsify(model, config.targets)
-    owned, outside = _owners(list(layers), blocks)
+    owned, outside = block_owners(list(layers), blocks)
     if not config.sequential:
         groups = [g for g in owned.values() if g] if config.scope == "block" else []
         singles = [[n] for n in outside] if config.scope == "block" else [[n] for n in layers]

@@ -1,0 +1,276 @@
+"""``prune.sparsegpt``: one-shot pruning with second-order weight reconstruction (SparseGPT).
+
+Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+One-Shot", sec. 3, Algorithm 1. For a layer with weight W (out, in) and calibration inputs X
+(tokens, in), pruning should keep ||W X^T - W' X^T||^2 small. With H = X^T X (plus damping) the
+optimal brain surgeon (OBS) update for removing weight w_ij spreads its error over the row's
+not-yet-processed inputs through H^-1. SparseGPT processes the inputs left to right in blocks of
+``blocksize`` columns; within a block it chooses the mask adaptively by the OBS saliency
+w^2 / [chol(H^-1)]_jj^2 (computed after the earlier blocks' updates), zeroes each column's masked
+weights in turn and subtracts their error, scaled by the upper Cholesky factor of H^-1, from the
+columns to their right (sec. 3.3-3.4). N:M keeps the n of every m consecutive inputs with the
+largest saliency, chosen when the solver reaches the group (sec. 3.5).
+
+Sparsity is exact per layer: the ``round(sparsity * weights)`` zeros are split over the column
+blocks by cumulative rounding. A Conv2d is solved on its Cin*kh*kw patch columns (one Hessian per
+group of a grouped conv); Hugging Face ``Conv1D`` is pruned as the Linear it computes. With
+``sequential`` each block (a transformer layer) is calibrated on the outputs of the already
+pruned blocks before it (the paper's order), through :func:`netshrink.calibrate.run_blocks`.
+Pruned layers are the sparse layers ``prune.magnitude`` makes, so artifacts store them packed.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from netshrink.batches import materialize
+from netshrink.calibrate import Gram, Points, collect, find_blocks, run_blocks
+from netshrink.context import Batch, Context
+from netshrink.layers import layer_types, leave_alone, tied_modules
+from netshrink.prune.sparse_layers import SparseLayer
+from netshrink.prune.unstructured import SPARSE_LAYERS, SparseConfig, choose_kernels, sparsify
+from netshrink.prune.wanda import DEFAULT_SPARSITY, block_owners
+from netshrink.registry import technique
+from netshrink.targets import Targets
+
+log = logging.getLogger(__name__)
+
+
+class SparseGPTConfig(SparseConfig):
+    """Options of ``prune.sparsegpt``."""
+
+    sparsity: float | None = Field(
+        None, ge=0, lt=1, description="fraction of weights set to zero (default 0.5; not with n, m)"
+    )
+    n: int | None = Field(None, ge=1, le=64, description="N:M: weights kept in every block of m")
+    m: int | None = Field(None, ge=2, le=64, description="N:M: block length along the inputs")
+    damp: float = Field(
+        0.01, gt=0, le=1, description="added to H's diagonal, as a fraction of its mean"
+    )
+    blocksize: int = Field(128, ge=1, le=4096, description="input columns per mask-selection block")
+    sequential: bool = Field(
+        False, description="calibrate each block on the outputs of the pruned blocks before it"
+    )
+    blocks: tuple[str, ...] = Field(
+        (), description="block module names for sequential (default: a ModuleList's children)"
+    )
+    calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
+
+    @model_validator(mode="after")
+    def _one_pattern(self) -> SparseGPTConfig:
+        if self.blocks and not self.sequential:
+            raise ValueError("blocks applies with sequential: true; set it or drop blocks")
+        if (self.n is None) != (self.m is None):
+            raise ValueError(f"give both n and m (e.g. n=2, m=4), got n={self.n}, m={self.m}")
+        if self.n is not None and self.m is not None:
+            if self.n >= self.m:
+                raise ValueError(f"n must be smaller than m, got n={self.n}, m={self.m}")
+            if self.sparsity is not None:
+                raise ValueError("N:M fixes the sparsity: drop sparsity, or n and m")
+            if self.blocksize % self.m:
+                raise ValueError(
+                    f"blocksize must be a multiple of m, got blocksize={self.blocksize}, m={self.m}"
+                )
+        return self
+
+    @property
+    def fraction(self) -> float:
+        """The unstructured sparsity asked for: ``sparsity``, 0.5 when not given."""
+        return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
+
+
+def _hinv_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, so that U^T U = H^-1.
+
+    Inputs that never fired (zero diagonal) get a unit diagonal: their weights change no output
+    on the calibration data, and the factorisation stays defined (sec. 3.3 dampening).
+    """
+    h = hessian.clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * h.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def _saliency(block: torch.Tensor, d: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """OBS saliency w^2 / [U]_jj^2 of each weight (sec. 3.3); zero on dead inputs, whose
+    weights cost nothing to remove."""
+    return (block.square() / d.square()).masked_fill(dead, 0.0)
+
+
+@torch.no_grad()
+def sparsegpt_solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    blocksize: int = 128,
+) -> torch.Tensor:
+    """The pruned and reconstructed ``weight`` (rows, cols) for inputs of Gram ``hessian``.
+
+    Algorithm 1 of Frantar & Alistarh 2023 (see the module docstring). Unstructured: exactly
+    ``round(sparsity * weight.numel())`` zeros, chosen per column block; ``nm = (n, m)``: n kept
+    in every m consecutive columns of each row (``sparsity`` is then ignored). Computed in
+    float64, returned in ``weight``'s dtype.
+    """
+    rows, cols = weight.shape
+    w = weight.double().clone()
+    u = _hinv_chol(hessian.double(), damp)
+    dead = hessian.diagonal() == 0
+    for start in range(0, cols, blocksize):
+        end = min(start + blocksize, cols)
+        block, hinv, off = w[:, start:end].clone(), u[start:end, start:end], dead[start:end]
+        d = hinv.diagonal()
+        drop = torch.zeros_like(block, dtype=torch.bool)
+        if nm is None:
+            count = round(sparsity * rows * end) - round(sparsity * rows * start)
+            lowest = _saliency(block, d, off).flatten().argsort(stable=True)[:count]
+            drop.view(-1)[lowest] = True
+        errors = torch.zeros_like(block)
+        for j in range(end - start):
+            if nm is not None and j % nm[1] == 0:
+                n, m = nm
+                group = _saliency(block[:, j : j + m], d[j : j + m], off[j : j + m])
+                drop[:, j : j + m].scatter_(
+                    1, group.topk(m - n, dim=1, largest=False).indices, True
+                )
+            column = block[:, j]
+            pruned = column.masked_fill(drop[:, j], 0.0)
+            err = (column - pruned) / d[j]
+            block[:, j:] -= err.unsqueeze(1) * hinv[j, j:].unsqueeze(0)
+            block[:, j] = pruned  # exact zeros, not the float residue of the update
+            errors[:, j] = err
+        w[:, start:end] = block
+        w[:, end:] -= errors @ u[start:end, end:]
+    return w.to(weight.dtype)
+
+
+@torch.no_grad()
+def prune_layer(layer: SparseLayer, hessian: torch.Tensor, config: SparseGPTConfig) -> None:
+    """Prune ``layer`` in place with :func:`sparsegpt_solve` on its inputs' Gram ``hessian``.
+
+    A Conv2d's weight is solved as (Cout, Cin*kh*kw), one group at a time for a grouped conv,
+    its columns taken in (kh, kw, Cin) order so that N:M groups run along the input channels,
+    as :func:`netshrink.prune.nm_keep` lays them out.
+    """
+    nm = (config.n, config.m) if config.n is not None and config.m is not None else None
+    weight = layer.weight.detach()
+    groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+    flat = weight.reshape(groups, weight.shape[0] // groups, -1)
+    width = flat.shape[2]
+    taps = weight[0, 0].numel() if weight.dim() == 4 else 1
+    order = torch.arange(width).view(-1, taps).T.flatten()  # channel-major -> tap-major
+    out = torch.empty_like(flat)
+    size = flat[0].numel()
+    for g in range(groups):
+        h = hessian[g * width : (g + 1) * width, g * width : (g + 1) * width][order][:, order]
+        # the groups' shares of the layer's zeros, by cumulative rounding: exact per layer
+        zeros = round(config.fraction * size * (g + 1)) - round(config.fraction * size * g)
+        solved = sparsegpt_solve(
+            flat[g][:, order], h, zeros / size, nm, config.damp, config.blocksize
+        )
+        out[g][:, order] = solved
+    layer.weight.copy_(out.view_as(weight))
+    layer.refresh_mask()
+
+
+def _nm_fits(name: str, layer: SparseLayer, config: SparseGPTConfig) -> bool:
+    """False (with a warning) when N:M is asked and ``layer``'s inputs are not a multiple of m."""
+    if config.m is None:
+        return True
+    channels = layer.weight.shape[1]
+    if channels % config.m == 0:
+        return True
+    warnings.warn(
+        f"prune.sparsegpt: {name} has {channels} input channels, not a multiple of "
+        f"m={config.m}; left dense",
+        stacklevel=4,
+    )
+    return False
+
+
+def prune_seen(
+    layers: dict[str, SparseLayer], stats: dict[str, Gram], config: SparseGPTConfig
+) -> None:
+    """Prune every layer of ``layers`` by its statistics; a warning names those that never ran."""
+    idle = [name for name, gram in stats.items() if gram.sum is None]
+    if idle:
+        warnings.warn(
+            f"prune.sparsegpt: {', '.join(idle)} never ran on calib_data; left dense", stacklevel=3
+        )
+    for name, gram in stats.items():
+        if gram.sum is not None and _nm_fits(name, layers[name], config):
+            prune_layer(layers[name], gram.sum, config)
+
+
+def prune_all(
+    model: nn.Module,
+    layers: dict[str, SparseLayer],
+    batches: list[Batch],
+    config: SparseGPTConfig,
+    show: bool,
+) -> None:
+    """One calibration pass over ``model`` gathering each layer's X^T X, then every layer pruned.
+
+    The Gram matrices of all ``layers`` are held at once (in^2 float64 each); ``sequential``
+    holds one block's only.
+    """
+    stats = {name: Gram() for name in layers}
+    collect(model, {n: [s] for n, s in stats.items()}, batches, "sparsegpt: X^T X", show=show)
+    prune_seen(layers, stats, config)
+
+
+class _BlockPruner:
+    """The block compressor of ``sequential``: each block's targeted layers, pruned in turn."""
+
+    def __init__(
+        self, layers: dict[str, SparseLayer], owned: dict[str, list[str]], config: SparseGPTConfig
+    ) -> None:
+        self.layers, self.owned, self.config = layers, owned, config
+        self.stats: dict[str, Gram] = {}
+
+    def statistics(self, name: str, block: nn.Module) -> Points:
+        self.stats = {n: Gram() for n in self.owned[name]}
+        return {n.removeprefix(f"{name}."): [s] for n, s in self.stats.items()}
+
+    def compress(self, name: str, block: nn.Module, points: Points) -> None:
+        prune_seen(self.layers, self.stats, self.config)
+
+
+def _untied_targets(model: nn.Module, targets: Targets) -> Targets:
+    """``targets`` with the layers whose weights are tied to another module's excluded, with a
+    warning: SparseGPT rewrites the kept weights too, which would change the other side."""
+    chosen = list(targets.select(model, default_types=layer_types()))
+    why = "their weights are tied to another module's, which rewriting them would change too"
+    kept = leave_alone(chosen, tied_modules(model), "prune.sparsegpt", why)
+    return targets.model_copy(
+        update={"exclude": (*targets.exclude, *sorted(set(chosen) - set(kept)))}
+    )
+
+
+@technique("prune.sparsegpt", SparseGPTConfig, needs=("calib_data",), creates=SPARSE_LAYERS)
+def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: Context) -> nn.Module:
+    """Prune and reconstruct each layer from its inputs' X^T X (SparseGPT, Frantar & Alistarh)."""
+    batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
+    blocks = find_blocks(model, config.blocks) if config.sequential else []
+    layers = sparsify(model, _untied_targets(model, config.targets))
+    if not config.sequential:
+        prune_all(model, layers, batches, config, ctx.progress)
+    else:
+        owned, outside = block_owners(list(layers), blocks)
+        # Layers outside every block are pruned first, on the dense model's statistics.
+        if outside:
+            prune_all(model, {n: layers[n] for n in outside}, batches, config, ctx.progress)
+        report = run_blocks(
+            model, batches, _BlockPruner(layers, owned, config), blocks, ctx.progress
+        )
+        log.info("prune.sparsegpt: %s", report)
+    choose_kernels(model, layers, config.kernel, ctx)
+    return model
