@@ -19,6 +19,7 @@ from netshrink.calibrate.reducers import (
 )
 from netshrink.calibrate.sequential import (
     BlockCompressor,
+    PerLayer,
     SequentialReport,
     find_blocks,
     run_blocks,
@@ -32,6 +33,7 @@ __all__ = [
     "Latest",
     "MinMax",
     "Observe",
+    "PerLayer",
     "Points",
     "Reducer",
     "SequentialReport",

@@ -20,7 +20,7 @@ statistics; :class:`SequentialReport` records the activation and statistics byte
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from torch import nn
 
 from netshrink.batches import run
 from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls
+from netshrink.calibrate.reducers import Reducer
 from netshrink.context import Batch
 from netshrink.errors import TargetError, UnsupportedModuleError
 from netshrink.progress import track
@@ -44,6 +45,29 @@ class BlockCompressor(Protocol):
     def compress(self, name: str, block: nn.Module, points: Points) -> None:
         """Change ``block`` in place, reading the reducers of the points it asked for."""
         ...
+
+
+class PerLayer:
+    """The :class:`BlockCompressor` of methods that compress layer by layer from one reducer
+    each (GPTQ's and SparseGPT's XᵀX, Wanda's input norms): in each block, every layer ``owned``
+    lists for it (qualified names) gets a fresh ``reducer()``; then ``compress(stats)`` runs with
+    those reducers, filled, keyed by qualified name."""
+
+    def __init__(
+        self,
+        owned: Mapping[str, Sequence[str]],
+        reducer: Callable[[], Reducer],
+        compress: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.owned, self.reducer, self.compress_layers = owned, reducer, compress
+        self.stats: dict[str, Any] = {}
+
+    def statistics(self, name: str, block: nn.Module) -> Points:
+        self.stats = {n: self.reducer() for n in self.owned.get(name, ())}
+        return {n.removeprefix(f"{name}."): [s] for n, s in self.stats.items()}
+
+    def compress(self, name: str, block: nn.Module, points: Points) -> None:
+        self.compress_layers(self.stats)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.calibrate import Gram, Points, collect, find_blocks, run_blocks
+from netshrink.calibrate import Gram, PerLayer, collect, find_blocks, run_blocks
 from netshrink.context import Batch, Context
 from netshrink.layers import layer_types, leave_alone, tied_modules
 from netshrink.prune.sparse_layers import SparseLayer
@@ -227,23 +227,6 @@ def prune_all(
     prune_seen(layers, stats, config)
 
 
-class _BlockPruner:
-    """The block compressor of ``sequential``: each block's targeted layers, pruned in turn."""
-
-    def __init__(
-        self, layers: dict[str, SparseLayer], owned: dict[str, list[str]], config: SparseGPTConfig
-    ) -> None:
-        self.layers, self.owned, self.config = layers, owned, config
-        self.stats: dict[str, Gram] = {}
-
-    def statistics(self, name: str, block: nn.Module) -> Points:
-        self.stats = {n: Gram() for n in self.owned[name]}
-        return {n.removeprefix(f"{name}."): [s] for n, s in self.stats.items()}
-
-    def compress(self, name: str, block: nn.Module, points: Points) -> None:
-        prune_seen(self.layers, self.stats, self.config)
-
-
 def _untied_targets(model: nn.Module, targets: Targets) -> Targets:
     """``targets`` with the layers whose weights are tied to another module's excluded, with a
     warning: SparseGPT rewrites the kept weights too, which would change the other side."""
@@ -268,9 +251,8 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: Context) -> nn.Mod
         # Layers outside every block are pruned first, on the dense model's statistics.
         if outside:
             prune_all(model, {n: layers[n] for n in outside}, batches, config, ctx.progress)
-        report = run_blocks(
-            model, batches, _BlockPruner(layers, owned, config), blocks, ctx.progress
-        )
+        per_layer = PerLayer(owned, Gram, lambda grams: prune_seen(layers, grams, config))
+        report = run_blocks(model, batches, per_layer, blocks, ctx.progress)
         log.info("prune.sparsegpt: %s", report)
     choose_kernels(model, layers, config.kernel, ctx)
     return model

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.calibrate import Points, SumSquares, collect, find_blocks, run_blocks
+from netshrink.calibrate import PerLayer, SumSquares, collect, find_blocks, run_blocks
 from netshrink.context import Batch, Context
 from netshrink.prune.sparse_layers import SparseLayer
 from netshrink.prune.unstructured import (
@@ -156,24 +156,14 @@ def prune_all(
         prune_group({n: layers[n] for n in names if n in norms}, norms, config)
 
 
-class _BlockPruner:
-    """The block compressor of ``sequential``: each block's targeted layers, pruned in turn."""
-
-    def __init__(
-        self, layers: dict[str, SparseLayer], owned: dict[str, list[str]], config: WandaConfig
-    ) -> None:
-        self.layers, self.owned, self.config = layers, owned, config
-        self.stats: dict[str, SumSquares] = {}
-
-    def statistics(self, name: str, block: nn.Module) -> Points:
-        self.stats = {n: SumSquares() for n in self.owned[name]}
-        return {n.removeprefix(f"{name}."): [s] for n, s in self.stats.items()}
-
-    def compress(self, name: str, block: nn.Module, points: Points) -> None:
-        norms = _norms(self.stats)
-        ready = [n for n in self.stats if n in norms]
-        for names in [ready] if self.config.scope == "block" else [[n] for n in ready]:
-            prune_group({n: self.layers[n] for n in names}, norms, self.config)
+def _prune_block(
+    layers: dict[str, SparseLayer], stats: dict[str, SumSquares], config: WandaConfig
+) -> None:
+    """Prune one block's layers on its input norms: together (scope block) or one by one."""
+    norms = _norms(stats)
+    ready = [n for n in stats if n in norms]
+    for names in [ready] if config.scope == "block" else [[n] for n in ready]:
+        prune_group({n: layers[n] for n in names}, norms, config)
 
 
 def block_owners(
@@ -206,9 +196,8 @@ def wanda(model: nn.Module, config: WandaConfig, ctx: Context) -> nn.Module:
         if outside:
             pruned = {n: layers[n] for n in outside}
             prune_all(model, pruned, [[n] for n in outside], batches, config, ctx.progress)
-        report = run_blocks(
-            model, batches, _BlockPruner(layers, owned, config), blocks, ctx.progress
-        )
+        per_layer = PerLayer(owned, SumSquares, lambda st: _prune_block(layers, st, config))
+        report = run_blocks(model, batches, per_layer, blocks, ctx.progress)
         log.info("prune.wanda: %s", report)
     choose_kernels(model, layers, config.kernel, ctx)
     return model

@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.calibrate import Gram, Points, collect, find_blocks, run_blocks
+from netshrink.calibrate import Gram, PerLayer, collect, find_blocks, run_blocks
 from netshrink.config import TechniqueConfig
 from netshrink.context import Batch, Context
 from netshrink.errors import ConfigError
@@ -197,21 +197,6 @@ def _quantize_together(
     _quantize_seen(model, grams, config)
 
 
-class _BlockQuantizer:
-    """The block compressor of ``sequential``: each block's targeted layers, by GPTQ."""
-
-    def __init__(self, model: nn.Module, names: Sequence[str], config: GPTQConfig) -> None:
-        self.model, self.names, self.config = model, names, config
-        self.grams: dict[str, Gram] = {}
-
-    def statistics(self, name: str, block: nn.Module) -> Points:
-        self.grams = {n: Gram() for n in self.names if n.startswith(f"{name}.")}
-        return {n.removeprefix(f"{name}."): [g] for n, g in self.grams.items()}
-
-    def compress(self, name: str, block: nn.Module, points: Points) -> None:
-        _quantize_seen(self.model, self.grams, self.config)
-
-
 @technique("quantize.gptq", GPTQConfig, needs=("calib_data",), creates=(PackedLinear,))
 def gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
     """2/3/4/8-bit weights with Hessian-based error compensation (GPTQ, Frantar et al. 2022)."""
@@ -226,7 +211,8 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
     if outside:
         _quantize_together(model, outside, batches, config, ctx.progress)
     if inside:
-        report = run_blocks(model, batches, _BlockQuantizer(model, inside, config), blocks,
-                            ctx.progress)  # fmt: skip
+        owned = {b: [n for n in inside if n.startswith(f"{b}.")] for b in blocks}
+        per_layer = PerLayer(owned, Gram, lambda grams: _quantize_seen(model, grams, config))
+        report = run_blocks(model, batches, per_layer, blocks, ctx.progress)
         log.info("quantize.gptq: %s", report)
     return model
