@@ -51,6 +51,7 @@ from netshrink.artifact.validate import (
 from netshrink.errors import ArtifactError, InputError, TargetError
 from netshrink.hf.reference import fresh_model, reference_info
 from netshrink.layers import replace_module
+from netshrink.layers.edits import recorded_edits, replay_edits
 from netshrink.outdir import check_replaceable, file_mode, make_dir_beside, swap_in
 from netshrink.quote import excerpt
 
@@ -124,6 +125,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
     }
     if hf_info is not None:
         manifest["hf"] = hf_info
+    if edits := recorded_edits(model):
+        manifest["edits"] = edits
     tmp = make_dir_beside(target, "tmp")
     try:
         save_file(stored, str(tmp / TENSORS_FILE))
@@ -247,6 +250,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{tensors_file} is corrupt or truncated: {exc}") from exc
     model = model if model is not None else _fresh_model(manifest)
+    replay_edits(model, manifest.get("edits", []))
     model = _replay_structure(model, manifest["modules"])
     state = {name: decode(name, entry, parts) for name, entry in manifest["tensors"].items()}
     for alias, original in manifest["aliases"].items():
