@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.layers import CompressedLayer, ConvGeometry
+from netshrink.layers import CompressedLayer, ConvGeometry, onnx_translation
 from netshrink.quantize.affine import Granularity, quantize_weight
 from netshrink.quantize.packing import pack, unpack
 
@@ -114,19 +114,104 @@ class _PackedWeight(CompressedLayer):
 
 
 class PackedLinear(_PackedWeight):
-    """Linear layer with int8/int4/binary/ternary weight codes (dequantized on the fly)."""
+    """Linear layer with int8/int4/binary/ternary weight codes (dequantized on the fly).
+
+    ``zero_point`` (int4 only): the codes are unsigned grid indices 0..15 with one zero point
+    per row and group, stored as MatMulNBits stores them (two a byte, each row padded to a
+    whole byte). ``input_scale``: a float per input feature that multiplies the input first.
+    """
 
     def __init__(
-        self, in_features: int, out_features: int, codec: Codec, group_size: int, bias: bool
+        self,
+        in_features: int,
+        out_features: int,
+        codec: Codec,
+        group_size: int,
+        bias: bool,
+        zero_point: bool = False,
+        input_scale: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
         self._init_storage(codec, group_size, bias)
+        if zero_point and codec != "int4":
+            raise ValueError(f"zero points are stored for int4 codes only, not {codec}")
+        groups = in_features // group_size if group_size else 1
+        self.register_buffer(
+            "zero_point",
+            torch.zeros(out_features, -(-groups // 2), dtype=torch.uint8) if zero_point else None,
+        )
+        self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
+        self._nbits_views()
+        self.register_load_state_dict_post_hook(lambda m, _keys: m._nbits_views())
 
     def spec(self) -> dict[str, Any]:
-        """JSON constructor arguments."""
-        return {"in_features": self.in_features, "out_features": self.out_features, **self._spec()}
+        """JSON constructor arguments (the optional parts only when present)."""
+        optional = {"zero_point": self.zero_point is not None}
+        optional["input_scale"] = self.input_scale is not None
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            **self._spec(),
+            **{k: v for k, v in optional.items() if v},
+        }
+
+    def nbits_block(self) -> int:
+        """MatMulNBits' ``block_size`` for this layer, or 0 when it cannot export to it (not
+        int4, or groups that are not a power of two of at least 16 inputs)."""
+        g = self.group_size
+        exportable = self.codec == "int4" and g >= 16 and g & (g - 1) == 0
+        return g if exportable and self.in_features % g == 0 else 0
+
+    def _nbits_views(self) -> None:
+        """Views of codes and scales in MatMulNBits' shapes, (N, blocks, bytes) and (N, blocks).
+
+        Non-persistent buffers sharing the saved tensors' storage: the exported file holds them
+        as initializers in place of the flat codes (a reshape node in between would stop
+        OpenVINO, which reads ``B`` only as a constant). Rebuilt after loads and moves.
+        """
+        block = self.nbits_block()
+        blocks = self.in_features // block if block else 0
+        self.register_buffer(
+            "nbits_b",
+            self.codes.view(self.out_features, blocks, block // 2) if block else None,
+            persistent=False,
+        )
+        self.register_buffer(
+            "nbits_scales",
+            self.scale.view(self.out_features, blocks) if block else None,
+            persistent=False,
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
+        super()._apply(fn, recurse)
+        self._nbits_views()  # the moved codes and scales are new tensors: view those
+        return self
+
+    def zero_points(self) -> torch.Tensor | None:
+        """The zero point of each row and group (out, groups) as int32, or None (symmetric)."""
+        if self.zero_point is None:
+            return None
+        groups = self.in_features // self.group_size if self.group_size else 1
+        per_row = 2 * self.zero_point.shape[1]
+        codes = unpack(self.zero_point.flatten(), 4, self.out_features * per_row)
+        return codes.reshape(self.out_features, per_row)[:, :groups].to(torch.int32)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight of the function computed: decoded codes (minus zero points) times
+        scales, times the input scale per column."""
+        zeros = self.zero_points()
+        if zeros is None:
+            w = super().weight
+        else:
+            width = self.group_size or self.in_features
+            codes = unpack(self.codes, 4, self.out_features * self.in_features)
+            groups = codes.reshape(self.out_features, -1, width).to(torch.float32)
+            scale = self.scale.reshape(self.out_features, -1, 1)
+            w = ((groups - zeros.unsqueeze(2)) * scale).reshape(self.weight_shape)
+        return w if self.input_scale is None else w * self.input_scale
 
     @classmethod
     def from_float(cls, m: nn.Linear, codec: Codec, group_size: int = 0) -> PackedLinear:
@@ -144,21 +229,130 @@ class PackedLinear(_PackedWeight):
         codec: Literal["int8", "int4"],
         group_size: int,
         bias: torch.Tensor | None,
+        zero_point: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
     ) -> PackedLinear:
-        """A layer holding signed integer ``codes`` shaped (out, in) chosen elsewhere (GPTQ), with
-        one ``scale`` per output row, or per row and group of ``group_size`` inputs."""
+        """A layer holding integer ``codes`` shaped (out, in) chosen elsewhere (GPTQ, AWQ), with
+        one ``scale`` per output row, or per row and group of ``group_size`` inputs.
+
+        Without ``zero_point`` the codes are signed (-8..7 for int4); with it (int4 only, one
+        per row and group, shaped like ``scale``) they are unsigned grid indices 0..15.
+        ``input_scale`` (in,) multiplies the layer's input.
+        """
         out_features, in_features = codes.shape
-        q = cls(in_features, out_features, codec, group_size, bias is not None)
-        q.codes.copy_(stored_codes(codes, codec))
+        q = cls(in_features, out_features, codec, group_size, bias is not None,
+                zero_point is not None, input_scale is not None)  # fmt: skip
+        if zero_point is None:
+            q.codes.copy_(stored_codes(codes, codec))
+        else:
+            assert q.zero_point is not None
+            q.codes.copy_(pack(codes.to(torch.int32), 4))
+            zeros = zero_point.reshape(out_features, -1).to(torch.int32)
+            even = F.pad(zeros, (0, 2 * q.zero_point.shape[1] - zeros.shape[1]))
+            q.zero_point.copy_(pack(even, 4).reshape(q.zero_point.shape))
         q.scale.copy_(scale.reshape(q.scale.shape))
+        if input_scale is not None:
+            assert q.input_scale is not None
+            q.input_scale.copy_(input_scale)
         if bias is not None:
             assert q.bias is not None
             q.bias.copy_(bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Float linear with the decoded weight."""
+        """Float linear with the decoded weight; ``MatMulNBits`` when exported (see the module
+        docstring)."""
+        if torch.compiler.is_exporting() and self.nbits_b is not None:
+            if self.input_scale is not None:
+                x = x * self.input_scale.to(x.dtype)
+            return matmul_nbits(
+                x, self.nbits_b, self.nbits_scales, self.zero_point, self.bias,
+                self.in_features, self.out_features, self.group_size,
+            )  # fmt: skip
         return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+def _matmul_nbits_impl(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    n: int,
+    block_size: int,
+) -> torch.Tensor:
+    """``x @ W^T + bias`` for the 4-bit weight ``W`` (n, k) that MatMulNBits' inputs describe:
+    ``b`` (n, k / block_size, block_size / 2) packed codes, ``scales`` (n, k / block_size),
+    ``zero_points`` packed (n, ceil(blocks / 2)) or None (8, the op's default)."""
+    codes = unpack(b.flatten(), 4, n * k).reshape(n, -1, block_size).to(torch.float32)
+    if zero_points is None:
+        zeros = torch.full(scales.shape, 8.0, device=x.device)
+    else:
+        per_row = 2 * zero_points.shape[1]
+        zeros = unpack(zero_points.flatten(), 4, n * per_row).reshape(n, per_row)
+        zeros = zeros[:, : scales.shape[1]].to(torch.float32)
+    w = ((codes - zeros.unsqueeze(2)) * scales.unsqueeze(2)).reshape(n, k)
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+# One op that the exporter writes as MatMulNBits; eager code never calls it (the forward above
+# decodes the weight itself), so its own kernel is only the reference the tests compare with.
+matmul_nbits = torch.library.custom_op("netshrink::matmul_nbits", mutates_args=())(
+    _matmul_nbits_impl
+)
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zero_points, bias, k, n, block_size):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+ACCURACY_LEVEL = 0
+"""MatMulNBits' ``accuracy_level``: 0 computes in the input's float type (outputs match torch
+to float rounding); 4 lets ONNX Runtime quantize the input to int8 per block and use its
+int8 x int4 kernels (faster, a second rounding; docs/benchmarks/quantize.md measures both)."""
+
+
+def _matmul_nbits_schema() -> Any:
+    """The ONNX schema of ``com.microsoft::MatMulNBits`` (onnx itself does not register
+    onnxruntime's contrib ops; onnxscript needs a schema to emit a node)."""
+    from onnx.defs import OpSchema
+
+    param, attr, optional = (
+        OpSchema.FormalParameter,
+        OpSchema.Attribute,
+        OpSchema.FormalParameterOption.Optional,
+    )
+    types = [
+        ("T1", ["tensor(float)", "tensor(float16)"], "input, scales, bias and output"),
+        ("T2", ["tensor(uint8)"], "packed codes"),
+        ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points"),
+        ("T4", ["tensor(int32)"], "group index (deprecated)"),
+    ]
+    inputs = [param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+              param("zero_points", "T3", param_option=optional),
+              param("g_idx", "T4", param_option=optional),
+              param("bias", "T1", param_option=optional)]  # fmt: skip
+    names = ("K", "N", "bits", "block_size", "accuracy_level")
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1, inputs=inputs, outputs=[param("Y", "T1")],
+        type_constraints=types, attributes=[attr(n, OpSchema.AttrType.INT, n) for n in names],
+    )  # fmt: skip
+
+
+@onnx_translation(torch.ops.netshrink.matmul_nbits.default)
+def _matmul_nbits_onnx(
+    x: Any, b: Any, scales: Any, zero_points: Any, bias: Any, k: int, n: int, block_size: int
+) -> Any:
+    """ONNX for ``netshrink::matmul_nbits``: one ``com.microsoft::MatMulNBits`` node, 4 bits."""
+    from onnxscript.values import Op, Opset
+
+    node = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
+    return node(
+        x, b, scales, zero_points, None, bias,
+        K=k, N=n, bits=4, block_size=block_size, accuracy_level=ACCURACY_LEVEL,
+    )  # fmt: skip
 
 
 class PackedConv2d(_PackedWeight):
