@@ -66,14 +66,17 @@ def minilm_methods(
     """int4, groups of 128 inputs, on the encoder's Linear layers."""
     common: dict[str, Any] = {"bits": 4, "group_size": 128, "targets": TARGETS}
     data = {**common, "calib_data": calib}
+    rtn = {"grid": 1, "clip": False}  # AWQ with only alpha 0 and no clipping: round-to-nearest
     methods: dict[str, Callable[[], nn.Module]] = {
         "int4 RTN": lambda: ns.quantize.weight_only(model, embeddings=False, **common),
-        "int4 AWQ": lambda: ns.quantize.awq(model, **data),
-        "int4 AWQ asymmetric": lambda: ns.quantize.awq(model, symmetric=False, **data),
+        "int4 RTN zero points": lambda: ns.quantize.awq(model, **data, **rtn),
+        "int4 AWQ (zero points)": lambda: ns.quantize.awq(model, **data),
+        "int4 AWQ symmetric": lambda: ns.quantize.awq(model, symmetric=True, **data),
         "int4 GPTQ": lambda: ns.quantize.gptq(model, sequential=True, **data),
     }
     if quick:
-        del methods["int4 AWQ asymmetric"]
+        for label in ("int4 RTN zero points", "int4 AWQ symmetric"):
+            del methods[label]
     return methods
 
 
@@ -181,20 +184,18 @@ OpenVINO's executed matrix-multiply primitives (layerType/runtimePrecision, coun
 
 
 def bench_zoo(args: argparse.Namespace) -> str:
-    """RTN, AWQ and GPTQ on the zoo's Linear-layer models at 4 and 3 bits, groups of 32 (all
-    layers, the first and last included; digits-cnn is left out: its one Linear is the head,
-    and AWQ here scales Linear/Conv1D inputs only)."""
+    """RTN, AWQ and GPTQ on the zoo's Linear-layer models at 4 and 3 bits, groups of 32,
+    symmetric grids (GPTQ stores no 4-bit zero points), on all layers, the first and last
+    included. digits-cnn is left out: its one Linear is the head, and AWQ here scales the
+    inputs of Linear/Conv1D layers only."""
     lines = []
     for name in ("digits-transformer", "digits-mlp"):
-        model, splits, evaluate = (
-            zoo.load(name, progress=False).eval(),
-            zoo.data(name),
-            zoo.evaluate(name),
-        )
+        model, splits = zoo.load(name, progress=False).eval(), zoo.data(name)
+        evaluate = zoo.evaluate(name)
         calib = splits.calib[: 4 if args.quick else 16]
         row = [name, f"{evaluate(model, splits.test):.4f}"]
         for bits in (4, 3):
-            common = {"bits": bits, "group_size": 32}
+            common = {"bits": bits, "group_size": 32, "symmetric": True}
             made = {  # AWQ with only alpha 0 and no clipping is round-to-nearest at any bits
                 "RTN": ns.quantize.awq(model, grid=1, clip=False, calib_data=calib, **common),
                 "AWQ": ns.quantize.awq(model, calib_data=calib, **common),
@@ -203,7 +204,7 @@ def bench_zoo(args: argparse.Namespace) -> str:
             row += [f"{evaluate(m, splits.test):.4f}" for m in made.values()]
         lines.append("| " + " | ".join(row) + " |")
     return (
-        "### zoo models: test accuracy, groups of 32 inputs\n\n"
+        "### zoo models: test accuracy, groups of 32 inputs, symmetric grids\n\n"
         "| model | fp32 | int4 RTN | int4 AWQ | int4 GPTQ | int3 RTN | int3 AWQ | int3 GPTQ |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )

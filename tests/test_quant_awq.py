@@ -36,7 +36,7 @@ def packed(model: nn.Module) -> dict[str, PackedLinear]:
 def test_scales_of_one_equal_round_to_nearest() -> None:
     calib = [(outlier_rows(16, 64, 0), None)]
     options = {"bits": 4, "group_size": 32}
-    awq = ns.quantize.awq(MLP, grid=1, clip=False, calib_data=calib, **options)
+    awq = ns.quantize.awq(MLP, grid=1, clip=False, symmetric=True, calib_data=calib, **options)
     rtn = ns.quantize.weight_only(MLP, **options)
     for name, layer in packed(awq).items():
         assert layer.input_scale is None and layer.zero_point is None
@@ -73,7 +73,7 @@ def test_layer_output_error_below_round_to_nearest_with_outliers() -> None:
     x = outlier_rows(256, 64, 1)
     calib = [(x[i : i + 64], None) for i in range(0, 256, 64)]
     rtn = ns.quantize.weight_only(layer, bits=4, group_size=32)
-    awq = ns.quantize.awq(layer, bits=4, group_size=32, calib_data=calib)
+    awq = ns.quantize.awq(layer, bits=4, group_size=32, symmetric=True, calib_data=calib)
     with torch.no_grad():
         ref = layer(x)
         err_awq, err_rtn = ((m(x) - ref).pow(2).sum() for m in (awq, rtn))
@@ -109,7 +109,7 @@ def test_pre_ln_norms_absorb_the_scales() -> None:
 
 def test_asymmetric_zero_points_sequential_bert_and_artifact(tmp_path: Path) -> None:
     model, calib = tiny_bert()
-    out = ns.quantize.awq(model, bits=3, group_size=16, symmetric=False, calib_data=calib)
+    out = ns.quantize.awq(model, bits=3, group_size=16, calib_data=calib)  # zero points: default
     layers = packed(out)
     assert len(layers) == 3 * 6 + 1  # six Linears a layer and the pooler
     for layer in layers.values():

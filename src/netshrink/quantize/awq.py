@@ -21,9 +21,10 @@ found as :mod:`netshrink.quantize.smoothquant` finds it. Anywhere else (a post-L
 norm also feeds a residual; a Linear after GELU) the layer keeps 1/s as an explicit input scale
 that multiplies its input (one elementwise pass). The layers are the packed ones that
 ``quantize.weight_only`` and ``quantize.gptq`` make
-(:class:`~netshrink.quantize.packed.PackedLinear`), with a zero point per group when
-``symmetric`` is false. With ``sequential`` each block (a transformer layer) is calibrated on
-the outputs of the already-quantized blocks before it (:func:`netshrink.calibrate.run_blocks`).
+(:class:`~netshrink.quantize.packed.PackedLinear`), with a zero point per group at 3 and 4
+bits unless ``symmetric`` is set (the authors' default grid: unsigned codes and a zero point).
+With ``sequential`` each block (a transformer layer) is calibrated on the outputs of the
+already-quantized blocks before it (:func:`netshrink.calibrate.run_blocks`).
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ class AWQConfig(TechniqueConfig):
     group_size: int = Field(
         128, ge=0, le=4096, description="inputs sharing a scale; 0: one scale per output channel"
     )
-    symmetric: bool = Field(
-        True, description="signed grid around 0; false: a zero point per group (3 or 4 bits)"
+    symmetric: bool | None = Field(
+        None,
+        description="signed grid around 0, or false: a zero point per group (3 or 4 bits); "
+        "default: false for 3 and 4 bits (as the authors quantize), true for 8",
     )
     grid: int = Field(
         20, ge=1, le=100, description="alphas searched: 0, 1/grid, .., (grid-1)/grid; 1: RTN"
@@ -94,7 +97,7 @@ class AWQConfig(TechniqueConfig):
 
     @model_validator(mode="after")
     def _storable(self) -> AWQConfig:
-        if not self.symmetric and self.bits == 8:
+        if self.symmetric is False and self.bits == 8:
             raise ValueError(
                 "symmetric: false stores a zero point per group for int4 codes only; "
                 "use bits 3 or 4, or symmetric: true"
@@ -103,9 +106,14 @@ class AWQConfig(TechniqueConfig):
             raise ValueError("blocks applies with sequential: true; set it or drop blocks")
         return self
 
+    @property
+    def signed(self) -> bool:
+        """Whether the grid is symmetric (``symmetric``, or its default for ``bits``)."""
+        return self.bits == 8 if self.symmetric is None else self.symmetric
+
     def fake_quantize(self, w: torch.Tensor, group_size: int) -> torch.Tensor:
         """``w`` (out, in) quantized and dequantized on this config's grid."""
-        return fake_quantize_weight(w, self.bits, self.symmetric, Granularity(True, group_size))
+        return fake_quantize_weight(w, self.bits, self.signed, Granularity(True, group_size))
 
 
 class ActivationSample(Reducer):
@@ -213,15 +221,13 @@ def _pack(
     w = linear.weight.detach().float() * s
     if config.clip:
         w = clip_weight(x / s, w, config, group_size)
-    q, scale, zero = quantize_weight(
-        w, config.bits, config.symmetric, Granularity(True, group_size)
-    )
+    q, scale, zero = quantize_weight(w, config.bits, config.signed, Granularity(True, group_size))
     codes = q.reshape(w.shape)
     codec: Literal["int8", "int4"] = "int8" if config.bits == 8 else "int4"
     bias = None if linear.bias is None else linear.bias.detach()
     layer = PackedLinear.from_codes(
         codes, scale, codec, group_size, bias,
-        zero_point=None if config.symmetric else zero,
+        zero_point=None if config.signed else zero,
         input_scale=1 / s if explicit and not bool((s == 1).all()) else None,
     )  # fmt: skip
     replace_module(model, name, layer)
