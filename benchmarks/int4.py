@@ -236,7 +236,8 @@ def main() -> None:
         args.calib, args.eval, args.batch = min(args.calib, 32), min(args.eval, 64), 4
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    command = "PYTHONPATH=src python benchmarks/int4.py" + " --quick" * args.quick
+    shown = [a for a in sys.argv[1:] if a != "--write"]
+    command = " ".join(["PYTHONPATH=src python benchmarks/int4.py", *shown])
     with tempfile.TemporaryDirectory() as tmp:
         body = bench_minilm(args, Path(tmp)) + "\n" + bench_zoo(args)
     text = (

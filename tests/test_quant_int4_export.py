@@ -144,3 +144,12 @@ def test_views_follow_loads_and_copies() -> None:
     assert moved.nbits_b.data_ptr() == moved.codes.data_ptr()
     assert moved.nbits_scales.data_ptr() == moved.scale.data_ptr()
     assert set(layer.state_dict()) == {"codes", "scale", "bias", "zero_point"}
+
+
+def test_zero_points_decode_exactly_per_channel_and_odd_sizes() -> None:
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (3, 5), generator=g)  # 15 codes: the last byte is half padding
+    zeros, scale = torch.randint(0, 16, (3, 1), generator=g), torch.rand(3, 1, generator=g)
+    layer = PackedLinear.from_codes(codes, scale, "int4", 0, None, zero_point=zeros)
+    assert layer.nbits_block() == 0 and torch.equal(layer.zero_points(), zeros.int())
+    torch.testing.assert_close(layer.weight, (codes - zeros).float() * scale, atol=0, rtol=0)

@@ -4,8 +4,17 @@ One codec serves weight-only int8/int4, binary and ternary weights: a weight ele
 ``(code * mult - offset) * scale`` where ``code`` is unsigned and ``scale`` has one value per
 output channel (or per group of ``group_size`` inputs). Codes of 1, 2 and 4 bits are packed
 8/bits per byte (:mod:`netshrink.quantize.packing`); 8-bit codes are stored as int8. The
-forward pass rebuilds the float weight and runs the float kernel: storage shrinks, compute
-does not (on these CPUs int8 weight-only kernels are slower than fp32; see DESIGN.md).
+forward pass rebuilds the float weight and runs the float kernel: storage shrinks, compute in
+torch does not (on these CPUs int8 weight-only kernels are slower than fp32; see DESIGN.md).
+
+An int4 :class:`PackedLinear` whose groups are a power of two of at least 16 inputs exports to
+ONNX Runtime's ``com.microsoft::MatMulNBits`` (its int4 CPU kernels): its packed codes already
+are that op's ``B`` layout (``N`` rows of ``K / block_size`` blocks, two codes a byte, the first
+in the low nibble), so the file stores them as they are. OpenVINO's ONNX frontend reads the same
+node as u4 weights and runs it on its compressed-weight FullyConnected. A ``PackedLinear`` may
+also hold a zero point per group (asymmetric int4: ``weight = (code - zero) * scale``) and an
+explicit per-input-channel scale that multiplies its input (AWQ's scales where no preceding op
+can absorb them, :mod:`netshrink.quantize.awq`).
 """
 
 from __future__ import annotations
@@ -193,10 +202,7 @@ class PackedLinear(_PackedWeight):
         """The zero point of each row and group (out, groups) as int32, or None (symmetric)."""
         if self.zero_point is None:
             return None
-        groups = self.in_features // self.group_size if self.group_size else 1
-        per_row = 2 * self.zero_point.shape[1]
-        codes = unpack(self.zero_point.flatten(), 4, self.out_features * per_row)
-        return codes.reshape(self.out_features, per_row)[:, :groups].to(torch.int32)
+        return _unpack_rows(self.zero_point, self.scale.reshape(self.out_features, -1).shape[1])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -206,11 +212,8 @@ class PackedLinear(_PackedWeight):
         if zeros is None:
             w = super().weight
         else:
-            width = self.group_size or self.in_features
-            codes = unpack(self.codes, 4, self.out_features * self.in_features)
-            groups = codes.reshape(self.out_features, -1, width).to(torch.float32)
-            scale = self.scale.reshape(self.out_features, -1, 1)
-            w = ((groups - zeros.unsqueeze(2)) * scale).reshape(self.weight_shape)
+            scales = self.scale.reshape(self.out_features, -1)
+            w = _dequantize_int4(self.codes, scales, zeros, self.in_features)
         return w if self.input_scale is None else w * self.input_scale
 
     @classmethod
@@ -285,15 +288,28 @@ def _matmul_nbits_impl(
     """``x @ W^T + bias`` for the 4-bit weight ``W`` (n, k) that MatMulNBits' inputs describe:
     ``b`` (n, k / block_size, block_size / 2) packed codes, ``scales`` (n, k / block_size),
     ``zero_points`` packed (n, ceil(blocks / 2)) or None (8, the op's default)."""
-    codes = unpack(b.flatten(), 4, n * k).reshape(n, -1, block_size).to(torch.float32)
     if zero_points is None:
-        zeros = torch.full(scales.shape, 8.0, device=x.device)
+        zeros = torch.full(scales.shape, 8, dtype=torch.int32, device=x.device)
     else:
-        per_row = 2 * zero_points.shape[1]
-        zeros = unpack(zero_points.flatten(), 4, n * per_row).reshape(n, per_row)
-        zeros = zeros[:, : scales.shape[1]].to(torch.float32)
-    w = ((codes - zeros.unsqueeze(2)) * scales.unsqueeze(2)).reshape(n, k)
-    return F.linear(x, w.to(x.dtype), bias)
+        zeros = _unpack_rows(zero_points, scales.shape[1])
+    return F.linear(x, _dequantize_int4(b, scales, zeros, k).to(x.dtype), bias)
+
+
+def _unpack_rows(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 (rows, width) of 4-bit codes packed row by row (each row padded to whole bytes)."""
+    rows, per_row = packed.shape[0], 2 * packed.shape[1]
+    return unpack(packed.flatten(), 4, rows * per_row).reshape(rows, per_row)[:, :width].int()
+
+
+def _dequantize_int4(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, cols: int
+) -> torch.Tensor:
+    """Float32 (rows, cols) weight ``(code - zero) * scale`` of packed 4-bit codes whose rows
+    split into equal groups, with ``scales`` and integer ``zeros`` shaped (rows, groups)."""
+    rows, groups = scales.shape
+    codes = unpack(packed.flatten(), 4, rows * cols).reshape(rows, groups, -1)
+    w = (codes.to(torch.int32) - zeros.unsqueeze(2)).to(torch.float32) * scales.unsqueeze(2)
+    return w.reshape(rows, -1)
 
 
 # One op that the exporter writes as MatMulNBits; eager code never calls it (the forward above
