@@ -4,8 +4,17 @@ One codec serves weight-only int8/int4, binary and ternary weights: a weight ele
 ``(code * mult - offset) * scale`` where ``code`` is unsigned and ``scale`` has one value per
 output channel (or per group of ``group_size`` inputs). Codes of 1, 2 and 4 bits are packed
 8/bits per byte (:mod:`netshrink.quantize.packing`); 8-bit codes are stored as int8. The
-forward pass rebuilds the float weight and runs the float kernel: storage shrinks, compute
-does not (on these CPUs int8 weight-only kernels are slower than fp32; see DESIGN.md).
+forward pass rebuilds the float weight and runs the float kernel: storage shrinks, compute in
+torch does not (on these CPUs int8 weight-only kernels are slower than fp32; see DESIGN.md).
+
+An int4 :class:`PackedLinear` whose groups are a power of two of at least 16 inputs exports to
+ONNX Runtime's ``com.microsoft::MatMulNBits`` (its int4 CPU kernels): its packed codes already
+are that op's ``B`` layout (``N`` rows of ``K / block_size`` blocks, two codes a byte, the first
+in the low nibble), so the file stores them as they are. OpenVINO's ONNX frontend reads the same
+node as u4 weights and runs it on its compressed-weight FullyConnected. A ``PackedLinear`` may
+also hold a zero point per group (asymmetric int4: ``weight = (code - zero) * scale``) and an
+explicit per-input-channel scale that multiplies its input (AWQ's scales where no preceding op
+can absorb them, :mod:`netshrink.quantize.awq`).
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.layers import CompressedLayer, ConvGeometry
+from netshrink.layers import CompressedLayer, ConvGeometry, onnx_translation
 from netshrink.quantize.affine import Granularity, quantize_weight
 from netshrink.quantize.packing import pack, unpack
 
@@ -114,19 +123,98 @@ class _PackedWeight(CompressedLayer):
 
 
 class PackedLinear(_PackedWeight):
-    """Linear layer with int8/int4/binary/ternary weight codes (dequantized on the fly)."""
+    """Linear layer with int8/int4/binary/ternary weight codes (dequantized on the fly).
+
+    ``zero_point`` (int4 only): the codes are unsigned grid indices 0..15 with one zero point
+    per row and group, stored as MatMulNBits stores them (two a byte, each row padded to a
+    whole byte). ``input_scale``: a float per input feature that multiplies the input first.
+    """
 
     def __init__(
-        self, in_features: int, out_features: int, codec: Codec, group_size: int, bias: bool
+        self,
+        in_features: int,
+        out_features: int,
+        codec: Codec,
+        group_size: int,
+        bias: bool,
+        zero_point: bool = False,
+        input_scale: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
         self._init_storage(codec, group_size, bias)
+        if zero_point and codec != "int4":
+            raise ValueError(f"zero points are stored for int4 codes only, not {codec}")
+        groups = in_features // group_size if group_size else 1
+        self.register_buffer(
+            "zero_point",
+            torch.zeros(out_features, -(-groups // 2), dtype=torch.uint8) if zero_point else None,
+        )
+        self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
+        self._nbits_views()
+        self.register_load_state_dict_post_hook(lambda m, _keys: m._nbits_views())
 
     def spec(self) -> dict[str, Any]:
-        """JSON constructor arguments."""
-        return {"in_features": self.in_features, "out_features": self.out_features, **self._spec()}
+        """JSON constructor arguments (the optional parts only when present)."""
+        optional = {"zero_point": self.zero_point is not None}
+        optional["input_scale"] = self.input_scale is not None
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            **self._spec(),
+            **{k: v for k, v in optional.items() if v},
+        }
+
+    def nbits_block(self) -> int:
+        """MatMulNBits' ``block_size`` for this layer, or 0 when it cannot export to it (not
+        int4, or groups that are not a power of two of at least 16 inputs)."""
+        g = self.group_size
+        exportable = self.codec == "int4" and g >= 16 and g & (g - 1) == 0
+        return g if exportable and self.in_features % g == 0 else 0
+
+    def _nbits_views(self) -> None:
+        """Views of codes and scales in MatMulNBits' shapes, (N, blocks, bytes) and (N, blocks).
+
+        Non-persistent buffers sharing the saved tensors' storage: the exported file holds them
+        as initializers in place of the flat codes (a reshape node in between would stop
+        OpenVINO, which reads ``B`` only as a constant). Rebuilt after loads and moves.
+        """
+        block = self.nbits_block()
+        blocks = self.in_features // block if block else 0
+        self.register_buffer(
+            "nbits_b",
+            self.codes.view(self.out_features, blocks, block // 2) if block else None,
+            persistent=False,
+        )
+        self.register_buffer(
+            "nbits_scales",
+            self.scale.view(self.out_features, blocks) if block else None,
+            persistent=False,
+        )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PackedLinear:
+        super()._apply(fn, recurse)
+        self._nbits_views()  # the moved codes and scales are new tensors: view those
+        return self
+
+    def zero_points(self) -> torch.Tensor | None:
+        """The zero point of each row and group (out, groups) as int32, or None (symmetric)."""
+        if self.zero_point is None:
+            return None
+        return _unpack_rows(self.zero_point, self.scale.reshape(self.out_features, -1).shape[1])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight of the function computed: decoded codes (minus zero points) times
+        scales, times the input scale per column."""
+        zeros = self.zero_points()
+        if zeros is None:
+            w = super().weight
+        else:
+            scales = self.scale.reshape(self.out_features, -1)
+            w = _dequantize_int4(self.codes, scales, zeros, self.in_features)
+        return w if self.input_scale is None else w * self.input_scale
 
     @classmethod
     def from_float(cls, m: nn.Linear, codec: Codec, group_size: int = 0) -> PackedLinear:
@@ -144,21 +232,143 @@ class PackedLinear(_PackedWeight):
         codec: Literal["int8", "int4"],
         group_size: int,
         bias: torch.Tensor | None,
+        zero_point: torch.Tensor | None = None,
+        input_scale: torch.Tensor | None = None,
     ) -> PackedLinear:
-        """A layer holding signed integer ``codes`` shaped (out, in) chosen elsewhere (GPTQ), with
-        one ``scale`` per output row, or per row and group of ``group_size`` inputs."""
+        """A layer holding integer ``codes`` shaped (out, in) chosen elsewhere (GPTQ, AWQ), with
+        one ``scale`` per output row, or per row and group of ``group_size`` inputs.
+
+        Without ``zero_point`` the codes are signed (-8..7 for int4); with it (int4 only, one
+        per row and group, shaped like ``scale``) they are unsigned grid indices 0..15.
+        ``input_scale`` (in,) multiplies the layer's input.
+        """
         out_features, in_features = codes.shape
-        q = cls(in_features, out_features, codec, group_size, bias is not None)
-        q.codes.copy_(stored_codes(codes, codec))
+        q = cls(in_features, out_features, codec, group_size, bias is not None,
+                zero_point is not None, input_scale is not None)  # fmt: skip
+        if zero_point is None:
+            q.codes.copy_(stored_codes(codes, codec))
+        else:
+            assert q.zero_point is not None
+            q.codes.copy_(pack(codes.to(torch.int32), 4))
+            zeros = zero_point.reshape(out_features, -1).to(torch.int32)
+            even = F.pad(zeros, (0, 2 * q.zero_point.shape[1] - zeros.shape[1]))
+            q.zero_point.copy_(pack(even, 4).reshape(q.zero_point.shape))
         q.scale.copy_(scale.reshape(q.scale.shape))
+        if input_scale is not None:
+            assert q.input_scale is not None
+            q.input_scale.copy_(input_scale)
         if bias is not None:
             assert q.bias is not None
             q.bias.copy_(bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Float linear with the decoded weight."""
+        """Float linear with the decoded weight; ``MatMulNBits`` when exported (see the module
+        docstring)."""
+        if torch.compiler.is_exporting() and self.nbits_b is not None:
+            if self.input_scale is not None:
+                x = x * self.input_scale.to(x.dtype)
+            return matmul_nbits(
+                x, self.nbits_b, self.nbits_scales, self.zero_point, self.bias,
+                self.in_features, self.out_features, self.group_size,
+            )  # fmt: skip
         return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+def _matmul_nbits_impl(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    k: int,
+    n: int,
+    block_size: int,
+) -> torch.Tensor:
+    """``x @ W^T + bias`` for the 4-bit weight ``W`` (n, k) that MatMulNBits' inputs describe:
+    ``b`` (n, k / block_size, block_size / 2) packed codes, ``scales`` (n, k / block_size),
+    ``zero_points`` packed (n, ceil(blocks / 2)) or None (8, the op's default)."""
+    if zero_points is None:
+        zeros = torch.full(scales.shape, 8, dtype=torch.int32, device=x.device)
+    else:
+        zeros = _unpack_rows(zero_points, scales.shape[1])
+    return F.linear(x, _dequantize_int4(b, scales, zeros, k).to(x.dtype), bias)
+
+
+def _unpack_rows(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 (rows, width) of 4-bit codes packed row by row (each row padded to whole bytes)."""
+    rows, per_row = packed.shape[0], 2 * packed.shape[1]
+    return unpack(packed.flatten(), 4, rows * per_row).reshape(rows, per_row)[:, :width].int()
+
+
+def _dequantize_int4(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, cols: int
+) -> torch.Tensor:
+    """Float32 (rows, cols) weight ``(code - zero) * scale`` of packed 4-bit codes whose rows
+    split into equal groups, with ``scales`` and integer ``zeros`` shaped (rows, groups)."""
+    rows, groups = scales.shape
+    codes = unpack(packed.flatten(), 4, rows * cols).reshape(rows, groups, -1)
+    w = (codes.to(torch.int32) - zeros.unsqueeze(2)).to(torch.float32) * scales.unsqueeze(2)
+    return w.reshape(rows, -1)
+
+
+# One op that the exporter writes as MatMulNBits; eager code never calls it (the forward above
+# decodes the weight itself), so its own kernel is only the reference the tests compare with.
+matmul_nbits = torch.library.custom_op("netshrink::matmul_nbits", mutates_args=())(
+    _matmul_nbits_impl
+)
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zero_points, bias, k, n, block_size):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+ACCURACY_LEVEL = 0
+"""MatMulNBits' ``accuracy_level``: 0 computes in the input's float type (outputs match torch
+to float rounding); 4 lets ONNX Runtime quantize the input to int8 per block and use its
+int8 x int4 kernels (faster, a second rounding; docs/benchmarks/quantize.md measures both)."""
+
+
+def _matmul_nbits_schema() -> Any:
+    """The ONNX schema of ``com.microsoft::MatMulNBits`` (onnx itself does not register
+    onnxruntime's contrib ops; onnxscript needs a schema to emit a node)."""
+    from onnx.defs import OpSchema
+
+    param, attr, optional = (
+        OpSchema.FormalParameter,
+        OpSchema.Attribute,
+        OpSchema.FormalParameterOption.Optional,
+    )
+    types = [
+        ("T1", ["tensor(float)", "tensor(float16)"], "input, scales, bias and output"),
+        ("T2", ["tensor(uint8)"], "packed codes"),
+        ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points"),
+        ("T4", ["tensor(int32)"], "group index (deprecated)"),
+    ]
+    inputs = [param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+              param("zero_points", "T3", param_option=optional),
+              param("g_idx", "T4", param_option=optional),
+              param("bias", "T1", param_option=optional)]  # fmt: skip
+    names = ("K", "N", "bits", "block_size", "accuracy_level")
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1, inputs=inputs, outputs=[param("Y", "T1")],
+        type_constraints=types, attributes=[attr(n, OpSchema.AttrType.INT, n) for n in names],
+    )  # fmt: skip
+
+
+@onnx_translation(torch.ops.netshrink.matmul_nbits.default)
+def _matmul_nbits_onnx(
+    x: Any, b: Any, scales: Any, zero_points: Any, bias: Any, k: int, n: int, block_size: int
+) -> Any:
+    """ONNX for ``netshrink::matmul_nbits``: one ``com.microsoft::MatMulNBits`` node, 4 bits."""
+    from onnxscript.values import Op, Opset
+
+    node = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
+    return node(
+        x, b, scales, zero_points, None, bias,
+        K=k, N=n, bits=4, block_size=block_size, accuracy_level=ACCURACY_LEVEL,
+    )  # fmt: skip
 
 
 class PackedConv2d(_PackedWeight):
