@@ -247,13 +247,13 @@ def find_ffn(model: nn.Module) -> list[FeedForward]:
     return found
 
 
-def slot_weight(model: nn.Module, slot: Slot) -> torch.Tensor:
-    """The slot's weight as a view with the unit axis first (producers: without the bias)."""
+def slot_weight(model: nn.Module, slot: Slot, grad: bool = False) -> torch.Tensor:
+    """The slot's weight (or its gradient, zeros when there is none) as a view with the unit
+    axis first; a producer's bias is not included."""
     m = model.get_submodule(slot.module)
-    if slot.kind == "mha":
-        return m.in_proj_weight
-    transposed = slot.kind == "embedding" or (slot.kind == "linear") == (slot.role == "in")
-    return m.weight.t() if transposed else m.weight
+    param = m.in_proj_weight if slot.kind == "mha" else m.weight
+    w = param if not grad else param.grad if param.grad is not None else torch.zeros_like(param)
+    return w.t() if _axis(slot) == 1 else w
 
 
 def slot_positions(slot: Slot, units: torch.Tensor) -> torch.Tensor:
