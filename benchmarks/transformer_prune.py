@@ -1,9 +1,9 @@
 """Heads + FFN pruning of the real all-MiniLM-L6-v2, recovered by distillation from fp32.
 
 The acceptance run of issue #13: ``prune.heads`` then ``prune.ffn`` remove about 30% of the
-encoder's parameters (embeddings excluded), each stage fine-tuned with its ``finetune:`` option
-on the cosine distance to the fp32 model's embeddings (``netshrink.hf.loss_for``) over unlabeled
-standard-library docstrings; fidelity is measured on held-out text from another source
+encoder's parameters (embeddings excluded), then the ``finetune:`` option of the ``prune.ffn``
+stage distils the result from fp32 (cosine distance to its embeddings, ``netshrink.hf.loss_for``)
+on unlabeled standard-library docstrings; fidelity is measured on held-out text from another source
 (``netshrink.hf.heldout_corpus``). The table goes to stdout and, with ``--write``, into
 docs/benchmarks/prune.md's "Transformers: heads and FFN" section.
 
@@ -72,27 +72,22 @@ def run(args: argparse.Namespace) -> str:
         fp32, ratio=args.heads, criterion=args.criterion, scope="global",
         batches=args.score_batches, example_inputs=example, **common,
     )  # fmt: skip
+    ffn = {"ratio": args.ffn, "criterion": "activation", "scope": "layer", "round_to": 8}
+    both = ns.prune.ffn(heads, **ffn, batches=args.score_batches, example_inputs=example, **common)
     record(
-        f"prune.heads {args.heads:.0%} ({args.criterion}), no recovery",
-        heads,
+        f"prune.heads {args.heads:.0%} ({args.criterion}, global) + prune.ffn {args.ffn:.0%} "
+        "(activation), no recovery",
+        both,
         time.perf_counter() - t,
     )
-    both = ns.prune.ffn(
-        heads, ratio=args.ffn, criterion="activation", scope="layer", round_to=8,
-        batches=args.score_batches, example_inputs=example, **common,
-    )  # fmt: skip
-    record(f"+ prune.ffn {args.ffn:.0%} (activation), no recovery", both, time.perf_counter() - t)
     t = time.perf_counter()
     recovered = ns.prune.ffn(
-        ns.prune.heads(
-            fp32, ratio=args.heads, criterion=args.criterion, scope="global",
-            batches=args.score_batches, example_inputs=example, finetune=tune, **common,
-        ),
-        ratio=args.ffn, criterion="activation", scope="layer", round_to=8,
-        batches=args.score_batches, example_inputs=example, finetune=tune, **common,
-    )  # fmt: skip
+        heads, **ffn, batches=args.score_batches, example_inputs=example, finetune=tune, **common
+    )
     record(
-        f"heads + FFN, each distilled {args.epochs} epoch(s)", recovered, time.perf_counter() - t
+        f"the same, distilled {args.epochs} epoch(s) (prune.ffn's finetune)",
+        recovered,
+        time.perf_counter() - t,
     )
     with tempfile.TemporaryDirectory() as tmp:
         ns.save(recovered, Path(tmp) / "artifact")
@@ -123,7 +118,7 @@ def table(
         f"{args.train_texts or 'all'} stdlib docstring paragraphs (80% train); fidelity on "
         f"{args.eval_texts or 'all'} held-out language-reference paragraphs (cosine to the "
         "fp32 embedding, top-5 neighbour agreement). Encoder = the 6 transformer layers "
-        "(embeddings excluded). Recovery: each stage's `finetune: {epochs: "
+        "(embeddings excluded). Recovery: the prune.ffn stage's `finetune: {epochs: "
         f"{args.epochs}, lr: {args.lr}}}` with `loss_fn=hf.loss_for('embedding', teacher=fp32)`.",
         "",
         "| model | encoder params | removed | cosine | top-5 | seconds |",
@@ -155,7 +150,7 @@ def main() -> None:
     parser.add_argument("--heads", type=float, default=0.34, help="fraction of heads removed")
     parser.add_argument("--ffn", type=float, default=0.3, help="fraction of FFN neurons removed")
     parser.add_argument("--criterion", default="mask", help="prune.heads criterion")
-    parser.add_argument("--epochs", type=int, default=2, help="distillation epochs per stage")
+    parser.add_argument("--epochs", type=int, default=1, help="distillation epochs")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--score-batches", type=int, default=4)
     parser.add_argument("--train-texts", type=int, default=None, help="default: all")
