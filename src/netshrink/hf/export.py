@@ -126,9 +126,9 @@ def _stock_changes(hf_model: Any, config: Any) -> list[str] | None:
         return None
     if heads:
         q, kv = heads.pop()
-        count = next(n for n in (*HEAD_COUNTS, "num_attention_heads") if hasattr(config, n))
-        if getattr(config, count) != q:
-            if not any(hasattr(config, n) for n in HEAD_SIZES):
+        count = next((n for n in HEAD_COUNTS if hasattr(config, n)), None)
+        if count is None or getattr(config, count) != q:
+            if count is None or not any(hasattr(config, n) for n in HEAD_SIZES):
                 return None  # the head size is derived from the head count
             setattr(config, count, q)
             changes.append(f"{count}={q}")

@@ -46,6 +46,9 @@ from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import PrunedMultiheadAttention, Slot, slot_positions, slot_weight
 from netshrink.layers.edits import apply_edit
 
+Scores = dict[str, torch.Tensor]
+"""Each block's unit scores by block path (higher = more important)."""
+
 
 @dataclass(frozen=True)
 class UnitBlock:
@@ -80,7 +83,8 @@ def probe_loss(model: nn.Module, batch: Batch, gen: torch.Generator) -> torch.Te
     """The loss the data-aware criteria differentiate (see the module docstring)."""
     inputs, targets = batch
     out = _output(run(model, inputs))
-    if targets is not None and out.dim() == 2 and not targets.is_floating_point():
+    labels = torch.is_tensor(targets) and not targets.is_floating_point()
+    if labels and out.dim() == 2:
         return F.cross_entropy(out, targets)
     r = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
     return (out * r).sum()
@@ -204,7 +208,6 @@ def _mask(model: nn.Module, blocks: list[UnitBlock], data: list[Batch], seed: in
     return scores
 
 
-Scores = dict[str, torch.Tensor]
 CRITERIA: dict[str, Callable[[nn.Module, list[UnitBlock], list[Batch], int], Scores]] = {
     "l2": _l2,
     "activation": _activation,
