@@ -130,6 +130,8 @@ def test_export_refuses_what_it_cannot_write(tmp_path: Path) -> None:
         export_hf(ns.quantize.dynamic(model), tmp_path / "q")
     with pytest.raises(ConfigError, match="transformers model"):
         export_hf(nn.Sequential(nn.Linear(2, 2)), tmp_path / "s")
+    with pytest.raises(ConfigError, match="T5EncoderModel"):
+        export_hf(build("t5-encoder")[0].encoder, tmp_path / "t5")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep me")
     with pytest.raises(InputError):

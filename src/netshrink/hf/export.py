@@ -36,7 +36,7 @@ from netshrink.hf.blocks import (
     find_attention,
     find_ffn,
 )
-from netshrink.hf.reference import reference_info
+from netshrink.hf.reference import reference_info, transformers_module
 from netshrink.layers import CompressedLayer
 from netshrink.layers.edits import recorded_edits
 from netshrink.outdir import check_replaceable, make_dir_beside, swap_in
@@ -237,6 +237,12 @@ def export_hf(model: nn.Module, folder: str | Path, source: str | Path | None = 
     _check_float(model)
     hf_model, prefix = _pretrained(model)
     base = type(hf_model).__name__
+    if getattr(transformers_module(), base, None) is not type(hf_model):
+        raise ConfigError(
+            f"export --hf: {base} is not a transformers class from_pretrained loads (T5's "
+            "encoder stack, loaded for the embedding task, is one); export a model loaded with "
+            "its own class, e.g. T5EncoderModel"
+        )
     config = copy.deepcopy(hf_model.config)
     changes = _layer_counts(model, prefix, hf_model, config)
     stock = _stock_changes(hf_model, config)
