@@ -81,11 +81,15 @@ def zero_removed(model: nn.Module, kept_heads: dict, kept_neurons: dict) -> nn.M
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for att in blocks.find_attention(ref):
-            gone = torch.tensor([u for u in range(att.units) if u not in kept_heads[att.path]])
+            gone = torch.tensor(
+                [u for u in range(att.units) if u not in kept_heads[att.path]], dtype=torch.long
+            )
             heads = (gone[:, None] * att.group + torch.arange(att.group)).flatten()
             blocks.slot_weight(ref, att.out)[blocks.slot_positions(att.out, heads)] = 0
         for ffn in blocks.find_ffn(ref):
-            gone = torch.tensor([u for u in range(ffn.size) if u not in kept_neurons[ffn.path]])
+            gone = torch.tensor(
+                [u for u in range(ffn.size) if u not in kept_neurons[ffn.path]], dtype=torch.long
+            )
             blocks.slot_weight(ref, ffn.down)[gone] = 0
     return ref
 
@@ -127,6 +131,24 @@ def test_t5_keeps_the_same_heads_in_every_block_and_slices_the_bias_table() -> N
     original = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
     assert torch.equal(first.relative_attention_bias.weight, original[:, kept[0]])
     assert first.n_heads == 1 and first.inner_dim == 16
+
+
+def test_t5_decoder_self_attention_is_pruned_and_cross_attention_left() -> None:
+    model = hf_fixtures.build("t5")
+    x = {**IDS, "decoder_input_ids": IDS["input_ids"][:, :5]}
+    pruned = ns.prune.heads(model, ratio=0.5, example_inputs=x)
+    kept = edits(pruned, "hf.heads")
+    assert sorted(kept) == [
+        f"{stack}.block.{i}.layer.0.SelfAttention"
+        for stack in ("decoder", "encoder")
+        for i in (0, 1)
+    ]
+    assert pruned.decoder.block[1].layer[1].EncDecAttention.q.out_features == 32
+    with torch.no_grad():
+        expected = zero_removed(
+            model, kept, {f.path: range(f.size) for f in blocks.find_ffn(model)}
+        )
+        torch.testing.assert_close(output(pruned, x), output(expected, x), atol=1e-5, rtol=0)
 
 
 def test_head_count_attributes_follow() -> None:

@@ -28,7 +28,7 @@ heads per group — what the forward repeats K/V by — never changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -103,7 +103,6 @@ class FeedForward:
     size: int
     up: tuple[Slot, ...]
     down: Slot
-    config_fields: tuple[str, ...] = field(default=())
 
 
 def _is_linear(m: Any) -> bool:
@@ -172,7 +171,7 @@ def _attention_of(path: str, module: nn.Module, model: nn.Module) -> Attention |
         if _child(module, *names, o) and _is_linear(getattr(module, o)) and hasattr(module, dim):
             return _linear_attention(path, module, names, _join(path, o), int(getattr(module, dim)))
     conv = _child(module, "c_attn", "c_proj")
-    if conv and all(_is_conv1d(m) for m in conv) and not getattr(module, "is_cross_attention", 0):
+    if conv and all(_is_conv1d(m) for m in conv):
         d, e = int(module.head_dim), int(module.split_size)
         slots = tuple(Slot(_join(path, "c_attn"), "out", "conv1d", d, i * e) for i in range(3))
         cproj = Slot(_join(path, "c_proj"), "in", "conv1d", d)
@@ -187,12 +186,15 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _is_decoder(path: str, model: nn.Module) -> bool:
-    """Whether ``path`` lies in a stack flagged ``is_decoder`` (T5's decoder: its attention
-    also reads the encoder, and is left alone)."""
-    parts = path.split(".")
-    return any(
-        getattr(_get(model, ".".join(parts[:i])), "is_decoder", False) for i in range(len(parts))
+CROSS_ATTENTION = ("EncDecAttention", "crossattention", "encoder_attn")
+"""Names of attention modules that read another stack (T5's, BERT's, BART's decoders)."""
+
+
+def _is_cross(path: str, module: nn.Module) -> bool:
+    """Whether the attention at ``path`` attends to another stack's states (left alone: its
+    keys and values come from there)."""
+    return bool(getattr(module, "is_cross_attention", False)) or any(
+        part in CROSS_ATTENTION for part in path.split(".")
     )
 
 
@@ -201,7 +203,7 @@ def find_attention(model: nn.Module) -> list[Attention]:
     found = []
     for path, module in model.named_modules():
         att = _attention_of(path, module, model)
-        if att is not None and not _is_decoder(path, model):
+        if att is not None and not _is_cross(path, module):
             found.append(att)
     return found
 
@@ -238,7 +240,7 @@ def find_ffn(model: nn.Module) -> list[FeedForward]:
     """Every feed-forward block of ``model`` whose intermediate neurons can be pruned."""
     found = []
     for path, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) or _is_decoder(path, model):
+        if isinstance(module, nn.MultiheadAttention):
             continue
         ffn = _ffn_of(path, module)
         # GPT-2's attention also has c_proj: an FFN must not be an attention module.
