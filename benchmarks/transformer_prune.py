@@ -52,7 +52,9 @@ def run(args: argparse.Namespace) -> str:
     fp32 = hf.load_model(ref)
     tokenizer = hf.load_tokenizer(ref)
     texts = hf.stdlib_corpus(args.train_texts)
-    data = hf.texts_data(texts, None, tokenizer, "stdlib", max_length=128, batch_size=32)
+    data = hf.texts_data(
+        texts, None, tokenizer, "stdlib", max_length=args.train_length, batch_size=32
+    )
     heldout = tokenize(tokenizer, hf.heldout_corpus(args.eval_texts), None, 128, 64)
     loss = hf.loss_for("embedding", teacher=fp32)
     tune = {"epochs": args.epochs, "lr": args.lr, "warmup_steps": 10, "keep_best": False}
@@ -110,12 +112,15 @@ def table(
         "",
         "```",
         f"PYTHONPATH=src python benchmarks/transformer_prune.py{' --quick' if args.quick else ''}"
-        f" --epochs {args.epochs} --threads {args.threads} --write",
+        f" --heads {args.heads} --ffn {args.ffn} --criterion {args.criterion} --epochs "
+        f"{args.epochs} --lr {args.lr} --train-length {args.train_length} --threads "
+        f"{args.threads} --write",
         "```",
         "",
         f"all-MiniLM-L6-v2 (6 layers, 12 heads, FFN 1536), torch {torch.__version__}, "
         f"{platform.machine()}, {args.threads} thread(s), load average {load}. Train: "
-        f"{args.train_texts or 'all'} stdlib docstring paragraphs (80% train); fidelity on "
+        f"{args.train_texts or 'all'} stdlib docstring paragraphs (80% train, cut to "
+        f"{args.train_length} tokens); fidelity on "
         f"{args.eval_texts or 'all'} held-out language-reference paragraphs (cosine to the "
         "fp32 embedding, top-5 neighbour agreement). Encoder = the 6 transformer layers "
         "(embeddings excluded). Recovery: the prune.ffn stage's `finetune: {epochs: "
@@ -147,11 +152,14 @@ def write(section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heads", type=float, default=0.34, help="fraction of heads removed")
-    parser.add_argument("--ffn", type=float, default=0.3, help="fraction of FFN neurons removed")
-    parser.add_argument("--criterion", default="mask", help="prune.heads criterion")
-    parser.add_argument("--epochs", type=int, default=1, help="distillation epochs")
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed")
+    parser.add_argument("--ffn", type=float, default=0.33, help="fraction of FFN neurons removed")
+    parser.add_argument("--criterion", default="activation", help="prune.heads criterion")
+    parser.add_argument("--epochs", type=int, default=3, help="distillation epochs")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument(
+        "--train-length", type=int, default=64, help="tokens a training text is cut to"
+    )
     parser.add_argument("--score-batches", type=int, default=4)
     parser.add_argument("--train-texts", type=int, default=None, help="default: all")
     parser.add_argument("--eval-texts", type=int, default=None, help="default: all")

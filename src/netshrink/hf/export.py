@@ -216,6 +216,26 @@ def _copy_side_files(source: Path, out: Path) -> None:
             shutil.copytree(entry, out / entry.name)
 
 
+def _family(config: Any) -> str:
+    return str(getattr(config, "model_type", "model")).replace("-", "_")
+
+
+def _exported_config(model: nn.Module, prefix: str, hf_model: Any) -> tuple[Any, list[str], bool]:
+    """The config to write, the fields it changes, and whether it needs the generated code."""
+    config = copy.deepcopy(hf_model.config)
+    changes = _layer_counts(model, prefix, hf_model, config)
+    stock = _stock_changes(hf_model, config)
+    if stock is not None:
+        return config, changes + stock, False
+    config = copy.deepcopy(hf_model.config)  # undo the stock fields set before giving up
+    changes = _layer_counts(model, prefix, hf_model, config)
+    config.netshrink_params, config.netshrink_attrs = _shapes(hf_model)
+    base = type(hf_model).__name__
+    auto, code = _auto_class(base), f"modeling_netshrink_{_family(config)}.Netshrink{base}"
+    config.auto_map = {auto: code, "AutoModel": code}  # AutoModel: what sentence-transformers uses
+    return config, [*changes, "per-module shapes in netshrink_params"], True
+
+
 def _check_float(model: nn.Module) -> None:
     packed = sorted({type(m).__name__ for m in model.modules() if isinstance(m, CompressedLayer)})
     if packed:
@@ -243,21 +263,7 @@ def export_hf(model: nn.Module, folder: str | Path, source: str | Path | None = 
             "encoder stack, loaded for the embedding task, is one); export a model loaded with "
             "its own class, e.g. T5EncoderModel"
         )
-    config = copy.deepcopy(hf_model.config)
-    changes = _layer_counts(model, prefix, hf_model, config)
-    stock = _stock_changes(hf_model, config)
-    if stock is None:
-        config = copy.deepcopy(hf_model.config)
-        changes = _layer_counts(model, prefix, hf_model, config)
-        params, attrs = _shapes(hf_model)
-        config.netshrink_params, config.netshrink_attrs = params, attrs
-        family = getattr(config, "model_type", "model").replace("-", "_")
-        config.auto_map = {_auto_class(base): f"modeling_netshrink_{family}.Netshrink{base}"}
-        if _auto_class(base) != "AutoModel":
-            config.auto_map["AutoModel"] = config.auto_map[_auto_class(base)]
-        changes.append("per-module shapes in netshrink_params")
-    else:
-        changes += stock
+    config, changes, remote = _exported_config(model, prefix, hf_model)
     if source is None:
         info = reference_info(model)
         local = Path(info["ref"].removeprefix("hf:")) if info else None
@@ -272,8 +278,8 @@ def export_hf(model: nn.Module, folder: str | Path, source: str | Path | None = 
             hf_model.save_pretrained(stage)
         finally:
             hf_model.config = saved
-        if stock is None:
-            (stage / f"modeling_netshrink_{family}.py").write_text(
+        if remote:
+            (stage / f"modeling_netshrink_{_family(config)}.py").write_text(
                 _CODE.format(base=base, model_type=config.model_type)
             )
         if source is not None:
@@ -281,4 +287,4 @@ def export_hf(model: nn.Module, folder: str | Path, source: str | Path | None = 
         swap_in(stage, target)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return HfExport(target, stock is None, tuple(changes))
+    return HfExport(target, remote, tuple(changes))
