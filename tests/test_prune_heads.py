@@ -265,3 +265,19 @@ def test_channels_on_a_transformer_points_to_heads_and_ffn() -> None:
     model, x = build("bert")
     with pytest.raises(UnsupportedModuleError, match=r"prune\.heads .* prune\.ffn"):
         ns.prune.channels(model, ratio=0.3, example_inputs=x)
+
+
+def test_finetune_minimises_the_given_loss_fn() -> None:
+    model, x = build("bert")
+    calls = []
+
+    def loss_fn(m: nn.Module, batch: tuple) -> torch.Tensor:
+        calls.append(batch[1])
+        return output(m, batch[0]).pow(2).mean()  # no labels needed: cross-entropy would fail
+
+    tune = {"epochs": 1, "lr": 1e-2, "shuffle": False}
+    pruned = ns.prune.ffn(model, ratio=0.5, finetune=tune, train_data=[(x, None)], loss_fn=loss_fn)
+    untuned = ns.prune.ffn(model, ratio=0.5)
+    assert calls == [None]
+    with torch.no_grad():
+        assert output(pruned, x).pow(2).mean() < output(untuned, x).pow(2).mean()
