@@ -19,15 +19,7 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import find_ffn
-from netshrink.prune.units import (
-    DATA_CRITERIA,
-    UnitBlock,
-    calibration,
-    choose,
-    prune_units,
-    report,
-    score,
-)
+from netshrink.prune.units import DATA_CRITERIA, UnitBlock, prune_blocks
 from netshrink.registry import technique
 
 
@@ -81,10 +73,5 @@ def ffn(model: nn.Module, config: FfnConfig, ctx: Context) -> nn.Module:
             f"prune.ffn found no feed-forward block it understands in {type(model).__name__} "
             "(BERT, DistilBERT, ViT, GPT-2, T5, Llama-style, nn.TransformerEncoderLayer)"
         )
-    data = calibration(ctx.calib_data, config.batches)
-    scores = score(model, blocks, config.criterion, data, ctx.seed)
-    keep = choose(blocks, scores, config.ratio, config.scope)
-    total = sum(b.units for b in blocks)
-    removed = prune_units(model, blocks, keep, "hf.ffn")
-    report("FFN neurons", "prune.ffn", removed, total, config.ratio)
+    prune_blocks(model, blocks, config, ctx, "hf.ffn", "FFN neurons")
     return model

@@ -22,15 +22,7 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import PrunedMultiheadAttention, find_attention
-from netshrink.prune.units import (
-    DATA_CRITERIA,
-    UnitBlock,
-    calibration,
-    choose,
-    prune_units,
-    report,
-    score,
-)
+from netshrink.prune.units import DATA_CRITERIA, UnitBlock, prune_blocks
 from netshrink.registry import technique
 
 
@@ -83,16 +75,12 @@ def heads(model: nn.Module, config: HeadsConfig, ctx: Context) -> nn.Module:
             f"prune.heads found no attention module it understands in {type(model).__name__} "
             "(BERT, DistilBERT, ViT, GPT-2, T5 encoder, Llama-style, nn.MultiheadAttention)"
         )
-    data = calibration(ctx.calib_data, config.batches)
-    scores = score(model, blocks, config.criterion, data, ctx.seed)
-    keep = choose(blocks, scores, config.ratio, config.scope)
-    total = sum(b.units for b in blocks)
-    removed = prune_units(model, blocks, keep, "hf.heads")
-    report(
+    prune_blocks(
+        model,
+        blocks,
+        config,
+        ctx,
+        "hf.heads",
         "attention heads (K/V groups under grouped-query attention)",
-        "prune.heads",
-        removed,
-        total,
-        config.ratio,
     )
     return model

@@ -41,7 +41,7 @@ from torch import nn
 
 from netshrink.batches import run
 from netshrink.calibrate import first_tensor
-from netshrink.context import Batch
+from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import PrunedMultiheadAttention, Slot, slot_positions, slot_weight
 from netshrink.layers.edits import apply_edit
@@ -293,34 +293,32 @@ def choose(
     return {b.path: keep[b.tie or b.path] for b in blocks}
 
 
-def prune_units(
-    model: nn.Module, blocks: list[UnitBlock], keep: dict[str, list[int]], edit: str
-) -> int:
-    """Cut every block down to its ``keep`` units with the recorded edit ``edit``; the number
-    of units removed."""
-    removed = 0
+def prune_blocks(
+    model: nn.Module, blocks: list[UnitBlock], config: Any, ctx: Context, edit: str, what: str
+) -> None:
+    """Score, choose and cut the units of ``blocks`` as ``config`` (``ratio``, ``criterion``,
+    ``scope``, ``batches``) says, with the recorded edit ``edit`` (``hf.heads`` / ``hf.ffn``).
+
+    Raises when nothing of a non-zero ratio could be removed (every block at its floor); warns
+    (the stage's note) when less than half of it was. ``what`` names the units in messages.
+    """
+    name = "prune.heads" if edit == "hf.heads" else "prune.ffn"
+    data = list(islice(ctx.calib_data, config.batches)) if ctx.calib_data is not None else []
+    scores = score(model, blocks, config.criterion, data, ctx.seed)
+    keep = choose(blocks, scores, config.ratio, config.scope)
+    removed, total = 0, sum(b.units for b in blocks)
     for b in blocks:
         if len(keep[b.path]) < b.units:
             apply_edit(model, edit, module=b.path, keep=keep[b.path])
             removed += b.units - len(keep[b.path])
-    return removed
-
-
-def report(what: str, technique: str, removed: int, total: int, ratio: float) -> None:
-    """Raise when nothing of a non-zero ``ratio`` was removed; warn when less than half was."""
-    if ratio > 0 and removed == 0:
+    if config.ratio > 0 and removed == 0:
         raise UnsupportedModuleError(
-            f"{technique}: achieved 0% of the requested {ratio:.0%} of {total} {what}, because "
-            "every block is at its floor (min_heads / round_to); lower them or raise ratio"
+            f"{name}: achieved 0% of the requested {config.ratio:.0%} of {total} {what}, because "
+            "every block is at its floor (min_heads / round_to); lower it or raise ratio"
         )
-    if removed < ratio * total / 2:
+    if removed < config.ratio * total / 2:
         warnings.warn(
-            f"{technique}: achieved {removed / total:.0%} of the requested {ratio:.0%} of "
+            f"{name}: achieved {removed / total:.0%} of the requested {config.ratio:.0%} of "
             f"{what}, because of the per-block floor (min_heads / round_to)",
             stacklevel=3,
         )
-
-
-def calibration(data: Iterable[Batch] | None, batches: int) -> list[Batch]:
-    """The first ``batches`` batches of ``data`` (empty without data)."""
-    return list(islice(data, batches)) if data is not None else []
