@@ -1,6 +1,6 @@
 """netshrink: make trained PyTorch models smaller and faster, and prove it by measuring."""
 
-from netshrink import distill, lowrank, prune, quantize, zoo
+from netshrink import distill, hf, lowrank, prune, quantize, zoo
 from netshrink.artifact import export_onnx, load, save
 from netshrink.context import Context
 from netshrink.errors import (
@@ -42,6 +42,7 @@ __all__ = [
     "compress",
     "distill",
     "export_onnx",
+    "hf",
     "load",
     "lowrank",
     "measure",

@@ -343,19 +343,24 @@ def export(
     openvino: Annotated[
         Path | None, typer.Option("--openvino", help="folder for OpenVINO IR model.xml/.bin")
     ] = None,
+    hf: Annotated[
+        Path | None, typer.Option("--hf", help="folder transformers from_pretrained loads")
+    ] = None,
     model: ModelOpt = None,
     task: TaskOpt = None,
 ) -> None:
-    """Export a saved artifact to ONNX and/or OpenVINO IR (inputs shaped as the run recorded)."""
-    from netshrink.recipe.commands import export_onnx, export_openvino
+    """Export a saved artifact to ONNX, OpenVINO IR and/or a transformers folder."""
+    from netshrink.recipe.commands import export_hf, export_onnx, export_openvino
 
-    if onnx is None and openvino is None:
-        raise ConfigError("give --onnx FILE, --openvino DIR, or both")
+    if onnx is None and openvino is None and hf is None:
+        raise ConfigError("give --onnx FILE, --openvino DIR, --hf DIR, or several")
     if onnx is not None:
         out().print(f"onnx: {export_onnx(artifact, onnx, model_ref=model, task=task)}")
     if openvino is not None:
         path = export_openvino(artifact, openvino, model_ref=model, task=task)
         out().print(f"openvino: {path}")
+    if hf is not None:
+        out().print(f"hf: {export_hf(artifact, hf, model_ref=model, task=task)}")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ _HINTS = {
     "val_data": "an iterable of (inputs, targets) batches, e.g. val_data=loader",
     "teacher": "the model to learn from, e.g. teacher=original_model",
     "evaluate": "a function evaluate(model, batches) -> float, higher is better",
+    "loss_fn": "a function loss_fn(model, batch) -> scalar tensor, e.g. netshrink.hf.loss_for(...)",
 }
 
 
@@ -41,6 +42,8 @@ class Context:
     val_data: Iterable[Batch] | None = None
     teacher: nn.Module | None = None
     evaluate: Evaluate | None = None
+    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    """What fine-tuning minimises (default: cross-entropy against the batch's labels)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     progress: bool = True

@@ -1,10 +1,12 @@
-"""Hugging Face integration: ``hf:`` model references, ``text:`` data, task metrics and losses.
+"""Hugging Face integration: ``hf:`` model references, ``text:`` data, task metrics and losses,
+the heads and FFNs of transformer blocks (:mod:`netshrink.hf.blocks`) and ``export --hf``.
 
 transformers is an optional dependency: importing this package does not need it, loading a model
 or tokenizer does (and says how to install it when missing).
 """
 
 from netshrink.hf.corpus import heldout_corpus, stdlib_corpus
+from netshrink.hf.export import HfExport, export_hf
 from netshrink.hf.inputs import data_for, evaluate_for
 from netshrink.hf.losses import LOSSES, loss_for
 from netshrink.hf.metrics import Fidelity, fidelity, metric_for, metric_name, neighbour_agreement
@@ -18,11 +20,13 @@ __all__ = [
     "LOSSES",
     "TASKS",
     "Fidelity",
+    "HfExport",
     "Pooling",
     "Task",
     "TaskModel",
     "data_for",
     "evaluate_for",
+    "export_hf",
     "fidelity",
     "fresh_model",
     "heldout_corpus",

@@ -33,6 +33,7 @@ from netshrink.graph import (
     prune_slot,
     sync_attention,
 )
+from netshrink.hf.blocks import find_attention, find_ffn
 from netshrink.prune.importance import unit_scores
 from netshrink.prune.schedules import Schedule, run_schedule, schedule_needs
 from netshrink.registry import technique
@@ -183,7 +184,15 @@ def _keep_one_per_layer(graph: DepGraph, scores: dict[int, float], removed: set[
 def plan_channels(model: nn.Module, cfg: ChannelsConfig, ctx: Context, ratio: float) -> ChannelPlan:
     """Trace ``model``, rank its units by ``cfg.criterion`` and choose ``ratio`` of them."""
     assert ctx.example_inputs is not None
-    graph = dependency_graph(model, ctx.example_inputs)
+    try:
+        graph = dependency_graph(model, ctx.example_inputs)
+    except UnsupportedModuleError as exc:
+        if find_attention(model) or find_ffn(model):
+            raise UnsupportedModuleError(
+                f"{exc}. For transformers use prune.heads (attention heads) and prune.ffn (FFN "
+                "neurons): they find the blocks without tracing"
+            ) from exc
+        raise
     _freeze_excluded(graph, model, cfg)
     groups = graph.groups()
     batches = islice(ctx.train_data, cfg.taylor_batches) if ctx.train_data is not None else None

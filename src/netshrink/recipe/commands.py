@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from netshrink.hf.export import HfExport
     from netshrink.measure import Measurement
 
 from netshrink import refs
@@ -229,6 +230,16 @@ def export_onnx(
 
     model, inputs = _model_and_inputs(artifact, model_ref, task)
     return export(model, onnx_path, inputs)
+
+
+def export_hf(
+    artifact: Path, out_dir: Path, model_ref: str | None = None, task: str | None = None
+) -> HfExport:
+    """``netshrink export --hf``: write ``out_dir`` as a folder transformers loads."""
+    from netshrink.hf.export import export_hf as export
+
+    model, _ = reopen(artifact, model_ref, task)
+    return export(model, out_dir)
 
 
 def export_openvino(

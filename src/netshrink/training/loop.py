@@ -394,13 +394,16 @@ def finetune(model: nn.Module, config: TrainConfig, ctx: Context, desc: str) -> 
     """Fine-tune ``model`` on ``ctx.train_data`` as ``config`` says; return it in eval mode.
 
     With ``ctx.val_data`` the model is evaluated after every epoch (``ctx.evaluate``, default
-    top-1 accuracy) and the best epoch's weights are kept.
+    top-1 accuracy) and the best epoch's weights are kept. The loss is ``ctx.loss_fn`` (e.g. a
+    task loss distilling from the uncompressed model, :func:`netshrink.hf.loss_for`), default
+    cross-entropy.
     """
     assert ctx.train_data is not None
     fit(
         model,
         ctx.train_data,
         config,
+        loss_fn=ctx.loss_fn or cross_entropy,
         seed=ctx.seed,
         progress=ctx.progress,
         desc=desc,
