@@ -16,7 +16,7 @@ from netshrink.errors import ConfigError, MissingInputError
 from netshrink.layers import tied_modules
 from netshrink.quantize.affine import Granularity, choose_qparams, qrange, quantize_weight
 from netshrink.quantize.gptq import clipped_qparams, gptq_codes
-from netshrink.quantize.packed import PackedLinear
+from netshrink.quantize.packed import PackedConv2d, PackedLinear
 from netshrink.quantize.packing import unpack
 from test_calibrate import tiny_bert
 from test_layers_models import _conv1d_names, _gpt2
@@ -220,3 +220,20 @@ def test_gpt2_conv1d_is_quantized_as_linear_and_tied_weights_stay_tied() -> None
     assert out.lm_head.weight is out.transformer.wte.weight
     with torch.no_grad():
         torch.testing.assert_close(out(x).logits, model(x).logits, atol=0.1, rtol=0)
+
+
+def test_convolutions_are_solved_on_their_patches_and_grouped_ones_left_float() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    ).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match="leaves 2 as they are: grouped"):
+        q = ns.quantize.gptq(model, bits=3, calib_data=[(x, None)])
+    assert isinstance(q[0], PackedConv2d) and isinstance(q[2], nn.Conv2d)
+    rtn = ns.quantize.weight_only(model, bits=4, targets={"include": ["0"]})
+    gptq4 = ns.quantize.gptq(model, bits=4, calib_data=[(x, None)], targets={"include": ["0"]})
+    with torch.no_grad():
+        ref = model[0](x)
+        err_gptq, err_rtn = (float((m[0](x) - ref).norm()) for m in (gptq4, rtn))
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)

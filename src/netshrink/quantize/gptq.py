@@ -48,10 +48,17 @@ from netshrink.calibrate import (
 )
 from netshrink.config import TechniqueConfig
 from netshrink.context import Batch, Context
-from netshrink.layers import as_linear, linear_types, replace_module, untied
+from netshrink.layers import (
+    ConvGeometry,
+    as_linear,
+    leave_alone,
+    linear_types,
+    replace_module,
+    untied,
+)
 from netshrink.quantize.affine import choose_qparams, qrange, quantize
 from netshrink.quantize.lowbit import _groups
-from netshrink.quantize.packed import PackedLinear
+from netshrink.quantize.packed import PackedConv2d, PackedLinear
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
@@ -88,7 +95,7 @@ class GPTQConfig(TechniqueConfig):
     )
     calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
     targets: Targets = Field(
-        default_factory=Targets, description="Linear/Conv1D layers to quantize"
+        default_factory=Targets, description="Linear/Conv1D/Conv2d layers to quantize"
     )
 
     @model_validator(mode="after")
@@ -197,22 +204,58 @@ def gptq_codes(
     return codes, scale if group_size else scale[:, 0]
 
 
+def _packed(
+    module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int
+) -> PackedLinear | PackedConv2d:
+    """The packed layer holding ``codes`` and ``scale`` in place of ``module``."""
+    codec: Literal["int8", "int4"] = "int8" if bits == 8 else "int4"
+    bias = None if module.bias is None else module.bias.detach()
+    if isinstance(module, nn.Conv2d):
+        geometry = ConvGeometry.of(module).spec()
+        layer: PackedLinear | PackedConv2d = PackedConv2d(geometry, codec, 0, bias is not None)
+    else:
+        layer = PackedLinear(codes.shape[1], codes.shape[0], codec, group_size, bias is not None)
+    layer.set_codes(codes, scale, bias)
+    return layer
+
+
 def _quantize_layer(model: nn.Module, name: str, gram: Gram, config: GPTQConfig) -> None:
-    """Replace layer ``name`` by its packed GPTQ version, from its inputs' ``gram``."""
-    linear = as_linear(model.get_submodule(name))
+    """Replace layer ``name`` by its packed GPTQ version, from its inputs' ``gram``.
+
+    A Conv2d is solved as the (Cout, Cin*kh*kw) matrix its patches multiply
+    (:func:`netshrink.calibrate.input_vectors`), one scale per output channel as
+    ``quantize.weight_only`` stores convolutions.
+    """
+    module = model.get_submodule(name)
     second_moment = gram.mean()
     assert second_moment is not None
-    group_size = _groups(name, linear.in_features, config.group_size)
+    if isinstance(module, nn.Conv2d):
+        weight, group_size = module.weight.detach().flatten(1), 0
+    else:
+        weight = as_linear(module).weight.detach()
+        group_size = _groups(name, weight.shape[1], config.group_size)
     codes, scale = gptq_codes(
-        linear.weight, second_moment, config.bits, group_size, config.symmetric,
+        weight, second_moment, config.bits, group_size, config.symmetric,
         config.act_order, config.damp, config.clip,
     )  # fmt: skip
-    codec: Literal["int8", "int4"] = "int8" if config.bits == 8 else "int4"
-    bias = None if linear.bias is None else linear.bias.detach()
-    packed = PackedLinear.from_codes(codes, scale, codec, group_size, bias)
-    error = relative_output_error(linear.weight.detach(), packed.weight, second_moment)
+    packed = _packed(module, codes, scale, config.bits, group_size)
+    error = relative_output_error(weight, packed.weight.flatten(1), second_moment)
     log.info("quantize.gptq: %s relative output error %.2e on calib_data", name, error)
     replace_module(model, name, packed)
+
+
+def _solvable(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` without the convolutions GPTQ cannot solve as one matrix, with a warning:
+    grouped ones (each group has its own inputs) and those padding other than with zeros."""
+    odd = set()
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Conv2d) and (
+            module.groups > 1 or not ConvGeometry.of(module).zero_padded
+        ):
+            odd.add(name)
+    why = "grouped or non-zero-padded convolutions are not solved by GPTQ; use weight_only"
+    return leave_alone(names, odd, "quantize.gptq", why)
 
 
 def _quantize_seen(model: nn.Module, grams: dict[str, Gram], config: GPTQConfig) -> None:
@@ -236,13 +279,13 @@ def _quantize_together(
     _quantize_seen(model, grams, config)
 
 
-@technique("quantize.gptq", GPTQConfig, needs=("calib_data",), creates=(PackedLinear,))
+@technique("quantize.gptq", GPTQConfig, needs=("calib_data",), creates=(PackedLinear, PackedConv2d))
 def gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
     """2/3/4/8-bit weights with Hessian-based error compensation (GPTQ, Frantar et al. 2022)."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     blocks = find_blocks(model, config.blocks) if config.sequential else []
-    selected = config.targets.select(model, linear_types())
-    names = untied(model, list(selected), "quantize.gptq")
+    selected = config.targets.select(model, (*linear_types(), nn.Conv2d))
+    names = _solvable(model, untied(model, list(selected), "quantize.gptq"))
     inside = [n for n in names if any(n.startswith(f"{b}.") for b in blocks)]
     outside = [n for n in names if n not in inside]
     # Layers outside every block (a pooler, a classifier, a model without repeated blocks) are

@@ -89,6 +89,18 @@ class _PackedWeight(CompressedLayer):
             assert self.bias is not None
             self.bias.copy_(bias)
 
+    @torch.no_grad()
+    def set_codes(
+        self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        """Store signed integer ``codes`` chosen elsewhere (GPTQ), ``weight_shape``'s elements in
+        its row-major order, with their ``scale`` (one per output row, or per row and group)."""
+        self.codes.copy_(stored_codes(codes.reshape(self.weight_shape), self.codec))
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        if bias is not None:
+            assert self.bias is not None
+            self.bias.copy_(bias)
+
     @property
     def weight(self) -> torch.Tensor:
         """The float weight the codes stand for (decoded on access)."""
@@ -149,11 +161,7 @@ class PackedLinear(_PackedWeight):
         one ``scale`` per output row, or per row and group of ``group_size`` inputs."""
         out_features, in_features = codes.shape
         q = cls(in_features, out_features, codec, group_size, bias is not None)
-        q.codes.copy_(stored_codes(codes, codec))
-        q.scale.copy_(scale.reshape(q.scale.shape))
-        if bias is not None:
-            assert q.bias is not None
-            q.bias.copy_(bias)
+        q.set_codes(codes, scale, bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
