@@ -154,6 +154,7 @@ def gptq_codes(
     Returns ``(codes, scale)``: signed integer codes (out, in), int32, equal to the grid index
     minus its zero point, and the float32 scale per output row (out,) or per row and group
     (out, in // group_size); the weight is ``codes * scale`` broadcast over the groups.
+    ``clip`` fits each group's range with :func:`clipped_qparams` instead of its min-max.
     """
     w = weight.detach().float().clone()
     rows, cols = w.shape
