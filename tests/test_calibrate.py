@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import netshrink as ns
 from netshrink.calibrate import (
     Capture,
     Gram,
@@ -17,12 +18,16 @@ from netshrink.calibrate import (
     Shape,
     SumSquares,
     collect,
+    damped_inverse_cholesky,
     find_blocks,
     input_vectors,
+    real_tokens,
+    relative_output_error,
     run_blocks,
+    token_mask,
 )
 from netshrink.calibrate.collect import Points
-from netshrink.errors import TargetError, UnsupportedModuleError
+from netshrink.errors import ConfigError, TargetError, UnsupportedModuleError
 
 
 class TwoInputs(nn.Module):
@@ -201,3 +206,130 @@ def test_a_module_giving_no_tensor_is_a_target_error_naming_it() -> None:
     model = nn.Sequential(Named())
     with pytest.raises(TargetError, match="module '0''s output is a dict, not a tensor"):
         collect(model, {"0": [MinMax("output")]}, [(torch.randn(2), None)], "test", show=False)
+
+
+class PaddedEncoder(nn.Module):
+    """Token embeddings through two one-Linear blocks; the padding token's embedding is huge,
+    so padding that leaked into a statistic would dominate it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        with torch.no_grad():
+            self.embed.weight[0] = 1000.0
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(4, 4)) for _ in range(2)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _padded_batch() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Two sentences of 5 and 2 real tokens, the second padded with token 0; and the mask."""
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 0, 0, 0]])
+    mask = (ids != 0).long()
+    return {"input_ids": ids, "attention_mask": mask}, mask.bool()
+
+
+def test_padding_tokens_are_left_out_of_token_statistics_only() -> None:
+    model = PaddedEncoder()
+    inputs, real = _padded_batch()
+    gram, squares, extremes = Gram(), SumSquares(), MinMax()
+    collect(model, {"layers.0.0": [gram, squares, extremes]}, [(inputs, None)], "t", show=False)
+    x = model.embed(inputs["input_ids"]).detach()[real].double()  # (7 real tokens, 4)
+    assert gram.count == squares.count == 7
+    torch.testing.assert_close(gram.mean(), x.T @ x / 7)
+    torch.testing.assert_close(squares.norms(), x.norm(dim=0))
+    assert float(extremes.max) == 1000.0  # a reducer over whole tensors still sees the padding
+
+
+class GramPerBlock:
+    """A block compressor gathering each block's Linear input Gram, changing nothing."""
+
+    def __init__(self) -> None:
+        self.grams: dict[str, Gram] = {}
+
+    def statistics(self, name: str, block: nn.Module) -> Points:
+        self.grams[name] = Gram()
+        return {"0": [self.grams[name]]}
+
+    def compress(self, name: str, block: nn.Module, points: Points) -> None:
+        pass
+
+
+def test_sequential_blocks_leave_padding_out_of_their_statistics() -> None:
+    model = PaddedEncoder()
+    inputs, real = _padded_batch()
+    seen = GramPerBlock()
+    run_blocks(model, [(inputs, None)], seen, show=False)
+    with torch.no_grad():
+        x = model.layers[0](model.embed(inputs["input_ids"]))[real].double()
+    second = seen.grams["layers.1"]
+    assert second.count == 7
+    torch.testing.assert_close(second.mean(), x.T @ x / 7)
+
+
+def test_token_vectors_are_filtered_only_when_shaped_like_the_mask() -> None:
+    mask = torch.tensor([[True, False, True]])
+    tokens = torch.arange(6.0).view(1, 3, 2)
+    torch.testing.assert_close(real_tokens(tokens, mask), torch.tensor([[0.0, 1.0], [4.0, 5.0]]))
+    image = torch.randn(1, 3, 4, 4)  # a feature map whose first two sizes match by chance
+    assert real_tokens(image, mask) is image
+    assert real_tokens(tokens, None) is tokens
+    assert token_mask({"input_ids": torch.ones(1, 3)}) is None
+    assert token_mask(torch.ones(1, 3)) is None
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(2, 12), st.floats(0.001, 1.0), st.integers(0, 2**16))
+def test_damped_inverse_cholesky_factors_the_damped_inverse(width: int, damp: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * width, width, generator=gen, dtype=torch.float64)
+    x[:, 0] = 0.0  # an input that never fired: no curvature, unit diagonal
+    gram = x.T @ x
+    u = damped_inverse_cholesky(gram, damp)
+    h = gram.clone()
+    h[0, 0] = 1.0
+    h += damp * h.diagonal().mean() * torch.eye(width, dtype=torch.float64)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(h), rtol=1e-6, atol=1e-8)
+
+
+def test_a_hessian_damping_cannot_rescue_is_a_config_error_naming_damp() -> None:
+    indefinite = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    with pytest.raises(ConfigError, match=r"damp=0\.01"):
+        damped_inverse_cholesky(indefinite, 0.01)
+
+
+def test_relative_output_error_from_the_gram_equals_the_direct_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(50, 6, generator=gen), torch.randn(3, 6, generator=gen)
+    w2 = w + 0.1 * torch.randn(3, 6, generator=gen)
+    direct = float((x @ (w - w2).T).square().sum() / (x @ w.T).square().sum())
+    assert relative_output_error(w, w2, x.T @ x) == pytest.approx(direct, rel=1e-5)
+    assert relative_output_error(torch.zeros(3, 6), w2, x.T @ x) == 0.0
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [
+        lambda m, c: ns.quantize.gptq(m, bits=4, group_size=8, sequential=True, calib_data=c),
+        lambda m, c: ns.prune.sparsegpt(m, sparsity=0.5, sequential=True, calib_data=c),
+        lambda m, c: ns.prune.wanda(m, n=2, m=4, sequential=True, calib_data=c),
+    ],
+    ids=["gptq", "sparsegpt", "wanda"],
+)
+def test_padding_a_batch_does_not_change_what_a_method_computes(compress) -> None:
+    model, padded = tiny_bert()  # the second sentence has 4 real tokens, then padding
+    inputs = padded[0][0]
+    one_by_one = [
+        ({k: v[i : i + 1, : int(inputs["attention_mask"][i].sum())] for k, v in inputs.items()},
+         None)
+        for i in range(2)
+    ]  # fmt: skip
+    a, b = compress(model, padded), compress(model, one_by_one)
+    for (name, x), (_, y) in zip(a.named_modules(), b.named_modules(), strict=True):
+        if hasattr(x, "weight") and name.startswith("encoder"):
+            torch.testing.assert_close(x.weight, y.weight, atol=1e-5, rtol=1e-5, msg=name)

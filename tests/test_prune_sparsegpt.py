@@ -62,6 +62,30 @@ def test_solver_hits_the_count_and_only_ever_zeroes_where_asked(
     assert int((out == 0).sum()) == round(sparsity * w.numel())
 
 
+@settings(max_examples=10, deadline=None)
+@given(
+    rows=st.integers(16, 24),
+    cols=st.integers(64, 96),
+    sparsity=st.floats(0.1, 0.6),
+    seed=st.integers(0, 2**16),
+)
+def test_solver_output_error_is_at_most_magnitude_pruning_on_random_data(
+    rows: int, cols: int, sparsity: float, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    x = correlated(4 * cols, cols, seed).double()  # random, with shared factors as real inputs
+    solved = sparsegpt_solve(w, x.T @ x, sparsity)
+    drop = w.abs().flatten().argsort(stable=True)[: round(sparsity * w.numel())]
+    magnitude = w.flatten().clone().index_fill_(0, drop, 0.0).view_as(w)
+    err_sparsegpt = float((x @ (w - solved).T).norm())
+    err_magnitude = float((x @ (w - magnitude).T).norm())
+    # The mask is chosen greedily (OBS saliency at each column block's start, sec. 3.3), not
+    # optimally: on tiny layers it can lose to magnitude's (4 x 16 at 50%: 15 of 200 draws, by up
+    # to a third; 1 x 8 at 50%; 4 x 16 at 87.5%). From 16 x 64 on it won all of 200 draws.
+    assert err_sparsegpt <= err_magnitude, (err_sparsegpt, err_magnitude)
+
+
 def test_zero_sparsity_with_identity_hessian_leaves_weights_unchanged() -> None:
     w = torch.randn(6, 16)
     out = sparsegpt_solve(w, torch.eye(16, dtype=torch.float64), 0.0)

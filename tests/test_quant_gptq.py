@@ -14,9 +14,9 @@ from torch import nn
 import netshrink as ns
 from netshrink.errors import ConfigError, MissingInputError
 from netshrink.layers import tied_modules
-from netshrink.quantize.affine import Granularity, qrange, quantize_weight
-from netshrink.quantize.gptq import gptq_codes
-from netshrink.quantize.packed import PackedLinear
+from netshrink.quantize.affine import Granularity, choose_qparams, qrange, quantize_weight
+from netshrink.quantize.gptq import clipped_qparams, gptq_codes
+from netshrink.quantize.packed import PackedConv2d, PackedLinear
 from netshrink.quantize.packing import unpack
 from test_calibrate import tiny_bert
 from test_layers_models import _conv1d_names, _gpt2
@@ -102,6 +102,45 @@ def test_output_error_is_at_most_round_to_nearest_on_correlated_inputs(
     assert err_gptq <= err_rtn, (err_gptq, err_rtn)
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    rows=st.integers(1, 8),
+    cols=st.integers(2, 40),
+    grid=st.sampled_from([(2, True), (3, True), (4, True), (8, True), (3, False)]),
+    seed=st.integers(0, 2**16),
+)
+def test_clipped_ranges_never_round_worse_than_the_full_range(
+    rows: int, cols: int, grid: tuple[int, bool], seed: int
+) -> None:
+    bits, symmetric = grid
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen) ** 3  # heavy tails: clipping pays off somewhere
+    importance = torch.rand(cols, generator=gen) + 0.1
+    qmin, qmax = qrange(bits, symmetric)
+
+    def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        s, z = scale.unsqueeze(1), zero.unsqueeze(1)
+        q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
+        return ((w - (q - z) * s).square() * importance).sum(1)
+
+    full = error(*choose_qparams(w.amin(1), w.amax(1), bits, symmetric))
+    clipped = error(*clipped_qparams(w, importance, bits, symmetric))
+    assert bool((clipped <= full + 1e-6).all()), (clipped, full)
+
+
+def test_clip_lowers_the_output_error_of_gptq_on_heavy_tailed_weights() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 128, generator=gen) ** 3
+    x = correlated(0)
+    gram = (x.T.double() @ x.double()) / x.shape[0]
+    errors = []
+    for clip in (False, True):
+        codes, scale = gptq_codes(w, gram, 4, 32, clip=clip)
+        w_q = (codes.reshape(48, -1, 32) * scale.reshape(48, -1, 1)).reshape(w.shape)
+        errors.append(float((x @ (w - w_q).T).norm()))
+    assert errors[1] < errors[0], errors
+
+
 def test_act_order_with_groups_gives_a_valid_packed_layer() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
@@ -181,3 +220,20 @@ def test_gpt2_conv1d_is_quantized_as_linear_and_tied_weights_stay_tied() -> None
     assert out.lm_head.weight is out.transformer.wte.weight
     with torch.no_grad():
         torch.testing.assert_close(out(x).logits, model(x).logits, atol=0.1, rtol=0)
+
+
+def test_convolutions_are_solved_on_their_patches_and_grouped_ones_left_float() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+    ).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.warns(UserWarning, match="leaves 2 as they are: grouped"):
+        q = ns.quantize.gptq(model, bits=3, calib_data=[(x, None)])
+    assert isinstance(q[0], PackedConv2d) and isinstance(q[2], nn.Conv2d)
+    rtn = ns.quantize.weight_only(model, bits=4, targets={"include": ["0"]})
+    gptq4 = ns.quantize.gptq(model, bits=4, calib_data=[(x, None)], targets={"include": ["0"]})
+    with torch.no_grad():
+        ref = model[0](x)
+        err_gptq, err_rtn = (float((m[0](x) - ref).norm()) for m in (gptq4, rtn))
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)

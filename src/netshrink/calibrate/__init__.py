@@ -2,10 +2,20 @@
 
 :mod:`~netshrink.calibrate.reducers` are bounded running statistics, :mod:`~.collect` hooks
 them on named modules and streams the batches, :mod:`~.sequential` runs data-aware methods one
-block at a time on the inputs the already compressed blocks produce.
+block at a time on the inputs the already compressed blocks produce, :mod:`~.hessian` is the
+damped inverse-Hessian factor GPTQ and SparseGPT share. Padding tokens (attention mask 0) never
+enter the token statistics.
 """
 
-from netshrink.calibrate.collect import Hooks, Points, collect, first_tensor
+from netshrink.calibrate.collect import (
+    Hooks,
+    Points,
+    collect,
+    first_tensor,
+    real_tokens,
+    token_mask,
+)
+from netshrink.calibrate.hessian import damped_inverse_cholesky, relative_output_error
 from netshrink.calibrate.reducers import (
     Capture,
     Gram,
@@ -40,8 +50,12 @@ __all__ = [
     "Shape",
     "SumSquares",
     "collect",
+    "damped_inverse_cholesky",
     "find_blocks",
     "first_tensor",
     "input_vectors",
+    "real_tokens",
+    "relative_output_error",
     "run_blocks",
+    "token_mask",
 ]

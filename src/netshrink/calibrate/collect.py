@@ -6,6 +6,11 @@ need, one pass collects it). :class:`Hooks` attaches them and always detaches th
 context manager); :func:`collect` runs the model over the batches under them, in eval mode and
 without gradients, with a progress bar. Memory stays bounded: only the reducers' summaries are
 kept, never the activations.
+
+Padding: a text batch given as keyword inputs with an ``attention_mask`` (batch, tokens) pads its
+shorter sequences with tokens the model's output ignores. Reducers whose summary is over token
+vectors (``tokens_only``: the Gram matrices of GPTQ/SparseGPT, Wanda's input norms) see only the
+real tokens: :func:`real_tokens` drops the padded rows of every (batch, tokens, dim) tensor.
 """
 
 from __future__ import annotations
@@ -40,6 +45,26 @@ def first_tensor(value: Any, what: str) -> torch.Tensor:
     return value
 
 
+def token_mask(inputs: Any) -> torch.Tensor | None:
+    """The (batch, tokens) boolean mask of real tokens of a keyword-inputs batch with an
+    ``attention_mask`` of that shape; None for any other batch (every position counts)."""
+    if not isinstance(inputs, Mapping):
+        return None
+    mask = inputs.get("attention_mask")
+    return mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a (batch, tokens, dim) ``x`` at ``mask``'s real tokens, as (real, dim).
+
+    ``x`` is returned unchanged when there is no mask or its leading two sizes are not the
+    mask's (a conv feature map, attention scores): only token vectors are filtered.
+    """
+    if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape:
+        return x
+    return x[mask.to(x.device)]
+
+
 def _listing(names: Sequence[str], most: int = 60) -> str:
     shown = ", ".join(names[:most])
     return shown + (f", ... ({len(names) - most} more)" if len(names) > most else "")
@@ -49,9 +74,12 @@ class Hooks:
     """Forward hooks feeding each point's reducers, removed by :meth:`remove` or on exit.
 
     ``role`` names the model in error messages ("the student has no module named ...").
+    ``tokens`` is the current batch's :func:`token_mask` (None: no padding); the caller sets it
+    before each batch, and ``tokens_only`` reducers then see only the real tokens.
     """
 
     def __init__(self, model: nn.Module, points: Points, role: str = "model") -> None:
+        self.tokens: torch.Tensor | None = None
         modules = dict(model.named_modules())
         for name in points:
             if name not in modules:
@@ -67,13 +95,31 @@ class Hooks:
             if ins:
                 self._handles.append(
                     modules[name].register_forward_pre_hook(
-                        _feed_inputs(ins, where), with_kwargs=True
+                        self._feed_inputs(ins, where), with_kwargs=True
                     )
                 )
             if outs:
                 self._handles.append(
-                    modules[name].register_forward_hook(_feed_outputs(outs, where))
+                    modules[name].register_forward_hook(self._feed_outputs(outs, where))
                 )
+
+    def _fold(self, reducers: list[Reducer], module: nn.Module, x: torch.Tensor) -> None:
+        real = real_tokens(x, self.tokens) if any(r.tokens_only for r in reducers) else x
+        for r in reducers:
+            r.update(module, real if r.tokens_only else x)
+
+    def _feed_inputs(self, reducers: list[Reducer], where: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            self._fold(reducers, module, first_tensor(x, f"{where} input"))
+
+        return hook
+
+    def _feed_outputs(self, reducers: list[Reducer], where: str):
+        def hook(module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
+            self._fold(reducers, module, first_tensor(output, f"{where} output"))
+
+        return hook
 
     def remove(self) -> None:
         """Detach every hook; the model runs as before."""
@@ -86,24 +132,6 @@ class Hooks:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-def _feed_inputs(reducers: list[Reducer], where: str):
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x = first_tensor(args[0] if args else next(iter(kwargs.values()), None), f"{where} input")
-        for r in reducers:
-            r.update(module, x)
-
-    return hook
-
-
-def _feed_outputs(reducers: list[Reducer], where: str):
-    def hook(module: nn.Module, _args: tuple[Any, ...], output: Any) -> None:
-        y = first_tensor(output, f"{where} output")
-        for r in reducers:
-            r.update(module, y)
-
-    return hook
 
 
 @contextmanager
@@ -130,9 +158,11 @@ def collect(
 ) -> None:
     """Run ``model`` (in eval mode) on every batch's inputs, feeding the reducers of ``points``.
 
-    Inputs may be a tensor, a tuple of positional tensors or a dict of keyword tensors. The
-    model's train/eval mode is restored and the hooks removed afterwards, even on error.
+    Inputs may be a tensor, a tuple of positional tensors or a dict of keyword tensors (whose
+    ``attention_mask`` keeps padding out of ``tokens_only`` reducers). The model's train/eval
+    mode is restored and the hooks removed afterwards, even on error.
     """
-    with module_calls(model), Hooks(model, points):
+    with module_calls(model), Hooks(model, points) as hooks:
         for inputs, _ in track(batches, desc, show=show):
+            hooks.tokens = token_mask(inputs)
             run(model, inputs)

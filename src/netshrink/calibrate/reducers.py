@@ -26,7 +26,14 @@ Side = Literal["input", "output"]
 
 
 class Reducer:
-    """Folds the tensors a module takes (``on="input"``) or gives (``"output"``) into a summary."""
+    """Folds the tensors a module takes (``on="input"``) or gives (``"output"``) into a summary.
+
+    ``tokens_only``: the summary is over token vectors, so a text batch's padding positions
+    (attention mask 0) are dropped before :meth:`update` sees the tensor (then ``(tokens, dim)``);
+    see :func:`netshrink.calibrate.real_tokens`.
+    """
+
+    tokens_only = False
 
     def __init__(self, on: Side = "input") -> None:
         self.on = on
@@ -98,7 +105,13 @@ def input_vectors(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Columns(Reducer):
-    """A float64 sum over every input vector the weight multiplies, and the vectors' count."""
+    """A float64 sum over every input vector the weight multiplies, and the vectors' count.
+
+    Padding tokens are left out (``tokens_only``): the model's output never depends on them, and
+    counted they would bias the statistics towards vectors no real input produces.
+    """
+
+    tokens_only = True
 
     def __init__(self) -> None:
         super().__init__("input")

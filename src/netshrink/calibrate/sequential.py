@@ -9,7 +9,9 @@ calibrate in). Steps:
 1. Find the blocks: the repeated children of a ``ModuleList`` (a transformer's layers), or the
    modules the caller names.
 2. Run the model once per calibration batch up to the first block and keep that block's call
-   arguments (positional and keyword: attention masks, position ids), then stop the forward.
+   arguments (positional and keyword: attention masks, position ids), then stop the forward;
+   keep the batch's padding mask too, so padding stays out of the statistics (see
+   :mod:`~netshrink.calibrate.collect`).
 3. For each block: run it on the kept inputs with the compressor's statistic points hooked on
    its layers, let the compressor change the block, run the changed block again and keep its
    outputs as the next block's first positional input (the keyword arguments stay).
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls
+from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls, token_mask
 from netshrink.calibrate.reducers import Reducer
 from netshrink.context import Batch
 from netshrink.errors import TargetError, UnsupportedModuleError
@@ -128,6 +130,8 @@ def find_blocks(model: nn.Module, names: Sequence[str] = ()) -> list[str]:
 class _Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
+    tokens: torch.Tensor | None
+    """The batch's :func:`token_mask`: which positions are real tokens (None: all)."""
 
 
 class _Stop(Exception):
@@ -150,6 +154,7 @@ def _tensor_bytes(values: Iterable[Any]) -> int:
         elif isinstance(v, _Call):
             visit(v.args)
             visit(v.kwargs)
+            visit(v.tokens)
 
     for v in values:
         visit(v)
@@ -159,14 +164,16 @@ def _tensor_bytes(values: Iterable[Any]) -> int:
 def _first_block_calls(model: nn.Module, block: nn.Module, batches: Sequence[Batch]) -> list[_Call]:
     """The arguments ``block`` is called with, once per batch, without running past it."""
     calls: list[_Call] = []
+    tokens: torch.Tensor | None = None
 
     def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append(_Call(args, dict(kwargs)))
+        calls.append(_Call(args, dict(kwargs), tokens))
         raise _Stop
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for inputs, _ in batches:
+            tokens = token_mask(inputs)
             try:
                 run(model, inputs)
             except _Stop:
@@ -187,7 +194,8 @@ def _next_input(call: _Call, output: Any, name: str) -> _Call:
             f"block {name!r} takes its hidden state as a keyword argument; "
             "the sequential engine needs it as the first positional argument"
         )
-    return _Call((first_tensor(output, f"block {name!r}'s output"), *call.args[1:]), call.kwargs)
+    hidden = first_tensor(output, f"block {name!r}'s output")
+    return _Call((hidden, *call.args[1:]), call.kwargs, call.tokens)
 
 
 def run_blocks(
@@ -212,8 +220,9 @@ def run_blocks(
             block = model.get_submodule(name)
             points = compressor.statistics(name, block)
             if points:
-                with Hooks(block, points, role=f"block {name!r}"):
+                with Hooks(block, points, role=f"block {name!r}") as hooks:
                     for call in track(calls, f"calibrate block {i + 1}/{len(names)}", show=show):
+                        hooks.tokens = call.tokens
                         block(*call.args, **call.kwargs)
             compressor.compress(name, block, points)
             held = [r for rs in points.values() for r in rs]

@@ -30,6 +30,7 @@ from torch import nn
 
 from netshrink.batches import materialize
 from netshrink.calibrate import Gram, PerLayer, collect, find_blocks, run_blocks
+from netshrink.calibrate.hessian import damped_inverse_cholesky, relative_output_error
 from netshrink.context import Batch, Context
 from netshrink.layers import layer_types, leave_alone, tied_modules
 from netshrink.prune.sparse_layers import SparseLayer
@@ -84,20 +85,6 @@ class SparseGPTConfig(SparseConfig):
         return DEFAULT_SPARSITY if self.sparsity is None else self.sparsity
 
 
-def _hinv_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, so that U^T U = H^-1.
-
-    Inputs that never fired (zero diagonal) get a unit diagonal: their weights change no output
-    on the calibration data, and the factorisation stays defined (sec. 3.3 dampening).
-    """
-    h = hessian.clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * h.diagonal().mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
-
-
 def _saliency(block: torch.Tensor, d: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     """OBS saliency w^2 / [U]_jj^2 of each weight (sec. 3.3); zero on dead inputs, whose
     weights cost nothing to remove."""
@@ -122,7 +109,7 @@ def sparsegpt_solve(
     """
     rows, cols = weight.shape
     w = weight.double().clone()
-    u = _hinv_chol(hessian.double(), damp)
+    u = damped_inverse_cholesky(hessian, damp)
     dead = hessian.diagonal() == 0
     for start in range(0, cols, blocksize):
         end = min(start + blocksize, cols)
@@ -207,7 +194,13 @@ def prune_seen(
         )
     for name, gram in stats.items():
         if gram.sum is not None and _nm_fits(name, layers[name], config):
+            before = layers[name].weight.detach().flatten(1).clone()
             prune_layer(layers[name], gram.sum, config)
+            if before.shape[1] == gram.sum.shape[0]:  # a grouped conv's Gram spans all groups
+                error = relative_output_error(before, layers[name].weight.flatten(1), gram.sum)
+                log.info(
+                    "prune.sparsegpt: %s relative output error %.2e on calib_data", name, error
+                )
 
 
 def prune_all(

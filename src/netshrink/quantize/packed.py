@@ -98,6 +98,18 @@ class _PackedWeight(CompressedLayer):
             assert self.bias is not None
             self.bias.copy_(bias)
 
+    @torch.no_grad()
+    def set_codes(
+        self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        """Store signed integer ``codes`` chosen elsewhere (GPTQ), ``weight_shape``'s elements in
+        its row-major order, with their ``scale`` (one per output row, or per row and group)."""
+        self.codes.copy_(stored_codes(codes.reshape(self.weight_shape), self.codec))
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        if bias is not None:
+            assert self.bias is not None
+            self.bias.copy_(bias)
+
     @property
     def weight(self) -> torch.Tensor:
         """The float weight the codes stand for (decoded on access)."""
@@ -245,21 +257,16 @@ class PackedLinear(_PackedWeight):
         out_features, in_features = codes.shape
         q = cls(in_features, out_features, codec, group_size, bias is not None,
                 zero_point is not None, input_scale is not None)  # fmt: skip
-        if zero_point is None:
-            q.codes.copy_(stored_codes(codes, codec))
-        else:
+        # Unsigned grid indices 0..15 are stored exactly as signed codes shifted by 8.
+        q.set_codes(codes if zero_point is None else codes.to(torch.int32) - 8, scale, bias)
+        if zero_point is not None:
             assert q.zero_point is not None
-            q.codes.copy_(pack(codes.to(torch.int32), 4))
             zeros = zero_point.reshape(out_features, -1).to(torch.int32)
             even = F.pad(zeros, (0, 2 * q.zero_point.shape[1] - zeros.shape[1]))
             q.zero_point.copy_(pack(even, 4).reshape(q.zero_point.shape))
-        q.scale.copy_(scale.reshape(q.scale.shape))
         if input_scale is not None:
             assert q.input_scale is not None
             q.input_scale.copy_(input_scale)
-        if bias is not None:
-            assert q.bias is not None
-            q.bias.copy_(bias)
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
