@@ -5,6 +5,7 @@ or tokenizer does (and says how to install it when missing).
 """
 
 from netshrink.hf.corpus import heldout_corpus, stdlib_corpus
+from netshrink.hf.depth import drop_layers, layer_stacks
 from netshrink.hf.inputs import data_for, evaluate_for
 from netshrink.hf.losses import LOSSES, loss_for
 from netshrink.hf.metrics import Fidelity, fidelity, metric_for, metric_name, neighbour_agreement
@@ -22,11 +23,13 @@ __all__ = [
     "Task",
     "TaskModel",
     "data_for",
+    "drop_layers",
     "evaluate_for",
     "fidelity",
     "fresh_model",
     "heldout_corpus",
     "infer_task",
+    "layer_stacks",
     "load_model",
     "load_tokenizer",
     "loss_for",
