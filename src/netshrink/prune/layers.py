@@ -16,6 +16,7 @@ replayed by ``ns.load``. A stage's ``finetune:`` then recovers what was lost.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from itertools import islice
 from typing import Literal
@@ -158,7 +159,10 @@ def keep_layers(
 
 
 def _kept_count(path: str, n: int, config: LayersConfig) -> int:
-    drop = config.count if config.count is not None else round(n * (config.ratio or DEFAULT_RATIO))
+    """Layers of the ``n`` in ``path`` left after dropping ``count``, or ``ratio * n`` rounded
+    half up (a quarter of 2 layers drops one)."""
+    ratio = config.ratio or DEFAULT_RATIO
+    drop = config.count if config.count is not None else math.floor(n * ratio + 0.5)
     if drop >= n:
         raise ConfigError(
             f"dropping {drop} of the {n} layers of {path!r} leaves none; keep at least one "
@@ -167,7 +171,7 @@ def _kept_count(path: str, n: int, config: LayersConfig) -> int:
         )
     if drop == 0:
         raise ConfigError(
-            f"ratio={config.ratio} of the {n} layers of {path!r} rounds to 0 dropped; use a "
+            f"ratio={ratio} of the {n} layers of {path!r} rounds to 0 dropped; use a "
             f"ratio >= {0.5 / n:.3g} or count",
             key="ratio",
         )
