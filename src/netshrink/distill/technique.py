@@ -99,7 +99,7 @@ def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
         if teacher is student:  # self-distillation: learn from a frozen copy of oneself
             teacher = copy.deepcopy(model)
         teacher.to(next(student.parameters()).device)
-        hidden = []
+        hidden: list[FeatureMatch] = []
         if config.hidden_weight > 0:
             hidden = depth_matches(teacher, student, config.hidden_loss, config.hidden_weight)
         distiller = Distiller(

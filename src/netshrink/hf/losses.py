@@ -70,7 +70,9 @@ def _masked_lm(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(run(model, masked)[positions], ids[positions])
 
 
-def teacher_loss(name: str, temperature: float = 1.0) -> Callable[[Any, Any, Any], torch.Tensor]:
+def teacher_loss(
+    name: str, temperature: float = 1.0
+) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
     """``compare(out, target, inputs) -> scalar``: the distillation loss ``name`` (``mse``,
     ``cosine`` over the last dimension, or ``kl`` at ``temperature``) between a model's outputs
     and its teacher's on ``inputs``; token outputs ``(batch, tokens, ...)`` of keyword inputs
