@@ -10,8 +10,9 @@ from torch import nn
 import netshrink as ns
 from netshrink.config import TrainConfig
 from netshrink.distill.losses import attention_transfer_loss
-from netshrink.distill.student import block_stacks, kept_indices
+from netshrink.distill.student import block_stacks, kept_count
 from netshrink.errors import ConfigError, TargetError, UnsupportedModuleError
+from netshrink.prune.layers import alternate
 from test_train import one_thread  # noqa: F401  (autouse fixture)
 
 
@@ -171,9 +172,11 @@ def test_embeddings_without_softmax_use_mse_through_a_projection() -> None:
 def test_depth_keeps_every_other_block_with_teacher_weights() -> None:
     teacher = built(Stack)
     assert list(block_stacks(teacher)) == ["blocks"]
-    assert kept_indices(12, 0.5) == [0, 2, 4, 6, 8, 10] and kept_indices(4, 0.1) == [0]
+    assert alternate(12, kept_count(12, 0.5, "s")) == [0, 2, 4, 6, 8, 10]
+    assert kept_count(4, 0.1, "s") == 1 and kept_count(4, 3, "s") == 3
     data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
-    out = ns.distill.kd(teacher, student={"depth": 0.5}, train_data=data, epochs=0, progress=False)
+    student = {"depth": 0.5, "layers": "alternate"}
+    out = ns.distill.kd(teacher, student=student, train_data=data, epochs=0, progress=False)
     assert len(out.blocks) == 2
     for kept, source in zip(out.blocks, (teacher.blocks[0], teacher.blocks[2]), strict=True):
         assert torch.equal(kept[0].weight, source[0].weight)

@@ -3,8 +3,10 @@
 A :class:`FeatureMatch` pairs a student module with a teacher module by qualified name. Their
 outputs are recorded by forward hooks (:class:`Taps`) and compared by a hint loss (FitNets,
 Romero et al. 2015, sec. 2.2: a learned regressor maps the student's narrower feature to the
-teacher's width, here a 1x1 convolution or a linear layer) or by attention transfer
-(Zagoruyko & Komodakis 2017), which needs no adapter.
+teacher's width, here a 1x1 convolution or a linear layer), by the cosine between their feature
+vectors (DistilBERT's hidden-state loss, Sanh et al. 2019, sec. 3: it aligns directions
+whatever the scale of the states), or by attention transfer (Zagoruyko & Komodakis 2017), which
+needs no adapter.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from netshrink.errors import ConfigError
 
 # Attention transfer's maps are unit vectors: their squared differences are tiny, so the paper
 # weighs them by beta / 2 with beta = 1000 (Zagoruyko & Komodakis 2017, eq. 2 and sec. 4.1).
-DEFAULT_WEIGHT = {"hint": 1.0, "attention": 500.0}
+DEFAULT_WEIGHT = {"hint": 1.0, "cosine": 1.0, "attention": 500.0}
 
 
 class FeatureMatch(Options):
@@ -32,11 +34,16 @@ class FeatureMatch(Options):
 
     student: str = Field(..., min_length=1, description="qualified name of the student module")
     teacher: str | None = Field(None, description="teacher module name (default: the student's)")
-    loss: Literal["hint", "attention"] = Field(
-        "hint", description="hint: MSE through an adapter (FitNets); attention: attention maps"
+    loss: Literal["hint", "cosine", "attention"] = Field(
+        "hint",
+        description="hint: MSE through an adapter (FitNets); cosine: 1 - cosine of the feature "
+        "vectors (DistilBERT); attention: attention maps",
     )
     weight: float | None = Field(
-        None, ge=0, le=1e6, description="loss weight (default 1 for hint, 500 for attention)"
+        None,
+        ge=0,
+        le=1e6,
+        description="loss weight (default 1 for hint and cosine, 500 for attention)",
     )
 
     @property
@@ -105,6 +112,9 @@ def feature_loss(
     """The weighted loss of one feature pair."""
     if match.loss == "attention":
         loss = attention_transfer_loss(student, teacher)
+    elif match.loss == "cosine":
+        dim = 1 if teacher.ndim == 4 else -1  # channels, or the last dimension, as adapters
+        loss = (1 - F.cosine_similarity(adapter(student), teacher, dim=dim)).mean()
     else:
         loss = F.mse_loss(adapter(student), teacher)
     return match.loss_weight * loss

@@ -2,9 +2,11 @@
 
 loss = alpha * soft + (1 - alpha) * hard + sum of weighted feature losses, where ``soft`` is
 the temperature-scaled KL divergence to the teacher's softmax (``kl``, Hinton et al. 2015) or,
-for models without a softmax head such as sentence encoders, the MSE between student and
-teacher outputs (``mse``). The teacher runs in eval mode without gradients; its outputs are
-cached per batch, since ``fit`` feeds the same batch objects every epoch.
+for models without a softmax head, the MSE (``mse``) or 1 - cosine (``cosine``, what a
+sentence embedding is judged by) between student and teacher outputs: the task losses of
+:func:`netshrink.hf.losses.teacher_loss`, which compare token outputs at real tokens only. The
+teacher runs in eval mode without gradients; its outputs are cached per batch, since ``fit``
+feeds the same batch objects every epoch.
 """
 
 from __future__ import annotations
@@ -13,17 +15,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from netshrink.batches import as_args, run
 from netshrink.calibrate import first_tensor
 from netshrink.context import Batch
 from netshrink.distill.features import FeatureMatch, Taps, feature_loss, make_adapter
-from netshrink.distill.losses import hard_label_loss, soft_target_loss
+from netshrink.distill.losses import hard_label_loss
 from netshrink.errors import ConfigError
+from netshrink.hf.losses import teacher_loss
 
-OutputLoss = Literal["auto", "kl", "mse"]
+OutputLoss = Literal["auto", "kl", "mse", "cosine"]
 _OUTPUT_KEYS = ("logits", "sentence_embedding", "last_hidden_state")
 
 
@@ -43,6 +45,16 @@ def primary_output(output: Any, who: str) -> torch.Tensor:
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
+
+
+def auto_output_loss(student: nn.Module, outputs: torch.Tensor, targets: Any) -> str:
+    """``cosine`` for a sentence-embedding model (a :class:`~netshrink.hf.TaskModel` of task
+    ``embedding``), ``kl`` for outputs with class labels or for any other task model's logits,
+    else ``mse``."""
+    task = getattr(student, "netshrink_hf", {}).get("task")
+    if task == "embedding":
+        return "cosine"
+    return "kl" if task is not None or _are_labels(outputs, targets) else "mse"
 
 
 def _are_labels(outputs: torch.Tensor, targets: Any) -> bool:
@@ -122,7 +134,7 @@ class Distiller(nn.Module):
         student.train(was_training)
         s_feats = dict(self.student_taps.outputs)
         if self.mode == "auto":
-            self.mode = "kl" if _are_labels(s_out, targets) else "mse"
+            self.mode = auto_output_loss(student, s_out, targets)
         self._check_outputs(s_out, t_out, targets)
         for m in self.features:
             self.adapters.append(make_adapter(m, s_feats[m.student], t_feats[m.teacher_name]))
@@ -135,11 +147,13 @@ class Distiller(nn.Module):
                 f"{shapes}: soft targets need the same shape (same number of classes); "
                 "give a student with the teacher's output size, or output_loss='mse'"
             )
-        if self.mode == "mse":
+        if self.mode in ("mse", "cosine"):
             if s_out.ndim != t_out.ndim or s_out.shape[:-1] != t_out.shape[:-1]:
                 raise ConfigError(f"{shapes}: they differ in more than the last dimension")
             if s_out.shape[-1] != t_out.shape[-1]:  # e.g. a narrower sentence embedding
                 self.output_adapter = nn.Linear(s_out.shape[-1], t_out.shape[-1], bias=False)
+        if targets is None:
+            self.alpha = 1.0  # unlabeled data (text): nothing but the teacher to learn from
         float_match = torch.is_tensor(targets) and targets.is_floating_point()
         if self.alpha < 1 and not (
             _are_labels(s_out, targets) or (float_match and targets.shape == s_out.shape)
@@ -156,11 +170,8 @@ class Distiller(nn.Module):
         inputs, targets = batch
         s_out = primary_output(run(model, inputs), "student")
         t_out, t_feats = self.teacher_outputs(inputs)
-        if self.mode == "kl":
-            soft = soft_target_loss(s_out, t_out, self.temperature)
-        else:
-            soft = F.mse_loss(self.output_adapter(s_out), t_out)
-        loss = self.alpha * soft
+        compare = teacher_loss(self.mode, self.temperature)
+        loss = self.alpha * compare(self.output_adapter(s_out), t_out, inputs)
         if self.alpha < 1:
             loss = loss + (1 - self.alpha) * hard_label_loss(s_out, targets)
         for match, adapter in zip(self.features, self.adapters, strict=True):

@@ -2,7 +2,9 @@
 
 The teacher is ``ctx.teacher`` when given (a recipe passes the model as it was before the
 recipe), else the model handed in. The student is the model handed in, or one derived from it by
-``student: {width, depth}``. Training runs through :func:`netshrink.train.fit` with the
+``student: {width, depth, layers}``; a transformer student with fewer layers also learns its
+teacher's hidden states layer by layer (:func:`~netshrink.distill.student.depth_matches`).
+Training runs through :func:`netshrink.train.fit` with the
 :class:`~netshrink.distill.objective.Distiller` as the loss and its adapters as extra trainable
 parameters, so checkpoints, resume and ``torchrun`` DDP work here as everywhere.
 """
@@ -10,7 +12,7 @@ parameters, so checkpoints, resume and ``torchrun`` DDP work here as everywhere.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -21,7 +23,7 @@ from netshrink.config import TechniqueConfig, TrainConfig
 from netshrink.context import Context
 from netshrink.distill.features import FeatureMatch
 from netshrink.distill.objective import Distiller, OutputLoss
-from netshrink.distill.student import StudentConfig, build_student
+from netshrink.distill.student import StudentConfig, build_student, depth_matches
 from netshrink.metrics import accuracy
 from netshrink.registry import technique
 from netshrink.train import fit
@@ -46,8 +48,18 @@ class KDConfig(TechniqueConfig, TrainConfig):
     features: tuple[FeatureMatch, ...] = Field(
         (), description="layers to match: names, or {student, teacher, loss, weight}"
     )
+    hidden_weight: float = Field(
+        1.0,
+        ge=0,
+        le=1e6,
+        description="weight of each depth-student layer's hidden-state loss (0: off)",
+    )
+    hidden_loss: Literal["cosine", "hint"] = Field(
+        "cosine", description="hidden states: cosine (DistilBERT) or hint, MSE (TinyBERT)"
+    )
     output_loss: OutputLoss = Field(
-        "auto", description="kl on softmax outputs, mse for embeddings; auto picks by targets"
+        "auto",
+        description="kl on softmax outputs, mse or cosine for embeddings; auto: by task/targets",
     )
     cache_teacher: bool = Field(True, description="compute teacher outputs once per batch")
 
@@ -87,13 +99,16 @@ def kd(model: nn.Module, config: KDConfig, ctx: Context) -> nn.Module:
         if teacher is student:  # self-distillation: learn from a frozen copy of oneself
             teacher = copy.deepcopy(model)
         teacher.to(next(student.parameters()).device)
+        hidden: list[FeatureMatch] = []
+        if config.hidden_weight > 0:
+            hidden = depth_matches(teacher, student, config.hidden_loss, config.hidden_weight)
         distiller = Distiller(
             teacher,
             student,
             temperature=config.temperature,
             alpha=config.alpha,
             output_loss=config.output_loss,
-            features=config.features,
+            features=[*config.features, *hidden],
             cache=config.cache_teacher,
         )
     try:

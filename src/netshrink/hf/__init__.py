@@ -6,6 +6,7 @@ or tokenizer does (and says how to install it when missing).
 """
 
 from netshrink.hf.corpus import heldout_corpus, stdlib_corpus
+from netshrink.hf.depth import drop_layers, layer_stacks
 from netshrink.hf.export import HfExport, export_hf
 from netshrink.hf.inputs import data_for, evaluate_for
 from netshrink.hf.losses import LOSSES, loss_for
@@ -25,12 +26,14 @@ __all__ = [
     "Task",
     "TaskModel",
     "data_for",
+    "drop_layers",
     "evaluate_for",
     "export_hf",
     "fidelity",
     "fresh_model",
     "heldout_corpus",
     "infer_task",
+    "layer_stacks",
     "load_model",
     "load_tokenizer",
     "loss_for",

@@ -16,7 +16,8 @@ on batches with labels and ``kl`` on batches without.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,12 +70,31 @@ def _masked_lm(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(run(model, masked)[positions], ids[positions])
 
 
-def _distil(name: str, teacher: nn.Module, temperature: float) -> LossFn:
+def teacher_loss(
+    name: str, temperature: float = 1.0
+) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
+    """``compare(out, target, inputs) -> scalar``: the distillation loss ``name`` (``mse``,
+    ``cosine`` over the last dimension, or ``kl`` at ``temperature``) between a model's outputs
+    and its teacher's on ``inputs``; token outputs ``(batch, tokens, ...)`` of keyword inputs
+    with an ``attention_mask`` are compared at the real tokens only (padding predicts nothing).
+    """
     compare: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = {
         "mse": F.mse_loss,
         "cosine": lambda s, t: (1 - F.cosine_similarity(s, t, dim=-1)).mean(),
         "kl": lambda s, t: soft_target_loss(s, t, temperature),
     }[name]
+
+    def loss(out: torch.Tensor, target: torch.Tensor, inputs: Any) -> torch.Tensor:
+        if out.ndim == 3 and isinstance(inputs, Mapping) and "attention_mask" in inputs:
+            real = inputs["attention_mask"].bool()
+            out, target = out[real], target[real]
+        return compare(out, target)
+
+    return loss
+
+
+def _distil(name: str, teacher: nn.Module, temperature: float) -> LossFn:
+    compare = teacher_loss(name, temperature)
 
     def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
         with torch.no_grad():
@@ -82,11 +102,7 @@ def _distil(name: str, teacher: nn.Module, temperature: float) -> LossFn:
             teacher.eval()
             target = run(teacher, batch[0])
             teacher.train(was_training)
-        out = run(model, batch[0])
-        if out.ndim == 3:  # token logits: padded positions predict nothing
-            real = token_inputs(batch[0])[1].bool()
-            out, target = out[real], target[real]
-        return compare(out, target)
+        return compare(run(model, batch[0]), target, batch[0])
 
     return loss
 
