@@ -4,6 +4,7 @@ built-in corpus, the task's default metric, and artifacts that ``measure``, ``ex
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from typer.testing import CliRunner
 
 import hf_fixtures
 import netshrink as ns
-from netshrink import hf, progress
+from netshrink import hf, progress, refs
 from netshrink.cli import app
 from netshrink.recipe.commands import input_specs, recorded_inputs
 from netshrink.settings import Timing
@@ -187,3 +188,32 @@ def test_recorded_keyword_inputs_come_back_as_a_dict() -> None:
     rebuilt = recorded_inputs({"inputs": specs})
     assert isinstance(rebuilt, dict) and list(rebuilt) == ["x", "gate"]
     assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in example.items()}
+
+
+def test_finetune_on_unlabeled_text_distils_from_the_uncompressed_model(
+    bert: Path, texts: Path, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nstages:\n  - prune.ffn: {ratio: 0.5, finetune: {epochs: 1, lr: 0.0001}}\n"
+    )
+    result = invoke(
+        "compress", str(recipe), "--model", f"hf:{bert}", "--data", f"text:{texts}",
+        "--out", str(tmp_path / "out"), "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output  # cross-entropy would need labels the text lacks
+    assert 0.0 < last_json(result.stdout)["metric_after"] <= 1.0
+
+
+def test_the_run_loss_of_an_hf_model_is_zero_for_the_model_itself(bert: Path) -> None:
+    model = hf.load_model(f"hf:{bert}")
+    loss = refs.loss_from(model)
+    assert loss is not None and refs.loss_from(torch.nn.Linear(2, 2)) is None
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.model.config.vocab_size, (3, 8))
+    batch = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None)
+    assert float(loss(model, batch)) == pytest.approx(0.0, abs=1e-6)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).mul_(0.5)
+    assert float(loss(other, batch)) > 1e-4

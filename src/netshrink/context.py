@@ -19,6 +19,8 @@ Batch = tuple[Any, Any]
 """One ``(inputs, targets)`` batch; ``inputs`` is a tensor or a tuple of positional tensors."""
 
 Evaluate = Callable[[nn.Module, Iterable[Batch]], float]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+"""``loss_fn(model, batch) -> scalar tensor``: what training minimises."""
 """``evaluate(model, batches) -> float``, higher is better."""
 
 _HINTS = {
@@ -42,7 +44,7 @@ class Context:
     val_data: Iterable[Batch] | None = None
     teacher: nn.Module | None = None
     evaluate: Evaluate | None = None
-    loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None
+    loss_fn: LossFn | None = None
     """What fine-tuning minimises (default: cross-entropy against the batch's labels)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0

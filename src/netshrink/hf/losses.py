@@ -24,13 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.context import Batch
+from netshrink.context import Batch, LossFn
 from netshrink.distill.losses import soft_target_loss
 from netshrink.errors import ConfigError, DataError, MissingInputError
 from netshrink.hf.tasks import Task, check_task
 from netshrink.hf.tokens import masked_inputs, next_token_targets, token_inputs
-
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 LOSSES: dict[Task, tuple[str, ...]] = {
     "embedding": ("cosine", "mse"),

@@ -38,7 +38,7 @@ from netshrink.quantize.ptq import (
 )
 from netshrink.registry import technique
 from netshrink.targets import Targets
-from netshrink.train import fit
+from netshrink.train import cross_entropy, fit
 
 QParams = tuple[torch.Tensor, torch.Tensor]
 
@@ -123,7 +123,16 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
         replace_module(model, name, layer)
     quantize_relus(model, qparams, act_bits)
     assert ctx.train_data is not None
-    fit(model, ctx.train_data, config, seed=ctx.seed, progress=ctx.progress, desc="quantize.qat")
+    loss_fn = ctx.loss_fn or cross_entropy  # an hf run distils from the uncompressed model
+    fit(
+        model,
+        ctx.train_data,
+        config,
+        loss_fn=loss_fn,
+        seed=ctx.seed,
+        progress=ctx.progress,
+        desc="quantize.qat",
+    )
     scales = {}
     for name in bits:
         layer = model.get_submodule(name)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 from netshrink import refs
 from netshrink.artifact.validate import check_input_specs
-from netshrink.context import Evaluate
+from netshrink.context import Evaluate, LossFn
 from netshrink.data import DataSplits
 from netshrink.errors import ArtifactError, ModelReferenceError
 from netshrink.outdir import RunOutput, space_needed
@@ -43,6 +43,7 @@ class Resolved:
     data: DataSplits
     evaluate: Evaluate
     inputs: Inputs
+    loss_fn: LossFn | None = None
 
 
 def resolve(inputs: Inputs) -> Resolved:
@@ -67,7 +68,8 @@ def resolve(inputs: Inputs) -> Resolved:
     evaluate = refs.evaluate_from(inputs.eval_ref, inputs.model_ref, model, data)
     splits = {"train": data.train, "val": data.val, "calib": data.calib, "test": data.test}
     check_data(model, splits, data_ref or "(built-in corpus)")
-    return Resolved(model, data, evaluate, dataclasses.replace(inputs, data_ref=data_ref))
+    inputs = dataclasses.replace(inputs, data_ref=data_ref)
+    return Resolved(model, data, evaluate, inputs, refs.loss_from(model))
 
 
 def input_specs(inputs: tuple[Any, ...] | dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,6 +96,7 @@ def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], 
         "train_data": given.data.train,
         "val_data": given.data.val,
         "evaluate": given.evaluate,
+        "loss_fn": given.loss_fn,
         "seed": inputs.seed,
         "progress": progress,
     }

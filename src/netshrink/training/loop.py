@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from netshrink.batches import as_args, materialize, run
 from netshrink.config import TrainConfig
-from netshrink.context import Batch, Context, Evaluate
+from netshrink.context import Batch, Context, Evaluate, LossFn
 from netshrink.errors import ConfigError
 from netshrink.metrics import accuracy
 from netshrink.progress import track
@@ -44,7 +44,6 @@ from netshrink.training.checkpoint import (
 )
 from netshrink.training.optim import make_optimizer, make_schedule
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.safetensors"
 BEST_NAME = "best.safetensors"  # the best epoch's model weights, plain safetensors
 
