@@ -361,6 +361,17 @@ def export(
 def main() -> None:
     """Entry point of the ``netshrink`` console script and ``python -m netshrink``.
 
+    The command runs in a watched child process (:mod:`netshrink.supervisor`), so that user code
+    ending the process (``os._exit``, ``os.abort``, a signal) is still one error line.
+    """
+    from netshrink.supervisor import supervise
+
+    raise SystemExit(supervise(_run_app))
+
+
+def _run_app() -> int:
+    """Run the command line; return its exit code.
+
     A usage error (an unknown verb or option, a value out of its range) is one ``error:`` line
     and exit 2, like every other bad input, instead of click's boxed usage text.
     """
@@ -378,8 +389,8 @@ def main() -> None:
             err().print(f"[red]error:[/red] {escape(exc.format_message())}{hint}", soft_wrap=True)
         elif "Abort" in kinds:
             err().print("[red]failed:[/red] interrupted", soft_wrap=True)
-            raise SystemExit(1) from None
+            return 1
         else:
             raise
         code = 2
-    raise SystemExit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0

@@ -1,0 +1,63 @@
+"""User code that ends the process itself (``os._exit``, a signal) is still one clear error line:
+the command runs in a watched child (:mod:`netshrink.supervisor`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netshrink.supervisor import supervise, user_call
+
+TESTS = Path(__file__).parent
+
+
+def _ends_in_user_call(how: str) -> int:
+    with user_call("--model pkg:build: build()"):
+        if how == "exit":
+            os._exit(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return 0
+
+
+@pytest.mark.parametrize(("how", "said"), [("exit", "exit status 0"), ("kill", "signal SIGTERM")])
+def test_user_call_ending_the_process_is_exit_2_naming_it(
+    how: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert supervise(lambda: _ends_in_user_call(how)) == 2
+    line = capsys.readouterr().err
+    assert line.startswith("error: --model pkg:build: build() ended netshrink's process")
+    assert said in line and line.count("\n") == 1
+
+
+def test_a_kill_outside_user_code_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    def killed() -> int:
+        with user_call("--eval m:f: f(model, batches)"):
+            pass  # returned: no longer in user code
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    assert supervise(killed) == 1
+    assert "signal SIGKILL) (killed from outside, or out of memory)" in capsys.readouterr().err
+
+
+def test_os_exit_in_a_factory_from_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "r.yaml").write_text("version: 1\nstages:\n  - prune.magnitude: {sparsity: 0.5}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
+    args = ["compress", str(tmp_path / "r.yaml"), "--model", "hostile_code:os_exit_model"]
+    args += ["--data", "recipe_fakes:cli_data", "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        [sys.executable, "-m", "netshrink", *args],
+        env=env,
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "os_exit_model() ended netshrink's process (exit status 0)" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
