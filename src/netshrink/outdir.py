@@ -177,6 +177,16 @@ def _first_existing(path: Path) -> Path:
     return path
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Raise :class:`OutputError` unless ``path`` could be created: it lies below folders only,
+    the nearest existing one writable. ``what`` names it (``--onnx model.onnx``)."""
+    ancestor = _first_existing(path.absolute().parent)
+    if not ancestor.is_dir():
+        raise OutputError(f"{what} lies below {str(ancestor)!r}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: no permission to write in {str(ancestor)!r}")
+
+
 def _owned(out: Path) -> set[str]:
     """Entries of the previous run recorded in ``out``'s marker (empty without one).
 
