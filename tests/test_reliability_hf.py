@@ -112,3 +112,16 @@ def test_a_folder_without_tokenizer_files_is_refused(tmp_path: Path, bert_dir: P
             f.unlink()
     with pytest.raises(ModelReferenceError, match="its tokenizer knows no words"):
         load_tokenizer(f"hf:{folder}")
+
+
+def test_a_config_too_large_for_memory_is_refused_before_allocating(
+    tmp_path: Path, bert_dir: Path
+) -> None:
+    from netshrink.hf import fresh_model
+
+    folder = copy_of(bert_dir, tmp_path / "huge")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 10**10}))
+    with pytest.raises(ModelReferenceError, match=r"describes a model of \d+\.\d GiB"):
+        fresh_model(f"hf:{folder}")
+    assert fresh_model(f"hf:{bert_dir}").task == "embedding"

@@ -134,15 +134,41 @@ def _build(ref: str, task: str | None, pretrained: bool) -> TaskModel:
             "weights", ref, cls.from_pretrained, source, config=config, output_loading_info=True
         )
         _check_complete(ref, chosen, info.get("missing_keys", ()))
-    elif cls.__name__.startswith("Auto"):
-        model = cls.from_config(config, trust_remote_code=False)
     else:
-        model = cls(config)
+        _check_fits(ref, cls, config)
+        model = _construct(cls, config)
     if chosen == "embedding" and getattr(config, "is_encoder_decoder", False):
         model = model.get_encoder()  # sentence embeddings come from the encoder alone
     mask_token_id = load_tokenizer(ref).mask_token_id if chosen == "masked-lm" else None
     canonical = f"{PREFIX}{ref.removeprefix(PREFIX)}"
     return TaskModel(model.float(), chosen, canonical, pooling, mask_token_id).eval()
+
+
+def _construct(cls: Any, config: Any) -> nn.Module:
+    """``cls``'s model for ``config`` with freshly initialised weights."""
+    return (
+        cls.from_config(config, trust_remote_code=False)
+        if cls.__name__.startswith("Auto")
+        else cls(config)
+    )
+
+
+def _check_fits(ref: str, cls: Any, config: Any) -> None:
+    """Refuse a config whose model would take more than half this machine's memory, counted on
+    the meta device (nothing allocated): a config.json edited to a vocabulary of 10**10 tokens
+    would otherwise be allocated and initialised before anything failed."""
+    import torch
+
+    from netshrink.artifact.validate import physical_memory
+
+    with torch.device("meta"):
+        probe = _construct(cls, config)
+    size = sum(p.numel() * p.element_size() for p in probe.parameters())
+    if size > physical_memory() // 2:
+        raise ModelReferenceError(
+            f"{ref!r}: its config.json describes a model of {size / 2**30:.1f} GiB, more than "
+            f"half of this machine's {physical_memory() / 2**30:.1f} GiB of memory"
+        )
 
 
 def _check_complete(ref: str, task: str, missing: Any) -> None:
