@@ -25,6 +25,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -43,6 +44,9 @@ REPORT_OVERHEAD = 16 * 2**20
 """Bytes a run writes besides its two artifacts (report, plots), generously rounded up."""
 PROBE_BYTES = 4096
 MAX_MARKER_BYTES = 2**20
+LOCK_GRACE_S = 2.0
+"""How long a run waits for the lock before calling ``--out`` busy: a run just killed with -9
+holds it until the kernel has ended its worker process, which a loaded machine can delay."""
 
 P = TypeVar("P")
 
@@ -221,6 +225,19 @@ def check_target(out: Path) -> None:
             )
 
 
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, trying for up to ``seconds``; whether it was taken."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 class _Lock:
     """An exclusive ``flock`` on ``.OUT.netshrink-lock`` beside ``OUT``; removed on release."""
 
@@ -228,9 +245,7 @@ class _Lock:
         self.path = out.parent / _beside(out, "lock")
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _flock_within(fd, LOCK_GRACE_S):
                 os.close(fd)
                 raise OutputError(
                     f"--out {str(out)!r} is in use by another netshrink run; wait for it to "
