@@ -71,8 +71,9 @@ def _child(run: Callable[[], int], parent: int, write_fd: int) -> None:
     except BaseException:  # a bug: its traceback, as an unsupervised run would print it
         traceback.print_exc()
         code = 1
-    # Python's exit handlers run, but not the C library's: a thread pool's static destructor
-    # would wait forever for threads that a forked child does not have.
+    # Python's exit handlers run (flushing logs, removing temporary folders), but not the C
+    # library's: a thread pool's static destructor would wait forever for threads that a forked
+    # child does not have. atexit offers no public way to run the handlers without exiting.
     with contextlib.suppress(Exception):
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
@@ -80,6 +81,14 @@ def _child(run: Callable[[], int], parent: int, write_fd: int) -> None:
             stream.flush()
     _say(f"exit {code}")
     os._exit(code)
+
+
+def _signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15; the number for a signal without a name (a real-time one)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 class _Watch:
@@ -130,9 +139,9 @@ class _Watch:
         if self.code is not None:
             return self.code, None
         code = os.waitstatus_to_exitcode(status)
-        how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        how = f"exit status {code}" if code >= 0 else f"signal {_signal_name(-code)}"
         if self.forwarded is not None:
-            return 1, f"failed: stopped by {signal.Signals(self.forwarded).name}"
+            return 1, f"failed: stopped by {_signal_name(self.forwarded)}"
         if self.calls:
             return 2, (
                 f"error: {self.calls[-1]} ended netshrink's process ({how}) instead of returning;"
