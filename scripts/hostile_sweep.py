@@ -14,7 +14,9 @@ a previous run's output where ``--out`` is hit) and records the peak RSS of the 
 ``--out`` is either the previous run's, untouched, or a complete new one; the concurrency trials
 start two runs on one ``--out`` at once.
 
-    PYTHONPATH=src:tests python scripts/hostile_sweep.py [--only hf,data] [--kills 10]
+    PYTHONPATH=src:tests python scripts/hostile_sweep.py [--only kill,race,refs,hf] [--kills 10]
+
+(categories: recipes, artifacts, refs, hf, data, out, kill, race; run in the order given)
 
 Prints one line per case, then the counts and the largest peak RSS.
 """
@@ -682,26 +684,24 @@ def main() -> None:
     if args.make_fixtures:
         make_fixtures(args.make_fixtures)
         return
-    chosen = [c for c in args.only.split(",") if c] or list(CATEGORIES)
+    chosen = [c for c in args.only.split(",") if c] or [*CATEGORIES, "kill", "race"]
     base = Path(tempfile.mkdtemp(prefix="netshrink-sweep-"))
+    outcomes: list[Outcome] = []
+    kills: list[str] = []
+    races: list[str] = []
     try:
         fx = Fixtures(base)
-        outcomes: list[Outcome] = []
-        for name in chosen:
-            if name in CATEGORIES:
+        for name in chosen:  # in the order given
+            if name == "kill":
+                kills = kill_trials(fx, base, args.kills, args.seed)
+            elif name == "race":
+                races = concurrency_trials(fx, base, args.races)
+            else:
                 work = base / name
                 work.mkdir()
                 shutil.copy(base / "user_code.py", work)
                 _write(work / "precious.txt", "a user's file")
                 outcomes += run_cases(CATEGORIES[name](fx, work), work)
-        kills = (
-            kill_trials(fx, base, args.kills, args.seed)
-            if "kill" in chosen or not args.only
-            else []
-        )
-        races = (
-            concurrency_trials(fx, base, args.races) if "race" in chosen or not args.only else []
-        )
     finally:
         for path in base.rglob("*"):
             if path.is_dir() and not path.is_symlink():
