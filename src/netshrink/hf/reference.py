@@ -71,7 +71,10 @@ def _check_links(ref: str, folder: Path) -> None:
     (``snapshots/<revision>/x -> ../../blobs/<hash>``) stay inside their repository and pass."""
     root = folder.resolve()
     cache = root.parent.parent if root.parent.name == "snapshots" else root
-    for entry in folder.rglob("*"):
+    tops = list(folder.iterdir())
+    # two levels: the files and the module folders of a sentence-transformers layout
+    inner = [e for top in tops if top.is_dir() and not top.is_symlink() for e in top.iterdir()]
+    for entry in (*tops, *inner):
         if entry.is_symlink() and not entry.resolve().is_relative_to(cache):
             raise ModelReferenceError(
                 f"{ref!r}: {entry} is a link to {entry.resolve()}, outside the model folder; "
