@@ -1,7 +1,10 @@
 """``text:<file>`` data: texts tokenized into keyword-input batches, split by a hash of each text.
 
 A file is one text per line (blank lines skipped), or ``.jsonl`` with a ``text`` field and an
-optional integer ``label`` on every line. Each text goes to train, validation or test by the
+optional integer ``label`` on every line. It is read a line at a time, within caps on the file's
+and each line's size (a file of one endless line is refused without being read whole).
+
+Each text goes to train, validation or test by the
 SHA-256 of ``"<seed>:<text>"``: the split of a text never depends on the file's order or size,
 a duplicated text cannot straddle two splits, and another seed gives another split. Within a
 split texts are ordered by the same hash. ``calib`` is the first ``calib_size`` training texts.
@@ -30,14 +33,14 @@ from netshrink.quote import excerpt
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 """Expected shares of the texts in each split."""
-
-
 MAX_LINE_BYTES = 2**20
 """Longest line read (1 MiB), far beyond any model's positions: a file that is one endless line
 is refused without being read whole."""
 MAX_FILE_BYTES = 256 * 2**20
 """Largest text file read (256 MiB): its texts are held in memory, then tokenized."""
 MAX_LABEL = 2**31 - 1
+"""Largest label read: no classification head has more outputs, and larger integers from JSON
+would overflow the int64 targets tensor."""
 
 
 def _lines(file: Path) -> Iterator[tuple[int, str]]:
