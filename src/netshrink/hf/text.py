@@ -4,10 +4,10 @@ A file is one text per line (blank lines skipped), or ``.jsonl`` with a ``text``
 optional integer ``label`` on every line. It is read a line at a time, within caps on the file's
 and each line's size (a file of one endless line is refused without being read whole).
 
-Each text goes to train, validation or test by the
-SHA-256 of ``"<seed>:<text>"``: the split of a text never depends on the file's order or size,
-a duplicated text cannot straddle two splits, and another seed gives another split. Within a
-split texts are ordered by the same hash. ``calib`` is the first ``calib_size`` training texts.
+Each text goes to train, validation or test by the SHA-256 of ``"<seed>:<text>"``: the split
+of a text never depends on the file's order or size, a duplicated text cannot straddle two
+splits, and another seed gives another split. Within a split texts are ordered by the same hash.
+``calib`` is the first ``calib_size`` training texts.
 
 Batches are ``({"input_ids", "attention_mask"[, "token_type_ids"]}, labels or None)``, padded
 to the longest text of the batch (dynamic padding) and truncated to ``max_length`` tokens (at
