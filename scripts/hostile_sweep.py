@@ -173,8 +173,11 @@ class Fixtures:
         self.recipe = base / "good.yaml"
         self.weights = base / "w.safetensors"
         self.run = base / "done"
-        code, stderr, _ = run(["compress", str(self.recipe), *TINY, "--out", str(self.run)], base)
+        start = time.monotonic()
+        argv = ["compress", str(self.recipe), *TINY, "--out", str(self.run), *FAST]
+        code, stderr, _ = run(argv, base)
         assert code == 0, stderr
+        self.run_s = time.monotonic() - start  # the kill trials draw their moments from it
         self.artifact = self.run / "model"
         self.hf, self.hf_cls, self.st = base / "bert", base / "bert-cls", base / "st"
 
@@ -620,7 +623,8 @@ def kill_trials(fx: Fixtures, base: Path, trials: int, seed: int) -> list[str]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(1.0, 14.0))
+        moment = rng.uniform(0.5, 1.1 * fx.run_s)  # from start-up to past the swap
+        time.sleep(moment)
         child.send_signal(signal.SIGKILL)
         child.wait()
         time.sleep(0.2)
@@ -628,7 +632,7 @@ def kill_trials(fx: Fixtures, base: Path, trials: int, seed: int) -> list[str]:
         verdict = "as-it-was" if same else ("complete" if _complete(out) else "BROKEN")
         code, stderr, _ = run(argv, base)  # the next run must work
         verdict += "" if code == 0 else f" then rerun failed: {stderr.strip()[-200:]}"
-        print(f"kill trial {trial}: {verdict}")
+        print(f"kill trial {trial} at {moment:.1f} s of {fx.run_s:.1f} s: {verdict}")
         verdicts.append(verdict)
     return verdicts
 
