@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netshrink.supervisor import supervise, user_call
+from netshrink.supervisor import remove_if_killed, supervise, user_call
 
 TESTS = Path(__file__).parent
 
@@ -46,6 +46,21 @@ def test_a_kill_outside_user_code_is_exit_1(capsys: pytest.CaptureFixture[str]) 
     assert "signal SIGKILL) (killed from outside, or out of memory)" in capsys.readouterr().err
 
 
+def test_the_staging_folder_of_a_child_ended_abruptly_is_removed(tmp_path: Path) -> None:
+    staging = tmp_path / ".out.netshrink-staging-1 two  spaces"
+    kept = tmp_path / "kept"
+
+    def staged_then_killed() -> int:
+        for folder in (staging, kept):
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"half")
+        remove_if_killed(staging)
+        os._exit(0)
+
+    assert supervise(staged_then_killed) == 1
+    assert not staging.exists() and (kept / "model.safetensors").read_bytes() == b"half"
+
+
 def test_os_exit_in_a_factory_from_the_command_line(tmp_path: Path) -> None:
     (tmp_path / "r.yaml").write_text("version: 1\nstages:\n  - prune.magnitude: {sparsity: 0.5}\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
@@ -62,3 +77,19 @@ def test_os_exit_in_a_factory_from_the_command_line(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "os_exit_model() ended netshrink's process (exit status 0)" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_interrupt_is_one_failed_line_and_exit_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from netshrink import progress
+    from netshrink.cli import _run_app
+
+    (tmp_path / "r.yaml").write_text("version: 1\nstages:\n  - prune.magnitude: {sparsity: 0.5}\n")
+    args = ["compress", str(tmp_path / "r.yaml"), "--model", "hostile_code:interrupted_model"]
+    args += ["--data", "recipe_fakes:cli_data", "--out", str(tmp_path / "out"), "--quiet"]
+    monkeypatch.setattr(sys, "argv", ["netshrink", *args])
+    assert _run_app() == 1
+    progress.set_enabled(True)
+    assert "failed: interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]

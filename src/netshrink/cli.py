@@ -57,6 +57,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="end stdout with one JSON 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, headline only")]
 MAX_SEED = 2**32 - 1
 """Largest seed: numpy's generators take seeds below 2**32."""
+INTERRUPTED = 130
+"""The exit code typer gives a command interrupted by Ctrl-C (128 + SIGINT)."""
 MAX_THREADS = (os.cpu_count() or 1) * 4
 """Most intra-op threads accepted: more only oversubscribes the cores (and can exhaust memory)."""
 SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of every random choice")]
@@ -373,10 +375,14 @@ def _run_app() -> int:
     """Run the command line; return its exit code.
 
     A usage error (an unknown verb or option, a value out of its range) is one ``error:`` line
-    and exit 2, like every other bad input, instead of click's boxed usage text.
+    and exit 2, like every other bad input, instead of click's boxed usage text. An interrupt
+    (Ctrl-C; typer turns it into exit code 130) is one ``failed: interrupted`` line and exit 1.
     """
     try:
         code = app(standalone_mode=False)
+        if code == INTERRUPTED:
+            err().print("[red]failed:[/red] interrupted", soft_wrap=True)
+            return 1
     except Exception as exc:
         # typer raises click's exception types, from click or from the copy it vendors: match
         # them by class name rather than by one module's classes

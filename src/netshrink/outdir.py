@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from netshrink.errors import InputError
 from netshrink.quote import excerpt
+from netshrink.supervisor import remove_if_killed
 
 if TYPE_CHECKING:
     from torch import nn
@@ -298,6 +299,7 @@ class RunOutput:
             _clean_stale(out)
             check_target(out)  # what a killed run's recovery put back must be ours too
             self.staging = make_dir_beside(out, "staging")
+            remove_if_killed(self.staging)
             write_atomic(self.staging / ".probe", b"\0" * PROBE_BYTES)
             (self.staging / ".probe").unlink()
         except OSError as exc:

@@ -7,7 +7,8 @@ an extension. :func:`supervise` therefore forks: the child runs the command whil
 process waits for it. Through a pipe the child says which user call it enters and leaves
 (:func:`user_call`) and, as its last act, its exit code. A child that ends without saying its
 exit code did not finish: the parent prints one line naming the user call it was in (exit 2,
-the user's code is at fault) or how the process ended (exit 1).
+the user's code is at fault) or how the process ended (exit 1), and removes the temporary
+folders the child named (:func:`remove_if_killed`: the staging folder beside ``--out``).
 
 A fork costs no second import of torch and changes nothing in the child's own state (no function
 is replaced while user code runs). The child dies with its parent (``PR_SET_PDEATHSIG``), so a
@@ -23,10 +24,12 @@ import contextlib
 import ctypes
 import os
 import select
+import shutil
 import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)
@@ -49,6 +52,12 @@ def user_call(description: str) -> Iterator[None]:
         yield
     finally:
         _say("back")
+
+
+def remove_if_killed(folder: Path) -> None:
+    """Have the watching parent (if any) remove the temporary ``folder`` should this process end
+    abruptly (a staging folder no ``finally`` block will ever clean up)."""
+    _say(f"own {os.fsencode(folder).hex()}")
 
 
 def _die_with_parent(parent: int) -> None:
@@ -100,6 +109,7 @@ class _Watch:
         self.calls: list[str] = []
         self.code: int | None = None
         self.forwarded: int | None = None
+        self.owned: list[Path] = []
         self._partial = b""
 
     def forward(self, signum: int, _frame: object) -> None:
@@ -117,6 +127,9 @@ class _Watch:
                 self.calls.pop()
             elif kind == "exit" and rest.lstrip("-").isdigit():
                 self.code = int(rest)
+            elif kind == "own":
+                with contextlib.suppress(ValueError):
+                    self.owned.append(Path(os.fsdecode(bytes.fromhex(rest))))
 
     def wait(self, read_fd: int) -> int:
         """Read the pipe until the child is gone; return its wait status."""
@@ -177,4 +190,6 @@ def supervise(run: Callable[[], int]) -> int:
     code, line = watch.verdict(status)
     if line is not None:
         print(line, file=sys.stderr)
+        for folder in watch.owned:
+            shutil.rmtree(folder, ignore_errors=True)
     return code
