@@ -3,6 +3,7 @@ the command runs in a watched child (:mod:`netshrink.supervisor`)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -20,12 +21,17 @@ def _ends_in_user_call(how: str) -> int:
     with user_call("--model pkg:build: build()"):
         if how == "exit":
             os._exit(0)
+        if how == "c-exit":  # the C library's exit(): its handlers must not hang the child
+            ctypes.CDLL(None).exit(0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the test runner's handler is inherited
         os.kill(os.getpid(), signal.SIGTERM)
     return 0
 
 
-@pytest.mark.parametrize(("how", "said"), [("exit", "exit status 0"), ("kill", "signal SIGTERM")])
+@pytest.mark.parametrize(
+    ("how", "said"),
+    [("exit", "exit status 0"), ("c-exit", "exit status 1"), ("kill", "signal SIGTERM")],
+)
 def test_user_call_ending_the_process_is_exit_2_naming_it(
     how: str, said: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -30,6 +30,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGHUP)
@@ -68,10 +69,31 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+_C_EXIT_HOOK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_c_exit_hook: Any = None
+"""The C callback of :func:`_end_c_exit_at_once`, kept alive for as long as the process."""
+
+
+def _end_c_exit_at_once() -> None:
+    """Make the C library's ``exit()`` end this forked child at once.
+
+    ``exit()`` called by user code (through ctypes or an extension) runs the C exit handlers, and
+    the static destructor of a thread pool inherited from the parent waits forever for threads a
+    forked child does not have. Exit handlers run last-registered first, so this one runs before
+    those and ends the process (status 1; the parent reports it). Where the C library offers no
+    ``__cxa_atexit``, nothing is registered.
+    """
+    global _c_exit_hook
+    _c_exit_hook = _C_EXIT_HOOK(lambda _arg: os._exit(1))
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).__cxa_atexit(_c_exit_hook, None, None)
+
+
 def _child(run: Callable[[], int], parent: int, write_fd: int) -> None:
     """Run the command, say its exit code, and exit with it (never returns)."""
     global _report_fd
     _die_with_parent(parent)
+    _end_c_exit_at_once()
     _report_fd = write_fd
     try:
         code = run()
