@@ -41,7 +41,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-LIMIT_S = 300
+LIMIT_S = 120
+OWN = ".netshrink-"
+"""Part of the names of netshrink's lock and staging entries beside an output folder."""
 GOOD_RECIPE = "version: 1\nstages:\n  - prune.magnitude: {sparsity: 0.5}\n"
 TINY = ["--model", "recipe_fakes:untrained_model", "--data", "recipe_fakes:cli_data"]
 FAST = ["--runs", "20", "--threads", "1", "--quiet"]
@@ -105,6 +107,7 @@ class Outcome:
     code: int
     rss_mb: float
     line: str
+    leftovers: list[str]
 
 
 def run(argv: list[str], cwd: Path, timeout: float = LIMIT_S) -> tuple[int, str, float]:
@@ -149,6 +152,8 @@ def tree_digest(folder: Path) -> str:
     peak RSS starts from its parent's)."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
+        if OWN in str(path.relative_to(folder)):
+            continue  # netshrink's lock and staging folders: counted apart, as leftovers
         digest.update(str(path.relative_to(folder)).encode())
         if path.is_file() and not path.is_symlink():
             info = path.stat()
@@ -590,11 +595,20 @@ def run_cases(cases: list[Case], work: Path) -> list[Outcome]:
         if tree_digest(work) != digest and not case.ok:
             verdict = "lost-files" if verdict == "clear" else verdict
         lines = [s for s in stderr.splitlines() if s.strip()]
-        outcome = Outcome(case, verdict, code, rss, (lines[-1] if lines else "")[:150])
-        print(f"{verdict:10} {code:4} {rss:7.0f}MB {case.category}/{case.name}: {outcome.line}")
+        left = sorted(p.name for p in work.iterdir() if OWN in p.name)
+        outcome = Outcome(case, verdict, code, rss, (lines[-1] if lines else "")[:150], left)
+        shown = f" [left: {', '.join(left)}]" if left else ""
+        print(
+            f"{verdict:10} {code:4} {rss:7.0f}MB {case.category}/{case.name}: {outcome.line}{shown}"
+        )
         sys.stdout.flush()
         outcomes.append(outcome)
         shutil.rmtree(work / "o", ignore_errors=True)
+        for name in left:  # so that the next case starts clean
+            if (work / name).is_dir():
+                shutil.rmtree(work / name)
+            else:
+                (work / name).unlink()
     return outcomes
 
 
@@ -717,6 +731,8 @@ def main() -> None:
     peak = max((o.rss_mb for o in outcomes), default=0.0)
     print(f"\n{len(outcomes)} cases: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"peak RSS while rejecting: {peak:.0f} MiB")
+    left = [o for o in outcomes if o.leftovers]
+    print(f"cases leaving netshrink's lock or staging entries beside --out: {len(left)}")
     if kills:
         good = sum(not v.startswith("BROKEN") and "rerun failed" not in v for v in kills)
         print(f"kill -9 trials: {good} of {len(kills)} left --out as it was or complete")
