@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 LIMIT_S = 120
+ROOT_USER = os.geteuid() == 0
+"""root writes into read-only folders: there, those cases must succeed."""
 OWN = ".netshrink-"
 """Part of the names of netshrink's lock and staging entries beside an output folder."""
 GOOD_RECIPE = "version: 1\nstages:\n  - prune.magnitude: {sparsity: 0.5}\n"
@@ -348,7 +350,7 @@ def _artifacts(fx: Fixtures, d: Path) -> list[Case]:
         ("openvino-read-only", "--openvino", ro / "ir"),
     ]:
         argv = ["export", str(fx.artifact), flag, str(target), *TINY[:2]]
-        cases.append(Case("artifacts", name, argv))
+        cases.append(Case("artifacts", name, argv, ok=name.endswith("read-only") and ROOT_USER))
     cases.append(Case("artifacts", "export-nothing", ["export", str(fx.artifact)]))
     return cases
 
@@ -582,7 +584,7 @@ def _outdirs(fx: Fixtures, d: Path) -> list[Case]:
     cases = []
     for name, target in targets.items():
         argv = ["compress", str(fx.recipe), *TINY, "--out", str(target), *FAST]
-        cases.append(Case("out", name, argv))
+        cases.append(Case("out", name, argv, ok=name == "read-only" and ROOT_USER))
     return cases
 
 
