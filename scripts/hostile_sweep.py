@@ -306,7 +306,7 @@ def _artifacts(fx: Fixtures, d: Path) -> list[Case]:
         "shapes": lambda a: _manifest_edit(a, _grow_shapes),
         "inputs-huge": lambda a: _manifest_edit(
             a,
-            lambda m: m["extra"]["netshrink_run"].update(
+            lambda m: m["extra"]["provenance"].update(
                 inputs=[{"shape": [10**5, 10**5, 10**5], "dtype": "float32"}]
             ),
         ),
