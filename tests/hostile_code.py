@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import torch
@@ -64,3 +66,38 @@ def raising_metric(model: nn.Module, batches) -> float:
 
 def exiting_metric(model: nn.Module, batches) -> float:
     raise SystemExit("bye")
+
+
+def os_exit_model() -> nn.Module:
+    os._exit(0)
+
+
+def aborting_model() -> nn.Module:
+    os.abort()
+
+
+def sigterm_model() -> nn.Module:
+    os.kill(os.getpid(), signal.SIGTERM)
+    return nn.Linear(4, 2)
+
+
+def sigkill_data() -> dict:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def os_exit_metric(model: nn.Module, batches) -> float:
+    os._exit(0)
+
+
+def endless_data() -> dict:
+    def batches():
+        x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+        while True:
+            yield (x, y)
+
+    return data_with(calib=batches())
+
+
+def interrupted_model() -> nn.Module:
+    raise KeyboardInterrupt

@@ -242,3 +242,20 @@ def test_a_hostile_marker_makes_the_folder_foreign_without_hanging(
         marker.write_text("{" if kind == "not json" else '["report.json"]')
     with pytest.raises(OutputError, match="did not write"):
         RunOutput(tmp_path / "out")
+
+
+def test_export_destinations_are_checked_before_the_artifact_is_read(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    cases = [
+        ["--onnx", str(tmp_path)],
+        ["--onnx", str(blocker / "m.onnx")],
+        ["--openvino", str(blocker)],
+        ["--openvino", str(blocker / "ir")],
+    ]
+    said = ["is a folder", "which is a file", "is a file; give the folder", "which is a file"]
+    for args, fragment in zip(cases, said, strict=True):
+        result = runner.invoke(app, ["export", str(tmp_path / "no-artifact"), *args])
+        assert result.exit_code == 2, result.output
+        assert fragment in " ".join(result.stderr.split())
+    assert blocker.read_text() == "mine" and beside(tmp_path) == ["a-file"]

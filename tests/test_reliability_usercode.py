@@ -35,6 +35,7 @@ CASES = [
     ([*TINY, "--data", "hostile_code:strings_as_inputs"], "inputs hold a str"),
     ([*TINY, "--data", "hostile_code:nan_inputs"], "contain NaN or Inf"),
     ([*TINY, "--data", "hostile_code:failing_generator"], "raised OSError: disk read failed"),
+    ([*TINY, "--data", "hostile_code:endless_data"], "yields more than 100000 batches"),
     ([*TINY, *DATA, "--eval", "hostile_code:raising_metric"], "RuntimeError: metric server down"),
     ([*TINY, *DATA, "--eval", "hostile_code:exiting_metric"], "raised SystemExit: bye"),
     ([*TINY, *DATA, "--seed", str(2**70)], f"less than or equal to {MAX_SEED}"),

@@ -57,6 +57,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="end stdout with one JSON 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, headline only")]
 MAX_SEED = 2**32 - 1
 """Largest seed: numpy's generators take seeds below 2**32."""
+INTERRUPTED = 130
+"""The exit code typer gives a command interrupted by Ctrl-C (128 + SIGINT)."""
 MAX_THREADS = (os.cpu_count() or 1) * 4
 """Most intra-op threads accepted: more only oversubscribes the cores (and can exhaust memory)."""
 SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of every random choice")]
@@ -366,11 +368,26 @@ def export(
 def main() -> None:
     """Entry point of the ``netshrink`` console script and ``python -m netshrink``.
 
+    The command runs in a watched child process (:mod:`netshrink.supervisor`), so that user code
+    ending the process (``os._exit``, ``os.abort``, a signal) is still one error line.
+    """
+    from netshrink.supervisor import supervise
+
+    raise SystemExit(supervise(_run_app))
+
+
+def _run_app() -> int:
+    """Run the command line; return its exit code.
+
     A usage error (an unknown verb or option, a value out of its range) is one ``error:`` line
-    and exit 2, like every other bad input, instead of click's boxed usage text.
+    and exit 2, like every other bad input, instead of click's boxed usage text. An interrupt
+    (Ctrl-C; typer turns it into exit code 130) is one ``failed: interrupted`` line and exit 1.
     """
     try:
         code = app(standalone_mode=False)
+        if code == INTERRUPTED:
+            err().print("[red]failed:[/red] interrupted", soft_wrap=True)
+            return 1
     except Exception as exc:
         # typer raises click's exception types, from click or from the copy it vendors: match
         # them by class name rather than by one module's classes
@@ -383,8 +400,8 @@ def main() -> None:
             err().print(f"[red]error:[/red] {escape(exc.format_message())}{hint}", soft_wrap=True)
         elif "Abort" in kinds:
             err().print("[red]failed:[/red] interrupted", soft_wrap=True)
-            raise SystemExit(1) from None
+            return 1
         else:
             raise
         code = 2
-    raise SystemExit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0

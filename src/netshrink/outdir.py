@@ -25,12 +25,14 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from netshrink.errors import InputError
 from netshrink.quote import excerpt
+from netshrink.supervisor import remove_if_killed
 
 if TYPE_CHECKING:
     from torch import nn
@@ -43,6 +45,9 @@ REPORT_OVERHEAD = 16 * 2**20
 """Bytes a run writes besides its two artifacts (report, plots), generously rounded up."""
 PROBE_BYTES = 4096
 MAX_MARKER_BYTES = 2**20
+LOCK_GRACE_S = 2.0
+"""How long a run waits for the lock before calling ``--out`` busy: a run just killed with -9
+holds it until the kernel has ended its worker process, which a loaded machine can delay."""
 
 P = TypeVar("P")
 
@@ -177,6 +182,16 @@ def _first_existing(path: Path) -> Path:
     return path
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Raise :class:`OutputError` unless ``path`` could be created: it lies below folders only,
+    the nearest existing one writable. ``what`` names it (``--onnx model.onnx``)."""
+    ancestor = _first_existing(path.absolute().parent)
+    if not ancestor.is_dir():
+        raise OutputError(f"{what} lies below {str(ancestor)!r}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{what}: no permission to write in {str(ancestor)!r}")
+
+
 def _owned(out: Path) -> set[str]:
     """Entries of the previous run recorded in ``out``'s marker (empty without one).
 
@@ -211,6 +226,19 @@ def check_target(out: Path) -> None:
             )
 
 
+def _flock_within(fd: int, seconds: float) -> bool:
+    """Take an exclusive ``flock`` on ``fd``, trying for up to ``seconds``; whether it was taken."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 class _Lock:
     """An exclusive ``flock`` on ``.OUT.netshrink-lock`` beside ``OUT``; removed on release."""
 
@@ -218,9 +246,7 @@ class _Lock:
         self.path = out.parent / _beside(out, "lock")
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _flock_within(fd, LOCK_GRACE_S):
                 os.close(fd)
                 raise OutputError(
                     f"--out {str(out)!r} is in use by another netshrink run; wait for it to "
@@ -273,6 +299,7 @@ class RunOutput:
             _clean_stale(out)
             check_target(out)  # what a killed run's recovery put back must be ours too
             self.staging = make_dir_beside(out, "staging")
+            remove_if_killed(self.staging)
             write_atomic(self.staging / ".probe", b"\0" * PROBE_BYTES)
             (self.staging / ".probe").unlink()
         except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -30,6 +31,8 @@ ZOO = "zoo:"
 HF = "hf:"
 TEXT = "text:"
 DATA_SPLITS = ("train", "val", "calib")
+MAX_BATCHES = 100_000
+"""Most batches a split may hold: an endless generator is refused instead of filling memory."""
 
 
 def zoo_name(ref: object) -> str | None:
@@ -150,12 +153,22 @@ def model_from(
     return model.eval()
 
 
+def _first(batches: Any, count: int) -> list[Any]:
+    """The first ``count`` items of the iterable ``batches``."""
+    return list(itertools.islice(batches, count))
+
+
 def _split(data: Any, key: str, ref: str) -> list[Batch] | None:
     value = data.get(key) if isinstance(data, Mapping) else getattr(data, key, None)
     if value is None:
         return None
     what = f"--data {ref} split '{key}'"
-    batches = guarded(f"--data {ref}", f"iterating split '{key}'", list, value)
+    batches = guarded(f"--data {ref}", f"iterating split '{key}'", _first, value, MAX_BATCHES + 1)
+    if len(batches) > MAX_BATCHES:
+        raise DataError(
+            f"{what} yields more than {MAX_BATCHES} batches (an endless generator?); give a "
+            "finite list of batches"
+        )
     for i, batch in enumerate(batches):
         check_batch(batch, f"{what} batch {i}")
     return materialize(batches, what)

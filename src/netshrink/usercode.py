@@ -24,6 +24,7 @@ from torch import nn
 
 from netshrink.errors import DataError, InputError, ModelReferenceError, NetshrinkError
 from netshrink.quote import excerpt
+from netshrink.supervisor import user_call
 
 T = TypeVar("T")
 
@@ -35,12 +36,16 @@ class UserCodeError(InputError):
 def guarded(what: str, call: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Return ``fn(*args, **kwargs)``; turn anything it raises into :class:`UserCodeError`.
 
+    The call is announced to the supervising parent (:func:`netshrink.supervisor.user_call`), so
+    that a call ending the whole process (``os._exit``) is still reported by name.
+
     ``what`` names the reference (``--data mypkg.data:loaders``), ``call`` the call made
     (``loaders()``). netshrink's own errors raised inside (a metric calling netshrink) pass
     unchanged; ``KeyboardInterrupt`` stays an interrupt.
     """
     try:
-        return fn(*args, **kwargs)
+        with user_call(f"{what}: {call}"):
+            return fn(*args, **kwargs)
     except NetshrinkError:
         raise
     except (Exception, SystemExit) as exc:

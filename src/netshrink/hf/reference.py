@@ -8,6 +8,7 @@ what ``ns.load`` rebuilds an artifact into. Only transformers' own classes are b
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +19,7 @@ from netshrink.errors import ModelReferenceError
 from netshrink.hf.model import TaskModel
 from netshrink.hf.pooling import pooling_of
 from netshrink.hf.tasks import Task, check_task, infer_task, task_of_architecture
+from netshrink.quote import excerpt
 
 PREFIX = "hf:"
 _AUTO_CLASSES: dict[Task, str] = {
@@ -51,6 +53,7 @@ def _source(ref: str) -> tuple[str, Path | None]:
             raise ModelReferenceError(
                 f"{ref!r}: {path} has no config.json; give a folder written by save_pretrained"
             )
+        _check_links(ref, path)
         return str(path), path
     # A hub id is "name" or "org/name"; anything else that does not exist is a missing folder.
     looks_local = path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
@@ -62,13 +65,34 @@ def _source(ref: str) -> tuple[str, Path | None]:
     return source, None
 
 
+def _check_links(ref: str, folder: Path) -> None:
+    """Refuse a file of ``folder`` that is a link to a place outside it: a model folder is read
+    as one unit, and a link could make it read any file. The links of a hub cache snapshot
+    (``snapshots/<revision>/x -> ../../blobs/<hash>``) stay inside their repository and pass."""
+    root = folder.resolve()
+    cache = root.parent.parent if root.parent.name == "snapshots" else root
+    tops = list(folder.iterdir())
+    # two levels: the files and the module folders of a sentence-transformers layout
+    inner = [e for top in tops if top.is_dir() and not top.is_symlink() for e in top.iterdir()]
+    for entry in (*tops, *inner):
+        if entry.is_symlink() and not entry.resolve().is_relative_to(cache):
+            raise ModelReferenceError(
+                f"{ref!r}: {entry} is a link to {entry.resolve()}, outside the model folder; "
+                "copy the file into the folder instead"
+            )
+
+
 def _pretrained(what: str, ref: str, call: Any, source: str, **kwargs: Any) -> Any:
-    """Run a transformers loader on ``source``; its failures become :class:`ModelReferenceError`."""
+    """Run a transformers loader on ``source``; its failures (files missing, unreadable, or
+    weights whose shapes do not fit the config) become :class:`ModelReferenceError`."""
+    from safetensors import SafetensorError
+
     try:
         return call(source, trust_remote_code=False, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         where = "" if Path(source).is_dir() else f" ({source!r} is no local folder: tried the hub)"
-        raise ModelReferenceError(f"{ref!r}: cannot load its {what}{where}: {exc}") from None
+        said = excerpt(" ".join(str(exc).split()), 300).strip("'\"")
+        raise ModelReferenceError(f"{ref!r}: cannot load its {what}{where}: {said}") from None
 
 
 def load_tokenizer(ref: str) -> Any:
@@ -77,6 +101,13 @@ def load_tokenizer(ref: str) -> Any:
     transformers = transformers_module()
     source, _ = _source(ref)
     tokenizer = _pretrained("tokenizer", ref, transformers.AutoTokenizer.from_pretrained, source)
+    if len(tokenizer) <= len(tokenizer.all_special_ids):
+        # transformers builds a tokenizer of special tokens alone when the files are missing:
+        # every word would become the unknown token
+        raise ModelReferenceError(
+            f"{ref!r}: its tokenizer knows no words, only its {len(tokenizer)} special tokens; "
+            "save the tokenizer into the folder (tokenizer.save_pretrained)"
+        )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -103,16 +134,63 @@ def _build(ref: str, task: str | None, pretrained: bool) -> TaskModel:
     pooling = pooling_of(folder) if chosen == "embedding" else None
     cls = _model_class(transformers, config.architectures, chosen)
     if pretrained:
-        model = _pretrained("weights", ref, cls.from_pretrained, source, config=config)
-    elif cls.__name__.startswith("Auto"):
-        model = cls.from_config(config, trust_remote_code=False)
+        model, info = _pretrained(
+            "weights", ref, cls.from_pretrained, source, config=config, output_loading_info=True
+        )
+        _check_complete(ref, chosen, info.get("missing_keys", ()))
     else:
-        model = cls(config)
+        _check_fits(ref, cls, config)
+        model = _construct(cls, config)
     if chosen == "embedding" and getattr(config, "is_encoder_decoder", False):
         model = model.get_encoder()  # sentence embeddings come from the encoder alone
     mask_token_id = load_tokenizer(ref).mask_token_id if chosen == "masked-lm" else None
     canonical = f"{PREFIX}{ref.removeprefix(PREFIX)}"
     return TaskModel(model.float(), chosen, canonical, pooling, mask_token_id).eval()
+
+
+def _construct(cls: Any, config: Any) -> nn.Module:
+    """``cls``'s model for ``config`` with freshly initialised weights."""
+    return (
+        cls.from_config(config, trust_remote_code=False)
+        if cls.__name__.startswith("Auto")
+        else cls(config)
+    )
+
+
+def _check_fits(ref: str, cls: Any, config: Any) -> None:
+    """Refuse a config whose model would take more than half this machine's memory, counted on
+    the meta device (nothing allocated): a config.json edited to a vocabulary of 10**10 tokens
+    would otherwise be allocated and initialised before anything failed."""
+    import torch
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return  # the system does not say: nothing to compare with
+    with torch.device("meta"):
+        probe = _construct(cls, config)
+    size = sum(p.numel() * p.element_size() for p in probe.parameters())
+    if size > memory // 2:
+        raise ModelReferenceError(
+            f"{ref!r}: its config.json describes a model of {size / 2**30:.1f} GiB, more than "
+            f"half of this machine's {memory / 2**30:.1f} GiB of memory"
+        )
+
+
+def _check_complete(ref: str, task: str, missing: Any) -> None:
+    """Refuse a model some of whose weights the folder lacks: transformers would initialise them
+    at random (a classification head on a base model), and the compressed model of a random
+    head measures nothing."""
+    missing = sorted(missing)
+    if missing:
+        shown = ", ".join(missing[:3]) + (
+            f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        )
+        raise ModelReferenceError(
+            f"{ref!r}: its weights lack {len(missing)} tensors of the {task} model ({shown}): "
+            "they would be random; give the --task the folder was saved for, or a folder saved "
+            "with that task's head"
+        )
 
 
 def load_model(ref: str, task: str | None = None) -> TaskModel:

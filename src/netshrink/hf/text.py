@@ -1,10 +1,13 @@
 """``text:<file>`` data: texts tokenized into keyword-input batches, split by a hash of each text.
 
 A file is one text per line (blank lines skipped), or ``.jsonl`` with a ``text`` field and an
-optional integer ``label`` on every line. Each text goes to train, validation or test by the
-SHA-256 of ``"<seed>:<text>"``: the split of a text never depends on the file's order or size,
-a duplicated text cannot straddle two splits, and another seed gives another split. Within a
-split texts are ordered by the same hash. ``calib`` is the first ``calib_size`` training texts.
+optional integer ``label`` on every line. It is read a line at a time, within caps on the file's
+and each line's size (a file of one endless line is refused without being read whole).
+
+Each text goes to train, validation or test by the SHA-256 of ``"<seed>:<text>"``: the split
+of a text never depends on the file's order or size, a duplicated text cannot straddle two
+splits, and another seed gives another split. Within a split texts are ordered by the same hash.
+``calib`` is the first ``calib_size`` training texts.
 
 Batches are ``({"input_ids", "attention_mask"[, "token_type_ids"]}, labels or None)``, padded
 to the longest text of the batch (dynamic padding) and truncated to ``max_length`` tokens (at
@@ -16,6 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,46 +29,96 @@ import torch
 from netshrink.context import Batch
 from netshrink.data.splits import DataSplits
 from netshrink.errors import ConfigError, DataError
+from netshrink.quote import excerpt
 
 FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 """Expected shares of the texts in each split."""
+MAX_LINE_BYTES = 2**20
+"""Longest line read (1 MiB), far beyond any model's positions: a file that is one endless line
+is refused without being read whole."""
+MAX_FILE_BYTES = 256 * 2**20
+"""Largest text file read (256 MiB): its texts are held in memory, then tokenized."""
+MAX_LABEL = 2**31 - 1
+"""Largest label read: no classification head has more outputs, and larger integers from JSON
+would overflow the int64 targets tensor."""
+
+
+def _lines(file: Path) -> Iterator[tuple[int, str]]:
+    """``(number, text)`` of each line of ``file``, read a line at a time.
+
+    Raises :class:`DataError` for a missing or non-regular file (a folder, a FIFO), one over
+    :data:`MAX_FILE_BYTES`, a line over :data:`MAX_LINE_BYTES`, a NUL byte (a binary file) or
+    bytes that are not UTF-8, naming the line.
+    """
+    try:
+        info = file.stat()
+    except OSError as exc:
+        raise DataError(f"text:{file}: cannot read it ({exc.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError(f"text:{file} is not a regular file; give a text file, one text a line")
+    if info.st_size > MAX_FILE_BYTES:
+        raise DataError(
+            f"text:{file} holds {info.st_size / 2**20:.0f} MiB; netshrink reads at most "
+            f"{MAX_FILE_BYTES // 2**20} MiB of text: give a sample of it"
+        )
+    try:
+        with file.open("rb") as f:
+            for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+                if len(raw) > MAX_LINE_BYTES:
+                    raise DataError(
+                        f"text:{file} line {number} is longer than {MAX_LINE_BYTES // 2**20} MiB;"
+                        " write one text a line"
+                    )
+                if b"\0" in raw:
+                    raise DataError(f"text:{file} line {number} holds a NUL byte: not a text file")
+                try:
+                    yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"text:{file} line {number} is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start}); save the file as UTF-8"
+                    ) from None
+    except OSError as exc:
+        raise DataError(f"text:{file}: cannot read it ({exc.strerror})") from None
 
 
 def read_texts(path: str | os.PathLike) -> tuple[list[str], list[int] | None]:
     """The texts of a ``.txt`` (one a line) or ``.jsonl`` file and its labels (None if absent).
 
-    Raises :class:`DataError` for a missing or empty file, a malformed JSON line, a line without
-    ``text``, or labels on some lines only.
+    Raises :class:`DataError` for a file that cannot be read as UTF-8 text (see :func:`_lines`),
+    an empty file, a malformed JSON line, a line without ``text``, a label that is not a class
+    index, or labels on some lines only.
     """
     file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"text:{file}: cannot read it as UTF-8 text ({exc})") from None
     if file.suffix != ".jsonl":
-        texts = [s for s in (line.strip() for line in lines) if s]
+        texts = [s for s in (line.strip() for _, line in _lines(file)) if s]
         if not texts:
             raise DataError(f"text:{file} holds no text; write one text a line")
         return texts, None
-    return _read_jsonl(file, lines)
+    return _read_jsonl(file)
 
 
-def _read_jsonl(file: Path, lines: list[str]) -> tuple[list[str], list[int] | None]:
+def _read_jsonl(file: Path) -> tuple[list[str], list[int] | None]:
     texts: list[str] = []
     labels: list[int | None] = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in _lines(file):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"text:{file} line {number} is not JSON: {exc}") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            said = exc if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise DataError(f"text:{file} line {number} is not JSON: {said}") from None
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise DataError(f'text:{file} line {number} has no "text" string')
         label = record.get("label")
-        if label is not None and (not isinstance(label, int) or isinstance(label, bool)):
-            raise DataError(f"text:{file} line {number}: label {label!r} is not an integer class")
+        is_int = isinstance(label, int) and not isinstance(label, bool)
+        if label is not None and not (is_int and 0 <= label <= MAX_LABEL):
+            raise DataError(
+                f"text:{file} line {number}: label {excerpt(label, 40)} is not an integer class "
+                "index (from 0)"
+            )
         texts.append(text.strip())
         labels.append(label)
     if not texts:

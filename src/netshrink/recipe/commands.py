@@ -25,7 +25,7 @@ from netshrink.artifact.validate import check_input_specs
 from netshrink.context import Evaluate, LossFn
 from netshrink.data import DataSplits
 from netshrink.errors import ArtifactError, ModelReferenceError
-from netshrink.outdir import RunOutput, space_needed
+from netshrink.outdir import OutputError, RunOutput, check_writable, space_needed
 from netshrink.recipe import builtin
 from netshrink.recipe.deliver import PROVENANCE_KEY, save_run
 from netshrink.recipe.result import Result
@@ -231,6 +231,9 @@ def export_onnx(
     """``netshrink export``: load ``artifact`` and write it as ONNX, traced on recorded inputs."""
     from netshrink.artifact import export_onnx as export
 
+    if onnx_path.is_dir():
+        raise OutputError(f"--onnx {str(onnx_path)!r} is a folder; give the ONNX file to write")
+    check_writable(onnx_path, f"--onnx {str(onnx_path)!r}")
     model, inputs = _model_and_inputs(artifact, model_ref, task)
     return export(model, onnx_path, inputs)
 
@@ -251,5 +254,9 @@ def export_openvino(
     """``netshrink export --openvino``: write ``out_dir``/model.xml + .bin (OpenVINO IR)."""
     from netshrink.runtime.openvino import save_ir
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--openvino {str(out_dir)!r} is a file; give the folder to write into")
+    check_writable(out_dir / "model.xml", f"--openvino {str(out_dir)!r}")
     model, inputs = _model_and_inputs(artifact, model_ref, task)
     return save_ir(model, Path(out_dir) / "model.xml", inputs)
