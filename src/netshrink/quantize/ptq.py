@@ -73,13 +73,16 @@ class StaticConfig(TechniqueConfig):
     )
 
 
-def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
-    """Weight bits of every selected module: ``default``, then each override (later wins).
+def weight_bits(
+    model: nn.Module, config: Any, default: int, extra: tuple[type[nn.Module], ...] = ()
+) -> dict[str, int]:
+    """Weight bits of every selected module (Linear, Conv1D, Conv2d and the ``extra`` types):
+    ``default``, then each override (later wins).
 
     Layers tied to another layer's weight are left out, with a warning.
     """
     bits = {}
-    types = (*layer_types(), SmoothedLinear)
+    types = (*layer_types(), *extra)
     for name, mod in config.targets.select(model, types).items():
         if isinstance(mod, nn.Conv2d) and not ConvGeometry.of(mod).zero_padded:
             warnings.warn(
@@ -208,7 +211,7 @@ def quantize_static_model(
 def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
     default = 8 if config.weights == "int8" else 4
-    bits = weight_bits(model, config, default)
+    bits = weight_bits(model, config, default, extra=(SmoothedLinear,))
     tables = untied(model, embedding_names(model), "quantize.static") if config.embeddings else []
     linearize(model, bits)
     model.eval()
