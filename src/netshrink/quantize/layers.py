@@ -7,6 +7,12 @@ when that output joins a residual addition). The forward pass *simulates* the in
 float (fake quantization: quantize, dequantize, float conv); it is exact up to float rounding
 against an integer implementation. Exported to ONNX, the same ops become QuantizeLinear /
 DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QGemm / QLinearAdd.
+
+A :class:`QuantLinear` may also keep a per-input-channel smoothing vector s (SmoothQuant, Xiao
+et al. 2022, sec. 4, where s cannot be folded into the op before it): it quantizes x / s and
+holds the codes of W s, so x W^T is unchanged while the activation's outlier channels shrink.
+The division exports as one Mul by 1 / s before QuantizeLinear. :class:`SmoothedLinear` is the
+float layer ``quantize.smoothquant`` leaves for ``quantize.static`` to turn into that form.
 """
 
 from __future__ import annotations
@@ -72,9 +78,11 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
 
     weight_shape: tuple[int, ...]
 
-    def _init_storage(self, bits: int, bias: bool, quant_output: bool, act_bits: int) -> None:
+    def _init_storage(
+        self, bits: int, bias: bool, quant_output: bool, act_bits: int, smooth: bool = False
+    ) -> None:
         self.bits, self.has_bias, self.quant_output = bits, bias, quant_output
-        self.act_bits = act_bits
+        self.act_bits, self.smoothed = act_bits, smooth
         # codes live in the smallest packable container: 2, 4 or 8 bits
         self.storage_bits = next(b for b in (2, 4, 8) if bits <= b)
         out_channels, numel = self.weight_shape[0], math.prod(self.weight_shape)
@@ -89,6 +97,8 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
             self.register_buffer("bias_q", torch.zeros(out_channels, dtype=torch.int32))
         self.register_buffer("input_scale", torch.tensor(1.0))
         self.register_buffer("input_zero_point", torch.tensor(0, dtype=torch.int32))
+        if smooth:  # 1 / s per input channel: the input is multiplied by it, then quantized
+            self.register_buffer("input_smooth", torch.ones(self.weight_shape[1]))
         if quant_output:
             self.register_buffer("output_scale", torch.tensor(1.0))
             self.register_buffer("output_zero_point", torch.tensor(0, dtype=torch.int32))
@@ -104,7 +114,10 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
         input_qparams: tuple[torch.Tensor, torch.Tensor],
         output_qparams: tuple[torch.Tensor, torch.Tensor] | None,
         weight_scale: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
     ) -> None:
+        if smooth is not None:  # the kernel sees x / s; ``weight`` is W s already
+            self.input_smooth.copy_(1 / smooth)
         if weight_scale is None:
             q, scale, _ = quantize_weight(weight, self.bits, True, Granularity(per_channel))
         else:  # a scale learned by QAT: codes on exactly the grid training saw
@@ -134,6 +147,7 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
             "bits": self.bits,
             "quant_output": self.quant_output,
             "act_bits": self.act_bits,
+            **({"smooth": True} if self.smoothed else {}),
         }
 
     @classmethod
@@ -154,9 +168,13 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
     ) -> Any:
         """Quantize the conv/linear ``mod`` with input qparams ``inp``, output qparams ``out``
         (or None), optionally given per-channel weight scales ``wscale`` (from QAT), activation
-        codes on ``act_bits`` bits."""
+        codes on ``act_bits`` bits. A :class:`SmoothedLinear` keeps its smoothing vector; ``inp``
+        is then the range of its smoothed input x / s."""
         q = cls.empty_like(mod, bits, out is not None, act_bits)
-        q._fill(mod.weight, mod.bias, per_channel, inp, out, wscale)
+        if isinstance(mod, SmoothedLinear):
+            q._fill(mod.scaled_weight, mod.bias, per_channel, inp, out, wscale, mod.smooth)
+        else:
+            q._fill(mod.weight, mod.bias, per_channel, inp, out, wscale)
         return q
 
     def weight_codes(self) -> torch.Tensor:
@@ -167,12 +185,12 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
         flat = to_signed(flat, self.storage_bits)
         return flat.reshape(self.weight_shape)
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Float weight and bias as the integer kernel sees them."""
+    def dequantized(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float weight and bias as the integer kernel sees them (W s when smoothed); with
+        ``transposed`` the weight of a Linear is (in, out), dequantized from transposed codes."""
         lo, hi = qrange(self.bits, True)
-        w = _QD.dequantize_per_channel(
-            self.weight_codes(), self.weight_scale, None, 0, lo, hi, torch.int8
-        )
+        codes, axis = (self.weight_codes().t(), 1) if transposed else (self.weight_codes(), 0)
+        w = _QD.dequantize_per_channel(codes, self.weight_scale, None, axis, lo, hi, torch.int8)
         if not self.has_bias:
             return w, None
         b = _QD.dequantize_per_channel(
@@ -182,8 +200,10 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The float weight the integer codes stand for (dequantized on access)."""
-        return self.dequantized()[0]
+        """The float weight the layer computes with (dequantized on access; W s / s when
+        smoothed, so ``x @ weight.T`` is the layer's product on the unsmoothed input)."""
+        w = self.dequantized()[0]
+        return w * self.input_smooth if self.smoothed else w
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -195,9 +215,12 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
         return self.bits
 
     def _around(self, x: torch.Tensor, op: Any) -> torch.Tensor:
+        """``op(x quantized)`` with the output quantized too when it joins a residual."""
         qmax = 2**self.act_bits - 1
+        if self.smoothed:
+            x = x * self.input_smooth
         x = fake_quant(x, self.input_scale, self.input_zero_point, self._frozen["input_"], qmax)
-        y = op(x, *self.dequantized())
+        y = op(x)
         if self.quant_output:
             out = self.output_scale, self.output_zero_point, self._frozen["output_"]
             y = fake_quant(y, *out, qmax)
@@ -236,7 +259,7 @@ class QuantConv2d(_QuantWeights):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Simulated integer convolution (see the module docstring)."""
-        return self._around(x, self.geometry.conv2d)
+        return self._around(x, lambda xq: self.geometry.conv2d(xq, *self.dequantized()))
 
 
 class QuantLinear(_QuantWeights):
@@ -250,11 +273,12 @@ class QuantLinear(_QuantWeights):
         bits: int = 8,
         quant_output: bool = False,
         act_bits: int = 8,
+        smooth: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
-        self._init_storage(bits, bias, quant_output, act_bits)
+        self._init_storage(bits, bias, quant_output, act_bits, smooth)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -266,17 +290,72 @@ class QuantLinear(_QuantWeights):
 
     @classmethod
     def empty_like(
-        cls, linear: nn.Linear, bits: int, quant_output: bool, act_bits: int
+        cls, linear: nn.Linear | SmoothedLinear, bits: int, quant_output: bool, act_bits: int
     ) -> QuantLinear:
         """An unfilled layer shaped like ``linear``."""
         return cls(
             linear.in_features, linear.out_features, linear.bias is not None, bits,
-            quant_output, act_bits,
+            quant_output, act_bits, isinstance(linear, SmoothedLinear),
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Simulated integer matrix multiply (see the module docstring)."""
-        return self._around(x, F.linear)
+        return self._around(x, self._matmul)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # x @ DQ(codes^T) rather than linear(x, DQ(codes)): the exported weight
+        # DequantizeLinear then feeds MatMul directly (the transpose folds into the int8
+        # initializer), the pattern ONNX Runtime fuses into an integer matmul; a Transpose
+        # between them blocks the fusion.
+        w, b = self.dequantized(transposed=True)
+        y = torch.matmul(x, w)
+        return y if b is None else y + b
+
+
+class SmoothedLinear(CompressedLayer):
+    """A float Linear computing ``(x / s) (W s)^T + b``: the same function as ``x W^T + b``.
+
+    ``quantize.smoothquant`` puts it where the smoothing vector s cannot be folded into the
+    op before (its output also feeds a residual, or it is not a norm or Linear);
+    ``quantize.static`` turns it into a :class:`QuantLinear` that quantizes x / s and W s.
+    ``scaled_weight`` is W s; ``smooth`` is s.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scaled_weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("smooth", torch.ones(in_features))
+
+    def spec(self) -> dict[str, Any]:
+        """JSON constructor arguments."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, linear: nn.Linear, s: torch.Tensor) -> SmoothedLinear:
+        """``linear`` with its input columns multiplied by ``s`` (positive, one per column)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        new.to(device=linear.weight.device, dtype=linear.weight.dtype)
+        new.smooth.copy_(s)
+        new.scaled_weight.copy_(linear.weight * s)
+        if linear.bias is not None:
+            new.bias.copy_(linear.bias)
+        return new
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W: the weight of the function computed (W s / s)."""
+        return self.scaled_weight / self.smooth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x / s, W s, b)``."""
+        return F.linear(x / self.smooth, self.scaled_weight, self.bias)
 
 
 @rebuildable

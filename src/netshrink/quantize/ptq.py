@@ -37,7 +37,7 @@ from netshrink.layers import (
 )
 from netshrink.quantize.affine import choose_qparams
 from netshrink.quantize.dynamic_int8 import Int8Embedding
-from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
+from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU, SmoothedLinear
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
 from netshrink.quantize.tracing import fold_bn, trace_flow
 from netshrink.registry import technique
@@ -73,13 +73,17 @@ class StaticConfig(TechniqueConfig):
     )
 
 
-def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
-    """Weight bits of every selected module: ``default``, then each override (later wins).
+def weight_bits(
+    model: nn.Module, config: Any, default: int, extra: tuple[type[nn.Module], ...] = ()
+) -> dict[str, int]:
+    """Weight bits of every selected module (Linear, Conv1D, Conv2d and the ``extra`` types):
+    ``default``, then each override (later wins).
 
     Layers tied to another layer's weight are left out, with a warning.
     """
     bits = {}
-    for name, mod in config.targets.select(model, layer_types()).items():
+    types = (*layer_types(), *extra)
+    for name, mod in config.targets.select(model, types).items():
         if isinstance(mod, nn.Conv2d) and not ConvGeometry.of(mod).zero_padded:
             warnings.warn(
                 f"{name}: padding={mod.padding!r}, padding_mode={mod.padding_mode!r} is not "
@@ -89,7 +93,7 @@ def weight_bits(model: nn.Module, config: Any, default: int) -> dict[str, int]:
             continue
         bits[name] = default
     for override in config.overrides:
-        for name in override.targets.select(model, layer_types()):
+        for name in override.targets.select(model, types):
             if name in bits:
                 bits[name] = override.bits
     kept = untied(model, bits, "quantize")
@@ -107,6 +111,16 @@ def fold_batchnorms(model: nn.Module, names: Iterable[str]) -> set[str]:
             fold_bn(model.get_submodule(name), model.get_submodule(bn_name))  # type: ignore[arg-type]
             replace_module(model, bn_name, nn.Identity())
     return flow.feeds_add
+
+
+class _Smoothed:
+    """Hands ``x / s`` to an observer: the input a smoothed Linear will quantize."""
+
+    def __init__(self, observer: Observer, s: torch.Tensor) -> None:
+        self.observer, self.s = observer, s
+
+    def update(self, x: torch.Tensor) -> None:
+        self.observer.update(x / self.s)
 
 
 def observe_ranges(
@@ -129,7 +143,11 @@ def observe_ranges(
     def watch(name: str, side: Side) -> None:
         key = f"{name}:{'in' if side == 'input' else 'out'}"
         observers[key] = make_observer(observer, key, bits=act_bits, seed=ctx.seed)
-        points.setdefault(name, []).append(Observe(observers[key], on=side))
+        mod = model.get_submodule(name)
+        sink: Any = observers[key]
+        if side == "input" and isinstance(mod, SmoothedLinear):
+            sink = _Smoothed(sink, mod.smooth)  # the quantizer will see x / s
+        points.setdefault(name, []).append(Observe(sink, on=side))
 
     for name in names:
         watch(name, "input")
@@ -193,7 +211,7 @@ def quantize_static_model(
 def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
     default = 8 if config.weights == "int8" else 4
-    bits = weight_bits(model, config, default)
+    bits = weight_bits(model, config, default, extra=(SmoothedLinear,))
     tables = untied(model, embedding_names(model), "quantize.static") if config.embeddings else []
     linearize(model, bits)
     model.eval()

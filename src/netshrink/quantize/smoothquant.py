@@ -17,9 +17,15 @@ hooks note every norm's/Linear's output tensor, and a torch function mode sees e
 that reads it. A producer is smoothed only when every reader of its output is a Linear's matmul
 (dropout in eval and ``.to`` return the tensor itself and do not count). Post-LN blocks (BERT,
 DistilBERT, ``nn.TransformerEncoderLayer`` without ``norm_first``) also add the norm's output to
-a residual, and dividing it there would change the model: those producers are left alone with a
-warning. Pre-LN blocks (ViT, GPT-style, ``norm_first``) are smoothed. The technique changes float
-weights only; run ``quantize.static`` after it.
+a residual, and dividing it there would change the model. Their readers, and every other
+targeted Linear whose input comes from elsewhere (attention's output projection, the FFN's second
+Linear after GELU), are smoothed inside the layer instead (``in_layer``, the default): each
+becomes a :class:`~netshrink.quantize.layers.SmoothedLinear` computing (x / s)(W s)^T with s from
+its own input's statistics (Linears reading one tensor share one s), which ``quantize.static``
+turns into a quantized Linear that multiplies its input by 1 / s before quantizing it (a Mul
+before QuantizeLinear in ONNX). Pre-LN blocks (ViT, GPT-style, ``norm_first``) fold and cost
+nothing at run time; post-LN ones (BERT, MiniLM, DistilBERT) pay one elementwise Mul per
+smoothed input. The technique keeps the float function; run ``quantize.static`` after it.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ from netshrink.calibrate.collect import module_calls
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.layers import untied
+from netshrink.layers import replace_module, untied
 from netshrink.progress import track
 from netshrink.quantize.affine import choose_qparams, dequantize, fake_quantize_weight, quantize
+from netshrink.quantize.layers import SmoothedLinear
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
@@ -70,6 +77,11 @@ class SmoothQuantConfig(TechniqueConfig):
     search_rows: int = Field(
         512, ge=16, le=1000000, description="activation rows kept per producer for alpha: auto"
     )
+    in_layer: bool = Field(
+        True,
+        description="smooth Linears whose input cannot be folded into the op before it (post-LN "
+        "residuals, attention outputs) with a per-channel Mul kept in the layer",
+    )
 
     @model_validator(mode="after")
     def _alpha_in_range(self) -> SmoothQuantConfig:
@@ -84,8 +96,12 @@ class Producer:
 
     absmax: torch.Tensor | None = None
     """max |X_j| per channel j of the output (the last dimension)."""
+    lo: torch.Tensor | None = None
+    """min X_j per channel."""
+    hi: torch.Tensor | None = None
+    """max X_j per channel."""
     rows: list[torch.Tensor] = field(default_factory=list)
-    """The first output rows, for the alpha search."""
+    """A sample of output rows from every call, for the alpha search."""
     readers: set[str] = field(default_factory=set)
     """Linears whose matmul read the output."""
     other: str = ""
@@ -131,21 +147,37 @@ class _Readers(TorchFunctionMode):
         return result
 
 
+ROW_CALLS = 16
+"""The alpha search's rows are spread over this many calls (calibration batches) at least."""
+
+
 def _note_output(p: Producer, out: torch.Tensor, keep_rows: int) -> None:
-    """Fold one output into ``p``: the channel absmax, and rows until ``keep_rows`` are kept."""
+    """Fold one output into ``p``: the channel range, and a sample of rows until ``keep_rows``
+    are kept: from each call, the rows holding its largest values (they set the int8 range,
+    and their error is the one smoothing trades) and rows evenly spaced over the rest."""
     flat = out.detach().reshape(-1, out.shape[-1]).float()
-    amax = flat.abs().amax(0)
-    p.absmax = amax if p.absmax is None else torch.maximum(p.absmax, amax)
-    have = sum(len(r) for r in p.rows)
-    if have < keep_rows:
-        p.rows.append(flat[: keep_rows - have].clone())
+    lo, hi = flat.amin(0), flat.amax(0)
+    p.lo = lo if p.lo is None else torch.minimum(p.lo, lo)
+    p.hi = hi if p.hi is None else torch.maximum(p.hi, hi)
+    p.absmax = torch.maximum(p.lo.abs(), p.hi.abs())
+    quota = min(keep_rows - sum(len(r) for r in p.rows), max(1, keep_rows // ROW_CALLS))
+    if quota <= 0:
+        return
+    peaks = flat.abs().amax(1).topk(min(len(flat), max(1, quota // 4))).indices
+    spaced = torch.linspace(0, len(flat) - 1, quota - len(peaks)).long()
+    p.rows.append(flat[torch.cat([peaks, spaced]).unique()].clone())
 
 
 @contextmanager
 def _watch(
-    model: nn.Module, seen: dict[str, Producer], fed: dict[str, set[str]], keep_rows: int
+    model: nn.Module,
+    seen: dict[str, Producer],
+    inputs: dict[str, Producer],
+    fed: dict[str, set[str]],
+    keep_rows: int,
 ) -> Iterator[_Readers]:
-    """Hooks on the producers named in ``seen`` and the mode noting who reads their outputs."""
+    """Hooks on the producers named in ``seen`` and the mode noting who reads their outputs;
+    the inputs of the Linears named in ``inputs`` are noted like producer outputs."""
     owners = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     live: dict[int, str] = {}
     held: list[torch.Tensor] = []  # outputs stay alive while noted: their ids stay unique
@@ -162,7 +194,17 @@ def _watch(
 
         return note
 
+    def pre_hook(name: str):
+        def note(_m: nn.Module, args: Any) -> None:
+            if args and torch.is_tensor(args[0]):
+                mode.paused = True
+                _note_output(inputs[name], args[0], keep_rows)
+                mode.paused = False
+
+        return note
+
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in seen]
+    handles += [model.get_submodule(n).register_forward_pre_hook(pre_hook(n)) for n in inputs]
     try:
         with mode:
             yield mode
@@ -171,10 +213,23 @@ def _watch(
             h.remove()
 
 
+@dataclass
+class Observed:
+    """What the calibration pass saw."""
+
+    producers: dict[str, Producer]
+    """Each norm's and Linear's output: statistics and readers."""
+    inputs: dict[str, Producer]
+    """Each targeted Linear's input (over every call): statistics."""
+    fed: dict[str, set[str]]
+    """Each Linear -> the producers whose outputs it read ("" for any other tensor)."""
+
+
 def observe(
-    model: nn.Module, batches: list, keep_rows: int, show: bool
-) -> tuple[dict[str, Producer], dict[str, set[str]]]:
-    """One calibration pass: every producer's statistics and readers, every Linear's sources.
+    model: nn.Module, batches: list, targeted: set[str], keep_rows: int, show: bool
+) -> Observed:
+    """One calibration pass: every producer's statistics and readers, every Linear's sources,
+    every targeted Linear's input statistics.
 
     Producers are the norms with a weight and the Linears. Each batch runs under its own
     hooks, so tensor ids of one batch never alias those of another.
@@ -184,15 +239,16 @@ def observe(
         for n, m in model.named_modules()
         if (isinstance(m, NORMS) and m.weight is not None) or isinstance(m, nn.Linear)
     }
+    inputs = {n: Producer() for n in sorted(targeted)}
     fed: dict[str, set[str]] = {}
     with module_calls(model):
-        for inputs, _ in track(batches, "smoothquant: activation ranges", show=show):
-            with _watch(model, seen, fed, keep_rows) as mode:
-                for leaf in pytree.tree_leaves(run(model, inputs)):
+        for batch, _ in track(batches, "smoothquant: activation ranges", show=show):
+            with _watch(model, seen, inputs, fed, keep_rows) as mode:
+                for leaf in pytree.tree_leaves(run(model, batch)):
                     name = mode.live.get(id(leaf)) if torch.is_tensor(leaf) else None
                     if name is not None and not seen[name].other:
                         seen[name].other = "the model's outputs"  # returned as it is
-    return seen, fed
+    return Observed(seen, inputs, fed)
 
 
 def smoothing_scales(
@@ -208,14 +264,22 @@ def smoothing_scales(
     return torch.where(ok, s, torch.ones_like(s)).clamp_min(1e-5)
 
 
-def int8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) -> float:
+def int8_error(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    s: torch.Tensor,
+    span: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
     """Squared error of the int8 outputs with smoothing ``s`` against the float ``x W^T``.
 
-    As ``quantize.static`` computes: x / s on unsigned per-tensor codes (min-max), W s on
-    symmetric per-output-channel codes.
+    As ``quantize.static`` computes: x / s on unsigned per-tensor codes, W s on symmetric
+    per-output-channel codes. The activation range is the min-max of x / s over ``x``, or over
+    all the calibration data when ``span`` gives its per-channel (min, max): the range the
+    static quantizer will really use.
     """
     xs = x / s
-    scale, zero = choose_qparams(xs.min(), xs.max(), 8, False)
+    lo, hi = (xs.min(), xs.max()) if span is None else ((span[0] / s).min(), (span[1] / s).max())
+    scale, zero = choose_qparams(lo, hi, 8, False)
     xq = dequantize(quantize(xs, scale, zero, 0, 255), scale, zero)
     err = 0.0
     for w in weights:
@@ -224,9 +288,15 @@ def int8_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor) ->
     return err
 
 
-def search_alpha(x: torch.Tensor, absmax: torch.Tensor, weights: list[torch.Tensor]) -> float:
-    """The alpha of :data:`ALPHAS` whose smoothing gives the least int8 output error on ``x``."""
-    errors = {a: int8_error(x, weights, smoothing_scales(absmax, weights, a)) for a in ALPHAS}
+def search_alpha(
+    x: torch.Tensor,
+    absmax: torch.Tensor,
+    weights: list[torch.Tensor],
+    span: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> float:
+    """The alpha of :data:`ALPHAS` whose smoothing gives the least int8 output error on ``x``
+    (activation range from ``span``, see :func:`int8_error`)."""
+    errors = {a: int8_error(x, weights, smoothing_scales(absmax, weights, a), span) for a in ALPHAS}
     return min(errors, key=lambda a: errors[a])
 
 
@@ -271,33 +341,72 @@ def plan(
     return pairs, refused
 
 
-@technique("quantize.smoothquant", SmoothQuantConfig, needs=("calib_data",), creates=())
+def in_layer_groups(obs: Observed, folded: set[str]) -> list[list[str]]:
+    """The Linears to smooth in the layer, grouped: those reading one producer's output share a
+    group (one s, as Q, K and V after a post-LN norm); any other Linear is a group of its own.
+
+    Left out: Linears already folded and those never called (no input statistics).
+    """
+    groups: dict[str, list[str]] = {}
+    for name, p in obs.inputs.items():
+        if name in folded or p.absmax is None:
+            continue
+        sources = obs.fed.get(name, set())
+        key = f"from:{next(iter(sources))}" if len(sources) == 1 and "" not in sources else name
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def merged(stats: list[Producer]) -> Producer:
+    """The statistics of one tensor read by several Linears (each saw all of it)."""
+    lo = torch.stack([p.lo for p in stats]).amin(0)  # type: ignore[misc]
+    hi = torch.stack([p.hi for p in stats]).amax(0)  # type: ignore[misc]
+    return Producer(torch.maximum(lo.abs(), hi.abs()), lo, hi, stats[0].rows)
+
+
+def choose_scales(
+    stats: Producer, weights: list[torch.Tensor], alpha: float | str
+) -> tuple[torch.Tensor, float]:
+    """The smoothing vector s for Linears sharing one input with ``stats``, and its alpha."""
+    assert stats.absmax is not None and stats.lo is not None and stats.hi is not None
+    if alpha == "auto":
+        alpha = search_alpha(torch.cat(stats.rows), stats.absmax, weights, (stats.lo, stats.hi))
+    return smoothing_scales(stats.absmax, weights, float(alpha)), float(alpha)
+
+
+@technique(
+    "quantize.smoothquant", SmoothQuantConfig, needs=("calib_data",), creates=(SmoothedLinear,)
+)
 def smoothquant(model: nn.Module, config: SmoothQuantConfig, ctx: Context) -> nn.Module:
-    """Move activation outliers into the weights of the Linears after norms (SmoothQuant)."""
+    """Move activation outliers into the weights of the targeted Linears (SmoothQuant)."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     targeted = set(
         untied(model, config.targets.select(model, (nn.Linear,)), "quantize.smoothquant")
     )
-    seen, fed = observe(model, batches, config.search_rows, ctx.progress)
-    pairs, refused = plan(seen, fed, targeted)
-    if not pairs:
+    obs = observe(model, batches, targeted, config.search_rows, ctx.progress)
+    pairs, refused = plan(obs.producers, obs.fed, targeted)
+    folded = {r for readers in pairs.values() for r in readers}
+    groups = in_layer_groups(obs, folded) if config.in_layer else []
+    if not pairs and not groups:
         why = f": {'; '.join(refused)}" if refused else ""
         raise UnsupportedModuleError(
             f"quantize.smoothquant found nothing to smooth in {type(model).__name__}: no "
             "LayerNorm/RMSNorm/Linear output feeds only targeted Linear layers (pre-LN blocks' "
-            f"norms do; a post-LN block also adds the norm's output to a residual){why}"
+            "norms do; a post-LN block also adds the norm's output to a residual), and "
+            f"in_layer is off or no targeted Linear ran on the calibration data{why}"
         )
-    if refused:
+    if refused and not config.in_layer:
         warnings.warn(f"quantize.smoothquant leaves {'; '.join(refused)}", stacklevel=2)
     for name, readers in pairs.items():
-        p = seen[name]
-        assert p.absmax is not None
         weights = [model.get_submodule(r).weight for r in readers]
-        if config.alpha == "auto":
-            alpha = search_alpha(torch.cat(p.rows), p.absmax, weights)
-        else:
-            alpha = float(config.alpha)
-        s = smoothing_scales(p.absmax, weights, alpha)
+        s, alpha = choose_scales(obs.producers[name], weights, config.alpha)
         fold(model.get_submodule(name), [model.get_submodule(r) for r in readers], s)
         log.info("quantize.smoothquant: %s -> %s, alpha %.2f", name, ", ".join(readers), alpha)
+    for group in groups:
+        linears = [model.get_submodule(r) for r in group]
+        stats = merged([obs.inputs[r] for r in group])
+        s, alpha = choose_scales(stats, [m.weight for m in linears], config.alpha)
+        for name, linear in zip(group, linears, strict=True):
+            replace_module(model, name, SmoothedLinear.from_float(linear, s))
+        log.info("quantize.smoothquant: in layer %s, alpha %.2f", ", ".join(group), alpha)
     return model
