@@ -281,8 +281,8 @@ def _foldable(
 ) -> dict[str, list[str]]:
     """Producer -> its readers, for each norm whose output only quantized Linears in its own
     block (or all outside any block) read; each other layer keeps an explicit scale."""
-    seen, fed = observe(model, batches, 0, show)
-    pairs, refused = plan(seen, fed, set(names))
+    seen = observe(model, batches, set(), 0, show)
+    pairs, refused = plan(seen.producers, seen.fed, set(names))
     for why in refused:
         log.info("quantize.awq: explicit input scales for %s", why)
     return {
