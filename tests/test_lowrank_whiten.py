@@ -12,7 +12,7 @@ from torch import nn
 
 import netshrink as ns
 from netshrink.artifact import load, save
-from netshrink.errors import ConfigError
+from netshrink.errors import ConfigError, MissingInputError
 from netshrink.lowrank import report_of
 from netshrink.lowrank.decompose import spectrum
 from netshrink.lowrank.inputs import layer_inputs
@@ -158,11 +158,18 @@ def test_whitened_model_saves_and_loads_identically(tmp_path) -> None:
     [
         ({"rank": 4, "damping": -0.1}, "damping"),
         ({"rank": 4, "skip_padding": "sometimes"}, "skip_padding"),
+        ({"budget": 0.5, "budget_error": "loud"}, "budget_error"),
+        ({"budget": 0.5, "error_batches": 0}, "error_batches"),
     ],
 )
 def test_bad_whitening_options_raise_config_error(options: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ns.lowrank.svd(Masked(), **options)
+
+
+def test_output_error_budget_needs_calibration_data() -> None:
+    with pytest.raises(MissingInputError, match="calib_data"):
+        ns.lowrank.svd(Masked(), budget=0.5, budget_error="output")
 
 
 class Parallel(nn.Module):
