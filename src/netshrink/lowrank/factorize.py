@@ -13,7 +13,7 @@ from torch import nn
 
 from netshrink.batches import materialize
 from netshrink.config import TechniqueConfig
-from netshrink.context import Context
+from netshrink.context import Batch, Context
 from netshrink.errors import ConfigError, DataError
 from netshrink.layers import (
     WEIGHT_READERS,
@@ -218,7 +218,8 @@ def _error_scales(
     layers: dict[str, nn.Module],
     spectra: dict[str, list[Spectrum]],
     config: SvdConfig,
-    ctx: Context,
+    calib: list[Batch],
+    show: bool,
 ) -> dict[str, float]:
     """Per layer, what one unit of its discarded Σσ² costs in the budget's error unit.
 
@@ -236,10 +237,8 @@ def _error_scales(
         k = max(ranks.by_ratio(specs[0], config.budget, rt), rt)
         if ranks.saves(specs[0], k):
             probes[name] = (specs[0], k)
-    batches = materialize(ctx.calib_data or [], "calib_data")[: config.error_batches]
-    weights = output_weights(
-        model, probes, lambda n, s, k: _build(layers[n], s, k), batches, show=ctx.progress
-    )
+    batches = calib[: config.error_batches]
+    weights = output_weights(model, probes, lambda n, s, k: _build(layers[n], s, k), batches, show)
     return {name: weights.get(name, 0.0) for name in spectra}
 
 
@@ -338,8 +337,10 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
         warnings.warn(f"lowrank.svd leaves these layers as they are: {names}", stacklevel=2)
     todo = {n: m for n, m in layers.items() if n not in unsupported}
     stats = {n: LayerInputs() for n in todo}
-    if config.activation_aware:
+    calib: list[Batch] = []
+    if "calib_data" in _needs(config):  # read once: the whitening and the output probes use it
         calib = materialize(ctx.calib_data or [], "calib_data")
+    if config.activation_aware:
         stats = layer_inputs(
             model, todo, calib, covariance=True, skip_padding=config.skip_padding,
             show=ctx.progress,
@@ -356,7 +357,7 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
             )
     spectra = _spectra(todo, config, stats)
     if config.budget is not None:
-        scales = _error_scales(model, todo, spectra, config, ctx)
+        scales = _error_scales(model, todo, spectra, config, calib, ctx.progress)
         plan = _global(spectra, config, stats, scales)
     else:
         plan = _per_layer(spectra, config)
