@@ -13,7 +13,7 @@ from torch import nn
 
 from netshrink.batches import materialize
 from netshrink.config import TechniqueConfig
-from netshrink.context import Context
+from netshrink.context import Batch, Context
 from netshrink.errors import ConfigError, DataError
 from netshrink.layers import (
     WEIGHT_READERS,
@@ -34,6 +34,7 @@ from netshrink.lowrank.layers import (
     linear_from_factors,
     spatial_from_factors,
 )
+from netshrink.lowrank.sensitivity import output_weights
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
 from netshrink.registry import Knob, technique
 from netshrink.targets import Targets
@@ -66,11 +67,22 @@ class SvdConfig(TechniqueConfig):
     budget_metric: Literal["params", "macs"] = Field(
         "params", description="what budget counts; macs needs example_inputs"
     )
+    budget_error: Literal["relative", "output"] | None = Field(
+        None,
+        description="budget minimises each layer's share of Σσ² lost, or the model-output error "
+        "measured per layer on calib_data (default: output when activation_aware)",
+    )
+    error_batches: int = Field(
+        2, ge=1, le=100000, description="calib_data batches budget_error='output' measures on"
+    )
     activation_aware: bool = Field(
         False, description="whiten by the layers' input covariance on calib_data (SVD-LLM)"
     )
     damping: float = Field(
         0.01, ge=0, le=1, description="added to the covariance diagonal, relative to its mean"
+    )
+    skip_padding: bool = Field(
+        True, description="leave tokens at attention_mask 0 out of the input covariance"
     )
     round_to: int = Field(1, ge=1, le=256, description="ranks are multiples of this, e.g. 8")
     conv_variant: Literal["auto", "channel", "spatial"] = Field(
@@ -98,14 +110,23 @@ class SvdConfig(TechniqueConfig):
         return self
 
     @property
+    def error_measure(self) -> str:
+        """What the global budget minimises: ``relative`` or ``output`` (see budget_error)."""
+        if self.budget_error is not None:
+            return self.budget_error
+        return "output" if self.activation_aware else "relative"
+
+    @property
     def selection(self) -> str:
-        """The chosen rank rule as ``name=value``."""
+        """The chosen rank rule as ``name=value`` (and what a budget minimises)."""
         mode = next(m for m in _MODES if getattr(self, m) is not None)
-        return f"{mode}={getattr(self, mode)}"
+        rule = f"{mode}={getattr(self, mode)}"
+        return f"{rule}, {self.error_measure} error" if mode == "budget" else rule
 
 
 def _needs(cfg: SvdConfig) -> tuple[str, ...]:
-    needs = ("calib_data",) if cfg.activation_aware else ()
+    output_error = cfg.budget is not None and cfg.error_measure == "output"
+    needs = ("calib_data",) if cfg.activation_aware or output_error else ()
     if cfg.budget is not None and cfg.budget_metric == "macs":
         needs += ("example_inputs",)
     return needs
@@ -188,17 +209,58 @@ def _per_layer(spectra: dict[str, list[Spectrum]], config: SvdConfig) -> Plan:
     return plan
 
 
+def _build(module: nn.Module, spec: Spectrum, rank: int) -> nn.Module:
+    return _BUILD[spec.variant](module, *spec.factors(rank))
+
+
+def _error_scales(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    spectra: dict[str, list[Spectrum]],
+    config: SvdConfig,
+    calib: list[Batch],
+    show: bool,
+) -> dict[str, float]:
+    """Per layer, what one unit of its discarded Σσ² costs in the budget's error unit.
+
+    ``relative``: 1 / the layer's Σσ² (the error is the share lost). ``output``: the measured
+    factor of :func:`~netshrink.lowrank.sensitivity.output_weights`, each layer probed at the
+    rank that keeps the budget's share of its weights (at least ``round_to``), in its first
+    variant.
+    """
+    if config.error_measure == "relative":
+        return {n: 1.0 / max(float(specs[0].s2.sum()), 1e-300) for n, specs in spectra.items()}
+    assert config.budget is not None
+    rt = config.round_to
+    probes = {}
+    for name, specs in spectra.items():
+        k = max(ranks.by_ratio(specs[0], config.budget, rt), rt)
+        if ranks.saves(specs[0], k):
+            probes[name] = (specs[0], k)
+    batches = calib[: config.error_batches]
+    weights = output_weights(model, probes, lambda n, s, k: _build(layers[n], s, k), batches, show)
+    return {name: weights.get(name, 0.0) for name in spectra}
+
+
 def _global(
-    spectra: dict[str, list[Spectrum]], config: SvdConfig, stats: dict[str, LayerInputs]
+    spectra: dict[str, list[Spectrum]],
+    config: SvdConfig,
+    stats: dict[str, LayerInputs],
+    scales: dict[str, float],
 ) -> Plan:
-    """Ranks for all layers together: total cost within the budget, least total error."""
+    """Ranks for all layers together: total cost within the budget, least total error.
+
+    A layer's error at rank k is ``scales[layer]`` times its discarded Σσ² (see
+    :func:`_error_scales`).
+    """
     assert config.budget is not None
     metric, rt = config.budget_metric, config.round_to
     curves = {}
     for name, specs in spectra.items():
         dense = ranks.Point(None, 0, _cost(specs[0], None, metric, stats[name]), 0.0)
+        scale = scales[name]
         curves[name] = [dense] + [
-            ranks.Point(s, k, _cost(s, k, metric, stats[name]), 1.0 - s.energy(k))
+            ranks.Point(s, k, _cost(s, k, metric, stats[name]), scale * float(s.s2[k:].sum()))
             for s in specs
             for k in range(rt, s.max_rank + 1, rt)
             if ranks.saves(s, k)
@@ -237,7 +299,7 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
             records.append(LayerRecord(name, kind, shape, before, before, skipped=step))
             continue
         spec, k = step
-        new = _BUILD[spec.variant](module, *spec.factors(k))
+        new = _build(module, spec, k)
         replace_module(model, name, new)
         after = _params(new)
         energy = spec.energy(k)
@@ -275,9 +337,14 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
         warnings.warn(f"lowrank.svd leaves these layers as they are: {names}", stacklevel=2)
     todo = {n: m for n, m in layers.items() if n not in unsupported}
     stats = {n: LayerInputs() for n in todo}
-    if config.activation_aware:
+    calib: list[Batch] = []
+    if "calib_data" in _needs(config):  # read once: the whitening and the output probes use it
         calib = materialize(ctx.calib_data or [], "calib_data")
-        stats = layer_inputs(model, todo, calib, covariance=True, show=ctx.progress)
+    if config.activation_aware:
+        stats = layer_inputs(
+            model, todo, calib, covariance=True, skip_padding=config.skip_padding,
+            show=ctx.progress,
+        )  # fmt: skip
     if config.budget is not None and config.budget_metric == "macs":
         example = [(ctx.example_inputs, None)]
         for name, seen in layer_inputs(model, todo, example, covariance=False, show=False).items():
@@ -290,7 +357,8 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
             )
     spectra = _spectra(todo, config, stats)
     if config.budget is not None:
-        plan = _global(spectra, config, stats)
+        scales = _error_scales(model, todo, spectra, config, calib, ctx.progress)
+        plan = _global(spectra, config, stats, scales)
     else:
         plan = _per_layer(spectra, config)
     records = _apply(model, layers, plan | unsupported)
