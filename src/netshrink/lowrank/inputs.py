@@ -5,18 +5,15 @@ of every input vector x (a Linear's last axis; a Conv2d's receptive-field patch,
 :func:`~netshrink.calibrate.input_vectors` does) and the shapes of the first call. The
 activation-aware SVD whitens by this matrix; the MAC budget uses the shapes.
 
-Padding tokens are left out of the Gram matrix: a batch of texts padded to its longest text is
-mostly padding when the texts are short (two thirds of the tokens of 128 standard-library
-docstring paragraphs), and the states at padded positions are not inputs the model's outputs
-depend on. Where a batch's inputs are a mapping with an ``attention_mask`` (Hugging Face and
-``text:`` batches), a layer input whose leading axes have the mask's shape keeps only the
-vectors at mask != 0. :class:`BatchCursor` knows which batch is running: it watches the module
-that is called once per batch (the model, or a block in the sequential engine).
+Padding tokens are left out of the Gram matrix (calibrate's reducers do it for every technique):
+a batch of texts padded to its longest text is mostly padding when the texts are short (two
+thirds of the tokens of 128 standard-library docstring paragraphs), and the states at padded
+positions are not inputs the model's outputs depend on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,53 +23,10 @@ from netshrink.calibrate import Gram, Reducer, Shape, collect
 from netshrink.context import Batch
 
 
-def token_masks(batches: Sequence[Batch]) -> list[torch.Tensor | None]:
-    """Each batch's ``attention_mask`` as booleans (True: a real token), or None without one."""
-    out: list[torch.Tensor | None] = []
-    for inputs, _ in batches:
-        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        out.append(mask.bool() if torch.is_tensor(mask) else None)
-    return out
+class _EveryPositionGram(Gram):
+    """A Gram matrix that counts padding positions too (``skip_padding: false``)."""
 
-
-class BatchCursor(Reducer):
-    """Counts the calls of the module it watches (once per batch) to name the batch running.
-
-    Hook it on the module called once per batch, before the layers it holds: then, while a
-    layer of that batch runs, :attr:`mask` is that batch's token mask.
-    """
-
-    def __init__(self, masks: Sequence[torch.Tensor | None]) -> None:
-        super().__init__("input")
-        self.masks, self.index = masks, -1
-
-    def update(self, module: nn.Module, x: torch.Tensor) -> None:
-        self.index += 1
-
-    @property
-    def mask(self) -> torch.Tensor | None:
-        """The running batch's token mask (None: no mask, or no batch has started)."""
-        return self.masks[self.index] if 0 <= self.index < len(self.masks) else None
-
-
-class TokenGram(Gram):
-    """:class:`~netshrink.calibrate.Gram` of the vectors at real tokens only (see the module
-    docstring); an input whose leading axes do not match the running batch's mask counts whole."""
-
-    def __init__(self, cursor: BatchCursor) -> None:
-        super().__init__()
-        self.cursor = cursor
-
-    def update(self, module: nn.Module, x: torch.Tensor) -> None:
-        mask = self.cursor.mask
-        if (
-            mask is not None
-            and not isinstance(module, nn.Conv2d)
-            and x.dim() == mask.dim() + 1
-            and x.shape[:-1] == mask.shape
-        ):
-            x = x[mask.to(x.device)]
-        super().update(module, x)
+    tokens_only = False
 
 
 @dataclass
@@ -105,12 +59,10 @@ def layer_inputs(
     float64 over all batches (a progress bar counts them), over real tokens only when
     ``skip_padding``.
     """
-    batches = list(batches)
-    cursor = BatchCursor(token_masks(batches) if skip_padding else [])
     ins = {name: Shape("input") for name in layers}
     outs = {name: Shape("output") for name in layers}
-    grams = {name: TokenGram(cursor) for name in layers}
-    points: dict[str, list[Reducer]] = {"": [cursor]}
+    grams = {name: Gram() if skip_padding else _EveryPositionGram() for name in layers}
+    points: dict[str, list[Reducer]] = {}
     for name in layers:
         points.setdefault(name, []).extend(
             [ins[name], outs[name], *([grams[name]] if covariance else [])]

@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.calibrate.collect import first_tensor, module_calls
+from netshrink.calibrate.collect import first_tensor, module_calls, real_tokens, token_mask
 from netshrink.context import Batch
 from netshrink.layers import replace_module
 from netshrink.lowrank.decompose import Spectrum
-from netshrink.lowrank.inputs import token_masks
 from netshrink.progress import track
 
 Build = Callable[[str, Spectrum, int], nn.Module]
@@ -37,8 +36,7 @@ Build = Callable[[str, Spectrum, int], nn.Module]
 
 def _rows(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """The model's output as (examples or real tokens, features), float64."""
-    if mask is not None and out.dim() >= 3 and out.shape[:2] == mask.shape:
-        out = out[mask.to(out.device)]
+    out = real_tokens(out, mask)
     return out.reshape(out.shape[0], -1).double()
 
 
@@ -66,7 +64,7 @@ def output_weights(
     The output change is summed over features and averaged over examples (over real tokens
     when the output has a token axis and the batch an attention mask).
     """
-    masks = token_masks(batches)
+    masks = [token_mask(inputs) for inputs, _ in batches]
     weights: dict[str, float] = {}
     with module_calls(model):
         reference = _outputs(model, batches, masks)
