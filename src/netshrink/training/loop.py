@@ -394,18 +394,29 @@ def finetune(model: nn.Module, config: TrainConfig, ctx: Context, desc: str) -> 
     """Fine-tune ``model`` on ``ctx.train_data`` as ``config`` says; return it in eval mode.
 
     With ``ctx.val_data`` the model is evaluated after every epoch (``ctx.evaluate``, default
-    top-1 accuracy) and the best epoch's weights are kept.
+    top-1 accuracy) and the best epoch's weights are kept. The loss is cross-entropy; for a
+    Hugging Face model (:mod:`netshrink.hf`) it is its task's default loss and the default metric
+    its task's fidelity (:func:`netshrink.hf.loss_for`, :func:`netshrink.hf.metric_for`), both
+    against ``ctx.teacher``, the uncompressed model, when there are no labels.
     """
     assert ctx.train_data is not None
+    from netshrink import hf
+
+    info = hf.reference_info(model)
+    loss_fn, evaluate = cross_entropy, ctx.evaluate or accuracy
+    if info is not None:
+        loss_fn = hf.loss_for(info["task"], teacher=ctx.teacher)
+        evaluate = ctx.evaluate or hf.metric_for(info["task"], ctx.teacher)
     fit(
         model,
         ctx.train_data,
         config,
+        loss_fn=loss_fn,
         seed=ctx.seed,
         progress=ctx.progress,
         desc=desc,
         val_data=ctx.val_data,
-        evaluate=ctx.evaluate or accuracy,
+        evaluate=evaluate,
         device=ctx.device,
     )
     return model
