@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -117,12 +117,14 @@ def _measure_all(
 
         evaluate = accuracy
     batches = list(data) if data is not None else None
+    # each runtime takes keyword inputs as they are (an ONNX graph's inputs get their names);
+    # MACs and memory are counted through a positional wrapper (batches.Keywords)
+    call = example_inputs if isinstance(example_inputs, Mapping) else args
     with _eval_mode(models):
-        # keyword inputs are timed and counted through a positional wrapper (batches.Keywords)
         called = [positional(m, example_inputs) for m in models]
-        runners = [make_runner(m, timing.runtime, n, args) for m in called]
+        runners = [make_runner(m, timing.runtime, n, call) for m in models]
         with torch_threads(n):
-            fns = [r.bind(args) for r in runners]
+            fns = [r.bind(call) for r in runners]
             _check_same_shapes([fn() for fn in fns])
             timings = time_interleaved(fns, timing.runs, timing.warmup)
             static = [_static(m, c, args) for m, c in zip(models, called, strict=True)]
