@@ -17,6 +17,7 @@ import hf_fixtures
 import netshrink as ns
 from netshrink import hf, progress
 from netshrink.cli import app
+from netshrink.recipe import load as load_recipe
 from netshrink.recipe.commands import input_specs, recorded_inputs
 from netshrink.settings import Timing
 
@@ -187,3 +188,41 @@ def test_recorded_keyword_inputs_come_back_as_a_dict() -> None:
     rebuilt = recorded_inputs({"inputs": specs})
     assert isinstance(rebuilt, dict) and list(rebuilt) == ["x", "gate"]
     assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in example.items()}
+
+
+@pytest.fixture(scope="module")
+def searched(bert: Path, texts: Path, tmp_path_factory) -> tuple[Path, dict, Path]:
+    """``compress --target size=2x`` on the tiny BERT: its output folder, summary and the
+    sensitivity cache it filled."""
+    root = tmp_path_factory.mktemp("search")
+    result = runner.invoke(
+        app,
+        ["compress", "--target", "size=2x", "--model", f"hf:{bert}", "--data", f"text:{texts}",
+         "--out", str(root / "out"), "--threads", "1", "--json"],
+        env={"COLUMNS": "200", "NETSHRINK_CACHE": str(root / "cache")},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root / "out", last_json(result.stdout), root / "cache"
+
+
+def test_compress_target_searches_a_two_input_hf_model(searched) -> None:
+    out, summary, _ = searched
+    assert summary["metric"] == "top5_agreement" and summary["metric_before"] == 1.0
+    assert summary["compression_rate"] >= 2.0  # the goal, measured on the saved artifact
+    sensitivity = json.loads((out / "sensitivity.json").read_text())
+    assert "model.encoder.layer.0.attention.self.query" in sensitivity["layers"]
+    # the recipe found is one netshrink compress accepts (validated in full on loading)
+    assert load_recipe(str(out / "recipe.yaml")).stages
+
+
+def test_analyze_takes_an_hf_model_and_reuses_the_search_probes(searched, bert, texts) -> None:
+    out, _, cache = searched
+    result = runner.invoke(
+        app,
+        ["analyze", "--model", f"hf:{bert}", "--data", f"text:{texts}", "--out",
+         str(out.parent / "analyze"), "-q"],
+        env={"NETSHRINK_CACHE": str(cache)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    analyzed = json.loads((out.parent / "analyze" / "sensitivity.json").read_text())
+    assert analyzed == json.loads((out / "sensitivity.json").read_text())  # a cache hit
