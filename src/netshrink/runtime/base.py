@@ -52,7 +52,7 @@ def make_runner(
 
     ``example_inputs`` are one forward call's inputs: a tuple of positional tensors, or a dict of
     keyword tensors (then the ONNX graph's inputs are named after the keys, and the runner is
-    called with such a dict, or with the tensors in the keys' order).
+    called with such a dict, or with the tensors in the order of the graph's inputs).
 
     ``model`` is an ``nn.Module``; for ``onnxruntime`` and ``openvino`` it may also be anything
     :func:`~netshrink.runtime.ort.onnx_bytes` accepts (an ONNX file path, bytes, a ModelProto).
