@@ -8,7 +8,15 @@ from torch import nn
 
 from netshrink.recipe import DEFAULT, compress, load, names
 
-EXPECTED = {"int8", "prune-int8", "distill-prune-int8", "lowrank-int8", "sparse90-int8", "int4-qat"}
+EXPECTED = {
+    "int8",
+    "prune-int8",
+    "distill-prune-int8",
+    "lowrank-int8",
+    "sparse90-int8",
+    "int4-qat",
+    "transformer-int8",
+}
 
 
 class TinyCNN(nn.Module):
