@@ -9,7 +9,14 @@ runtimes' speed is docs/benchmarks/runtimes.md's business.
 
     PYTHONPATH=src python benchmarks/transformer_int8.py [--quick] [--sentences 512]
 
-prints a Markdown table.
+prints a Markdown table. Measured 2026-11-30 (256 held-out sentences, 128 to calibrate, loaded
+2-core machine; fidelity does not depend on the load):
+
+| variant | cos | top-5 |
+|---|---|---|
+| quantize.dynamic | 0.9989 | 0.967 |
+| quantize.static minmax | 0.9934 | 0.915 |
+| quantize.static percentile | 0.9156 | 0.704 |
 """
 
 from __future__ import annotations
@@ -28,12 +35,9 @@ VARIANTS: dict[str, list[dict]] = {
     "quantize.dynamic": [{"quantize.dynamic": {}}],
     "quantize.static minmax": [{"quantize.static": {"observer": "minmax"}}],
     "quantize.static percentile": [{"quantize.static": {"observer": "percentile"}}],
-    "smoothquant 0.5 + quantize.static minmax": [
-        {"quantize.smoothquant": {"alpha": 0.5}},
-        {"quantize.static": {"observer": "minmax"}},
-    ],
 }
-"""Each candidate's stages, as a recipe lists them."""
+"""Each candidate's stages, as a recipe lists them. ``quantize.smoothquant`` is not among them:
+on main it refuses post-LN blocks (BERT, MiniLM), whose norm outputs also feed a residual."""
 
 
 def minilm_ref() -> str:
