@@ -93,13 +93,12 @@ def minilm_demo(inputs: Inputs) -> Resolved:
     from netshrink.zoo.minilm import minilm_ref
 
     ref = inputs.model_ref or minilm_ref()
-    model = refs.model_from(ref, seed=inputs.seed)
-    data = hf.data_for(model, None, inputs.seed)  # type: ignore[arg-type]
-    tokenizer = hf.load_tokenizer(ref)
-    texts = hf.heldout_corpus()
-    heldout = tokenize(tokenizer, texts, None, max_length=max_tokens(model), batch_size=32)  # type: ignore[arg-type]
+    model = hf.load_model(ref)
+    data = hf.data_for(model, None, inputs.seed)
+    tokens = max_tokens(model)
+    heldout = tokenize(hf.load_tokenizer(ref), hf.heldout_corpus(), None, tokens, batch_size=32)
     data = dataclasses.replace(data, test=heldout)
-    evaluate = hf.evaluate_for(model, data)  # type: ignore[arg-type]
+    evaluate = hf.evaluate_for(model, data)
     return Resolved(model, data, evaluate, dataclasses.replace(inputs, model_ref=ref))
 
 
