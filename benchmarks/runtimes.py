@@ -139,7 +139,7 @@ def cached_onnx(setup: Setup, name: str, make: Callable[[], torch.nn.Module]) ->
 
 def ort_variant(path: Path, setup: Setup) -> Built:
     runner = OrtRunner(path, threads=setup.threads)
-    return Built(lambda i, m: torch.from_numpy(runner((i, m))), folder_bytes(path))
+    return Built(lambda i, m: runner((i, m)), folder_bytes(path))
 
 
 def cached_ir(setup: Setup, name: str, make: Callable[[], object]) -> Path:
