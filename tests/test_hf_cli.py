@@ -234,7 +234,7 @@ def test_demo_minilm_runs_transformer_int8_and_evaluates_on_held_out_text(
 ) -> None:
     """The MiniLM demo on a stand-in (the tiny BERT in the MiniLM's place): the transformer
     recipe, the built-in corpus to calibrate on, every held-out paragraph to evaluate on."""
-    monkeypatch.setattr("netshrink.zoo.minilm.minilm_ref", lambda: f"hf:{bert}")
+    monkeypatch.setattr("netshrink.hf.minilm.minilm_ref", lambda: f"hf:{bert}")
     seen: dict[str, int] = {}
     real = hf.evaluate_for
 

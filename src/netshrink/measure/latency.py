@@ -123,8 +123,6 @@ def time_in_subprocess(
     intra-op threads on ``inputs`` (positional tensors, or keyword tensors by name), runs
     ``warmup`` untimed and ``runs`` timed calls and reports the samples, in milliseconds.
     """
-    import netshrink
-
     check_runs(runs, warmup)
     named = inputs if isinstance(inputs, Mapping) else {str(i): x for i, x in enumerate(inputs)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +130,7 @@ def time_in_subprocess(
         model.write_bytes(onnx)
         save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, str(tensors))
         # the child imports this same netshrink, however the parent found it
-        root = str(Path(netshrink.__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),

@@ -89,8 +89,8 @@ def minilm_demo(inputs: Inputs) -> Resolved:
     the reported fidelity is measured on."""
     from netshrink import hf
     from netshrink.hf.inputs import max_tokens
+    from netshrink.hf.minilm import minilm_ref
     from netshrink.hf.text import tokenize
-    from netshrink.zoo.minilm import minilm_ref
 
     ref = inputs.model_ref or minilm_ref()
     model = hf.load_model(ref)

@@ -394,19 +394,17 @@ def finetune(model: nn.Module, config: TrainConfig, ctx: Context, desc: str) -> 
     """Fine-tune ``model`` on ``ctx.train_data`` as ``config`` says; return it in eval mode.
 
     With ``ctx.val_data`` the model is evaluated after every epoch (``ctx.evaluate``, default
-    top-1 accuracy) and the best epoch's weights are kept. The loss is cross-entropy; for a
-    Hugging Face model (:mod:`netshrink.hf`) it is its task's default loss and the default metric
-    its task's fidelity (:func:`netshrink.hf.loss_for`, :func:`netshrink.hf.metric_for`), both
-    against ``ctx.teacher``, the uncompressed model, when there are no labels.
+    top-1 accuracy) and the best epoch's weights are kept. The loss is cross-entropy, unless the
+    model has a method ``netshrink_objective(teacher) -> (loss_fn, metric)``: then its loss, and
+    its metric by default (a Hugging Face ``TaskModel``: its task's loss and fidelity, against
+    ``ctx.teacher``, the uncompressed model, when there are no labels).
     """
     assert ctx.train_data is not None
-    from netshrink import hf
-
-    info = hf.reference_info(model)
     loss_fn, evaluate = cross_entropy, ctx.evaluate or accuracy
-    if info is not None:
-        loss_fn = hf.loss_for(info["task"], teacher=ctx.teacher)
-        evaluate = ctx.evaluate or hf.metric_for(info["task"], ctx.teacher)
+    objective = getattr(model, "netshrink_objective", None)
+    if callable(objective):  # a model that brings its task's loss and metric (hf.TaskModel)
+        loss_fn, task_metric = objective(ctx.teacher)
+        evaluate = ctx.evaluate or task_metric or accuracy
     fit(
         model,
         ctx.train_data,
