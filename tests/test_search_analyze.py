@@ -144,3 +144,33 @@ def test_an_impossible_target_is_reported_with_the_closest_candidate(trained, ca
     assert not found.met
     assert "NOT met" in found.verdict() and "< 500.00x needed" in found.verdict()
     assert found.best.compression_rate > 1
+
+
+class TwoInputs(nn.Module):
+    """Two keyword inputs, a structured output: ``{"y": linear(x) * gate, "aux": x.sum()}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": self.linear(x) * gate, "aux": x.sum(dim=1)}
+
+
+def test_analyze_probes_a_model_with_keyword_inputs_and_a_structured_output(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    data = [({"x": torch.randn(8, 16, generator=g), "gate": torch.rand(8, 1, generator=g)}, None)]
+    sens = analyze(
+        TwoInputs().eval(),
+        example_inputs=data[0][0],
+        data=data,
+        settings={"quant": (8, 4)},
+        families=("quant",),
+        cache=tmp_path,
+        progress=False,
+    )
+    assert sens.layers["linear"]["macs"] == 16 * 8  # per sample, through the keyword call
+    errors = {p["value"]: p["error"] for p in sens.curve("linear", "quant")}
+    # int4 weights err more than int8 ones, and neither is exact; "aux" never changes
+    assert 0 < errors[8.0] < errors[4.0] < 0.05

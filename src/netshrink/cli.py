@@ -24,7 +24,12 @@ from rich.table import Table
 from netshrink import progress
 from netshrink.errors import ConfigError, InputError, NetshrinkError
 from netshrink.quote import excerpt
-from netshrink.recipe.builtin import DEMO_RUNTIME, DEMO_THREADS
+from netshrink.recipe.builtin import (
+    DEMO_RUNTIME,
+    DEMO_THREADS,
+    DEMO_TRANSFORMER_RECIPE,
+    DEMO_TRANSFORMER_RUNTIME,
+)
 from netshrink.report.tables import plural
 from netshrink.report.terminal import say
 from netshrink.settings import Inputs, Timing
@@ -281,33 +286,59 @@ def analyze(
     typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
 
 
+DEMO_MODELS = ("digits", "minilm")
+"""``netshrink demo --model``: the built-in digits CNN, or the pretrained MiniLM sentence encoder
+of the ``netshrink[minilm]`` extra."""
+
+
 @app.command()
 @handles_errors
 def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("netshrink-demo"),
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="digits: the built-in CNN; minilm: the pretrained MiniLM sentence encoder "
+            "(extra netshrink[minilm])",
+        ),
+    ] = "digits",
     seed: SeedOpt = 0,
-    runtime: RuntimeOpt = DEMO_RUNTIME,
+    runtime: Annotated[
+        str | None,
+        typer.Option(
+            help=f"where latency is timed (default: {DEMO_RUNTIME} for digits, "
+            f"{DEMO_TRANSFORMER_RUNTIME} for minilm)"
+        ),
+    ] = None,
     threads: Annotated[
         int, typer.Option(min=1, max=MAX_THREADS, help="intra-op threads for timing")
     ] = DEMO_THREADS,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compress the built-in digits CNN with the default recipe, end to end, offline."""
+    """Compress a built-in example end to end, offline: the digits CNN (default recipe) or the
+    pretrained MiniLM (transformer recipe, evaluated on held-out text)."""
     from netshrink.recipe import DEFAULT, DEMO_MODEL
-    from netshrink.recipe.commands import run
+    from netshrink.recipe.commands import minilm_demo, resolve, run
 
+    if model not in DEMO_MODELS:
+        raise ConfigError(f"unknown demo model {model!r}; use one of {', '.join(DEMO_MODELS)}")
     scripted = _scripted(quiet, as_json)
+    minilm = model == "minilm"
+    recipe = DEMO_TRANSFORMER_RECIPE if minilm else DEFAULT
+    runtime = runtime or (DEMO_TRANSFORMER_RUNTIME if minilm else DEMO_RUNTIME)
     if not scripted:
         say(
             err(),
-            f"netshrink demo: recipe {DEFAULT} on {DEMO_MODEL}",
+            f"netshrink demo: recipe {recipe} on {'MiniLM' if minilm else DEMO_MODEL}",
             f"timed on {runtime}",
             plural(threads, "thread"),
         )
-    inputs = Inputs(model_ref=DEMO_MODEL, seed=seed)
+    inputs = Inputs(model_ref=None if minilm else DEMO_MODEL, seed=seed)
     timing = Timing(runtime=runtime, threads=threads)
-    result, paths = run(DEFAULT, inputs, out, timing, progress=not scripted)
+    resolver = minilm_demo if minilm else resolve
+    result, paths = run(recipe, inputs, out, timing, progress=not scripted, resolver=resolver)
     _finish_run(result, paths, quiet, as_json)
 
 

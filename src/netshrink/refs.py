@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.context import Batch, Evaluate, LossFn
+from netshrink.context import Batch, Evaluate
 from netshrink.data import DataSplits
 from netshrink.errors import ConfigError, DataError, ModelReferenceError
 from netshrink.quote import excerpt
@@ -211,16 +211,6 @@ def data_from(ref: str | None, model: nn.Module | None = None, seed: int = 0) ->
     return DataSplits(
         train=splits["train"], val=val, test=splits["test"] or val, calib=splits["calib"]
     )
-
-
-def loss_from(baseline: nn.Module) -> LossFn | None:
-    """The loss a run's fine-tuning and QAT minimise: for an hf ``baseline`` (the uncompressed
-    model) its task's default, which distils from ``baseline`` where batches carry no labels
-    (:func:`netshrink.hf.loss_for`); None (cross-entropy on the labels) for any other model."""
-    from netshrink import hf
-
-    info = hf.reference_info(baseline)
-    return None if info is None else hf.loss_for(info["task"], teacher=baseline)
 
 
 def evaluate_from(

@@ -5,6 +5,22 @@ evaluation, best-weights keeping, early stopping, checkpoint/resume, ``torchrun`
 ``finetune`` runs it for a technique's ``finetune: {epochs, lr}`` options.
 """
 
-from netshrink.training import FitResult, LossFn, cross_entropy, finetune, fit, is_main_process
+from netshrink.training import (
+    FitResult,
+    LossFn,
+    cross_entropy,
+    finetune,
+    fit,
+    is_main_process,
+    objective,
+)
 
-__all__ = ["FitResult", "LossFn", "cross_entropy", "finetune", "fit", "is_main_process"]
+__all__ = [
+    "FitResult",
+    "LossFn",
+    "cross_entropy",
+    "finetune",
+    "fit",
+    "is_main_process",
+    "objective",
+]

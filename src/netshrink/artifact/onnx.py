@@ -22,6 +22,7 @@ but not ``quantized_decomposed`` ops. docs/measure.md has the measurements behin
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -140,10 +141,19 @@ def _torchscript_options(
         n_out = len(
             tree_leaves(model(**dict(zip(names, args, strict=True))) if names else model(*args))
         )
-    inputs = list(names) if names else [f"input_{i}" for i in range(len(args))]
+    inputs = _signature_order(model, names) if names else [f"input_{i}" for i in range(len(args))]
     outputs = [f"output_{i}" for i in range(n_out)]
     axes = {name: {0: "batch"} for name in inputs + outputs} if dyn else None
     return {"input_names": inputs, "output_names": outputs, "dynamic_axes": axes}
+
+
+def _signature_order(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Keyword input ``names`` in the order of ``model.forward``'s parameters (any it does not
+    list last): the TorchScript exporter lays keyword inputs out in that order, so its
+    ``input_names`` must follow it, or a dict ordered otherwise (a tokenizer's ``input_ids,
+    token_type_ids, attention_mask``) would name the graph's inputs wrongly."""
+    params = list(inspect.signature(model.forward).parameters)
+    return sorted(names, key=lambda n: params.index(n) if n in params else len(params))
 
 
 def _check_dtypes(model: nn.Module) -> None:

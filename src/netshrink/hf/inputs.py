@@ -22,7 +22,7 @@ MAX_LENGTH = 128
 STDLIB_SOURCE = "the built-in corpus of standard-library docstrings"
 
 
-def _positions(model: TaskModel) -> int:
+def max_tokens(model: TaskModel) -> int:
     """Tokens ``model`` takes at most: :data:`MAX_LENGTH`, or its config's position count when
     that is smaller (a tokenizer's ``model_max_length`` does not always say)."""
     config = getattr(model.model, "config", None)
@@ -46,7 +46,7 @@ def data_for(model: TaskModel, data_ref: str | None, seed: int = 0) -> DataSplit
         path = Path(data_ref.removeprefix(TEXT)).expanduser()
         texts, labels = read_texts(path)
         source = data_ref
-    return texts_data(texts, labels, tokenizer, source, max_length=_positions(model), seed=seed)
+    return texts_data(texts, labels, tokenizer, source, max_length=max_tokens(model), seed=seed)
 
 
 def evaluate_for(model: TaskModel, data: DataSplits) -> Evaluate:

@@ -29,6 +29,8 @@ from netshrink.hf.tasks import LM_TASKS, Task, check_task
 from netshrink.hf.tokens import masked_inputs, next_token_targets, token_inputs
 
 TOP_K = 5
+CACHED_LISTS = 4
+"""Lists of batches whose baseline outputs one metric keeps (embeddings or logits)."""
 
 _DEFINITIONS = {
     "cosine": "mean cosine of model vs baseline embeddings",
@@ -249,8 +251,10 @@ def metric_for(
     else top-1 agreement (classification), top-1 agreement (language models). The function's
     ``__name__`` is :func:`metric_name`'s, which reports show as the metric's name.
 
-    The baseline's outputs on ``batches`` are computed once here and reused whenever
-    ``evaluate`` is called with that same list; other batches are run through the baseline.
+    The baseline's outputs on ``batches`` are computed once here, and on any other list of
+    batches the first time ``evaluate`` sees it, and reused whenever ``evaluate`` is called with
+    that same list (the last :data:`CACHED_LISTS` lists); other iterables are run through the
+    baseline each call.
     """
     task_ = check_task(task)
     cache: dict[int, tuple[list[Batch], torch.Tensor]] = {}
@@ -259,6 +263,13 @@ def metric_for(
 
     def evaluate(model: nn.Module, eval_batches: Iterable[Batch]) -> float:
         hit = cache.get(id(eval_batches))
+        if hit is None and isinstance(eval_batches, list) and task_ not in LM_TASKS:
+            # another fixed list (a search probes every variant on its validation batches):
+            # the baseline runs on it once; the oldest list's outputs are dropped past a few
+            while len(cache) >= CACHED_LISTS:
+                del cache[next(iter(cache))]
+            hit = (eval_batches, _outputs(baseline, materialize(eval_batches, "evaluation data")))
+            cache[id(eval_batches)] = hit
         if hit is not None and hit[0] is eval_batches:
             return _score(task_, model, baseline, hit[0], k, hit[1]).value
         return fidelity(task_, model, baseline, eval_batches, k).value

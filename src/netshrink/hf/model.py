@@ -8,6 +8,7 @@ the pooled sentence embedding for ``embedding``, the logits for every other task
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -63,3 +64,13 @@ class TaskModel(nn.Module):
         if self.task == "embedding":
             return self.pooling(out.last_hidden_state, attention_mask)
         return out.logits
+
+    def netshrink_objective(self, teacher: nn.Module | None) -> tuple[Callable, Callable | None]:
+        """The task's default training loss and metric against ``teacher`` (the uncompressed
+        model; None: the loss needs labels, and there is no metric): what fine-tuning after a
+        technique uses (``netshrink.training.finetune``)."""
+        from netshrink.hf.losses import loss_for
+        from netshrink.hf.metrics import metric_for
+
+        loss = loss_for(self.task, teacher=teacher)
+        return loss, None if teacher is None else metric_for(self.task, teacher)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from netshrink.batches import example_args, positional
 from netshrink.context import Batch, Evaluate
 from netshrink.errors import DataError, MissingInputError
 from netshrink.measure.counts import count_macs, count_nonzero, count_params
-from netshrink.measure.latency import time_interleaved
+from netshrink.measure.latency import time_in_subprocess, time_interleaved, timed_how
 from netshrink.measure.memory import peak_memory
 from netshrink.measure.results import Comparison, Measurement
 from netshrink.runtime import (
@@ -98,6 +98,19 @@ def _score(
         return float(evaluate(target, data))
 
 
+def _runtime_source(model: Any, runtime: str, call: Any) -> Any:
+    """What ``runtime`` runs: an eager model as it is; for the other runtimes its ONNX bytes
+    (OpenVINO's form of the layers that offer one), made once for the runner and for a timing
+    subprocess alike."""
+    if runtime == "eager":
+        return model
+    if runtime.startswith("openvino") and isinstance(model, nn.Module):
+        from netshrink.runtime.openvino import openvino_form
+
+        model = openvino_form(model)
+    return onnx_bytes(model, call)
+
+
 def _measure_all(
     models: list[Any],
     example_inputs: Any,
@@ -117,14 +130,24 @@ def _measure_all(
 
         evaluate = accuracy
     batches = list(data) if data is not None else None
+    # each runtime takes keyword inputs as they are (an ONNX graph's inputs get their names);
+    # MACs and memory are counted through a positional wrapper (batches.Keywords)
+    call = example_inputs if isinstance(example_inputs, Mapping) else args
+    how = timed_how(timing.runtime, n)
     with _eval_mode(models):
-        # keyword inputs are timed and counted through a positional wrapper (batches.Keywords)
         called = [positional(m, example_inputs) for m in models]
-        runners = [make_runner(m, timing.runtime, n, args) for m in called]
+        sources = [_runtime_source(m, timing.runtime, call) for m in models]
+        runners = [make_runner(s, timing.runtime, n, call) for s in sources]
         with torch_threads(n):
-            fns = [r.bind(args) for r in runners]
+            fns = [r.bind(call) for r in runners]
             _check_same_shapes([fn() for fn in fns])
-            timings = time_interleaved(fns, timing.runs, timing.warmup)
+            if how == "subprocess":
+                timings = [
+                    time_in_subprocess(s, timing.runtime, n, call, timing.runs, timing.warmup)
+                    for s in sources
+                ]
+            else:
+                timings = time_interleaved(fns, timing.runs, timing.warmup)
             static = [_static(m, c, args) for m, c in zip(models, called, strict=True)]
         metrics = [_score(m, r, evaluate, batches) for m, r in zip(models, runners, strict=True)]
     name = getattr(evaluate, "__name__", "metric") if evaluate is not None else None
@@ -139,6 +162,7 @@ def _measure_all(
             runs=t.runs,
             metric=metric,
             metric_name=name,
+            timed=how,
         )
         for s, t, metric, r in zip(static, timings, metrics, runners, strict=True)
     ]

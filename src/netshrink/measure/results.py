@@ -29,6 +29,8 @@ class Measurement:
     metric: float | None = None
     metric_name: str | None = None
     bytes_of: str = "netshrink artifact"
+    timed: str = "interleaved"
+    """How the models measured together were timed: one of ``measure.latency.TIMED``."""
 
     def rows(self) -> list[tuple[str, Any]]:
         """(label with definition and unit, value) pairs, in table order."""
@@ -44,8 +46,11 @@ class Measurement:
         ]
 
     def settings(self) -> str:
-        """How the latency was taken: runtime, threads, timed runs."""
-        return f"runtime {self.runtime}, threads {self.threads}, median of {self.runs} timed runs"
+        """How the latency was taken: runtime, threads, timed runs, interleaved or isolated."""
+        return (
+            f"runtime {self.runtime}, threads {self.threads}, median of {self.runs} timed runs, "
+            f"{self.timed}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Every field, JSON-serialisable."""

@@ -38,7 +38,7 @@ from netshrink.quantize.ptq import (
 )
 from netshrink.registry import technique
 from netshrink.targets import Targets
-from netshrink.train import cross_entropy, fit
+from netshrink.train import fit, objective
 
 QParams = tuple[torch.Tensor, torch.Tensor]
 
@@ -123,7 +123,7 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
         replace_module(model, name, layer)
     quantize_relus(model, qparams, act_bits)
     assert ctx.train_data is not None
-    loss_fn = ctx.loss_fn or cross_entropy  # an hf run distils from the uncompressed model
+    loss_fn, _ = objective(model, ctx)  # an hf model distils from the uncompressed one
     fit(
         model,
         ctx.train_data,

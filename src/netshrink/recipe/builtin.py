@@ -18,6 +18,13 @@ DEMO_RUNTIME = "onnxruntime"
 kernels there (eager PyTorch has no fused int8 convolution), and the fp32 baseline runs there
 too, so the speedup compares like with like."""
 
+DEMO_TRANSFORMER_RECIPE = "transformer-int8"
+"""The recipe ``netshrink demo --model minilm`` runs on the pretrained MiniLM encoder."""
+DEMO_TRANSFORMER_RUNTIME = "openvino"
+"""Where ``netshrink demo --model minilm`` times both models: OpenVINO runs the int8 MiniLM's
+Linears on integer kernels and is the fastest fp32 runtime measured for it as well
+(docs/benchmarks/runtimes.md)."""
+
 DEMO_THREADS = 1
 """Intra-op threads ``netshrink demo`` times both models with. Two ONNX Runtime sessions timed
 interleaved in one process each keep a worker pool: with spinning workers, the idle pool of one

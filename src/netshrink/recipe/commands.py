@@ -9,6 +9,7 @@ saved artifact back, rebuilding into a model built from a reference the user gav
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 from netshrink import refs
 from netshrink.artifact.validate import check_input_specs
-from netshrink.context import Evaluate, LossFn
+from netshrink.context import Evaluate
 from netshrink.data import DataSplits
 from netshrink.errors import ArtifactError, ModelReferenceError
 from netshrink.outdir import OutputError, RunOutput, check_writable, space_needed
@@ -43,7 +44,6 @@ class Resolved:
     data: DataSplits
     evaluate: Evaluate
     inputs: Inputs
-    loss_fn: LossFn | None = None
 
 
 def resolve(inputs: Inputs) -> Resolved:
@@ -68,8 +68,7 @@ def resolve(inputs: Inputs) -> Resolved:
     evaluate = refs.evaluate_from(inputs.eval_ref, inputs.model_ref, model, data)
     splits = {"train": data.train, "val": data.val, "calib": data.calib, "test": data.test}
     check_data(model, splits, data_ref or "(built-in corpus)")
-    inputs = dataclasses.replace(inputs, data_ref=data_ref)
-    return Resolved(model, data, evaluate, inputs, refs.loss_from(model))
+    return Resolved(model, data, evaluate, dataclasses.replace(inputs, data_ref=data_ref))
 
 
 def input_specs(inputs: tuple[Any, ...] | dict[str, Any]) -> list[dict[str, Any]]:
@@ -84,10 +83,33 @@ def input_specs(inputs: tuple[Any, ...] | dict[str, Any]) -> list[dict[str, Any]
     ]
 
 
-def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """Resolve ``inputs`` for a run: the model, the keyword arguments ``compress`` and ``auto``
-    both take besides the timing (data splits, metric, seed), and the provenance it saves."""
-    given = resolve(inputs)
+def minilm_demo(inputs: Inputs) -> Resolved:
+    """:func:`resolve` for ``netshrink demo --model minilm``: the pretrained MiniLM; the built-in
+    corpus of standard-library docstrings to calibrate, train and validate on; and every
+    paragraph of the held-out corpus (the language reference, another source) as the test split
+    the reported fidelity is measured on."""
+    from netshrink import hf
+    from netshrink.hf.inputs import max_tokens
+    from netshrink.hf.minilm import minilm_ref
+    from netshrink.hf.text import tokenize
+
+    ref = inputs.model_ref or minilm_ref()
+    model = hf.load_model(ref)
+    data = hf.data_for(model, None, inputs.seed)
+    tokens = max_tokens(model)
+    heldout = tokenize(hf.load_tokenizer(ref), hf.heldout_corpus(), None, tokens, batch_size=32)
+    data = dataclasses.replace(data, test=heldout)
+    evaluate = hf.evaluate_for(model, data)
+    return Resolved(model, data, evaluate, dataclasses.replace(inputs, model_ref=ref))
+
+
+def prepare(
+    inputs: Inputs, progress: bool, resolver: Callable[[Inputs], Resolved] = resolve
+) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Resolve ``inputs`` for a run (with ``resolver``): the model, the keyword arguments
+    ``compress`` and ``auto`` both take besides the timing (data splits, metric, seed), and the
+    provenance it saves."""
+    given = resolver(inputs)
     example = given.data.example_inputs()
     kwargs = {
         "eval_data": given.data.test,
@@ -96,12 +118,11 @@ def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], 
         "train_data": given.data.train,
         "val_data": given.data.val,
         "evaluate": given.evaluate,
-        "loss_fn": given.loss_fn,
         "seed": inputs.seed,
         "progress": progress,
     }
     extra = {
-        "model": inputs.model_ref,
+        "model": given.inputs.model_ref,
         "weights": None if inputs.weights is None else str(inputs.weights),
         "data": given.inputs.data_ref,
         "eval": inputs.eval_ref,
@@ -112,12 +133,18 @@ def prepare(inputs: Inputs, progress: bool) -> tuple[nn.Module, dict[str, Any], 
 
 
 def run(
-    recipe_ref: str | Path, inputs: Inputs, out: Path, timing: Timing, progress: bool = True
+    recipe_ref: str | Path,
+    inputs: Inputs,
+    out: Path,
+    timing: Timing,
+    progress: bool = True,
+    resolver: Callable[[Inputs], Resolved] = resolve,
 ) -> tuple[Result, dict[str, Path]]:
-    """``netshrink compress``: validate the recipe, resolve inputs, compress, save; return both."""
+    """``netshrink compress``: validate the recipe, resolve inputs (with ``resolver``),
+    compress, save; return both."""
     recipe = builtin.load(recipe_ref)
     with RunOutput(out) as unit:
-        model, kwargs, extra = prepare(inputs, progress)
+        model, kwargs, extra = prepare(inputs, progress, resolver)
         unit.check_space(space_needed(model))
         result = compress(model, recipe, timing=timing, **kwargs)
         paths = save_run(result, unit.staging, extra)

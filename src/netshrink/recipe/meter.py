@@ -144,6 +144,7 @@ class Meter:
     def environment(self) -> Environment:
         """Machine, runtime, threads, timed runs and versions of the measurements taken."""
         assert self.last is not None, "measure something first"
+        last = self.last
         return Environment(
-            machine(), self.last.runtime, self.last.threads, self.last.runs, versions()
+            machine(), last.runtime, last.threads, last.runs, versions(), timed=last.timed
         )

@@ -6,6 +6,7 @@ Definitions used throughout (and stated in every rendering of the report):
 - compression rate: baseline bytes / compressed bytes
 - latency: median wall time of one forward pass on one validation batch, in milliseconds
 - speedup rate: baseline latency / compressed latency, both timed interleaved in one process
+  (``timed``: at several threads on ONNX Runtime or OpenVINO each in its own subprocess)
 - metric drop: metric before - metric after (positive means worse)
 """
 
@@ -34,6 +35,7 @@ SUMMARY_FIELDS = (
     "latency_ms_after",
     "runtime",
     "threads",
+    "timed",
     "artifact",
 )
 
@@ -92,6 +94,8 @@ class Environment:
     threads: int
     latency_runs: int
     versions: dict[str, str]
+    timed: str = "interleaved"
+    """interleaved, shared pool or subprocess (see ``netshrink.measure.latency.TIMED``)."""
 
 
 @dataclass
@@ -136,6 +140,7 @@ class Report:
             "latency_ms_after": after.measurement.latency_ms,
             "runtime": self.environment.runtime,
             "threads": self.environment.threads,
+            "timed": self.environment.timed,
             "machine": self.environment.machine,
             "artifact": self.artifact,
             "artifact_bytes": self.delivered_bytes[1] if self.delivered_bytes else None,

@@ -9,11 +9,20 @@ conversion done beforehand, so a timer sees the model and nothing else.
 from netshrink.runtime.base import RUNTIMES, Runner, check_runtime, make_runner
 from netshrink.runtime.eager import EagerRunner
 from netshrink.runtime.openvino import OpenVinoRunner, import_openvino, save_ir
-from netshrink.runtime.ort import OnnxSource, OrtModule, OrtRunner, onnx_bytes, onnx_session
+from netshrink.runtime.ort import (
+    CallInputs,
+    OnnxSource,
+    OrtModule,
+    OrtRunner,
+    graph_feeds,
+    onnx_bytes,
+    onnx_session,
+)
 from netshrink.runtime.threads import resolve_threads, torch_threads
 
 __all__ = [
     "RUNTIMES",
+    "CallInputs",
     "EagerRunner",
     "OnnxSource",
     "OpenVinoRunner",
@@ -21,6 +30,7 @@ __all__ = [
     "OrtRunner",
     "Runner",
     "check_runtime",
+    "graph_feeds",
     "import_openvino",
     "make_runner",
     "onnx_bytes",

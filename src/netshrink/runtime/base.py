@@ -9,7 +9,7 @@ import torch
 
 from netshrink.errors import ConfigError
 from netshrink.runtime.eager import EagerRunner
-from netshrink.runtime.ort import OrtRunner
+from netshrink.runtime.ort import CallInputs, OrtRunner
 from netshrink.runtime.threads import resolve_threads
 
 RUNTIMES = ("eager", "onnxruntime", "openvino", "openvino-f32")
@@ -24,11 +24,12 @@ class Runner(Protocol):
     runtime: str
     threads: int
 
-    def __call__(self, inputs: tuple[Any, ...]) -> Any:
-        """Run one forward pass on ``inputs`` (a tuple of positional tensors)."""
+    def __call__(self, inputs: CallInputs) -> Any:
+        """Run one forward pass on ``inputs`` (a tuple of positional tensors, or a dict of
+        keyword tensors); torch tensors out."""
         ...
 
-    def bind(self, inputs: tuple[Any, ...]) -> Callable[[], Any]:
+    def bind(self, inputs: CallInputs) -> Callable[[], Any]:
         """Return a zero-argument callable running the model on ``inputs``, for timing."""
         ...
 
@@ -45,9 +46,13 @@ def check_runtime(runtime: str) -> str:
 
 
 def make_runner(
-    model: Any, runtime: str, threads: int | None, example_inputs: tuple[Any, ...]
+    model: Any, runtime: str, threads: int | None, example_inputs: CallInputs
 ) -> Runner:
     """Build the runner for ``model`` on ``runtime`` with ``threads`` intra-op threads.
+
+    ``example_inputs`` are one forward call's inputs: a tuple of positional tensors, or a dict of
+    keyword tensors (then the ONNX graph's inputs are named after the keys, and the runner is
+    called with such a dict, or with the tensors in the order of the graph's inputs).
 
     ``model`` is an ``nn.Module``; for ``onnxruntime`` and ``openvino`` it may also be anything
     :func:`~netshrink.runtime.ort.onnx_bytes` accepts (an ONNX file path, bytes, a ModelProto).

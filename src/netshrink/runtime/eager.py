@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from netshrink.batches import run
+from netshrink.runtime.ort import CallInputs
 from netshrink.runtime.threads import resolve_threads, torch_threads
 
 
@@ -24,17 +26,19 @@ class EagerRunner:
         """The runtime name (nothing else to record)."""
         return self.runtime
 
-    def __call__(self, inputs: tuple[Any, ...]) -> Any:
-        """Run one forward pass on ``inputs``; returns the model's output (tensors)."""
+    def __call__(self, inputs: CallInputs) -> Any:
+        """Run one forward pass on ``inputs`` (positional tensors, or keyword tensors by name);
+        returns the model's output (tensors)."""
         with torch_threads(self.threads):
             return self.bind(inputs)()
 
-    def bind(self, inputs: tuple[Any, ...]) -> Callable[[], Any]:
+    def bind(self, inputs: CallInputs) -> Callable[[], Any]:
         """Zero-argument forward on ``inputs``; the caller sets the thread count (see above)."""
-        model, args = self.model, tuple(inputs)
+        model = self.model
+        given = dict(inputs) if isinstance(inputs, Mapping) else tuple(inputs)
 
         def forward() -> Any:
             with torch.inference_mode():
-                return model(*args)
+                return run(model, given)
 
         return forward

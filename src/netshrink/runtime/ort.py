@@ -11,7 +11,7 @@ A model reaches ONNX Runtime as ONNX bytes, from (first match wins):
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,12 @@ from netshrink.runtime.threads import resolve_threads
 OnnxSource = str | Path | bytes | onnx.ModelProto | nn.Module
 """Anything :func:`onnx_bytes` turns into a serialized ONNX model."""
 
+CallInputs = tuple[Any, ...] | Mapping[str, Any]
+"""The inputs of one forward call: positional tensors, or keyword tensors by name (as a Hugging
+Face model takes ``input_ids``, ``attention_mask``, ``token_type_ids``)."""
 
-def onnx_bytes(source: OnnxSource, example_inputs: tuple[Any, ...] | None = None) -> bytes:
+
+def onnx_bytes(source: OnnxSource, example_inputs: CallInputs | None = None) -> bytes:
     """Serialized ONNX model for ``source`` (see the module docstring for what is accepted)."""
     if isinstance(source, bytes):
         return source
@@ -60,7 +64,7 @@ def onnx_bytes(source: OnnxSource, example_inputs: tuple[Any, ...] | None = None
 
 
 def onnx_session(
-    source: OnnxSource, example_inputs: tuple[Any, ...] | None = None, threads: int | None = None
+    source: OnnxSource, example_inputs: CallInputs | None = None, threads: int | None = None
 ) -> ort.InferenceSession:
     """An ORT CPU session for ``source`` with ``threads`` intra-op threads and one inter-op.
 
@@ -89,45 +93,57 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def graph_feeds(names: list[str], inputs: CallInputs, what: str) -> dict[str, np.ndarray]:
+    """``inputs`` as numpy arrays keyed by the graph's input ``names``: positional inputs in
+    order, keyword inputs by name. A keyword the graph has no input for is left out (an
+    exporter drops the inputs a model never reads); a missing one, or a positional count that
+    differs, is a :class:`DataError` naming ``what`` takes what."""
+    if isinstance(inputs, Mapping):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise DataError(
+                f"{what} takes inputs {names}; got keywords {list(inputs)}, missing {missing}"
+            )
+        return {name: _numpy(inputs[name]) for name in names}
+    if len(inputs) != len(names):
+        raise DataError(f"{what} takes {len(names)} inputs ({', '.join(names)}), got {len(inputs)}")
+    return {name: _numpy(x) for name, x in zip(names, inputs, strict=True)}
+
+
 class OrtRunner:
-    """Runs an ONNX model in ONNX Runtime; outputs are numpy arrays (one, or a tuple)."""
+    """Runs an ONNX model in ONNX Runtime; outputs are torch tensors (one, or a tuple)."""
 
     runtime = "onnxruntime"
 
     def __init__(
         self,
         source: OnnxSource,
-        example_inputs: tuple[Any, ...] | None = None,
+        example_inputs: CallInputs | None = None,
         threads: int | None = None,
     ):
         self.threads = resolve_threads(threads)
         self.session = onnx_session(source, example_inputs, self.threads)
         self.input_names = [i.name for i in self.session.get_inputs()]
 
-    def feeds(self, inputs: tuple[Any, ...]) -> dict[str, np.ndarray]:
-        """Map positional ``inputs`` onto the graph's input names, as numpy arrays."""
-        if len(inputs) != len(self.input_names):
-            raise DataError(
-                f"the ONNX graph takes {len(self.input_names)} inputs "
-                f"({', '.join(self.input_names)}), got {len(inputs)}"
-            )
-        return {name: _numpy(x) for name, x in zip(self.input_names, inputs, strict=True)}
+    def feeds(self, inputs: CallInputs) -> dict[str, np.ndarray]:
+        """Map positional ``inputs`` (or a name -> tensor dict) onto the graph's inputs."""
+        return graph_feeds(self.input_names, inputs, "the ONNX graph")
 
     def describe(self) -> str:
         """The runtime name (nothing else to record)."""
         return self.runtime
 
-    def __call__(self, inputs: tuple[Any, ...]) -> Any:
-        """Run one forward pass on ``inputs``."""
+    def __call__(self, inputs: CallInputs) -> Any:
+        """Run one forward pass on ``inputs``; torch tensors out."""
         return self.bind(inputs)()
 
-    def bind(self, inputs: tuple[Any, ...]) -> Callable[[], Any]:
+    def bind(self, inputs: CallInputs) -> Callable[[], Any]:
         """Zero-argument run on ``inputs``, converted to numpy once, outside the timed call."""
         session, feeds = self.session, self.feeds(inputs)
 
         def run() -> Any:
-            out = session.run(None, feeds)
-            return out[0] if len(out) == 1 else tuple(out)
+            out = tuple(torch.from_numpy(o) for o in session.run(None, feeds))
+            return out[0] if len(out) == 1 else out
 
         return run
 
@@ -142,8 +158,10 @@ class OrtModule(nn.Module):
         super().__init__()
         self.runner = runner
 
-    def forward(self, *inputs: Any) -> Any:
-        out = self.runner(inputs)
+    def forward(self, *inputs: Any, **keywords: Any) -> Any:
+        if inputs and keywords:
+            raise DataError("call a runtime's model with positional or keyword inputs, not both")
+        out = self.runner(keywords or inputs)
         if isinstance(out, tuple):
             return tuple(torch.as_tensor(o) for o in out)
         return torch.as_tensor(out)

@@ -8,6 +8,7 @@ stop after ``rounds`` candidates. Every measured candidate is kept for the Paret
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ from netshrink.recipe.runner import make_context
 from netshrink.search.allocate import Option, allocate, predicted
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.front import AutoResult, Candidate
+from netshrink.search.sensitivity import PROBED, stage_for
 from netshrink.search.target import Goal, parse_target
 from netshrink.settings import DEFAULT_TIMING, Timing
 
@@ -31,33 +33,34 @@ MARGIN = 0.97
 def to_recipe(choice: dict[str, Option], finetune_epochs: int = 0) -> dict[str, Any]:
     """The allocation as a recipe: low-rank, then pruning, then weight quantization stages.
 
-    Layers sharing a setting share a stage (``targets.include`` lists them). Fine-tuning runs
-    after the last float stage, before quantization freezes the weights. An allocation that
-    touches nothing becomes int8 weights everywhere, since a recipe needs a stage.
+    Layers sharing a setting share a stage (``targets.include`` lists them), with the options
+    the sensitivity probe used (the technique's knob). Fine-tuning runs after the last float
+    stage, before quantization freezes the weights. An allocation that touches nothing becomes
+    int8 weights everywhere, since a recipe needs a stage.
     """
     groups: dict[tuple[str, float], list[str]] = {}
     for name, o in choice.items():
         for family, value in (("lowrank", o.ratio), ("prune", o.sparsity), ("quant", o.bits)):
             if value is not None:
-                # Once factorized, a layer's weights live in its children.
+                # Once factorized, a layer's weights live in its children; the pattern also
+                # takes the layer itself, should its low-rank stage be rolled back.
                 factors = family == "quant" and o.ratio is not None
-                groups.setdefault((family, value), []).append(f"{name}.*" if factors else name)
+                groups.setdefault((family, value), []).append(
+                    f"re:{re.escape(name)}(\\..+)?" if factors else name
+                )
     order = {"lowrank": 0, "prune": 1, "quant": 2}
-    stages: list[dict[str, Any]] = []
-    for (family, value), names in sorted(groups.items(), key=lambda g: (order[g[0][0]], g[0][1])):
-        targets = {"include": names}
-        if family == "lowrank":
-            stages.append({"lowrank.svd": {"ratio": value, "targets": targets}})
-        elif family == "prune":
-            stages.append({"prune.magnitude": {"sparsity": value, "targets": targets}})
-        else:
-            stages.append({"quantize.weight_only": {"bits": int(value), "targets": targets}})
-    floats = [s for s in stages if "quantize.weight_only" not in s]
+    stages = [
+        stage_for(family, value, names)
+        for (family, value), names in sorted(
+            groups.items(), key=lambda g: (order[g[0][0]], g[0][1])
+        )
+    ]
+    floats = [s for s in stages if PROBED["quant"] not in s]
     if finetune_epochs > 0 and floats:
         options = next(iter(floats[-1].values()))
         options["finetune"] = {"epochs": finetune_epochs}
     if not stages:  # the budget needs nothing: the lightest real step keeps the recipe valid
-        stages.append({"quantize.weight_only": {"bits": 8, "targets": {"include": list(choice)}}})
+        stages.append(stage_for("quant", 8, list(choice)))
     return {"version": 1, "description": "found by netshrink auto", "stages": stages}
 
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from netshrink import registry
+from netshrink.batches import run
 from netshrink.calibrate import Shape, collect
 from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
@@ -93,9 +95,11 @@ def layer_macs(model: nn.Module, inputs: tuple[Any, ...], names: Sequence[str]) 
 
 
 def fidelity(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-    """Relative output error ||y - y_ref||² / ||y_ref||² over all batches (0 = identical)."""
-    num = sum(float(((o - r) ** 2).sum()) for o, r in zip(outputs, reference, strict=True))
-    den = sum(float((r**2).sum()) for r in reference)
+    """Relative output error ||y - y_ref||² / ||y_ref||² over all output tensors (0 = identical).
+
+    Each list holds every floating-point output tensor of every batch, in the same order."""
+    num = sum(float(((o - r).double() ** 2).sum()) for o, r in zip(outputs, reference, strict=True))
+    den = sum(float((r.double() ** 2).sum()) for r in reference)
     return num / max(den, 1e-12)
 
 
@@ -118,9 +122,17 @@ class Prober:
         self.reference = self.outputs(baseline)
 
     def outputs(self, model: nn.Module) -> list[torch.Tensor]:
-        """The model's outputs on every batch."""
+        """The floating-point output tensors of the model on every batch, in order.
+
+        Inputs may be positional or keyword (:func:`netshrink.batches.run`); a structured output
+        (a tuple, a dict, a transformers ``ModelOutput``) is flattened to its tensors."""
         with torch.no_grad():
-            return [model(x) for x, _ in self.data]
+            return [
+                t
+                for x, _ in self.data
+                for t in tree_leaves(run(model, x))
+                if torch.is_tensor(t) and t.is_floating_point()
+            ]
 
     def probe(self, model: nn.Module) -> Probe:
         """Metric and relative output error of ``model``."""

@@ -389,25 +389,39 @@ def fit(
     return t.result
 
 
+def objective(model: nn.Module, ctx: Context) -> tuple[LossFn, Evaluate]:
+    """The loss and metric that training ``model`` after a technique uses.
+
+    Loss: ``ctx.loss_fn`` when given; else, for a model with a method
+    ``netshrink_objective(teacher) -> (loss_fn, metric)`` (a Hugging Face ``TaskModel``), its
+    task's loss, which distils from ``ctx.teacher`` (the uncompressed model) on batches without
+    labels; else cross-entropy. Metric: ``ctx.evaluate``, else that model's, else top-1 accuracy.
+    """
+    loss_fn, metric = cross_entropy, None
+    own = getattr(model, "netshrink_objective", None)
+    if callable(own):
+        loss_fn, metric = own(ctx.teacher)
+    return ctx.loss_fn or loss_fn, ctx.evaluate or metric or accuracy
+
+
 def finetune(model: nn.Module, config: TrainConfig, ctx: Context, desc: str) -> nn.Module:
     """Fine-tune ``model`` on ``ctx.train_data`` as ``config`` says; return it in eval mode.
 
     With ``ctx.val_data`` the model is evaluated after every epoch (``ctx.evaluate``, default
-    top-1 accuracy) and the best epoch's weights are kept. The loss is ``ctx.loss_fn`` (e.g. a
-    task loss distilling from the uncompressed model, :func:`netshrink.hf.loss_for`), default
-    cross-entropy.
+    top-1 accuracy) and the best epoch's weights are kept. Loss and metric: see :func:`objective`.
     """
     assert ctx.train_data is not None
+    loss_fn, evaluate = objective(model, ctx)
     fit(
         model,
         ctx.train_data,
         config,
-        loss_fn=ctx.loss_fn or cross_entropy,
+        loss_fn=loss_fn,
         seed=ctx.seed,
         progress=ctx.progress,
         desc=desc,
         val_data=ctx.val_data,
-        evaluate=ctx.evaluate or accuracy,
+        evaluate=evaluate,
         device=ctx.device,
     )
     return model
