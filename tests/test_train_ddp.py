@@ -67,7 +67,11 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         "OMP_NUM_THREADS": "1",
     }
     env.pop("WORLD_SIZE", None)
+    # One restart: gloo's start-up on a loaded 2-core machine sometimes aborts a rank
+    # (std::terminate, about 1 run in 6 under make test). A restarted group resumes from the
+    # checkpoints in checkpoint_dir, so the comparison below still holds.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd.append("--max-restarts=1")
     done = subprocess.run(
         [*cmd, str(script), str(tmp_path), str(Path(__file__).parent)],
         env=env,
