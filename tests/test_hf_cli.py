@@ -213,6 +213,7 @@ def test_the_training_loss_of_an_hf_model_is_zero_for_the_model_itself(bert: Pat
     model = hf.load_model(f"hf:{bert}")
     loss, _ = objective(model, Context(teacher=model))
     assert objective(torch.nn.Linear(2, 2), Context(teacher=model))[0] is cross_entropy
+    assert objective(model, Context(loss_fn=cross_entropy))[0] is cross_entropy  # no teacher
     torch.manual_seed(0)
     ids = torch.randint(0, model.model.config.vocab_size, (3, 8))
     batch = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None)

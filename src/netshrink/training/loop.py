@@ -397,11 +397,14 @@ def objective(model: nn.Module, ctx: Context) -> tuple[LossFn, Evaluate]:
     task's loss, which distils from ``ctx.teacher`` (the uncompressed model) on batches without
     labels; else cross-entropy. Metric: ``ctx.evaluate``, else that model's, else top-1 accuracy.
     """
-    loss_fn, metric = cross_entropy, None
+    loss_fn, metric = ctx.loss_fn or cross_entropy, None
     own = getattr(model, "netshrink_objective", None)
-    if callable(own):
-        loss_fn, metric = own(ctx.teacher)
-    return ctx.loss_fn or loss_fn, ctx.evaluate or metric or accuracy
+    # Without a teacher a label-free task's loss is a MissingInputError: not the caller's
+    # problem when they brought their own loss_fn.
+    if callable(own) and (ctx.loss_fn is None or ctx.teacher is not None):
+        task_loss, metric = own(ctx.teacher)
+        loss_fn = ctx.loss_fn or task_loss
+    return loss_fn, ctx.evaluate or metric or accuracy
 
 
 def finetune(model: nn.Module, config: TrainConfig, ctx: Context, desc: str) -> nn.Module:
