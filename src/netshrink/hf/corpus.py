@@ -106,7 +106,9 @@ DOCSTRING_MODULES = (
 """Standard-library modules whose docstrings make :func:`stdlib_corpus`, in reading order."""
 
 MIN_CHARS, MAX_CHARS, MIN_WORDS = 40, 400, 6
-_SKIPPED_PACKAGES = frozenset({"test", "tests", "idle_test", "pydoc_data", "site-packages"})
+_SKIPPED_PACKAGES = frozenset(
+    {"test", "tests", "idle_test", "pydoc_data", "site-packages", "dist-packages"}
+)
 """Folders of the standard library :func:`stdlib_training_corpus` does not read: test suites,
 the held-out corpus's source, and installed third-party packages (machine-dependent)."""
 _SENTENCE_END = re.compile(r"(?<=\.)\s+(?=[A-Z])")
@@ -183,7 +185,7 @@ def _all_module_sources() -> list[Path]:
 def _readable_docstrings(path: Path) -> Iterator[str]:
     try:
         yield from _docstrings(path)
-    except (SyntaxError, UnicodeDecodeError):  # a few modules are templates or Latin-1 files
+    except (SyntaxError, ValueError):  # a few modules are templates or not UTF-8
         return
 
 
