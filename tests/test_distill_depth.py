@@ -125,7 +125,38 @@ def test_importance_and_alternate_students_of_a_torch_encoder() -> None:
 
     assert keep(depth=3, layers="importance") == [0, 2, 3]
     assert keep(depth=0.5, layers="alternate") == [0, 2]
-    assert keep(depth=0.5) == [0, 3]
+    assert keep(depth=0.5, layers="spread") == [0, 3]
+    assert keep(depth=0.5) == [1, 3]  # mapped: the layers TinyBERT's map pairs them with
+
+
+def test_mapped_student_layers_start_as_the_teacher_layers_they_learn() -> None:
+    teacher = built(Encoder, 6)
+    student = ns.distill.kd(
+        teacher, student={"depth": 3}, train_data=encoder_data(), epochs=0, progress=False
+    )
+    assert recorded_edits(student)[0]["args"]["keep"] == [1, 3, 5]
+    for match in depth_matches(teacher, student, "cosine", 1.0):
+        s_state = student.get_submodule(match.student).state_dict()
+        t_state = teacher.get_submodule(match.teacher_name).state_dict()
+        assert all(torch.equal(v, t_state[k]) for k, v in s_state.items())
+
+
+def test_cached_teacher_targets_train_the_same_student_as_live_ones(data) -> None:
+    teacher = fx.build("bert")
+    students = [
+        ns.distill.kd(
+            teacher,
+            student={"depth": 1},
+            train_data=data,
+            epochs=2,
+            lr=3e-3,
+            cache_teacher=cache,
+            progress=False,
+        )
+        for cache in (True, False)
+    ]  # outputs and hidden states both come from the cache in the second epoch
+    cached, live = (dict(s.named_parameters()) for s in students)
+    assert all(torch.equal(cached[k], live[k]) for k in live)
 
 
 @pytest.mark.parametrize(

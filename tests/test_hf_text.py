@@ -10,7 +10,13 @@ import torch
 from hf_fixtures import model_dir, tokenizer
 from netshrink.errors import ConfigError, DataError
 from netshrink.hf import heldout_corpus, load_tokenizer, stdlib_corpus, text_data
-from netshrink.hf.corpus import _heldout_texts, _stdlib_texts, is_prose
+from netshrink.hf.corpus import (
+    _heldout_texts,
+    _stdlib_texts,
+    is_prose,
+    sentences,
+    stdlib_training_corpus,
+)
 from netshrink.hf.text import split_indices
 
 TEXTS = stdlib_corpus(120)
@@ -125,3 +131,21 @@ def test_corpora_are_stable_prose_and_disjoint():
     assert stdlib_corpus(10) == docstrings[:10]
     with pytest.raises(ConfigError, match=r"ask for 1\.\."):
         heldout_corpus(len(reference) + 1)
+
+
+def test_training_corpus_is_larger_holds_the_docstring_corpus_and_no_heldout_text():
+    training = stdlib_training_corpus()
+    assert len(training) > 3 * len(stdlib_corpus()) and len(set(training)) == len(training)
+    assert set(stdlib_corpus()) <= set(training)
+    assert not set(training) & set(heldout_corpus())
+    assert stdlib_training_corpus(5) == training[:5]
+    with pytest.raises(ConfigError, match=r"ask for 1\.\."):
+        stdlib_training_corpus(0)
+
+
+def test_sentences_split_after_full_stops_and_drop_short_ones():
+    text = "The first sentence has six words. Too short. The third one is long enough, e.g. here."
+    assert sentences(text) == [
+        "The first sentence has six words.",
+        "The third one is long enough, e.g. here.",
+    ]

@@ -3,12 +3,13 @@
 Depth keeps some blocks of each stack, initialised from the teacher's, as DistilBERT did with
 one transformer layer out of two (Sanh et al. 2019, sec. 3). In a transformer (a transformers
 model or ``nn.TransformerEncoder``) the stacks are its layer lists and the others are dropped
-with the ``hf.drop_layers`` edit, so the config stays in sync and the artifact reloads; the kept
-layers are evenly spread, every other one, or those of highest Block Influence (ShortGPT, see
-:mod:`netshrink.prune.layers`). :func:`depth_matches` pairs each student layer with the teacher
-layer whose hidden states it learns to reproduce (TinyBERT's uniform map, Jiao et al. 2020,
-sec. 3.2). In other models the stacks are ``nn.Sequential``/``nn.ModuleList``s of identical
-blocks.
+with the ``hf.drop_layers`` edit, so the config stays in sync and the artifact reloads.
+:func:`depth_matches` pairs each student layer with the teacher layer whose hidden states it
+learns to reproduce (TinyBERT's uniform map, Jiao et al. 2020, sec. 3.2); by default each
+student layer also starts as that teacher layer (``layers: mapped``). The kept layers can
+instead be evenly spread, every other one from the first, or those of highest Block Influence
+(ShortGPT, see :mod:`netshrink.prune.layers`). In other models the stacks are
+``nn.Sequential``/``nn.ModuleList``s of identical blocks.
 
 Width shrinks every hidden layer: with structured pruning (``prune.channels``, which keeps the
 teacher's most important channels and their weights) or, for a zoo model, by building the same
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 from torch import nn
@@ -35,6 +36,12 @@ from netshrink.layers import replace_module
 from netshrink.prune.layers import Selection, alternate, keep_layers, spread
 
 
+def mapped(n: int, m: int) -> list[int]:
+    """``m`` of the indices ``0..n-1``: the teacher layers TinyBERT's uniform map pairs with
+    ``m`` student layers, ``(j + 1) * n // m - 1`` (every ``n / m``-th, the last included)."""
+    return [(j + 1) * n // m - 1 for j in range(m)]
+
+
 class StudentConfig(Options):
     """How to derive the student from the model given to ``distill.kd``."""
 
@@ -45,10 +52,11 @@ class StudentConfig(Options):
         1.0,
         description="blocks kept of each stack: a fraction in (0, 1], or a number (int) of layers",
     )
-    layers: Selection = Field(
-        "spread",
-        description="blocks a depth student keeps: spread (evenly, first and last), alternate "
-        "(every other from the first), importance (Block Influence on train_data; transformers)",
+    layers: Selection | Literal["mapped"] = Field(
+        "mapped",
+        description="blocks a depth student keeps: mapped (those whose outputs its layers learn, "
+        "TinyBERT's map, last included), spread (evenly, first and last), alternate (every "
+        "other from the first), importance (Block Influence on train_data; transformers)",
     )
 
 
@@ -91,7 +99,11 @@ def _shrink_transformer(
 ) -> nn.Module:
     stacks = layer_stacks(student)
     counts = {path: kept_count(len(s), config.depth, path) for path, s in stacks.items()}
-    for path, keep in keep_layers(student, counts, config.layers, batches).items():
+    if config.layers == "mapped":
+        kept = {path: mapped(len(stacks[path]), m) for path, m in counts.items()}
+    else:
+        kept = keep_layers(student, counts, config.layers, batches)
+    for path, keep in kept.items():
         drop_layers(student, path, keep)
     return student
 
@@ -115,10 +127,10 @@ def shrink_depth(
     if config.layers == "importance":
         raise ConfigError(
             "student layers='importance' ranks transformer layers by Block Influence; "
-            f"{type(model).__name__} is no transformer: use 'spread' or 'alternate'",
+            f"{type(model).__name__} is no transformer: use 'mapped', 'spread' or 'alternate'",
             key="student.layers",
         )
-    pick = spread if config.layers == "spread" else alternate
+    pick = {"mapped": mapped, "spread": spread, "alternate": alternate}[config.layers]
     for name, stack in stacks.items():
         blocks = list(stack.children())
         kept = [blocks[i] for i in pick(len(blocks), kept_count(len(blocks), config.depth, name))]
@@ -151,11 +163,11 @@ def depth_matches(
             matches += [
                 FeatureMatch(
                     student=f"{path}.{j}",
-                    teacher=f"{path}.{(j + 1) * n // m - 1}",
+                    teacher=f"{path}.{i}",
                     loss=loss,  # type: ignore[arg-type]
                     weight=weight,
                 )
-                for j in range(m)
+                for j, i in enumerate(mapped(n, m))
             ]
     return matches
 
