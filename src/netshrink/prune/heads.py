@@ -21,7 +21,8 @@ from torch import nn
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.hf.blocks import PrunedMultiheadAttention, find_attention
+from netshrink.hf.blocks import find_attention
+from netshrink.hf.shrink import PrunedMultiheadAttention
 from netshrink.prune.units import DATA_CRITERIA, UnitBlock, prune_blocks
 from netshrink.registry import technique
 

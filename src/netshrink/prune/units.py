@@ -43,7 +43,8 @@ from netshrink.batches import run
 from netshrink.calibrate import first_tensor
 from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.hf.blocks import PrunedMultiheadAttention, Slot, slot_positions, slot_weight
+from netshrink.hf.blocks import Slot, slot_positions, slot_weight
+from netshrink.hf.shrink import PrunedMultiheadAttention
 from netshrink.layers.edits import apply_edit
 
 Scores = dict[str, torch.Tensor]
