@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> str:
             )
         )
         record(f"{cut}, {'refit' if refit else 'no refit'}", model, wall, cpu)
+    if args.ffn_only:  # about the same share of the encoder, taken from the FFNs alone
+        alone = {**ffn, "ratio": args.ffn_only}
+        ffn_only, wall, cpu = timed(lambda: ns.prune.ffn(fp32, **alone, refit=True, **common))
+        record(f"prune.ffn {args.ffn_only:.0%} alone, refit", ffn_only, wall, cpu)
     tune = TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=10, keep_best=False)
     losses = {
         "cosine (the finetune option's loss)": hf.loss_for("embedding", teacher=fp32),
@@ -170,7 +174,8 @@ def table(
 ) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     options = (
-        f" --heads {args.heads} --ffn {args.ffn} --criterion {args.criterion} --epochs "
+        f" --heads {args.heads} --ffn {args.ffn} --ffn-only {args.ffn_only} --criterion "
+        f"{args.criterion} --epochs "
         f"{args.epochs} --lr {args.lr} --train-length {args.train_length}"
         f"{f' --train-batches {args.train_batches}' if args.train_batches else ''}"
         f"{f' --eval-texts {args.eval_texts}' if args.eval_texts and not args.quick else ''}"
@@ -229,6 +234,9 @@ def main() -> None:
     parser.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed")
     parser.add_argument("--ffn", type=float, default=0.33, help="fraction of FFN neurons removed")
     parser.add_argument("--criterion", default="activation", help="prune.heads criterion")
+    parser.add_argument(
+        "--ffn-only", type=float, default=0.45, help="FFN ratio of the FFN-only row (0: none)"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument(

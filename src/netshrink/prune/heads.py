@@ -41,7 +41,7 @@ class HeadsConfig(TechniqueConfig):
     )
     min_heads: int = Field(1, ge=1, le=4096, description="heads every attention module keeps")
     batches: int = Field(
-        8, ge=1, le=10_000, description="calibration batches the data-aware criteria read"
+        8, ge=1, le=10_000, description="calibration batches the data-aware criteria and refit read"
     )
     refit: bool = Field(
         False,

@@ -91,12 +91,13 @@ def refit_projection(
         y = _capture(original, name, inputs, want_input=False)
         x = _capture(model, name, inputs, want_input=True)
         if with_bias:
-            x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            x = torch.cat([x, x.new_ones(len(x), 1)], 1)
         gram = x.T @ x if gram is None else gram + x.T @ x
         cross = x.T @ y if cross is None else cross + x.T @ y
     assert gram is not None and cross is not None
     damp = DAMP * gram.diagonal().mean().clamp_min(1e-12)
-    solution = torch.linalg.solve(gram + damp * torch.eye(len(gram), dtype=gram.dtype), cross)
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    solution = torch.linalg.solve(gram + damp * eye, cross)
     weight = solution[: module.weight.shape[1 if transposed else 0]]
     module.weight.copy_((weight.T if transposed else weight).to(module.weight.dtype))
     if with_bias:
