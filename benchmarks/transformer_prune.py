@@ -1,11 +1,15 @@
-"""Heads + FFN pruning of the real all-MiniLM-L6-v2, recovered by distillation from fp32.
+"""Heads + FFN pruning of the real all-MiniLM-L6-v2, refit, then recovered by distillation.
 
 The acceptance run of issue #13: ``prune.heads`` then ``prune.ffn`` remove about 30% of the
-encoder's parameters (embeddings excluded), then the ``finetune:`` option of the ``prune.ffn``
-stage distils the result from fp32 (cosine distance to its embeddings, ``netshrink.hf.loss_for``)
-on unlabeled standard-library docstrings; fidelity is measured on held-out text from another source
-(``netshrink.hf.heldout_corpus``). The table goes to stdout and, with ``--write``, into
-docs/benchmarks/prune.md's "Transformers: heads and FFN" section.
+encoder's parameters (embeddings excluded) — once as cut, once with ``refit: true`` (the cut
+blocks' output projections refit by least squares on calibration text) — then the refit model is
+distilled from fp32 on unlabeled standard-library docstrings with the loss the ``finetune:``
+option uses (cosine to the fp32 embedding, ``netshrink.hf.loss_for``) and, for comparison, with
+that loss plus in-batch similarity and per-layer hidden-state matching (:func:`rich_loss`).
+Fidelity is measured on held-out text from another source (``netshrink.hf.heldout_corpus``).
+Every row reports wall seconds, process CPU seconds and the load average. The table goes to
+stdout and, with ``--write``, into docs/benchmarks/prune.md's "Transformers: heads and FFN"
+section.
 
     PYTHONPATH=src python benchmarks/transformer_prune.py [--quick] [--write]
 """
@@ -13,20 +17,26 @@ docs/benchmarks/prune.md's "Transformers: heads and FFN" section.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import netshrink as ns
 from netshrink import hf
+from netshrink.config import TrainConfig
+from netshrink.context import Batch, LossFn
 from netshrink.hf.export import export_hf
 from netshrink.hf.text import tokenize
+from netshrink.train import fit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "prune.md"
 SECTION = "## Transformers: heads and FFN"
@@ -44,10 +54,47 @@ def encoder_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.model.encoder.parameters())
 
 
+def _states(model: nn.Module, x: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The pooled embedding and every layer's hidden states of a MiniLM ``TaskModel``."""
+    out = model.model(**x, output_hidden_states=True, return_dict=True)
+    return model.pooling(out.last_hidden_state, x["attention_mask"]), out.hidden_states
+
+
+def rich_loss(
+    teacher: nn.Module, hidden_weight: float
+) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """``1 - cos`` of the pooled embeddings, plus the relative error of the in-batch cosine
+    similarity matrix (what top-k neighbours are read from), plus ``hidden_weight`` times the
+    mean relative error of every layer's hidden states at real tokens (TinyBERT's hidden-state
+    loss, Jiao et al. 2020, sec. 3.1). The teacher's outputs are cached per batch."""
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = {}
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        x = batch[0]
+        real = x["attention_mask"].bool()
+        key = id(x["input_ids"])
+        if key not in cache:
+            with torch.no_grad():
+                emb, hidden = _states(teacher, x)
+            cache[key] = (x["input_ids"], emb, [h[real] for h in hidden[1:]])
+        _, t_emb, t_hidden = cache[key]
+        s_emb, s_hidden = _states(model, x)
+        cosine = (1 - F.cosine_similarity(s_emb, t_emb, dim=-1)).mean()
+        t_sim = t_emb @ t_emb.T
+        similarity = F.mse_loss(s_emb @ s_emb.T, t_sim) / t_sim.var()
+        hidden = sum(
+            F.mse_loss(s[real], t) / t.pow(2).mean()
+            for s, t in zip(s_hidden[1:], t_hidden, strict=True)
+        )
+        return cosine + similarity + hidden_weight * hidden / len(t_hidden)
+
+    return loss
+
+
 def run(args: argparse.Namespace) -> str:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     ref = f"hf:{minilm_dir()}"
     fp32 = hf.load_model(ref)
     tokenizer = hf.load_tokenizer(ref)
@@ -55,56 +102,85 @@ def run(args: argparse.Namespace) -> str:
     data = hf.texts_data(
         texts, None, tokenizer, "stdlib", max_length=args.train_length, batch_size=32
     )
+    train = data.train[: args.train_batches]
     heldout = tokenize(tokenizer, hf.heldout_corpus(args.eval_texts), None, 128, 64)
-    loss = hf.loss_for("embedding", teacher=fp32)
-    tune = {"epochs": args.epochs, "lr": args.lr, "warmup_steps": 10, "keep_best": False}
-    example = data.calib[0][0]
-    common = {"calib_data": data.calib, "train_data": data.train, "loss_fn": loss}
+    common = {
+        "calib_data": data.calib,
+        "example_inputs": data.calib[0][0],
+        "batches": args.score_batches,
+    }
+    heads = {"ratio": args.heads, "criterion": args.criterion, "scope": "global"}
+    ffn = {"ratio": args.ffn, "criterion": "activation", "scope": "layer", "round_to": 8}
     rows = []
 
-    def record(name: str, model: nn.Module, seconds: float) -> None:
+    def record(name: str, model: nn.Module, wall: float, cpu: float) -> None:
         f = hf.fidelity("embedding", model, fp32, heldout)
         kept = encoder_params(model) / encoder_params(fp32)
-        rows.append((name, encoder_params(model), 1 - kept, f.cosine, f.topk, seconds))
+        load = os.getloadavg()[0]
+        rows.append((name, encoder_params(model), 1 - kept, f.cosine, f.topk, wall, cpu, load))
         print(rows[-1], flush=True)
 
-    record("fp32", fp32, 0.0)
-    t = time.perf_counter()
-    heads = ns.prune.heads(
-        fp32, ratio=args.heads, criterion=args.criterion, scope="global",
-        batches=args.score_batches, example_inputs=example, **common,
-    )  # fmt: skip
-    ffn = {"ratio": args.ffn, "criterion": "activation", "scope": "layer", "round_to": 8}
-    both = ns.prune.ffn(heads, **ffn, batches=args.score_batches, example_inputs=example, **common)
-    record(
-        f"prune.heads {args.heads:.0%} ({args.criterion}, global) + prune.ffn {args.ffn:.0%} "
-        "(activation), no recovery",
-        both,
-        time.perf_counter() - t,
-    )
-    t = time.perf_counter()
-    recovered = ns.prune.ffn(
-        heads, **ffn, batches=args.score_batches, example_inputs=example, finetune=tune, **common
-    )
-    record(
-        f"the same, distilled {args.epochs} epoch(s) (prune.ffn's finetune)",
-        recovered,
-        time.perf_counter() - t,
-    )
+    def timed(make: Callable[[], nn.Module]) -> tuple[nn.Module, float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        model = make()
+        return model, time.perf_counter() - wall, time.process_time() - cpu
+
+    record("fp32", fp32, 0.0, 0.0)
+    cut = f"prune.heads {args.heads:.0%} ({args.criterion}, global) + prune.ffn {args.ffn:.0%}"
+    for refit in (False, True):
+        model, wall, cpu = timed(
+            lambda refit=refit: ns.prune.ffn(
+                ns.prune.heads(fp32, **heads, refit=refit, **common), **ffn, refit=refit, **common
+            )
+        )
+        record(f"{cut}, {'refit' if refit else 'no refit'}", model, wall, cpu)
+    if args.ffn_only:  # about the same share of the encoder, taken from the FFNs alone
+        alone = {**ffn, "ratio": args.ffn_only}
+        ffn_only, wall, cpu = timed(lambda: ns.prune.ffn(fp32, **alone, refit=True, **common))
+        record(f"prune.ffn {args.ffn_only:.0%} alone, refit", ffn_only, wall, cpu)
+    tune = TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=10, keep_best=False)
+    losses = {
+        "cosine (the finetune option's loss)": hf.loss_for("embedding", teacher=fp32),
+        f"cosine + similarity + {args.hidden_weight} x hidden states": rich_loss(
+            fp32, args.hidden_weight
+        ),
+    }
+
+    def distil(loss: LossFn) -> nn.Module:
+        student = copy.deepcopy(model)
+        fit(student, train, tune, loss_fn=loss, progress=False)
+        return student
+
+    steps = len(train) * args.epochs
+    for name, loss in losses.items():
+        recovered, wall, cpu = timed(lambda loss=loss: distil(loss))
+        record(f"refit, distilled {steps} steps: {name}", recovered, wall, cpu)
     with tempfile.TemporaryDirectory() as tmp:
         ns.save(recovered, Path(tmp) / "artifact")
         again = ns.load(Path(tmp) / "artifact")
         exported = export_hf(recovered, Path(tmp) / "hf")
         x = heldout[0][0]
         reload_diff = (again(**x) - recovered(**x)).abs().max().item()
-    total = time.perf_counter() - started
+    total = (time.perf_counter() - started, time.process_time() - cpu_started)
     return table(args, rows, reload_diff, str(exported.remote_code), total)
 
 
 def table(
-    args: argparse.Namespace, rows: list[tuple], reload_diff: float, remote: str, total: float
+    args: argparse.Namespace,
+    rows: list[tuple],
+    reload_diff: float,
+    remote: str,
+    total: tuple[float, float],
 ) -> str:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    options = (
+        f" --heads {args.heads} --ffn {args.ffn} --ffn-only {args.ffn_only} --criterion "
+        f"{args.criterion} --epochs "
+        f"{args.epochs} --lr {args.lr} --train-length {args.train_length}"
+        f"{f' --train-batches {args.train_batches}' if args.train_batches else ''}"
+        f"{f' --eval-texts {args.eval_texts}' if args.eval_texts and not args.quick else ''}"
+        f" --threads {args.threads}"
+    )
     lines = [
         SECTION,
         "",
@@ -112,32 +188,35 @@ def table(
         "",
         "```",
         f"PYTHONPATH=src python benchmarks/transformer_prune.py{' --quick' if args.quick else ''}"
-        f" --heads {args.heads} --ffn {args.ffn} --criterion {args.criterion} --epochs "
-        f"{args.epochs} --lr {args.lr} --train-length {args.train_length} --threads "
-        f"{args.threads} --write",
+        f"{options} --write",
         "```",
         "",
         f"all-MiniLM-L6-v2 (6 layers, 12 heads, FFN 1536), torch {torch.__version__}, "
-        f"{platform.machine()}, {args.threads} thread(s), load average {load}. Train: "
+        f"{platform.machine()}, {args.threads} thread(s), load average {load} at the end. Train: "
         f"{args.train_texts or 'all'} stdlib docstring paragraphs (80% train, cut to "
-        f"{args.train_length} tokens); fidelity on "
+        f"{args.train_length} tokens, batches of 32); fidelity on "
         f"{args.eval_texts or 'all'} held-out language-reference paragraphs (cosine to the "
         "fp32 embedding, top-5 neighbour agreement). Encoder = the 6 transformer layers "
-        "(embeddings excluded). Recovery: the prune.ffn stage's `finetune: {epochs: "
-        f"{args.epochs}, lr: {args.lr}}}` with `loss_fn=hf.loss_for('embedding', teacher=fp32)`.",
+        "(embeddings excluded). Refit and the data-aware criteria read "
+        f"{args.score_batches} calibration batches. Distillation: `netshrink.train.fit` "
+        f"(the loop `finetune:` runs), AdamW, lr {args.lr}, 10 warm-up steps, cosine decay. "
+        "Seconds: wall and process CPU of the row's own work (not its fidelity evaluation); "
+        "load: the 1-minute load average when the row was recorded.",
         "",
-        "| model | encoder params | removed | cosine | top-5 | seconds |",
-        "|---|---|---|---|---|---|",
+        "| model | encoder params | removed | cosine | top-5 | wall s | CPU s | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, params, removed, cos, top5, seconds in rows:
+    for name, params, removed, cos, top5, wall, cpu, rowload in rows:
         lines.append(
-            f"| {name} | {params:,} | {removed:.1%} | {cos:.4f} | {top5:.4f} | {seconds:.0f} |"
+            f"| {name} | {params:,} | {removed:.1%} | {cos:.4f} | {top5:.4f} | {wall:.0f} | "
+            f"{cpu:.0f} | {rowload:.1f} |"
         )
     lines += [
         "",
-        f"Whole run {total:.0f} s. The recovered model saved with `ns.save` and reloaded with "
-        f"`ns.load(path)` (rebuilt onto `hf:<folder>`): largest output difference "
-        f"{reload_diff:.1e}. `export_hf` wrote a folder needing trust_remote_code: {remote}.",
+        f"Whole run {total[0]:.0f} s wall, {total[1]:.0f} s CPU. The last model saved with "
+        "`ns.save` and reloaded with `ns.load(path)` (rebuilt onto `hf:<folder>`): largest "
+        f"output difference {reload_diff:.1e}. `export_hf` wrote a folder needing "
+        f"trust_remote_code: {remote}.",
         "",
     ]
     return "\n".join(lines)
@@ -155,16 +234,27 @@ def main() -> None:
     parser.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed")
     parser.add_argument("--ffn", type=float, default=0.33, help="fraction of FFN neurons removed")
     parser.add_argument("--criterion", default="activation", help="prune.heads criterion")
+    parser.add_argument(
+        "--ffn-only", type=float, default=0.45, help="FFN ratio of the FFN-only row (0: none)"
+    )
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--hidden-weight", type=float, default=0.1, help="hidden-state term of rich_loss"
+    )
+    parser.add_argument(
+        "--train-batches", type=int, default=None, help="batches of an epoch (default: all)"
+    )
     parser.add_argument(
         "--train-length", type=int, default=64, help="tokens a training text is cut to"
     )
-    parser.add_argument("--score-batches", type=int, default=4)
+    parser.add_argument("--score-batches", type=int, default=8)
     parser.add_argument("--train-texts", type=int, default=None, help="default: all")
     parser.add_argument("--eval-texts", type=int, default=None, help="default: all")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="300 texts, 1 epoch: a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="300 texts, 1 epoch, 100 held out: a smoke run"
+    )
     parser.add_argument("--write", action="store_true", help=f"write the table into {DOC.name}")
     args = parser.parse_args()
     if args.quick:

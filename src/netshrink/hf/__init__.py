@@ -1,5 +1,6 @@
 """Hugging Face integration: ``hf:`` model references, ``text:`` data, task metrics and losses,
-the heads and FFNs of transformer blocks (:mod:`netshrink.hf.blocks`) and ``export --hf``.
+the heads and FFNs of transformer blocks (found by :mod:`netshrink.hf.blocks`, cut by
+:mod:`netshrink.hf.shrink`) and ``export --hf``.
 
 transformers is an optional dependency: importing this package does not need it, loading a model
 or tokenizer does (and says how to install it when missing).

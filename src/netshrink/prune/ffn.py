@@ -19,7 +19,7 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import find_ffn
-from netshrink.prune.units import DATA_CRITERIA, UnitBlock, prune_blocks
+from netshrink.prune.units import UnitBlock, needs_calib, prune_blocks
 from netshrink.registry import technique
 
 
@@ -41,12 +41,13 @@ class FfnConfig(TechniqueConfig):
         1, ge=1, le=4096, description="keep each FFN's width a multiple of this (fast kernels)"
     )
     batches: int = Field(
-        8, ge=1, le=10_000, description="calibration batches the data-aware criteria read"
+        8, ge=1, le=10_000, description="calibration batches the data-aware criteria and refit read"
     )
-
-
-def _needs(cfg: FfnConfig) -> tuple[str, ...]:
-    return ("calib_data",) if cfg.criterion in DATA_CRITERIA else ()
+    refit: bool = Field(
+        False,
+        description="refit each cut block's output projection by least squares so it "
+        "reproduces the unpruned output on calib_data (no training; needs calib_data)",
+    )
 
 
 def ffn_blocks(model: nn.Module, round_to: int) -> list[UnitBlock]:
@@ -64,7 +65,7 @@ def ffn_blocks(model: nn.Module, round_to: int) -> list[UnitBlock]:
     ]
 
 
-@technique("prune.ffn", FfnConfig, needs=_needs)
+@technique("prune.ffn", FfnConfig, needs=needs_calib)
 def ffn(model: nn.Module, config: FfnConfig, ctx: Context) -> nn.Module:
     """Remove the least important FFN neurons of transformers (no tracing needed)."""
     blocks = ffn_blocks(model, config.round_to)

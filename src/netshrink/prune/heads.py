@@ -21,8 +21,9 @@ from torch import nn
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.hf.blocks import PrunedMultiheadAttention, find_attention
-from netshrink.prune.units import DATA_CRITERIA, UnitBlock, prune_blocks
+from netshrink.hf.blocks import find_attention
+from netshrink.hf.shrink import PrunedMultiheadAttention
+from netshrink.prune.units import UnitBlock, needs_calib, prune_blocks
 from netshrink.registry import technique
 
 
@@ -40,12 +41,13 @@ class HeadsConfig(TechniqueConfig):
     )
     min_heads: int = Field(1, ge=1, le=4096, description="heads every attention module keeps")
     batches: int = Field(
-        8, ge=1, le=10_000, description="calibration batches the data-aware criteria read"
+        8, ge=1, le=10_000, description="calibration batches the data-aware criteria and refit read"
     )
-
-
-def _needs(cfg: HeadsConfig) -> tuple[str, ...]:
-    return ("calib_data",) if cfg.criterion in DATA_CRITERIA else ()
+    refit: bool = Field(
+        False,
+        description="refit each cut block's output projection by least squares so it "
+        "reproduces the unpruned output on calib_data (no training; needs calib_data)",
+    )
 
 
 def head_blocks(model: nn.Module, min_heads: int) -> list[UnitBlock]:
@@ -66,7 +68,7 @@ def head_blocks(model: nn.Module, min_heads: int) -> list[UnitBlock]:
     return blocks
 
 
-@technique("prune.heads", HeadsConfig, needs=_needs, creates=(PrunedMultiheadAttention,))
+@technique("prune.heads", HeadsConfig, needs=needs_calib, creates=(PrunedMultiheadAttention,))
 def heads(model: nn.Module, config: HeadsConfig, ctx: Context) -> nn.Module:
     """Remove the least important attention heads of transformers (no tracing needed)."""
     blocks = head_blocks(model, config.min_heads)

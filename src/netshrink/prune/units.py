@@ -27,6 +27,7 @@ uncompressed model anyway.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -43,8 +44,10 @@ from netshrink.batches import run
 from netshrink.calibrate import first_tensor
 from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
-from netshrink.hf.blocks import PrunedMultiheadAttention, Slot, slot_positions, slot_weight
+from netshrink.hf.blocks import Slot, slot_positions, slot_weight
+from netshrink.hf.shrink import PrunedMultiheadAttention
 from netshrink.layers.edits import apply_edit
+from netshrink.prune.refit import refit_projections
 
 Scores = dict[str, torch.Tensor]
 """Each block's unit scores by block path (higher = more important)."""
@@ -218,6 +221,12 @@ DATA_CRITERIA = ("activation", "taylor", "mask")
 """Criteria that run the model on calibration data."""
 
 
+def needs_calib(config: Any) -> tuple[str, ...]:
+    """``("calib_data",)`` when ``config`` (of ``prune.heads`` / ``prune.ffn``) reads data: a
+    data-aware criterion or ``refit``."""
+    return ("calib_data",) if config.criterion in DATA_CRITERIA or config.refit else ()
+
+
 @contextmanager
 def _projections_called(model: nn.Module) -> Iterator[None]:
     """Run every ``nn.MultiheadAttention`` as :class:`PrunedMultiheadAttention` (same result),
@@ -297,7 +306,9 @@ def prune_blocks(
     model: nn.Module, blocks: list[UnitBlock], config: Any, ctx: Context, edit: str, what: str
 ) -> None:
     """Score, choose and cut the units of ``blocks`` as ``config`` (``ratio``, ``criterion``,
-    ``scope``, ``batches``) says, with the recorded edit ``edit`` (``hf.heads`` / ``hf.ffn``).
+    ``scope``, ``batches``, ``refit``) says, with the recorded edit ``edit`` (``hf.heads`` /
+    ``hf.ffn``); with ``refit``, then refit the cut blocks' output projections by least squares
+    on the calibration batches (:mod:`netshrink.prune.refit`).
 
     Raises when nothing of a non-zero ratio could be removed (every block at its floor); warns
     (the stage's note) when less than half of it was. ``what`` names the units in messages.
@@ -306,11 +317,13 @@ def prune_blocks(
     data = list(islice(ctx.calib_data, config.batches)) if ctx.calib_data is not None else []
     scores = score(model, blocks, config.criterion, data, ctx.seed)
     keep = choose(blocks, scores, config.ratio, config.scope)
-    removed, total = 0, sum(b.units for b in blocks)
+    original = copy.deepcopy(model) if config.refit else None
+    removed, total, cut = 0, sum(b.units for b in blocks), []
     for b in blocks:
         if len(keep[b.path]) < b.units:
             apply_edit(model, edit, module=b.path, keep=keep[b.path])
             removed += b.units - len(keep[b.path])
+            cut.append(_consumer_input(b)[0])
     if config.ratio > 0 and removed == 0:
         raise UnsupportedModuleError(
             f"{name}: achieved 0% of the requested {config.ratio:.0%} of {total} {what}, because "
@@ -322,3 +335,6 @@ def prune_blocks(
             f"{what}, because of the per-block floor (min_heads / round_to)",
             stacklevel=3,
         )
+    if original is not None and cut:
+        with _projections_called(original), _projections_called(model):
+            refit_projections(model, original, cut, data)
