@@ -14,6 +14,7 @@ from netshrink.calibrate import (
     Gram,
     Hooks,
     MinMax,
+    PerLayer,
     Reducer,
     Shape,
     SumSquares,
@@ -353,3 +354,18 @@ def test_column_statistics_stream_in_chunks_and_match_the_whole_batch_in_float64
     assert mean is not None and gram.sum is None
     torch.testing.assert_close(mean, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-12)
     assert Gram().take_mean() is None
+
+
+def test_the_report_counts_statistics_a_compressor_frees_as_it_uses_them() -> None:
+    model, batches = _encoder()
+
+    class Freeing(PerLayer):
+        def compress(self, name: str, block: nn.Module, points: Points) -> None:
+            for gram in self.stats.values():
+                gram.take_mean()  # as GPTQ does: the sum is gone before the report looks
+
+    owned = {b: [f"{b}.linear2"] for b in find_blocks(model)}
+    report = run_blocks(model, batches, Freeing(owned, Gram, lambda _: None), show=False)
+    gram_bytes = 16 * 16 * 8  # linear2's inputs are 16 wide, summed in float64
+    inputs = sum(x.numel() * x.element_size() for x, _ in batches)
+    assert report.peak_activation_bytes >= gram_bytes + 2 * inputs

@@ -225,10 +225,10 @@ def run_blocks(
                     for call in track(calls, f"calibrate block {i + 1}/{len(names)}", show=show):
                         hooks.tokens = call.tokens
                         block(*call.args, **call.kwargs)
+            # counted before compressing: a compressor may free statistics as it uses them
+            stats_bytes = sum(r.nbytes() for rs in points.values() for r in rs)
             compressor.compress(name, block, points)
             release_freed_memory()  # the statistics and the compressor's working copies
-            held = [r for rs in points.values() for r in rs]
-            stats_bytes = sum(r.nbytes() for r in held)
             outputs = []
             for call in track(calls, f"propagate block {i + 1}/{len(names)}", show=show):
                 outputs.append(_next_input(call, block(*call.args, **call.kwargs), name))

@@ -10,19 +10,22 @@ are applied once per block (sec. 4, step 2, "lazy batch updates"). H is damped b
 times its mean diagonal (step 3). ``act_order`` quantizes the columns of largest diag(H)
 first (the "act-order" heuristic of the reference code); each group keeps the scale computed
 from its original weights, so groups stay runs of consecutive inputs and the stored layout is
-the one round-to-nearest uses. ``clip`` chooses each group's range by a search over shrunk
-min-max ranges that minimizes the diag(H)-weighted rounding error (the MSE grid search of the
-reference code's quantizer and of llm-compressor's "mse" observer, weighted here by how much
-each input's error costs at the output); the inverse Hessian is the one
-:func:`netshrink.calibrate.damped_inverse_cholesky` SparseGPT uses too. Each layer's relative
-output error on the calibration data is logged (``relative_output_error``).
+the one round-to-nearest uses. The grid is :mod:`netshrink.quantize.grid`'s: narrow signed
+(-7..7 at 4 bits), ``full_range`` (-8..7) or asymmetric (0..15 with a zero point per group).
+``clip`` chooses each group's range by the diag(H)-weighted search of
+:func:`~netshrink.quantize.grid.search_range`. ``awq`` first scales each Linear's inputs by AWQ's
+rms(x)^alpha (Lin et al. 2023, sec. 3.2), alpha searched on the round-to-nearest output error,
+and quantizes W diag(s) against the scaled inputs' Hessian. The inverse Hessian is the one
+:func:`netshrink.calibrate.damped_inverse_cholesky` SparseGPT uses too, here in float32 as in the
+reference code. Each layer's relative output error on the calibration data is logged
+(``relative_output_error``).
 
 The result is the packed layer ``quantize.weight_only`` makes (int8 codes, or int4 codes two
 per byte holding 2-, 3- and 4-bit values): artifacts, ONNX export and kernels are shared.
-Asymmetric grids (a zero point per group) are stored as the difference code minus zero point,
-which fits the int4 codes for 2 and 3 bits only. With ``sequential`` each block (a transformer
-layer) is calibrated on the outputs of the already-quantized blocks before it, through
-:func:`netshrink.calibrate.run_blocks`.
+Asymmetric 4-bit grids keep a zero point per group (``PackedLinear``'s, MatMulNBits' layout);
+at 2 and 3 bits the code minus the zero point is stored, which fits the signed int4 codes. With
+``sequential`` each block (a transformer layer) is calibrated on the outputs of the
+already-quantized blocks before it, through :func:`netshrink.calibrate.run_blocks`.
 """
 
 from __future__ import annotations
