@@ -140,6 +140,7 @@ def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
         "int4 g128 gptq act_order clip damp 0.1": lambda: ns.quantize.gptq(
             model, **g128, **best, **seq
         ),
+        **gptq_grids(model, {**g128, **best, **seq}),
         "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, kernel="dense", **enc),
         "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **sparse),
         "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **sparse),
@@ -150,6 +151,23 @@ def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
         "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **sparse),
         "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **sparse),
         "sparsegpt 2:4 damp 0.1": lambda: ns.prune.sparsegpt(model, n=2, m=4, damp=0.1, **sparse),
+    }
+
+
+def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
+    """GPTQ rows on the other int4 grids (with the best options): -8..7, 0..15 with a zero
+    point per group, and that with AWQ's input scales first."""
+    asym = {**options, "symmetric": False}
+    return {
+        "int4 g128 gptq full -8..7 act_order clip damp 0.1": lambda: ns.quantize.gptq(
+            model, full_range=True, **options
+        ),
+        "int4 g128 gptq asymmetric act_order clip damp 0.1": lambda: ns.quantize.gptq(
+            model, **asym
+        ),
+        "int4 g128 gptq asymmetric awq act_order clip damp 0.1": lambda: ns.quantize.gptq(
+            model, awq=True, **asym
+        ),
     }
 
 

@@ -14,6 +14,7 @@ from netshrink.calibrate import (
     Gram,
     Hooks,
     MinMax,
+    PerLayer,
     Reducer,
     Shape,
     SumSquares,
@@ -333,3 +334,38 @@ def test_padding_a_batch_does_not_change_what_a_method_computes(compress) -> Non
     for (name, x), (_, y) in zip(a.named_modules(), b.named_modules(), strict=True):
         if hasattr(x, "weight") and name.startswith("encoder"):
             torch.testing.assert_close(x.weight, y.weight, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_column_statistics_stream_in_chunks_and_match_the_whole_batch_in_float64() -> None:
+    from netshrink.calibrate.reducers import CHUNK
+
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(24, 4)
+    x = torch.randn(2, CHUNK + 7, 24, generator=gen)  # rows over several chunks and a remainder
+    gram, squares = Gram(), SumSquares()
+    for reducer in (gram, squares):
+        reducer.update(layer, x)
+        reducer.update(layer, x[:1, :3])
+    rows = torch.cat([x.reshape(-1, 24), x[0, :3]]).double()
+    torch.testing.assert_close(gram.sum, rows.T @ rows, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(squares.sum, (rows * rows).sum(0), rtol=1e-12, atol=1e-9)
+    assert gram.count == squares.count == len(rows)
+    mean = gram.take_mean()
+    assert mean is not None and gram.sum is None
+    torch.testing.assert_close(mean, rows.T @ rows / len(rows), rtol=1e-12, atol=1e-12)
+    assert Gram().take_mean() is None
+
+
+def test_the_report_counts_statistics_a_compressor_frees_as_it_uses_them() -> None:
+    model, batches = _encoder()
+
+    class Freeing(PerLayer):
+        def compress(self, name: str, block: nn.Module, points: Points) -> None:
+            for gram in self.stats.values():
+                gram.take_mean()  # as GPTQ does: the sum is gone before the report looks
+
+    owned = {b: [f"{b}.linear2"] for b in find_blocks(model)}
+    report = run_blocks(model, batches, Freeing(owned, Gram, lambda _: None), show=False)
+    gram_bytes = 16 * 16 * 8  # linear2's inputs are 16 wide, summed in float64
+    inputs = sum(x.numel() * x.element_size() for x, _ in batches)
+    assert report.peak_activation_bytes >= gram_bytes + 2 * inputs

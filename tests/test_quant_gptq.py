@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -14,8 +15,9 @@ from torch import nn
 import netshrink as ns
 from netshrink.errors import ConfigError, MissingInputError
 from netshrink.layers import tied_modules
-from netshrink.quantize.affine import Granularity, choose_qparams, qrange, quantize_weight
-from netshrink.quantize.gptq import clipped_qparams, gptq_codes
+from netshrink.quantize.affine import Granularity, qrange, quantize_weight
+from netshrink.quantize.gptq import gptq_codes
+from netshrink.quantize.grid import Grid, search_range
 from netshrink.quantize.packed import PackedConv2d, PackedLinear
 from netshrink.quantize.packing import unpack
 from test_calibrate import tiny_bert
@@ -32,26 +34,56 @@ def rtn_codes(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> t
     return (q - zero).reshape(w.shape)
 
 
-@settings(max_examples=25, deadline=None)
+GRIDS = [Grid(2), Grid(3), Grid(4), Grid(8), Grid(2, False), Grid(3, False), Grid(4, False)]
+GRIDS += [Grid(3, full=True), Grid(4, full=True), Grid(8, full=True)]
+
+
+def rtn_on(w: torch.Tensor, grid: Grid, group_size: int) -> torch.Tensor:
+    """Round-to-nearest grid indices of ``w`` with each group's min-max range on ``grid``."""
+    groups = w.reshape(w.shape[0], -1, group_size or w.shape[1])
+    scale, zero = grid.params(groups.amin(2, keepdim=True), groups.amax(2, keepdim=True))
+    return grid.codes(groups, scale, zero).reshape(w.shape)
+
+
+@settings(max_examples=30, deadline=None)
 @given(
     rows=st.integers(1, 12),
     groups=st.integers(1, 4),
     group_size=st.sampled_from([0, 4, 8, 64]),
-    grid=st.sampled_from([(2, True), (3, True), (4, True), (8, True), (2, False), (3, False)]),
+    grid=st.sampled_from(GRIDS),
     act_order=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_an_identity_hessian_gives_round_to_nearest_codes_exactly(
-    rows: int, groups: int, group_size: int, grid: tuple[int, bool], act_order: bool, seed: int
+    rows: int, groups: int, group_size: int, grid: Grid, act_order: bool, seed: int
 ) -> None:
-    bits, symmetric = grid
     cols = groups * (group_size or 16)
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     gram = 3.0 * torch.eye(cols, dtype=torch.float64)  # X = sqrt(3) I: no column sees another
-    codes, scale = gptq_codes(w, gram, bits, group_size, symmetric, act_order)
-    assert torch.equal(codes, rtn_codes(w, bits, group_size, symmetric))
-    _, rtn_scale, _ = quantize_weight(w, bits, symmetric, Granularity(True, group_size))
-    assert torch.equal(scale, rtn_scale.reshape(scale.shape))
+    codes, scale, zero = gptq_codes(w, gram, grid, group_size, act_order)
+    assert torch.equal(codes, rtn_on(w, grid, group_size))
+    if not grid.full:  # the narrow and asymmetric grids are quantize.weight_only's
+        q, rtn_scale, rtn_zero = quantize_weight(
+            w, grid.bits, grid.symmetric, Granularity(True, group_size)
+        )
+        assert torch.equal(codes, q.reshape(w.shape))
+        assert torch.equal(scale, rtn_scale.reshape(scale.shape))
+        assert torch.equal(zero, rtn_zero.reshape(zero.shape))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 8), cols=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_the_full_grid_keeps_both_ends_and_never_rounds_worse_than_the_narrow_one(
+    rows: int, cols: int, seed: int
+) -> None:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    full, narrow = Grid(4, full=True), Grid(4)
+    lo, hi = w.amin(1), w.amax(1)
+    scale, zero = full.params(lo, hi)
+    assert bool((zero == 0).all())
+    assert bool((lo.clamp_max(0) >= -8 * scale * (1 + 1e-6)).all())
+    assert bool((hi.clamp_min(0) <= 7 * scale * (1 + 1e-6)).all())
+    assert bool((scale <= narrow.params(lo, hi)[0]).all())  # never coarser than max|w| / 7
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 8), (4, 0), (8, 0), (8, 16)])
@@ -90,7 +122,7 @@ def test_output_error_is_at_most_round_to_nearest_on_correlated_inputs(
     x = correlated(seed)
     w = layer.weight.detach()
     gram = (x.T.double() @ x.double()) / x.shape[0]
-    codes, scale = gptq_codes(w, gram, bits, group_size, True, act_order)
+    codes, scale, _ = gptq_codes(w, gram, Grid(bits), group_size, act_order)
     per = group_size or 128
     w_gptq = (codes.reshape(48, -1, per) * scale.reshape(48, -1, 1)).reshape(w.shape)
     _, rtn_scale, _ = quantize_weight(w, bits, True, Granularity(True, group_size))
@@ -102,30 +134,27 @@ def test_output_error_is_at_most_round_to_nearest_on_correlated_inputs(
     assert err_gptq <= err_rtn, (err_gptq, err_rtn)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     rows=st.integers(1, 8),
     cols=st.integers(2, 40),
-    grid=st.sampled_from([(2, True), (3, True), (4, True), (8, True), (3, False)]),
+    grid=st.sampled_from(GRIDS),
     seed=st.integers(0, 2**16),
 )
-def test_clipped_ranges_never_round_worse_than_the_full_range(
-    rows: int, cols: int, grid: tuple[int, bool], seed: int
+def test_the_searched_range_never_rounds_worse_than_min_max(
+    rows: int, cols: int, grid: Grid, seed: int
 ) -> None:
-    bits, symmetric = grid
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen) ** 3  # heavy tails: clipping pays off somewhere
     importance = torch.rand(cols, generator=gen) + 0.1
-    qmin, qmax = qrange(bits, symmetric)
 
     def error(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         s, z = scale.unsqueeze(1), zero.unsqueeze(1)
-        q = torch.clamp(torch.round(w / s) + z, qmin, qmax)
-        return ((w - (q - z) * s).square() * importance).sum(1)
+        return ((w - (grid.codes(w, s, z) - z) * s).square() * importance).sum(1)
 
-    full = error(*choose_qparams(w.amin(1), w.amax(1), bits, symmetric))
-    clipped = error(*clipped_qparams(w, importance, bits, symmetric))
-    assert bool((clipped <= full + 1e-6).all()), (clipped, full)
+    minmax = error(*grid.params(w.amin(1), w.amax(1)))
+    searched = error(*search_range(w, importance, grid))
+    assert bool((searched <= minmax + 1e-6).all()), (searched, minmax)
 
 
 def test_clip_lowers_the_output_error_of_gptq_on_heavy_tailed_weights() -> None:
@@ -135,7 +164,7 @@ def test_clip_lowers_the_output_error_of_gptq_on_heavy_tailed_weights() -> None:
     gram = (x.T.double() @ x.double()) / x.shape[0]
     errors = []
     for clip in (False, True):
-        codes, scale = gptq_codes(w, gram, 4, 32, clip=clip)
+        codes, scale, _ = gptq_codes(w, gram, Grid(4), 32, clip=clip)
         w_q = (codes.reshape(48, -1, 32) * scale.reshape(48, -1, 1)).reshape(w.shape)
         errors.append(float((x @ (w - w_q).T).norm()))
     assert errors[1] < errors[0], errors
@@ -174,7 +203,13 @@ def test_without_calibration_data_the_model_is_not_touched() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"bits": 4, "symmetric": False}, {"bits": 5}, {"damp": 0}, {"blocks": ["0"]}],
+    [
+        {"bits": 8, "symmetric": False},
+        {"symmetric": False, "full_range": True},
+        {"bits": 5},
+        {"damp": 0},
+        {"blocks": ["0"]},
+    ],
 )
 def test_options_that_cannot_be_honoured_are_config_errors(options: dict) -> None:
     model = nn.Sequential(nn.Linear(8, 4)).eval()
@@ -237,3 +272,59 @@ def test_convolutions_are_solved_on_their_patches_and_grouped_ones_left_float() 
         ref = model[0](x)
         err_gptq, err_rtn = (float((m[0](x) - ref).norm()) for m in (gptq4, rtn))
     assert err_gptq < err_rtn, (err_gptq, err_rtn)
+
+
+def test_asymmetric_int4_stores_a_zero_point_per_group_and_survives_save_load(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = correlated(4, rows=256, width=64)
+    out = ns.quantize.gptq(model, bits=4, symmetric=False, group_size=16, calib_data=[(x, None)])
+    layer = out[0]
+    assert isinstance(layer, PackedLinear)
+    zeros = layer.zero_points()
+    assert zeros is not None and zeros.shape == (32, 4)
+    codes = unpack(layer.codes, 4, 32 * 64).to(torch.int32).reshape(32, 4, 16)
+    decoded = ((codes - zeros.unsqueeze(2)) * layer.scale.reshape(32, 4, 1)).reshape(32, 64)
+    assert torch.equal(layer.weight, decoded)
+    assert int(codes.min()) >= 0 and int(codes.max()) == 15  # the whole 0..15 range is used
+    ns.save(out, tmp_path / "a")
+    loaded = ns.load(tmp_path / "a", model=model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out(x))
+
+
+def test_asymmetric_int4_on_a_convolution_is_refused_before_touching_the_model() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2)).eval()
+    with pytest.raises(ConfigError, match="symmetric"):
+        ns.quantize.gptq(
+            model, bits=4, symmetric=False, calib_data=[(torch.randn(2, 3, 4, 4), None)]
+        )
+    assert isinstance(model[0], nn.Conv2d)
+
+
+def test_the_full_range_grid_uses_the_extra_negative_code() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16)).eval()
+    out = ns.quantize.gptq(model, bits=4, group_size=16, full_range=True,
+                           calib_data=[(torch.randn(256, 64), None)])  # fmt: skip
+    codes = unpack(out[0].codes, 4, 16 * 64).to(torch.int32) - 8
+    assert int(codes.min()) == -8 and int(codes.max()) <= 7
+
+
+def test_awq_scales_inputs_only_where_their_sizes_differ() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 32)).eval()
+    even = [(torch.randn(512, 128), None)]
+    plain = ns.quantize.gptq(model, bits=4, group_size=32, calib_data=even)[0]
+    assert isinstance(plain, PackedLinear) and plain.input_scale is None
+    x = correlated(5)
+    scaled = ns.quantize.gptq(model, bits=4, group_size=32, awq=True, calib_data=[(x, None)])[0]
+    assert isinstance(scaled, PackedLinear) and scaled.input_scale is not None
+    with torch.no_grad():
+        assert torch.allclose(
+            scaled(x),
+            F.linear(x * scaled.input_scale, scaled.weight / scaled.input_scale, scaled.bias),
+            atol=1e-4,
+        )

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netshrink as ns
-from netshrink.quantize.packed import PackedLinear, matmul_nbits
+from netshrink.quantize.nbits import matmul_nbits
+from netshrink.quantize.packed import PackedLinear
 from netshrink.runtime import make_runner
 
 

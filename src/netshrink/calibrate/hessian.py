@@ -16,9 +16,11 @@ import torch
 from netshrink.errors import ConfigError
 
 
-def damped_inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
+def damped_inverse_cholesky(
+    gram: torch.Tensor, damp: float, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so U^T U is that inverse),
-    for H = ``gram`` (in, in); float64.
+    for H = ``gram`` (in, in), computed in ``dtype``.
 
     Damping by a fraction of the mean diagonal keeps the inverse well conditioned when few
     tokens were seen (GPTQ sec. 4, "Cholesky reformulation"). An input that was always zero
@@ -26,23 +28,29 @@ def damped_inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
     that input's weights are handled by the plain rule (rounding, or magnitude). Raises
     :class:`ConfigError` when the damped matrix is still not positive definite.
     """
-    h = gram.double().clone()
+    h = gram.to(dtype, copy=True)
     diag = h.diagonal()
     diag[diag == 0] = 1.0
     diag += damp * float(diag.mean())
+    # three (in, in) matrices in turn (18 MiB each in float64 at in = 1536): each is freed as
+    # soon as the next exists, so no more than two are held at once
     factor, info = torch.linalg.cholesky_ex(h)
+    del h
     if int(info):
         raise ConfigError(
             f"the damped Hessian is not positive definite with damp={damp}; raise damp "
             "(a fraction of its mean diagonal, e.g. 0.1), or calibrate on more tokens"
         )
-    return torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    return torch.linalg.cholesky(inverse, upper=True)
 
 
 def relative_output_error(before: torch.Tensor, after: torch.Tensor, gram: torch.Tensor) -> float:
     """||X (W - W')^T||^2 / ||X W^T||^2 on the calibration inputs, from their Gram X^T X alone:
-    tr(D G D^T) / tr(W G W^T) with D = W - W' (both (out, in)); 0 when W maps X to zero."""
-    g = gram.double()
-    w, d = before.detach().double().flatten(1), (before - after).detach().double().flatten(1)
-    signal = float(((w @ g) * w).sum())
-    return float(((d @ g) * d).sum()) / signal if signal > 0 else 0.0
+    tr(D G D^T) / tr(W G W^T) with D = W - W' (both (out, in)); 0 when W maps X to zero.
+    Computed in ``gram``'s dtype (no copy of it)."""
+    w = before.detach().to(gram.dtype).flatten(1)
+    d = w - after.detach().to(gram.dtype).flatten(1)
+    signal = float(((w @ gram) * w).sum())
+    return float(((d @ gram) * d).sum()) / signal if signal > 0 else 0.0

@@ -108,7 +108,9 @@ class _Columns(Reducer):
     """A float64 sum over every input vector the weight multiplies, and the vectors' count.
 
     Padding tokens are left out (``tokens_only``): the model's output never depends on them, and
-    counted they would bias the statistics towards vectors no real input produces.
+    counted they would bias the statistics towards vectors no real input produces. The vectors
+    are converted to float64 :data:`CHUNK` rows at a time and added into the sum in place, so a
+    batch costs one chunk's copy, not a float64 copy of the batch and a second sum.
     """
 
     tokens_only = True
@@ -119,20 +121,25 @@ class _Columns(Reducer):
         self.count = 0
 
     def update(self, module: nn.Module, x: torch.Tensor) -> None:
-        v = input_vectors(module, x.detach()).double()
-        part = self._term(v)
-        self.sum = part if self.sum is None else self.sum + part
+        v = input_vectors(module, x.detach())
+        for rows in v.split(CHUNK):
+            self._add(rows.double())
         self.count += v.shape[0]
 
-    def _term(self, v: torch.Tensor) -> torch.Tensor:
+    def _add(self, v: torch.Tensor) -> None:
         raise NotImplementedError
+
+
+CHUNK = 256
+"""Input vectors converted to float64 at a time by the column statistics."""
 
 
 class SumSquares(_Columns):
     """Sum over all input vectors of x_j^2 per input column j (float64), and their count."""
 
-    def _term(self, v: torch.Tensor) -> torch.Tensor:
-        return (v * v).sum(0)
+    def _add(self, v: torch.Tensor) -> None:
+        part = (v * v).sum(0)
+        self.sum = part if self.sum is None else self.sum.add_(part)
 
     def norms(self) -> torch.Tensor:
         """||X_j||_2 per input column: the root of the summed squares."""
@@ -144,12 +151,22 @@ class SumSquares(_Columns):
 class Gram(_Columns):
     """Sum of x x^T over all input vectors (float64), and their count."""
 
-    def _term(self, v: torch.Tensor) -> torch.Tensor:
-        return v.T @ v
+    def _add(self, v: torch.Tensor) -> None:
+        if self.sum is None:
+            self.sum = v.new_zeros(v.shape[1], v.shape[1])
+        self.sum.addmm_(v.T, v)
 
     def mean(self) -> torch.Tensor | None:
         """The second-moment matrix E[x x^T], or None when nothing was seen."""
         return None if self.sum is None or self.count == 0 else self.sum / self.count
+
+    def take_mean(self) -> torch.Tensor | None:
+        """:meth:`mean`, computed in the sum's own storage (no second matrix); the reducer
+        holds nothing afterwards."""
+        if self.sum is None or self.count == 0:
+            return None
+        mean, self.sum = self.sum.div_(self.count), None
+        return mean
 
 
 class Capture(Reducer):

@@ -31,6 +31,7 @@ from torch import nn
 
 from netshrink.batches import run
 from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls, token_mask
+from netshrink.calibrate.memory import release_freed_memory
 from netshrink.calibrate.reducers import Reducer
 from netshrink.context import Batch
 from netshrink.errors import TargetError, UnsupportedModuleError
@@ -224,12 +225,14 @@ def run_blocks(
                     for call in track(calls, f"calibrate block {i + 1}/{len(names)}", show=show):
                         hooks.tokens = call.tokens
                         block(*call.args, **call.kwargs)
+            # counted before compressing: a compressor may free statistics as it uses them
+            stats_bytes = sum(r.nbytes() for rs in points.values() for r in rs)
             compressor.compress(name, block, points)
-            held = [r for rs in points.values() for r in rs]
-            stats_bytes = sum(r.nbytes() for r in held)
+            release_freed_memory()  # the statistics and the compressor's working copies
             outputs = []
             for call in track(calls, f"propagate block {i + 1}/{len(names)}", show=show):
                 outputs.append(_next_input(call, block(*call.args, **call.kwargs), name))
             peak = max(peak, _tensor_bytes([*calls, *outputs]) + stats_bytes)
             calls = outputs
+            release_freed_memory()  # the block's inputs
     return SequentialReport(tuple(names), model_bytes, peak)

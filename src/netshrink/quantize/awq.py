@@ -41,7 +41,7 @@ from torch import nn
 
 from netshrink.batches import materialize
 from netshrink.calibrate import PerLayer, Reducer, collect, find_blocks, input_vectors, run_blocks
-from netshrink.config import TechniqueConfig
+from netshrink.calibrate.options import BlockwiseConfig
 from netshrink.context import Batch, Context
 from netshrink.errors import TargetError
 from netshrink.layers import as_linear, linear_types, replace_module, untied
@@ -50,7 +50,6 @@ from netshrink.quantize.lowbit import _groups
 from netshrink.quantize.packed import PackedLinear
 from netshrink.quantize.smoothquant import NORMS, fold, observe, plan
 from netshrink.registry import technique
-from netshrink.targets import Targets
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ CLIP_RATIOS = tuple(1 - i / 40 for i in range(20))
 """Range shrink factors the clipping search tries: 1, 0.975, .., 0.525."""
 
 
-class AWQConfig(TechniqueConfig):
+class AWQConfig(BlockwiseConfig):
     """Options of ``quantize.awq``."""
 
     bits: Literal[3, 4, 8] = Field(
@@ -87,13 +86,6 @@ class AWQConfig(TechniqueConfig):
         description="calibrate each block on the outputs of the quantized blocks before it "
         "(left at its default: one pass over the whole model when it has no repeated blocks)",
     )
-    blocks: tuple[str, ...] = Field(
-        (), description="block module names (default: the repeated children of a ModuleList)"
-    )
-    calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
-    targets: Targets = Field(
-        default_factory=Targets, description="Linear/Conv1D layers to quantize"
-    )
 
     @model_validator(mode="after")
     def _storable(self) -> AWQConfig:
@@ -102,8 +94,6 @@ class AWQConfig(TechniqueConfig):
                 "symmetric: false stores a zero point per group for int4 codes only; "
                 "use bits 3 or 4, or symmetric: true"
             )
-        if self.blocks and not self.sequential:
-            raise ValueError("blocks applies with sequential: true; set it or drop blocks")
         return self
 
     @property

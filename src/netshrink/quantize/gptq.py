@@ -10,24 +10,28 @@ are applied once per block (sec. 4, step 2, "lazy batch updates"). H is damped b
 times its mean diagonal (step 3). ``act_order`` quantizes the columns of largest diag(H)
 first (the "act-order" heuristic of the reference code); each group keeps the scale computed
 from its original weights, so groups stay runs of consecutive inputs and the stored layout is
-the one round-to-nearest uses. ``clip`` chooses each group's range by a search over shrunk
-min-max ranges that minimizes the diag(H)-weighted rounding error (the MSE grid search of the
-reference code's quantizer and of llm-compressor's "mse" observer, weighted here by how much
-each input's error costs at the output); the inverse Hessian is the one
-:func:`netshrink.calibrate.damped_inverse_cholesky` SparseGPT uses too. Each layer's relative
-output error on the calibration data is logged (``relative_output_error``).
+the one round-to-nearest uses. The grid is :mod:`netshrink.quantize.grid`'s: narrow signed
+(-7..7 at 4 bits), ``full_range`` (-8..7) or asymmetric (0..15 with a zero point per group).
+``clip`` chooses each group's range by the diag(H)-weighted search of
+:func:`~netshrink.quantize.grid.search_range`. ``awq`` first scales each Linear's inputs by AWQ's
+rms(x)^alpha (Lin et al. 2023, sec. 3.2), alpha searched on the round-to-nearest output error,
+and quantizes W diag(s) against the scaled inputs' Hessian. The inverse Hessian is the one
+:func:`netshrink.calibrate.damped_inverse_cholesky` SparseGPT uses too, here in float32 as in the
+reference code. Each layer's relative output error on the calibration data is logged
+(``relative_output_error``).
 
 The result is the packed layer ``quantize.weight_only`` makes (int8 codes, or int4 codes two
 per byte holding 2-, 3- and 4-bit values): artifacts, ONNX export and kernels are shared.
-Asymmetric grids (a zero point per group) are stored as the difference code minus zero point,
-which fits the int4 codes for 2 and 3 bits only. With ``sequential`` each block (a transformer
-layer) is calibrated on the outputs of the already-quantized blocks before it, through
-:func:`netshrink.calibrate.run_blocks`.
+Asymmetric 4-bit grids keep a zero point per group (``PackedLinear``'s, MatMulNBits' layout);
+at 2 and 3 bits the code minus the zero point is stored, which fits the signed int4 codes. With
+``sequential`` each block (a transformer layer) is calibrated on the outputs of the
+already-quantized blocks before it, through :func:`netshrink.calibrate.run_blocks`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -46,8 +50,10 @@ from netshrink.calibrate import (
     relative_output_error,
     run_blocks,
 )
-from netshrink.config import TechniqueConfig
+from netshrink.calibrate.memory import release_freed_memory
+from netshrink.calibrate.options import BlockwiseConfig
 from netshrink.context import Batch, Context
+from netshrink.errors import ConfigError
 from netshrink.layers import (
     ConvGeometry,
     as_linear,
@@ -56,7 +62,7 @@ from netshrink.layers import (
     replace_module,
     untied,
 )
-from netshrink.quantize.affine import choose_qparams, qrange, quantize
+from netshrink.quantize.grid import Grid, search_range
 from netshrink.quantize.lowbit import _groups
 from netshrink.quantize.packed import PackedConv2d, PackedLinear
 from netshrink.registry import technique
@@ -68,7 +74,7 @@ BLOCK = 128
 """Columns per lazy batch update (the paper's B, sec. 4)."""
 
 
-class GPTQConfig(TechniqueConfig):
+class GPTQConfig(BlockwiseConfig):
     """Options of ``quantize.gptq``."""
 
     bits: Literal[2, 3, 4, 8] = Field(
@@ -78,7 +84,13 @@ class GPTQConfig(TechniqueConfig):
         128, ge=0, le=4096, description="inputs sharing a scale; 0: one scale per output channel"
     )
     symmetric: bool = Field(
-        True, description="signed grid around 0; false: a zero point per group (2 or 3 bits)"
+        True, description="signed grid around 0; false: a zero point per group (2-4 bits)"
+    )
+    full_range: bool = Field(
+        False, description="symmetric grid with the extra negative code (-8..7 at 4 bits)"
+    )
+    awq: bool = Field(
+        False, description="scale Linear inputs by searched rms(x)^alpha first (AWQ), then GPTQ"
     )
     act_order: bool = Field(
         False, description="quantize the inputs of largest diag(H) = largest activations first"
@@ -87,85 +99,56 @@ class GPTQConfig(TechniqueConfig):
     clip: bool = Field(
         False, description="shrink each group's range where that lowers its diag(H)-weighted error"
     )
-    sequential: bool = Field(
-        False, description="calibrate each block on the outputs of the quantized blocks before it"
-    )
-    blocks: tuple[str, ...] = Field(
-        (), description="block module names (default: the repeated children of a ModuleList)"
-    )
-    calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
     targets: Targets = Field(
         default_factory=Targets, description="Linear/Conv1D/Conv2d layers to quantize"
     )
 
+    @property
+    def grid(self) -> Grid:
+        """The integer grid the weights are rounded onto."""
+        return Grid(self.bits, self.symmetric, self.full_range)
+
     @model_validator(mode="after")
     def _storable(self) -> GPTQConfig:
-        if not self.symmetric and self.bits > 3:
+        if not self.symmetric and self.bits == 8:
             raise ValueError(
-                f"asymmetric {self.bits}-bit codes minus their zero point do not fit the packed "
-                "int4/int8 codes; use symmetric: true, or bits 2 or 3"
+                "asymmetric 8-bit codes minus their zero point do not fit the int8 codes; "
+                "use symmetric: true, or bits 2-4"
             )
-        if self.blocks and not self.sequential:
-            raise ValueError("blocks applies with sequential: true; set it or drop blocks")
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range applies to the symmetric grid; drop it or symmetric")
         return self
-
-
-SHRINK = torch.linspace(1.0, 0.5, 11)
-"""Range shrink factors ``clip`` tries for each row of a group (1: the full min-max range)."""
-
-
-def clipped_qparams(
-    values: torch.Tensor, importance: torch.Tensor, bits: int, symmetric: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(scale, zero_point)`` for ``values`` (rows, cols) whose min-max range, shrunk
-    by the factor of :data:`SHRINK` that minimizes the rounding error sum_j h_j (w_j - q_j)^2
-    weighted by ``importance`` h (cols,) = diag(H), the output error each input's weight error
-    causes alone. Clipping a few large weights buys a finer grid for all the others.
-    """
-    qmin, qmax = qrange(bits, symmetric)
-    lo, hi = values.amin(1), values.amax(1)
-    best = torch.full_like(lo, float("inf"))
-    scale, zero = choose_qparams(lo, hi, bits, symmetric)
-    for shrink in SHRINK.tolist():
-        s, z = choose_qparams(lo * shrink, hi * shrink, bits, symmetric)
-        q = quantize(values, s.unsqueeze(1), z.unsqueeze(1), qmin, qmax)
-        err = ((values - (q - z.unsqueeze(1)) * s.unsqueeze(1)).square() * importance).sum(1)
-        better = err < best
-        best, scale, zero = (
-            torch.where(better, err, best),
-            torch.where(better, s, scale),
-            torch.where(better, z, zero),
-        )
-    return scale, zero
 
 
 def gptq_codes(
     weight: torch.Tensor,
     gram: torch.Tensor,
-    bits: int,
+    grid: Grid,
     group_size: int = 0,
-    symmetric: bool = True,
     act_order: bool = False,
     damp: float = 0.01,
     clip: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``weight`` (out, in) by GPTQ given ``gram`` = E[x x^T] (in, in) of its inputs.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``weight`` (out, in) by GPTQ onto ``grid`` given ``gram`` = E[x x^T] (in, in)
+    of its inputs.
 
-    Returns ``(codes, scale)``: signed integer codes (out, in), int32, equal to the grid index
-    minus its zero point, and the float32 scale per output row (out,) or per row and group
-    (out, in // group_size); the weight is ``codes * scale`` broadcast over the groups.
-    ``clip`` fits each group's range with :func:`clipped_qparams` instead of its min-max.
+    Returns ``(codes, scale, zero)``: grid indices (out, in), int32, and the float32 scale and
+    int32 zero point per output row (out,) or per row and group (out, in // group_size); the
+    weight is ``(codes - zero) * scale`` broadcast over the groups. ``clip`` fits each group's
+    range with :func:`~netshrink.quantize.grid.search_range` instead of its min-max.
     """
     w = weight.detach().float().clone()
     rows, cols = w.shape
-    qmin, qmax = qrange(bits, symmetric)
     gram = gram.to(w.device)
     order = torch.arange(cols, device=w.device)
     importance = gram.diagonal().float()
     if act_order:
         order = torch.argsort(gram.diagonal(), descending=True, stable=True)
-        w, gram = w[:, order], gram[order][:, order]
-    u = damped_inverse_cholesky(gram, damp).float()
+        w, gram = w[:, order], gram[order.unsqueeze(1), order]
+    # float32, as the reference code: half the memory of float64 (three 9 MiB matrices at 1536
+    # inputs rather than 18 MiB ones), and damping keeps the factorization well conditioned
+    u = damped_inverse_cholesky(gram, damp, torch.float32)
+    del gram  # only U is needed from here on (this frees a reordered copy)
     groups = cols // group_size if group_size else 1
     scale = torch.ones(rows, groups, device=w.device)
     zero = torch.zeros(rows, groups, dtype=torch.int32, device=w.device)
@@ -173,11 +156,9 @@ def gptq_codes(
     def fit(g: int, values: torch.Tensor) -> None:
         if clip:
             cols_g = slice(g * group_size, (g + 1) * group_size) if group_size else slice(None)
-            scale[:, g], zero[:, g] = clipped_qparams(values, importance[cols_g], bits, symmetric)
+            scale[:, g], zero[:, g] = search_range(values, importance[cols_g], grid)
         else:
-            scale[:, g], zero[:, g] = choose_qparams(
-                values.amin(1), values.amax(1), bits, symmetric
-            )
+            scale[:, g], zero[:, g] = grid.params(values.amin(1), values.amax(1))
 
     original = weight.detach().float()
     if act_order or not group_size:  # static ranges from the weights before any update
@@ -196,28 +177,66 @@ def gptq_codes(
             if group_size and not act_order and col % group_size == 0:
                 fit(g, w1[:, k : k + group_size])
             s, z = scale[:, g], zero[:, g]
-            q = quantize(w1[:, k], s, z, qmin, qmax) - z
+            q = grid.codes(w1[:, k], s, z)
             codes[:, col] = q
-            err = (w1[:, k] - q * s) / u1[k, k]
+            err = (w1[:, k] - (q - z) * s) / u1[k, k]
             w1[:, k:] -= err.unsqueeze(1) * u1[k, k:].unsqueeze(0)
             errors[:, k] = err
         w[:, end:] -= errors @ u[start:end, end:]
-    return codes, scale if group_size else scale[:, 0]
+    if not group_size:
+        return codes, scale[:, 0], zero[:, 0]
+    return codes, scale, zero
 
 
 def _packed(
-    module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int
+    module: nn.Module,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    grid: Grid,
+    group_size: int,
+    input_scale: torch.Tensor | None,
 ) -> PackedLinear | PackedConv2d:
-    """The packed layer holding ``codes`` and ``scale`` in place of ``module``."""
-    codec: Literal["int8", "int4"] = "int8" if bits == 8 else "int4"
+    """The packed layer holding grid indices ``codes`` with ``scale`` and ``zero`` in place of
+    ``module``: signed codes, or unsigned 4-bit ones with a zero point per group (asymmetric int4;
+    2 and 3 bits store code minus zero point, which fits the signed int4 codes)."""
+    codec: Literal["int8", "int4"] = "int8" if grid.bits == 8 else "int4"
     bias = None if module.bias is None else module.bias.detach()
+    with_zero = not grid.symmetric and grid.bits == 4
     if isinstance(module, nn.Conv2d):
         geometry = ConvGeometry.of(module).spec()
-        layer: PackedLinear | PackedConv2d = PackedConv2d(geometry, codec, 0, bias is not None)
-    else:
-        layer = PackedLinear(codes.shape[1], codes.shape[0], codec, group_size, bias is not None)
-    layer.set_codes(codes, scale, bias)
-    return layer
+        layer = PackedConv2d(geometry, codec, 0, bias is not None)
+        layer.set_codes(codes - zero.reshape(-1, 1), scale, bias)
+        return layer
+    if not with_zero:
+        per_group = zero.reshape(zero.shape[0], -1, 1)
+        codes = (codes.reshape(*per_group.shape[:2], -1) - per_group).reshape(codes.shape)
+    return PackedLinear.from_codes(
+        codes, scale, codec, group_size, bias, zero if with_zero else None, input_scale
+    )
+
+
+def _awq_scale(
+    weight: torch.Tensor, second_moment: torch.Tensor, grid: Grid, group_size: int
+) -> torch.Tensor:
+    """AWQ's per-input scale s = rms(x)^alpha / sqrt(max * min) (Lin et al. 2023, sec. 3.2)
+    for the alpha of 0, 0.05, .., 0.95 whose round-to-nearest ``Q(W s) / s`` has the least
+    output error tr(D E[x x^T] D^T); rms from the diagonal of ``second_moment`` (the mean |x|
+    the authors use is not in the Gram matrix). alpha 0 (s = 1) is always tried."""
+    w = weight.detach().float()
+    rms = second_moment.diagonal().float().clamp_min(1e-8).sqrt()
+    best: tuple[float, torch.Tensor] = (math.inf, torch.ones_like(rms))
+    for alpha in (i / 20 for i in range(20)):
+        s = rms.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        scaled = (w * s).reshape(w.shape[0], -1, group_size or w.shape[1])
+        lo, hi = scaled.amin(2, keepdim=True), scaled.amax(2, keepdim=True)
+        sc, z = grid.params(lo, hi)
+        rounded = ((grid.codes(scaled, sc, z) - z) * sc).reshape(w.shape) / s
+        err = relative_output_error(w, rounded, second_moment)
+        if err < best[0]:
+            best = (err, s)
+    return best[1]
 
 
 def _quantize_layer(model: nn.Module, name: str, gram: Gram, config: GPTQConfig) -> None:
@@ -225,21 +244,30 @@ def _quantize_layer(model: nn.Module, name: str, gram: Gram, config: GPTQConfig)
 
     A Conv2d is solved as the (Cout, Cin*kh*kw) matrix its patches multiply
     (:func:`netshrink.calibrate.input_vectors`), one scale per output channel as
-    ``quantize.weight_only`` stores convolutions.
+    ``quantize.weight_only`` stores convolutions. With ``awq`` a Linear's weight columns are
+    multiplied by :func:`_awq_scale`'s s and its Hessian rows and columns divided by it (the
+    input x / s); the packed layer multiplies its input by 1 / s.
     """
     module = model.get_submodule(name)
-    second_moment = gram.mean()
-    assert second_moment is not None
+    mean = gram.take_mean()
+    assert mean is not None
+    second_moment = mean.float()  # GPTQ works in float32 (see gptq_codes)
+    del mean
     if isinstance(module, nn.Conv2d):
         weight, group_size = module.weight.detach().flatten(1), 0
     else:
         weight = as_linear(module).weight.detach()
         group_size = _groups(name, weight.shape[1], config.group_size)
-    codes, scale = gptq_codes(
-        weight, second_moment, config.bits, group_size, config.symmetric,
-        config.act_order, config.damp, config.clip,
-    )  # fmt: skip
-    packed = _packed(module, codes, scale, config.bits, group_size)
+    s = None
+    target, hessian = weight, second_moment
+    if config.awq and not isinstance(module, nn.Conv2d):
+        s = _awq_scale(weight, second_moment, config.grid, group_size)
+        target, hessian = weight * s, second_moment / s.outer(s)
+    codes, scale, zero = gptq_codes(
+        target, hessian, config.grid, group_size, config.act_order, config.damp, config.clip
+    )
+    explicit = None if s is None or bool((s == 1).all()) else 1 / s
+    packed = _packed(module, codes, scale, zero, config.grid, group_size, explicit)
     error = relative_output_error(weight, packed.weight.flatten(1), second_moment)
     log.info("quantize.gptq: %s relative output error %.2e on calib_data", name, error)
     replace_module(model, name, packed)
@@ -261,14 +289,15 @@ def _solvable(model: nn.Module, names: list[str]) -> list[str]:
 
 def _quantize_seen(model: nn.Module, grams: dict[str, Gram], config: GPTQConfig) -> None:
     """Quantize every layer whose inputs were seen; a warning names those never called."""
-    idle = [name for name, g in grams.items() if g.mean() is None]
+    idle = [name for name, g in grams.items() if not g.count]
     if idle:
         warnings.warn(
             f"quantize.gptq: {', '.join(idle)} never ran on calib_data; left float", stacklevel=3
         )
     for name, gram in grams.items():
-        if gram.mean() is not None:
+        if gram.count:
             _quantize_layer(model, name, gram, config)
+            release_freed_memory()  # the layer's Hessian and its factors
 
 
 def _quantize_together(
@@ -287,6 +316,14 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
     blocks = find_blocks(model, config.blocks) if config.sequential else []
     selected = config.targets.select(model, (*linear_types(), nn.Conv2d))
     names = _solvable(model, untied(model, list(selected), "quantize.gptq"))
+    convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+    if convs and not config.symmetric and config.bits == 4:
+        raise ConfigError(
+            f"asymmetric int4 keeps a zero point per group in Linear layers only, and "
+            f"{', '.join(convs)} are Conv2d; use symmetric: true, bits 2 or 3, or targets "
+            "without them",
+            key="symmetric",
+        )
     inside = [n for n in names if any(n.startswith(f"{b}.") for b in blocks)]
     outside = [n for n in names if n not in inside]
     # Layers outside every block (a pooler, a classifier, a model without repeated blocks) are

@@ -8,9 +8,10 @@ forward pass rebuilds the float weight and runs the float kernel: storage shrink
 torch does not (on these CPUs int8 weight-only kernels are slower than fp32; see DESIGN.md).
 
 An int4 :class:`PackedLinear` whose groups are a power of two of at least 16 inputs exports to
-ONNX Runtime's ``com.microsoft::MatMulNBits`` (its int4 CPU kernels): its packed codes already
-are that op's ``B`` layout (``N`` rows of ``K / block_size`` blocks, two codes a byte, the first
-in the low nibble), so the file stores them as they are. OpenVINO's ONNX frontend reads the same
+ONNX Runtime's ``com.microsoft::MatMulNBits`` (its int4 CPU kernels;
+:mod:`netshrink.quantize.nbits`): its packed codes already are that op's ``B`` layout (``N`` rows
+of ``K / block_size`` blocks, two codes a byte, the first in the low nibble), so the file stores
+them as they are. OpenVINO's ONNX frontend reads the same
 node as u4 weights and runs it on its compressed-weight FullyConnected. A ``PackedLinear`` may
 also hold a zero point per group (asymmetric int4: ``weight = (code - zero) * scale``) and an
 explicit per-input-channel scale that multiplies its input (AWQ's scales where no preceding op
@@ -26,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.layers import CompressedLayer, ConvGeometry, onnx_translation
+from netshrink.layers import CompressedLayer, ConvGeometry
 from netshrink.quantize.affine import Granularity, quantize_weight
+from netshrink.quantize.nbits import dequantize_int4, matmul_nbits, unpack_rows
 from netshrink.quantize.packing import pack, unpack
 
 Codec = Literal["int8", "int4", "binary", "ternary"]
@@ -214,7 +216,7 @@ class PackedLinear(_PackedWeight):
         """The zero point of each row and group (out, groups) as int32, or None (symmetric)."""
         if self.zero_point is None:
             return None
-        return _unpack_rows(self.zero_point, self.scale.reshape(self.out_features, -1).shape[1])
+        return unpack_rows(self.zero_point, self.scale.reshape(self.out_features, -1).shape[1])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -225,7 +227,7 @@ class PackedLinear(_PackedWeight):
             w = super().weight
         else:
             scales = self.scale.reshape(self.out_features, -1)
-            w = _dequantize_int4(self.codes, scales, zeros, self.in_features)
+            w = dequantize_int4(self.codes, scales, zeros, self.in_features)
         return w if self.input_scale is None else w * self.input_scale
 
     @classmethod
@@ -280,102 +282,6 @@ class PackedLinear(_PackedWeight):
                 self.in_features, self.out_features, self.group_size,
             )  # fmt: skip
         return F.linear(x, self.weight.to(x.dtype), self.bias)
-
-
-def _matmul_nbits_impl(
-    x: torch.Tensor,
-    b: torch.Tensor,
-    scales: torch.Tensor,
-    zero_points: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    k: int,
-    n: int,
-    block_size: int,
-) -> torch.Tensor:
-    """``x @ W^T + bias`` for the 4-bit weight ``W`` (n, k) that MatMulNBits' inputs describe:
-    ``b`` (n, k / block_size, block_size / 2) packed codes, ``scales`` (n, k / block_size),
-    ``zero_points`` packed (n, ceil(blocks / 2)) or None (8, the op's default)."""
-    if zero_points is None:
-        zeros = torch.full(scales.shape, 8, dtype=torch.int32, device=x.device)
-    else:
-        zeros = _unpack_rows(zero_points, scales.shape[1])
-    return F.linear(x, _dequantize_int4(b, scales, zeros, k).to(x.dtype), bias)
-
-
-def _unpack_rows(packed: torch.Tensor, width: int) -> torch.Tensor:
-    """int32 (rows, width) of 4-bit codes packed row by row (each row padded to whole bytes)."""
-    rows, per_row = packed.shape[0], 2 * packed.shape[1]
-    return unpack(packed.flatten(), 4, rows * per_row).reshape(rows, per_row)[:, :width].int()
-
-
-def _dequantize_int4(
-    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, cols: int
-) -> torch.Tensor:
-    """Float32 (rows, cols) weight ``(code - zero) * scale`` of packed 4-bit codes whose rows
-    split into equal groups, with ``scales`` and integer ``zeros`` shaped (rows, groups)."""
-    rows, groups = scales.shape
-    codes = unpack(packed.flatten(), 4, rows * cols).reshape(rows, groups, -1)
-    w = (codes.to(torch.int32) - zeros.unsqueeze(2)).to(torch.float32) * scales.unsqueeze(2)
-    return w.reshape(rows, -1)
-
-
-# One op that the exporter writes as MatMulNBits; eager code never calls it (the forward above
-# decodes the weight itself), so its own kernel is only the reference the tests compare with.
-matmul_nbits = torch.library.custom_op("netshrink::matmul_nbits", mutates_args=())(
-    _matmul_nbits_impl
-)
-
-
-@matmul_nbits.register_fake
-def _(x, b, scales, zero_points, bias, k, n, block_size):  # type: ignore[no-untyped-def]
-    return x.new_empty((*x.shape[:-1], n))
-
-
-ACCURACY_LEVEL = 0
-"""MatMulNBits' ``accuracy_level``: 0 computes in the input's float type (outputs match torch
-to float rounding); 4 lets ONNX Runtime quantize the input to int8 per block and use its
-int8 x int4 kernels (faster, a second rounding; docs/benchmarks/quantize.md measures both)."""
-
-
-def _matmul_nbits_schema() -> Any:
-    """The ONNX schema of ``com.microsoft::MatMulNBits`` (onnx itself does not register
-    onnxruntime's contrib ops; onnxscript needs a schema to emit a node)."""
-    from onnx.defs import OpSchema
-
-    param, attr, optional = (
-        OpSchema.FormalParameter,
-        OpSchema.Attribute,
-        OpSchema.FormalParameterOption.Optional,
-    )
-    types = [
-        ("T1", ["tensor(float)", "tensor(float16)"], "input, scales, bias and output"),
-        ("T2", ["tensor(uint8)"], "packed codes"),
-        ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "zero points"),
-        ("T4", ["tensor(int32)"], "group index (deprecated)"),
-    ]
-    inputs = [param("A", "T1"), param("B", "T2"), param("scales", "T1"),
-              param("zero_points", "T3", param_option=optional),
-              param("g_idx", "T4", param_option=optional),
-              param("bias", "T1", param_option=optional)]  # fmt: skip
-    names = ("K", "N", "bits", "block_size", "accuracy_level")
-    return OpSchema(
-        "MatMulNBits", "com.microsoft", 1, inputs=inputs, outputs=[param("Y", "T1")],
-        type_constraints=types, attributes=[attr(n, OpSchema.AttrType.INT, n) for n in names],
-    )  # fmt: skip
-
-
-@onnx_translation(torch.ops.netshrink.matmul_nbits.default)
-def _matmul_nbits_onnx(
-    x: Any, b: Any, scales: Any, zero_points: Any, bias: Any, k: int, n: int, block_size: int
-) -> Any:
-    """ONNX for ``netshrink::matmul_nbits``: one ``com.microsoft::MatMulNBits`` node, 4 bits."""
-    from onnxscript.values import Op, Opset
-
-    node = Op(Opset("com.microsoft", 1), "MatMulNBits", _matmul_nbits_schema())
-    return node(
-        x, b, scales, zero_points, None, bias,
-        K=k, N=n, bits=4, block_size=block_size, accuracy_level=ACCURACY_LEVEL,
-    )  # fmt: skip
 
 
 class PackedConv2d(_PackedWeight):

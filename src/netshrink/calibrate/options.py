@@ -1,0 +1,31 @@
+"""Options shared by the techniques that calibrate one block at a time (GPTQ, AWQ)."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from netshrink.config import TechniqueConfig
+from netshrink.targets import Targets
+
+
+class BlockwiseConfig(TechniqueConfig):
+    """Calibration batches, the optional sequential (block-by-block) engine and its blocks, and
+    the layers to quantize. A subclass may redeclare ``sequential`` (its own default) or
+    ``targets`` (more layer kinds)."""
+
+    sequential: bool = Field(
+        False, description="calibrate each block on the outputs of the compressed blocks before it"
+    )
+    blocks: tuple[str, ...] = Field(
+        (), description="block module names (default: the repeated children of a ModuleList)"
+    )
+    calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
+    targets: Targets = Field(
+        default_factory=Targets, description="Linear/Conv1D layers to quantize"
+    )
+
+    @model_validator(mode="after")
+    def _blocks_are_sequential(self) -> BlockwiseConfig:
+        if self.blocks and not self.sequential:
+            raise ValueError("blocks applies with sequential: true; set it or drop blocks")
+        return self
