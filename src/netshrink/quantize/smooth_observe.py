@@ -28,6 +28,29 @@ NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 @dataclass
+class Half:
+    """The range and sampled rows of every other calibration call (even or odd ones): one fold
+    of the cross-validation ``alpha: auto`` scores with."""
+
+    lo: torch.Tensor | None = None
+    """min X_j per channel over these calls."""
+    hi: torch.Tensor | None = None
+    """max X_j per channel over these calls."""
+    rows: list[torch.Tensor] = field(default_factory=list)
+    """The sampled rows of these calls."""
+
+    def note(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Widen the range by one call's per-channel minimum and maximum."""
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    @property
+    def absmax(self) -> torch.Tensor | None:
+        """max |X_j| per channel over these calls."""
+        return None if self.lo is None or self.hi is None else self.lo.abs().maximum(self.hi.abs())
+
+
+@dataclass
 class Producer:
     """What one norm's or Linear's output was seen doing over the calibration batches."""
 
@@ -43,6 +66,10 @@ class Producer:
     """Linears whose matmul read the output."""
     other: str = ""
     """An operation other than a Linear's matmul that read it (the first seen)."""
+    halves: tuple[Half, Half] = field(default_factory=lambda: (Half(), Half()))
+    """The statistics of the even and of the odd calls (cross-validation folds)."""
+    calls: int = 0
+    """Calls seen so far."""
 
 
 class _Readers(TorchFunctionMode):
@@ -97,12 +124,16 @@ def _note_output(p: Producer, out: torch.Tensor, keep_rows: int) -> None:
     p.lo = lo if p.lo is None else torch.minimum(p.lo, lo)
     p.hi = hi if p.hi is None else torch.maximum(p.hi, hi)
     p.absmax = torch.maximum(p.lo.abs(), p.hi.abs())
+    half = p.halves[p.calls % 2]
+    half.note(lo, hi)
+    p.calls += 1
     quota = min(keep_rows - sum(len(r) for r in p.rows), max(1, keep_rows // ROW_CALLS))
     if quota <= 0:
         return
     peaks = flat.abs().amax(1).topk(min(len(flat), max(1, quota // 4))).indices
     spaced = torch.linspace(0, len(flat) - 1, quota - len(peaks)).long()
     p.rows.append(flat[torch.cat([peaks, spaced]).unique()].clone())
+    half.rows.append(p.rows[-1])
 
 
 @contextmanager
@@ -233,7 +264,15 @@ def in_layer_groups(obs: Observed, folded: set[str]) -> list[list[str]]:
 
 
 def merged(stats: list[Producer]) -> Producer:
-    """The statistics of one tensor read by several Linears (each saw all of it)."""
+    """The statistics of one tensor read by several Linears (each saw all of it, call by
+    call, so their halves hold the same calls)."""
     lo = torch.stack([p.lo for p in stats]).amin(0)  # type: ignore[misc]
     hi = torch.stack([p.hi for p in stats]).amax(0)  # type: ignore[misc]
-    return Producer(torch.maximum(lo.abs(), hi.abs()), lo, hi, stats[0].rows)
+    halves = tuple(Half(rows=stats[0].halves[i].rows) for i in (0, 1))
+    for p in stats:
+        for mine, theirs in zip(halves, p.halves, strict=True):
+            if theirs.lo is not None and theirs.hi is not None:
+                mine.note(theirs.lo, theirs.hi)
+    out = Producer(torch.maximum(lo.abs(), hi.abs()), lo, hi, stats[0].rows)
+    out.halves, out.calls = halves, stats[0].calls  # type: ignore[assignment]
+    return out
