@@ -10,7 +10,8 @@ LayerNorm's (or RMSNorm's) weight and bias, or a Linear's output rows. Linears r
 tensor (Q, K and V after one LayerNorm) share one s. ``alpha: auto`` picks alpha per producer on
 the calibration data: the value of the grid 0, 0.05, .., 1 whose simulated int8 output
 (per-tensor activations, per-channel weights, as ``quantize.static``) is closest to the float
-output.
+output on calibration calls it was not fitted on (2-fold cross-validation, see
+:func:`cross_validated_alpha`).
 
 Which tensor feeds which Linear is found by :mod:`netshrink.quantize.smooth_observe`. Post-LN
 blocks (BERT, DistilBERT, ``nn.TransformerEncoderLayer`` without ``norm_first``) also add the
