@@ -268,11 +268,10 @@ def merged(stats: list[Producer]) -> Producer:
     call, so their halves hold the same calls)."""
     lo = torch.stack([p.lo for p in stats]).amin(0)  # type: ignore[misc]
     hi = torch.stack([p.hi for p in stats]).amax(0)  # type: ignore[misc]
-    halves = tuple(Half(rows=stats[0].halves[i].rows) for i in (0, 1))
+    even, odd = (Half(rows=h.rows) for h in stats[0].halves)
     for p in stats:
-        for mine, theirs in zip(halves, p.halves, strict=True):
+        for mine, theirs in zip((even, odd), p.halves, strict=True):
             if theirs.lo is not None and theirs.hi is not None:
                 mine.note(theirs.lo, theirs.hi)
-    out = Producer(torch.maximum(lo.abs(), hi.abs()), lo, hi, stats[0].rows)
-    out.halves, out.calls = halves, stats[0].calls  # type: ignore[assignment]
-    return out
+    absmax = torch.maximum(lo.abs(), hi.abs())
+    return Producer(absmax, lo, hi, stats[0].rows, halves=(even, odd), calls=stats[0].calls)
