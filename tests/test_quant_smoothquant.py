@@ -13,7 +13,14 @@ from foreign_models import hugging_face
 from netshrink.calibrate import Capture, collect
 from netshrink.errors import ConfigError, MissingInputError, UnsupportedModuleError
 from netshrink.quantize.layers import SmoothedLinear
-from netshrink.quantize.smoothquant import ALPHAS, int8_error, search_alpha, smoothing_scales
+from netshrink.quantize.smooth_observe import Producer, _note_output
+from netshrink.quantize.smoothquant import (
+    ALPHAS,
+    cross_validated_alpha,
+    int8_error,
+    search_alpha,
+    smoothing_scales,
+)
 from test_calibrate import tiny_bert
 
 OUTLIER = 40.0
@@ -145,6 +152,50 @@ def test_auto_alpha_is_on_the_grid_and_no_worse_than_one_half() -> None:
     best = int8_error(x, weights, smoothing_scales(absmax, weights, alpha))
     assert best <= int8_error(x, weights, smoothing_scales(absmax, weights, 0.5))
     assert best < int8_error(x, weights, torch.ones_like(absmax))  # smoothing helps here
+
+
+def spiky_batches(seed: int, n: int = 8) -> list[torch.Tensor]:
+    """Activation batches where each batch has one large value in a random channel: a channel's
+    calibration maximum says little about the next batch's."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(64, 32, generator=g) * torch.linspace(0.5, 2, 32)
+        channel, row = (
+            int(torch.randint(32, (1,), generator=g)),
+            int(torch.randint(64, (1,), generator=g)),
+        )
+        x[row, channel] = 25.0
+        out.append(x)
+    return out
+
+
+def test_cross_validated_alpha_generalizes_where_the_fitted_search_overfits() -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 32)]
+    stats = Producer()
+    for x in spiky_batches(0):
+        _note_output(stats, x, 512)
+    assert stats.calls == 8 and len(stats.halves[0].rows) == len(stats.halves[1].rows) == 4
+    fitted = search_alpha(torch.cat(stats.rows), stats.absmax, weights, (stats.lo, stats.hi))
+    chosen = cross_validated_alpha(stats, weights)
+    new = torch.cat(spiky_batches(1))  # new data: its spikes fall in other channels
+
+    def error(alpha: float) -> float:  # s and range from all calibration data, as applied
+        s = smoothing_scales(stats.absmax, weights, alpha)
+        return int8_error(new, weights, s, (stats.lo, stats.hi))
+
+    assert chosen != fitted and error(chosen) < 0.2 * error(fitted)
+
+
+def test_cross_validation_needs_two_calls_else_searches_every_row() -> None:
+    weights = [torch.randn(48, 32)]
+    stats = Producer()
+    _note_output(stats, spiky_batches(0, 1)[0], 512)
+    x = torch.cat(stats.rows)
+    assert cross_validated_alpha(stats, weights) == search_alpha(
+        x, stats.absmax, weights, (stats.lo, stats.hi)
+    )
 
 
 def static_errors(model: nn.Module, calib: list) -> tuple[float, float]:

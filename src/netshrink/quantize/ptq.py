@@ -9,6 +9,8 @@ ONNX export is QDQ, which ONNX Runtime runs with integer kernels.
 
 from __future__ import annotations
 
+import copy
+import logging
 import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -36,12 +38,15 @@ from netshrink.layers import (
     warn_left_alone,
 )
 from netshrink.quantize.affine import choose_qparams
+from netshrink.quantize.bias_correction import correct_biases
 from netshrink.quantize.dynamic_int8 import Int8Embedding
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU, SmoothedLinear
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
 from netshrink.quantize.tracing import fold_bn, trace_flow
 from netshrink.registry import technique
 from netshrink.targets import Targets
+
+log = logging.getLogger(__name__)
 
 QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantReLU, Int8Embedding, nn.Identity)
 """What static quantization puts in the model (Identity where a BatchNorm was folded)."""
@@ -70,6 +75,11 @@ class StaticConfig(TechniqueConfig):
     embeddings: bool = Field(True, description="also store nn.Embedding tables as int8 rows")
     overrides: tuple[BitsOverride, ...] = Field(
         (), description="per-module weight bits, e.g. [{targets: {include: [fc]}, bits: 8}]"
+    )
+    bias_correction: bool = Field(
+        False,
+        description="shift each layer's bias by its mean output error on calib_data "
+        "(quantized inputs, float layer as reference)",
     )
 
 
@@ -197,14 +207,32 @@ def convert(
 
 
 def quantize_static_model(
-    model: nn.Module, bits: dict[str, int], config: Any, ctx: Context, per_channel: bool = True
+    model: nn.Module,
+    bits: dict[str, int],
+    config: Any,
+    ctx: Context,
+    per_channel: bool = True,
+    bias_correction: bool = False,
 ) -> nn.Module:
-    """Fold, calibrate on ``ctx.calib_data`` and convert ``model`` in place."""
+    """Fold, calibrate on ``ctx.calib_data`` and convert ``model`` in place; with
+    ``bias_correction``, then shift each converted layer's bias by its mean output error."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     act_bits = 8 if config.activations == "int8" else 4
     feeds_add = fold_batchnorms(model, bits)
     qparams = observe_ranges(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
-    return convert(model, bits, qparams, per_channel, act_bits=act_bits)
+    floats = {n: model.get_submodule(n) for n in bits} if bias_correction else {}
+    floats = {n: copy.deepcopy(m) for n, m in floats.items() if m.bias is not None}
+    if bias_correction and not floats:
+        warnings.warn(
+            "quantize.static: bias_correction is on but no quantized layer has a bias; "
+            "nothing was corrected",
+            stacklevel=3,
+        )
+    convert(model, bits, qparams, per_channel, act_bits=act_bits)
+    if floats:
+        shifts = correct_biases(model, floats, batches, ctx.progress)
+        log.info("quantize.static: bias correction, mean |shift| per layer %s", shifts)
+    return model
 
 
 @technique("quantize.static", StaticConfig, needs=("calib_data",), creates=QUANT_LAYERS)
@@ -215,7 +243,7 @@ def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     tables = untied(model, embedding_names(model), "quantize.static") if config.embeddings else []
     linearize(model, bits)
     model.eval()
-    quantize_static_model(model, bits, config, ctx, config.per_channel)
+    quantize_static_model(model, bits, config, ctx, config.per_channel, config.bias_correction)
     for name in tables:
         replace_module(model, name, Int8Embedding.from_float(model.get_submodule(name)))
     warn_left_alone(model, "quantize.static", FLOAT_ONLY, "no integer kernel for them here")
