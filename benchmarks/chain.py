@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import re
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from netshrink import hf
 from netshrink.artifact import artifact_bytes
 from netshrink.artifact.onnx import export_onnx
 from netshrink.context import Context
+from netshrink.measure import count_params
 from netshrink.recipe.commands import prepare
 from netshrink.recipe.runner import as_recipe, make_context
 from netshrink.recipe.schema import Recipe
@@ -68,7 +70,7 @@ INPUTS = ("input_ids", "attention_mask")
 
 @dataclass
 class Prefix:
-    """The model after the first ``len(stages)`` stages of a recipe, saved under ``folder``."""
+    """The model after the first ``stages`` stages of a recipe, saved under ``folder``."""
 
     label: str
     key: str
@@ -77,7 +79,8 @@ class Prefix:
     folder: Path
     seconds: float = 0.0
     cpu_seconds: float = 0.0
-    stages: list[str] = field(default_factory=list)
+    stages: int = 0
+    """How many of the recipe's stages the model has been through."""
 
 
 def prefix_key(stages: list[dict[str, Any]], salt: str) -> str:
@@ -121,7 +124,7 @@ def stage_prefixes(
             record = {"cpu_seconds": cpu, "seconds": wall, "stages": done}
             (folder / "stage.json").write_text(json.dumps(record, indent=1))
         label = f"+ {stage.name}"
-        out.append(Prefix(label, key, parent, model, folder, wall, cpu, [*map(str, done)]))
+        out.append(Prefix(label, key, parent, model, folder, wall, cpu, len(done)))
     return out
 
 
@@ -216,19 +219,41 @@ def table(rows: list[Row]) -> str:
         p, v = r.variant.prefix, r.variant
         before = by.get((p.parent, v.runtime)) if p.parent else None
         stage = f"{before.ms / r.ms:.2f}x" if before else ""
-        params = sum(t.numel() for t in p.model.parameters()) / 1e6
         lines.append(
-            f"| {p.label} | {v.runtime} | {r.ms:.0f} | {base.ms / r.ms:.2f}x | {stage} | "
+            f"| {p.label} | {v.runner.describe()} | {r.ms:.0f} | {base.ms / r.ms:.2f}x | {stage} | "
             f"{r.cosine:.4f} | {r.top5:.3f} | {v.bytes:,} | {base.variant.bytes / v.bytes:.2f}x"
-            f" | {params:.2f} M | {v.kernels} |"
+            f" | {count_params(p.model) / 1e6:.2f} M | {v.kernels} |"
         )
     return "\n".join(lines)
+
+
+def contributions(rows: list[Row], chains: dict[str, list[Prefix]]) -> str:
+    """Markdown: for each recipe and runtime, the factor each step contributes to the speedup
+    over fp32 eager: the runtime itself (its fp32 against eager's), then every stage (its
+    prefix against the one before, same runtime). The factors multiply to the total."""
+    ms = {(r.variant.prefix.key, r.variant.runtime): r.ms for r in rows}
+    eager = rows[0].ms
+    lines = []
+    for recipe, chain in chains.items():
+        steps = [p.label.removeprefix("+ ") for p in chain[1:]]
+        lines += [
+            f"| {recipe} on | runtime (fp32) | {' | '.join(steps)} | total vs fp32 eager |",
+            "|---|" + "---:|" * (len(steps) + 2),
+        ]
+        for runtime in RUNTIMES:
+            times = [ms[p.key, runtime] for p in chain]
+            factors = [eager / times[0], *(a / b for a, b in itertools.pairwise(times))]
+            cells = " | ".join(f"{f:.2f}x" for f in factors)
+            lines.append(f"| {runtime} | {cells} | **{eager / times[-1]:.2f}x** |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def training_lines(prefixes: list[Prefix]) -> list[str]:
     """One line per trained stage: wall and CPU seconds (from the run that trained it)."""
     return [
-        f"- `{p.stages[-1]}` ({p.key}): {p.seconds:.0f} s wall, {p.cpu_seconds:.0f} s CPU"
+        f"- stage {p.stages}, {p.label.removeprefix('+ ')} (`{p.key}`): "
+        f"{p.seconds:.0f} s wall, {p.cpu_seconds:.0f} s CPU"
         for p in prefixes
         if p.parent
     ]
@@ -262,9 +287,13 @@ def run(args: argparse.Namespace) -> str:
     ctx = make_context({**kwargs, "teacher": model})
     salt = f"train_batches={args.train_batches};seed={args.seed}"
     prefixes: dict[str, Prefix] = {}
+    chains: dict[str, list[Prefix]] = {}
     for recipe in args.recipes:
-        for p in stage_prefixes(model, recipe, ctx, args.work, salt):
+        chain = [
             prefixes.setdefault(p.key, p)
+            for p in stage_prefixes(model, recipe, ctx, args.work, salt)
+        ]
+        chains[str(recipe)] = chain
     batches = heldout_batches(hf.load_tokenizer(ref), args.texts)
     load_before = load()
     variants = [variant(p, rt, batches[0]) for p in prefixes.values() for rt in RUNTIMES]
@@ -281,7 +310,8 @@ def run(args: argparse.Namespace) -> str:
         f"before measuring, {load_after} after timing; median of {args.runs} interleaved runs."
     )
     trained = training_lines(list(prefixes.values()))
-    return "\n".join([setting, "", table(rows), "", "Stages (training time):", *trained])
+    parts = [setting, "", table(rows), "", contributions(rows, chains), ""]
+    return "\n".join([*parts, "Stages (training time, from the run that trained them):", *trained])
 
 
 def main() -> None:

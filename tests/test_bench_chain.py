@@ -14,7 +14,7 @@ import torch
 import hf_fixtures
 from netshrink import hf
 from netshrink.hf.blocks import find_attention, find_ffn
-from netshrink.recipe.runner import make_context
+from netshrink.recipe.runner import as_recipe, make_context
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import chain  # benchmarks/ is not a package: imported from its folder
@@ -94,3 +94,32 @@ def test_recipes_sharing_stages_share_their_keys(setup, tmp_path: Path) -> None:
     one = chain.stage_prefixes(model, shorter, ctx, tmp_path)
     two = chain.stage_prefixes(model, RECIPE, ctx, tmp_path)
     assert [p.key for p in one] == [p.key for p in two[:2]]
+
+
+def test_the_openvino_variant_shares_every_stage_but_the_int8_ending() -> None:
+    # the benchmark compares the two endings on one pruned model: the stages before must match
+    shrink, ov = (as_recipe(name).resolved()["stages"] for name in chain.RECIPES)
+    assert ov[:-2] == shrink[:-1]
+    assert [next(iter(s)) for s in ov[-2:]] == ["quantize.smoothquant", "quantize.static"]
+    assert next(iter(shrink[-1])) == "quantize.dynamic"
+
+
+def test_stage_contributions_multiply_to_the_total() -> None:
+    model = torch.nn.Linear(2, 2)
+    keys = ["fp32", "depth", "int8"]
+    prefixes = [
+        chain.Prefix(k, k, keys[i - 1] if i else None, model, Path(), stages=i)
+        for i, k in enumerate(keys)
+    ]
+    ms = {"eager": [120.0, 60.0, 30.0], "onnxruntime": [100.0, 40.0, 25.0]}
+    ms["openvino"] = [48.0, 24.0, 10.0]
+    rows = [
+        chain.Row(chain.Variant(p, rt, None, 1), ms[rt][p.stages], 1.0, 1.0)
+        for p in prefixes
+        for rt in chain.RUNTIMES
+    ]
+    table = chain.contributions(rows, {"r": prefixes}).splitlines()
+    assert table[0] == "| r on | runtime (fp32) | depth | int8 | total vs fp32 eager |"
+    assert table[2] == "| eager | 1.00x | 2.00x | 2.00x | **4.00x** |"
+    assert table[3] == "| onnxruntime | 1.20x | 2.50x | 1.60x | **4.80x** |"
+    assert table[4] == "| openvino | 2.50x | 2.00x | 2.40x | **12.00x** |"
