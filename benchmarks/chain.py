@@ -113,20 +113,22 @@ def stage_prefixes(
         done.append({stage.name: stage.config.model_dump(mode="json")})
         parent, key = key, prefix_key(done, salt)
         folder = work / key
-        cpu, wall = time.process_time(), time.perf_counter()
-        if (folder / "artifact").is_dir():
+        record_path = folder / "stage.json"  # written last: its presence means the stage is done
+        if record_path.is_file():
             model = ns.load(folder / "artifact")
-            record = json.loads((folder / "stage.json").read_text())
-            cpu, wall = record["cpu_seconds"], record["seconds"]
+            record = json.loads(record_path.read_text())
         else:
+            cpu, wall = time.process_time(), time.perf_counter()
             torch.manual_seed(ctx.seed)
             model = stage.technique.run(model, stage.config, ctx).model.eval()
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            record = {"seconds": time.perf_counter() - wall, "stages": done}
+            record["cpu_seconds"] = time.process_time() - cpu
             ns.save(model, folder / "artifact")
-            record = {"cpu_seconds": cpu, "seconds": wall, "stages": done}
-            (folder / "stage.json").write_text(json.dumps(record, indent=1))
-        label = f"+ {stage.name}"
-        out.append(Prefix(label, key, parent, model, folder, wall, cpu, len(done)))
+            tmp = record_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(record_path)
+        seconds, cpu = record["seconds"], record["cpu_seconds"]
+        out.append(Prefix(f"+ {stage.name}", key, parent, model, folder, seconds, cpu, len(done)))
     return out
 
 
@@ -150,8 +152,8 @@ def variant(prefix: Prefix, runtime: str, example: dict[str, torch.Tensor]) -> V
         path = folder / "artifact"
         if not path.is_dir():
             ns.save(prefix.model, path)
-        return Variant(prefix, runtime, make_runner(prefix.model, "eager", 1, example),
-                       artifact_bytes(path))  # fmt: skip
+        runner = make_runner(prefix.model, "eager", 1, example)
+        return Variant(prefix, runtime, runner, artifact_bytes(path))
     if runtime == "onnxruntime":
         path = folder / "model.onnx"
         if not path.exists():
@@ -176,6 +178,7 @@ def heldout_batches(tokenizer: Any, texts: int) -> list[dict[str, torch.Tensor]]
 
 
 def embeddings(v: Variant, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """``v``'s unit-length embeddings of every batch, run on its runtime, ``(texts, dim)``."""
     with torch.inference_mode():
         return F.normalize(torch.cat([v.runner(b).float() for b in batches]), dim=-1)
 
