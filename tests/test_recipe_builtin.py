@@ -14,7 +14,7 @@ from netshrink.settings import Timing
 
 EXPECTED = {"int8", "prune-int8", "distill-prune-int8", "lowrank-int8", "sparse90-int8", "int4-qat"}
 EXPECTED |= {"transformer-int8"}  # runs on a CNN too: quantize.dynamic takes its Linear head
-TRANSFORMER_ONLY = {"transformer-shrink"}  # depth, heads and FFN need transformer blocks
+TRANSFORMER_ONLY = {"transformer-shrink", "transformer-shrink-ov"}  # depth, heads and FFN
 
 
 class TinyCNN(nn.Module):
