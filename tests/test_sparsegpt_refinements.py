@@ -3,6 +3,8 @@ correction and OWL's non-uniform sparsity under an exact global budget."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netshrink as ns
-from netshrink.calibrate.sequential import first_block_calls
-from netshrink.calibrate.staged import Paired, asymmetric_target, bias_shift, stages
+from netshrink.calibrate.sequential import BlockCall, first_block_calls
+from netshrink.calibrate.staged import Paired, asymmetric_target, bias_shift, refit_norms, stages
 from netshrink.errors import ConfigError
 from netshrink.prune import nm_layout_ok
 from netshrink.prune.allocation import exact_counts, owl_fractions
@@ -19,7 +21,13 @@ from test_calibrate import tiny_bert
 from test_prune_sparsegpt import correlated
 from test_prune_wanda import sparse_layers
 
-REFINED = {"sequential": True, "true_sequential": True, "asymmetric": True, "bias_correction": True}
+REFINED = {
+    "sequential": True,
+    "true_sequential": True,
+    "asymmetric": True,
+    "bias_correction": True,
+    "norm_correction": True,
+}
 
 
 def paired(x: torch.Tensor, reference: torch.Tensor) -> Paired:
@@ -155,9 +163,24 @@ def test_owl_fraction_outside_the_unit_interval_is_refused() -> None:
         {"bias_correction": True},
         {"allocation": "owl"},  # per block: needs sequential
         {"n": 2, "m": 4, "allocation": "owl", "owl_groups": "layer"},
+        {"sequential": True, "norm_correction": True},  # needs asymmetric
     ],
 )
 def test_refinements_without_what_they_need_are_config_errors(options: dict) -> None:
     model, calib = tiny_bert()
     with pytest.raises(ConfigError):
         ns.prune.sparsegpt(model, calib_data=calib, **options)
+
+
+def test_refit_norms_brings_layer_norm_outputs_closer_to_the_full_precision_ones() -> None:
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 12), nn.LayerNorm(12)).eval()
+    block = copy.deepcopy(dense)
+    with torch.no_grad():
+        block[0].weight.mul_(torch.rand(12, 8) > 0.5)  # a crude pruning
+    calls = [BlockCall((correlated(64, 8, seed),), {}, None) for seed in (0, 1)]
+    with torch.no_grad():
+        before = [float((block(*c.args) - dense(*c.args)).square().sum()) for c in calls]
+        assert refit_norms(block, dense, calls, calls) == ["1"]
+        after = [float((block(*c.args) - dense(*c.args)).square().sum()) for c in calls]
+    assert sum(after) < 0.9 * sum(before), (before, after)

@@ -159,6 +159,7 @@ def run_stages(
     compress: Callable[[dict[str, Paired]], None],
     reference: bool,
     split: bool = True,
+    norms: bool = False,
     blocks: Sequence[str] = (),
     show: bool = True,
 ) -> SequentialReport:
@@ -166,7 +167,8 @@ def run_stages(
     by stage (see the module docstring); ``compress`` gets each stage's statistics keyed by
     qualified name and changes those layers in place. ``reference``: pair every input with the
     full-precision model's (asymmetric calibration). ``split``: stage by stage (true-sequential);
-    otherwise each block's layers form one stage."""
+    otherwise each block's layers form one stage. ``norms`` (needs ``reference``): after each
+    block's layers, refit its LayerNorms' affine parameters (:func:`refit_norms`)."""
     names = find_blocks(model, blocks)
     model_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
     with module_calls(model):
@@ -183,6 +185,8 @@ def run_stages(
                 held = sum(s.nbytes() for s in stats.values())
                 peak = max(peak, tensor_bytes([*calls, *refs]) + held)
                 compress({f"{name}.{n}": s for n, s in stats.items()})
+            if norms and dense is not None and calls:
+                refit_norms(block, dense, calls, refs)
             calls = [next_input(c, block(*c.args, **c.kwargs), name) for c in calls]
             if dense is not None:
                 refs = [next_input(c, dense(*c.args, **c.kwargs), name) for c in refs]
@@ -220,3 +224,60 @@ def bias_shift(before: torch.Tensor, after: torch.Tensor, stats: Paired) -> torc
     mean, reference_mean = stats.means()
     shift = before.double() @ reference_mean - after.double() @ mean
     return shift.to(before.dtype)
+
+
+class _AffineFit:
+    """Per-channel running sums for the least-squares line y = a n + b (n, y: (tokens, C))."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] | None = None  # sum n, sum y, sum n^2, sum n y
+        self.count = 0
+
+    def add(self, n: torch.Tensor, y: torch.Tensor) -> None:
+        n, y = n.double(), y.double()
+        terms = [n.sum(0), y.sum(0), (n * n).sum(0), (n * y).sum(0)]
+        old = self.sums or [torch.zeros_like(t) for t in terms]
+        self.sums = [s + t for s, t in zip(old, terms, strict=True)]
+        self.count += n.shape[0]
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slope and intercept per channel; a channel of constant n keeps slope 0."""
+        assert self.sums is not None
+        sn, sy, snn, sny = (s / self.count for s in self.sums)
+        var = snn - sn * sn
+        slope = torch.where(var > 1e-12, (sny - sn * sy) / var.clamp_min(1e-12), 0.0)
+        return slope, sy - slope * sn
+
+
+@torch.no_grad()
+def refit_norms(
+    block: nn.Module, dense: nn.Module, calls: Sequence[BlockCall], refs: Sequence[BlockCall]
+) -> list[str]:
+    """Refit the affine weight and bias of ``block``'s LayerNorms (over the last dimension), in
+    call order, so that each maps its compressed input to the full-precision LayerNorm's output
+    on the same tokens with least squared error (closed form, per channel). Each is fitted on
+    the inputs the already refitted ones before it give. Returns the names refitted."""
+    norms = [
+        name
+        for name, m in block.named_modules()
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1 and m.bias is not None
+    ]
+    order = [n for stage in stages(block, norms, calls[0]) for n in stage] if norms else []
+    for name in order:
+        norm, reference = block.get_submodule(name), dense.get_submodule(name)
+        fit = _AffineFit()
+        for call, ref in zip(calls, refs, strict=True):
+            seen = _layer_inputs(block, [name], call, stop=True)
+            fp = _layer_inputs(dense, [name], ref, stop=True)
+            if name in seen:
+                shape, eps = norm.normalized_shape, norm.eps
+                n = nn.functional.layer_norm(seen[name][0], shape, None, None, eps)
+                y = nn.functional.layer_norm(
+                    fp[name][0], shape, reference.weight, reference.bias, eps
+                )
+                fit.add(n, y)
+        if fit.count:
+            slope, intercept = fit.solve()
+            norm.weight.copy_(slope)
+            norm.bias.copy_(intercept)
+    return order

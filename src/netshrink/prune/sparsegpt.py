@@ -74,6 +74,9 @@ class SparseGPTConfig(SparseConfig):
     bias_correction: bool = Field(
         False, description="shift each bias by the mean output change on the calibration data"
     )
+    norm_correction: bool = Field(
+        False, description="refit each block's LayerNorm affine to the full-precision outputs"
+    )
     allocation: Literal["uniform", "owl"] = Field(
         "uniform", description="per-layer sparsity: uniform, or OWL's (same total, exact)"
     )
@@ -98,6 +101,8 @@ class SparseGPTConfig(SparseConfig):
         asked = [k for k, v in staged.items() if v]
         if asked and not self.sequential:
             raise ValueError(f"{', '.join(asked)} need sequential: true; set it or drop them")
+        if self.norm_correction and not self.asymmetric:
+            raise ValueError("norm_correction needs asymmetric: true (the full-precision outputs)")
         if (self.n is None) != (self.m is None):
             raise ValueError(f"give both n and m (e.g. n=2, m=4), got n={self.n}, m={self.m}")
         if self.n is not None and self.m is not None:
@@ -317,7 +322,8 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: Context) -> nn.Mod
         if config.true_sequential or config.asymmetric or config.bias_correction:
             report = run_stages(
                 model, batches, owned, lambda st: prune_stage(layers, st, config, fractions),
-                reference=config.asymmetric, split=config.true_sequential, blocks=blocks,
+                reference=config.asymmetric, split=config.true_sequential,
+                norms=config.norm_correction, blocks=blocks,
                 show=ctx.progress,
             )  # fmt: skip
         else:
