@@ -19,7 +19,7 @@ from netshrink.prune import nm_layout_ok
 from netshrink.prune.allocation import exact_counts, owl_fractions
 from test_calibrate import tiny_bert
 from test_prune_sparsegpt import correlated
-from test_prune_wanda import sparse_layers
+from test_prune_wanda import convnet, images, sparse_layers
 
 REFINED = {
     "sequential": True,
@@ -184,3 +184,12 @@ def test_refit_norms_brings_layer_norm_outputs_closer_to_the_full_precision_ones
         assert refit_norms(block, dense, calls, calls) == ["1"]
         after = [float((block(*c.args) - dense(*c.args)).square().sum()) for c in calls]
     assert sum(after) < 0.9 * sum(before), (before, after)
+
+
+def test_a_grouped_conv_is_pruned_without_bias_correction_and_says_so() -> None:
+    options = {"sparsity": 0.5, "sequential": True, "blocks": ["7"], "bias_correction": True}
+    with pytest.warns(UserWarning, match="2 is a grouped conv"):
+        pruned = ns.prune.sparsegpt(convnet(), calib_data=images(), kernel="dense", **options)
+    layers = sparse_layers(pruned)
+    assert torch.equal(layers["2"].bias, convnet()[2].bias)
+    assert not torch.equal(layers["0"].bias, convnet()[0].bias)

@@ -15,7 +15,10 @@ Sparsity is exact per layer: the ``round(sparsity * weights)`` zeros are split o
 blocks by cumulative rounding. A Conv2d is solved on its Cin*kh*kw patch columns (one Hessian per
 group of a grouped conv); Hugging Face ``Conv1D`` is pruned as the Linear it computes. With
 ``sequential`` each block (a transformer layer) is calibrated on the outputs of the already
-pruned blocks before it (the paper's order), through :func:`netshrink.calibrate.run_blocks`.
+pruned blocks before it (the paper's order), through :func:`netshrink.calibrate.run_blocks`;
+``true_sequential``, ``asymmetric`` (GPTAQ), ``bias_correction`` and ``norm_correction`` refine
+that through :func:`netshrink.calibrate.staged.run_stages`, and ``allocation: owl`` spreads the
+sparsity over blocks or layers (:mod:`netshrink.prune.allocation`; exact in total, not per layer).
 Pruned layers are the sparse layers ``prune.magnitude`` makes, so artifacts store them packed.
 """
 
@@ -253,6 +256,12 @@ def prune_stage(
             continue
         before = layer.weight.detach().flatten(1).clone()
         spans = before.shape[1] == pair.gram.shape[0]  # false for a grouped conv
+        if not spans and (config.asymmetric or config.bias_correction):
+            warnings.warn(
+                f"prune.sparsegpt: {name} is a grouped conv; asymmetric and bias_correction "
+                "need one Gram matrix over all its inputs, so it is pruned without them",
+                stacklevel=3,
+            )
         target = None
         if config.asymmetric and spans:
             target = asymmetric_target(before, pair, config.damp).view_as(layer.weight)
