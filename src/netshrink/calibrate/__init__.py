@@ -2,7 +2,8 @@
 
 :mod:`~netshrink.calibrate.reducers` are bounded running statistics, :mod:`~.collect` hooks
 them on named modules and streams the batches, :mod:`~.sequential` runs data-aware methods one
-block at a time on the inputs the already compressed blocks produce, :mod:`~.hessian` is the
+block at a time on the inputs the already compressed blocks produce (:mod:`~.staged`: layer stage
+by layer stage, paired with the full-precision model's inputs), :mod:`~.hessian` is the
 damped inverse-Hessian factor GPTQ and SparseGPT share. Padding tokens (attention mask 0) never
 enter the token statistics.
 """

@@ -128,18 +128,18 @@ def find_blocks(model: nn.Module, names: Sequence[str] = ()) -> list[str]:
 
 
 @dataclass
-class _Call:
+class BlockCall:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     tokens: torch.Tensor | None
     """The batch's :func:`token_mask`: which positions are real tokens (None: all)."""
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised inside the first block's hook: the rest of the forward is not needed."""
 
 
-def _tensor_bytes(values: Iterable[Any]) -> int:
+def tensor_bytes(values: Iterable[Any]) -> int:
     """Bytes of the distinct tensor storages among ``values`` (nested tuples, lists, dicts)."""
     seen: dict[int, int] = {}
 
@@ -152,7 +152,7 @@ def _tensor_bytes(values: Iterable[Any]) -> int:
         elif isinstance(v, Mapping):
             for item in v.values():
                 visit(item)
-        elif isinstance(v, _Call):
+        elif isinstance(v, BlockCall):
             visit(v.args)
             visit(v.kwargs)
             visit(v.tokens)
@@ -162,14 +162,16 @@ def _tensor_bytes(values: Iterable[Any]) -> int:
     return sum(seen.values())
 
 
-def _first_block_calls(model: nn.Module, block: nn.Module, batches: Sequence[Batch]) -> list[_Call]:
+def first_block_calls(
+    model: nn.Module, block: nn.Module, batches: Sequence[Batch]
+) -> list[BlockCall]:
     """The arguments ``block`` is called with, once per batch, without running past it."""
-    calls: list[_Call] = []
+    calls: list[BlockCall] = []
     tokens: torch.Tensor | None = None
 
     def grab(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        calls.append(_Call(args, dict(kwargs), tokens))
-        raise _Stop
+        calls.append(BlockCall(args, dict(kwargs), tokens))
+        raise StopForward
 
     handle = block.register_forward_pre_hook(grab, with_kwargs=True)
     try:
@@ -177,7 +179,7 @@ def _first_block_calls(model: nn.Module, block: nn.Module, batches: Sequence[Bat
             tokens = token_mask(inputs)
             try:
                 run(model, inputs)
-            except _Stop:
+            except StopForward:
                 continue
             raise UnsupportedModuleError(
                 f"the first block never ran on a calibration batch; choose blocks that "
@@ -188,7 +190,7 @@ def _first_block_calls(model: nn.Module, block: nn.Module, batches: Sequence[Bat
     return calls
 
 
-def _next_input(call: _Call, output: Any, name: str) -> _Call:
+def next_input(call: BlockCall, output: Any, name: str) -> BlockCall:
     """``call`` with its first positional argument replaced by the block's output tensor."""
     if not call.args:
         raise UnsupportedModuleError(
@@ -196,7 +198,7 @@ def _next_input(call: _Call, output: Any, name: str) -> _Call:
             "the sequential engine needs it as the first positional argument"
         )
     hidden = first_tensor(output, f"block {name!r}'s output")
-    return _Call((hidden, *call.args[1:]), call.kwargs, call.tokens)
+    return BlockCall((hidden, *call.args[1:]), call.kwargs, call.tokens)
 
 
 def run_blocks(
@@ -213,10 +215,10 @@ def run_blocks(
     restored afterwards.
     """
     names = find_blocks(model, blocks)
-    model_bytes = _tensor_bytes([*model.parameters(), *model.buffers()])
+    model_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
     with module_calls(model):
-        calls = _first_block_calls(model, model.get_submodule(names[0]), batches)
-        peak = _tensor_bytes(calls)
+        calls = first_block_calls(model, model.get_submodule(names[0]), batches)
+        peak = tensor_bytes(calls)
         for i, name in enumerate(names):
             block = model.get_submodule(name)
             points = compressor.statistics(name, block)
@@ -231,8 +233,8 @@ def run_blocks(
             release_freed_memory()  # the statistics and the compressor's working copies
             outputs = []
             for call in track(calls, f"propagate block {i + 1}/{len(names)}", show=show):
-                outputs.append(_next_input(call, block(*call.args, **call.kwargs), name))
-            peak = max(peak, _tensor_bytes([*calls, *outputs]) + stats_bytes)
+                outputs.append(next_input(call, block(*call.args, **call.kwargs), name))
+            peak = max(peak, tensor_bytes([*calls, *outputs]) + stats_bytes)
             calls = outputs
             release_freed_memory()  # the block's inputs
     return SequentialReport(tuple(names), model_bytes, peak)

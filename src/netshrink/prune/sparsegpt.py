@@ -15,7 +15,10 @@ Sparsity is exact per layer: the ``round(sparsity * weights)`` zeros are split o
 blocks by cumulative rounding. A Conv2d is solved on its Cin*kh*kw patch columns (one Hessian per
 group of a grouped conv); Hugging Face ``Conv1D`` is pruned as the Linear it computes. With
 ``sequential`` each block (a transformer layer) is calibrated on the outputs of the already
-pruned blocks before it (the paper's order), through :func:`netshrink.calibrate.run_blocks`.
+pruned blocks before it (the paper's order), through :func:`netshrink.calibrate.run_blocks`;
+``true_sequential``, ``asymmetric`` (GPTAQ), ``bias_correction`` and ``norm_correction`` refine
+that through :func:`netshrink.calibrate.staged.run_stages`, and ``allocation: owl`` spreads the
+sparsity over blocks or layers (:mod:`netshrink.prune.allocation`; exact in total, not per layer).
 Pruned layers are the sparse layers ``prune.magnitude`` makes, so artifacts store them packed.
 """
 
@@ -23,16 +26,20 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.calibrate import Gram, PerLayer, collect, find_blocks, run_blocks
+from netshrink.calibrate import PerLayer, collect, find_blocks, run_blocks
 from netshrink.calibrate.hessian import damped_inverse_cholesky, relative_output_error
+from netshrink.calibrate.staged import Paired, asymmetric_target, bias_shift, run_stages
 from netshrink.context import Batch, Context
 from netshrink.layers import layer_types, leave_alone, tied_modules
+from netshrink.prune.allocation import owl_layer_fractions
 from netshrink.prune.sparse_layers import SparseLayer
 from netshrink.prune.unstructured import SPARSE_LAYERS, SparseConfig, choose_kernels, sparsify
 from netshrink.prune.wanda import DEFAULT_SPARSITY, block_owners
@@ -61,11 +68,44 @@ class SparseGPTConfig(SparseConfig):
         (), description="block module names for sequential (default: a ModuleList's children)"
     )
     calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
+    true_sequential: bool = Field(
+        False, description="inside each block, calibrate each layer on the pruned layers before it"
+    )
+    asymmetric: bool = Field(
+        False, description="reconstruct the full-precision layer's output, not the pruned input's"
+    )
+    bias_correction: bool = Field(
+        False, description="shift each bias by the mean output change on the calibration data"
+    )
+    norm_correction: bool = Field(
+        False, description="refit each block's LayerNorm affine to the full-precision outputs"
+    )
+    allocation: Literal["uniform", "owl"] = Field(
+        "uniform", description="per-layer sparsity: uniform, or OWL's (same total, exact)"
+    )
+    owl_groups: Literal["block", "layer"] = Field(
+        "block", description="OWL: one sparsity per block (needs sequential) or per layer"
+    )
+    owl_threshold: float = Field(
+        5.0, gt=1, le=1000, description="OWL: outlier = score above this times the mean"
+    )
+    owl_spread: float = Field(
+        0.08, ge=0, lt=0.5, description="OWL: largest change of a group's sparsity"
+    )
 
     @model_validator(mode="after")
     def _one_pattern(self) -> SparseGPTConfig:
         if self.blocks and not self.sequential:
             raise ValueError("blocks applies with sequential: true; set it or drop blocks")
+        staged = {"true_sequential": self.true_sequential, "asymmetric": self.asymmetric,
+                  "bias_correction": self.bias_correction}  # fmt: skip
+        if self.allocation == "owl" and self.owl_groups == "block":
+            staged["owl_groups: block"] = True
+        asked = [k for k, v in staged.items() if v]
+        if asked and not self.sequential:
+            raise ValueError(f"{', '.join(asked)} need sequential: true; set it or drop them")
+        if self.norm_correction and not self.asymmetric:
+            raise ValueError("norm_correction needs asymmetric: true (the full-precision outputs)")
         if (self.n is None) != (self.m is None):
             raise ValueError(f"give both n and m (e.g. n=2, m=4), got n={self.n}, m={self.m}")
         if self.n is not None and self.m is not None:
@@ -73,6 +113,8 @@ class SparseGPTConfig(SparseConfig):
                 raise ValueError(f"n must be smaller than m, got n={self.n}, m={self.m}")
             if self.sparsity is not None:
                 raise ValueError("N:M fixes the sparsity: drop sparsity, or n and m")
+            if self.allocation != "uniform":
+                raise ValueError("N:M fixes each layer's sparsity: drop allocation, or n and m")
             if self.blocksize % self.m:
                 raise ValueError(
                     f"blocksize must be a multiple of m, got blocksize={self.blocksize}, m={self.m}"
@@ -140,15 +182,24 @@ def sparsegpt_solve(
 
 
 @torch.no_grad()
-def prune_layer(layer: SparseLayer, hessian: torch.Tensor, config: SparseGPTConfig) -> None:
+def prune_layer(
+    layer: SparseLayer,
+    hessian: torch.Tensor,
+    config: SparseGPTConfig,
+    sparsity: float | None = None,
+    target: torch.Tensor | None = None,
+) -> None:
     """Prune ``layer`` in place with :func:`sparsegpt_solve` on its inputs' Gram ``hessian``.
 
+    ``sparsity``: the layer's fraction (default ``config.fraction``); ``target``: the weight to
+    prune and reconstruct instead of the layer's own (the asymmetric optimum), same shape.
     A Conv2d's weight is solved as (Cout, Cin*kh*kw), one group at a time for a grouped conv,
     its columns taken in (kh, kw, Cin) order so that N:M groups run along the input channels,
     as :func:`netshrink.prune.nm_keep` lays them out.
     """
     nm = (config.n, config.m) if config.n is not None and config.m is not None else None
-    weight = layer.weight.detach()
+    fraction = config.fraction if sparsity is None else sparsity
+    weight = (layer.weight if target is None else target).detach()
     groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
     flat = weight.reshape(groups, weight.shape[0] // groups, -1)
     width = flat.shape[2]
@@ -159,12 +210,12 @@ def prune_layer(layer: SparseLayer, hessian: torch.Tensor, config: SparseGPTConf
     for g in range(groups):
         h = hessian[g * width : (g + 1) * width, g * width : (g + 1) * width][order][:, order]
         # the groups' shares of the layer's zeros, by cumulative rounding: exact per layer
-        zeros = round(config.fraction * size * (g + 1)) - round(config.fraction * size * g)
+        zeros = round(fraction * size * (g + 1)) - round(fraction * size * g)
         solved = sparsegpt_solve(
             flat[g][:, order], h, zeros / size, nm, config.damp, config.blocksize
         )
         out[g][:, order] = solved
-    layer.weight.copy_(out.view_as(weight))
+    layer.weight.copy_(out.view_as(layer.weight))
     layer.refresh_mask()
 
 
@@ -183,24 +234,43 @@ def _nm_fits(name: str, layer: SparseLayer, config: SparseGPTConfig) -> bool:
     return False
 
 
-def prune_seen(
-    layers: dict[str, SparseLayer], stats: dict[str, Gram], config: SparseGPTConfig
+@torch.no_grad()
+def prune_stage(
+    layers: dict[str, SparseLayer],
+    stats: dict[str, Paired],
+    config: SparseGPTConfig,
+    fractions: Mapping[str, float],
 ) -> None:
-    """Prune every layer of ``layers`` by its statistics; a warning names those that never ran."""
-    idle = [name for name, gram in stats.items() if gram.sum is None]
+    """Prune one stage's layers from :class:`Paired` statistics, each to its share of
+    ``fractions`` (default ``config.fraction``): the asymmetric target when
+    ``config.asymmetric``, the bias shifted by the mean output change when
+    ``config.bias_correction``; a warning names the layers that never ran."""
+    idle = [name for name, pair in stats.items() if pair.gram is None]
     if idle:
         warnings.warn(
             f"prune.sparsegpt: {', '.join(idle)} never ran on calib_data; left dense", stacklevel=3
         )
-    for name, gram in stats.items():
-        if gram.sum is not None and _nm_fits(name, layers[name], config):
-            before = layers[name].weight.detach().flatten(1).clone()
-            prune_layer(layers[name], gram.sum, config)
-            if before.shape[1] == gram.sum.shape[0]:  # a grouped conv's Gram spans all groups
-                error = relative_output_error(before, layers[name].weight.flatten(1), gram.sum)
-                log.info(
-                    "prune.sparsegpt: %s relative output error %.2e on calib_data", name, error
-                )
+    for name, pair in stats.items():
+        layer = layers[name]
+        if pair.gram is None or not _nm_fits(name, layer, config):
+            continue
+        before = layer.weight.detach().flatten(1).clone()
+        spans = before.shape[1] == pair.gram.shape[0]  # false for a grouped conv
+        if not spans and (config.asymmetric or config.bias_correction):
+            warnings.warn(
+                f"prune.sparsegpt: {name} is a grouped conv; asymmetric and bias_correction "
+                "need one Gram matrix over all its inputs, so it is pruned without them",
+                stacklevel=3,
+            )
+        target = None
+        if config.asymmetric and spans:
+            target = asymmetric_target(before, pair, config.damp).view_as(layer.weight)
+        prune_layer(layer, pair.gram, config, fractions.get(name), target)
+        if spans:
+            error = relative_output_error(before, layer.weight.flatten(1), pair.gram)
+            log.info("prune.sparsegpt: %s relative output error %.2e on calib_data", name, error)
+        if config.bias_correction and layer.bias is not None and spans:
+            layer.bias.add_(bias_shift(before, layer.weight.detach().flatten(1), pair))
 
 
 def prune_all(
@@ -208,6 +278,7 @@ def prune_all(
     layers: dict[str, SparseLayer],
     batches: list[Batch],
     config: SparseGPTConfig,
+    fractions: Mapping[str, float],
     show: bool,
 ) -> None:
     """One calibration pass over ``model`` gathering each layer's X^T X, then every layer pruned.
@@ -215,9 +286,9 @@ def prune_all(
     The Gram matrices of all ``layers`` are held at once (in^2 float64 each); ``sequential``
     holds one block's only.
     """
-    stats = {name: Gram() for name in layers}
+    stats = {name: Paired() for name in layers}
     collect(model, {n: [s] for n, s in stats.items()}, batches, "sparsegpt: X^T X", show=show)
-    prune_seen(layers, stats, config)
+    prune_stage(layers, stats, config, fractions)
 
 
 def _untied_targets(model: nn.Module, targets: Targets) -> Targets:
@@ -237,15 +308,38 @@ def sparsegpt(model: nn.Module, config: SparseGPTConfig, ctx: Context) -> nn.Mod
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     blocks = find_blocks(model, config.blocks) if config.sequential else []
     layers = sparsify(model, _untied_targets(model, config.targets))
+    owned, outside = block_owners(list(layers), blocks)
+    fractions: dict[str, float] = {}
+    if config.allocation == "owl":
+        by_block = config.owl_groups == "block"
+        groups = (
+            [*(g for g in owned.values() if g), *([n] for n in outside)]
+            if by_block
+            else [[n] for n in layers]
+        )
+        fractions = owl_layer_fractions(
+            model, layers, groups, batches, config.fraction, config.owl_threshold,
+            config.owl_spread, ctx.progress,
+        )  # fmt: skip
     if not config.sequential:
-        prune_all(model, layers, batches, config, ctx.progress)
+        prune_all(model, layers, batches, config, fractions, ctx.progress)
     else:
-        owned, outside = block_owners(list(layers), blocks)
         # Layers outside every block are pruned first, on the dense model's statistics.
         if outside:
-            prune_all(model, {n: layers[n] for n in outside}, batches, config, ctx.progress)
-        per_layer = PerLayer(owned, Gram, lambda grams: prune_seen(layers, grams, config))
-        report = run_blocks(model, batches, per_layer, blocks, ctx.progress)
+            first = {n: layers[n] for n in outside}
+            prune_all(model, first, batches, config, fractions, ctx.progress)
+        if config.true_sequential or config.asymmetric or config.bias_correction:
+            report = run_stages(
+                model, batches, owned, lambda st: prune_stage(layers, st, config, fractions),
+                reference=config.asymmetric, split=config.true_sequential,
+                norms=config.norm_correction, blocks=blocks,
+                show=ctx.progress,
+            )  # fmt: skip
+        else:
+            per_layer = PerLayer(
+                owned, Paired, lambda st: prune_stage(layers, st, config, fractions)
+            )
+            report = run_blocks(model, batches, per_layer, blocks, ctx.progress)
         log.info("prune.sparsegpt: %s", report)
     choose_kernels(model, layers, config.kernel, ctx)
     return model
