@@ -48,7 +48,8 @@ from netshrink.layers import as_linear, linear_types, replace_module, untied
 from netshrink.quantize.affine import Granularity, fake_quantize_weight, quantize_weight
 from netshrink.quantize.lowbit import _groups
 from netshrink.quantize.packed import PackedLinear
-from netshrink.quantize.smoothquant import NORMS, fold, observe, plan
+from netshrink.quantize.smooth_observe import NORMS, observe, plan
+from netshrink.quantize.smoothquant import fold
 from netshrink.registry import technique
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,6 @@ from netshrink.errors import UnsupportedModuleError
 from netshrink.layers import replace_module, untied
 from netshrink.quantize.affine import choose_qparams, dequantize, fake_quantize_weight, quantize
 from netshrink.quantize.layers import SmoothedLinear
-from netshrink.quantize.smooth_observe import NORMS as NORMS  # re-exported for quantize.awq
 from netshrink.quantize.smooth_observe import Producer, in_layer_groups, merged, observe, plan
 from netshrink.registry import technique
 from netshrink.targets import Targets
