@@ -8,6 +8,7 @@ on stderr, never a traceback. With ``--json`` the last line on stdout is one JSO
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +46,7 @@ from netshrink.recipe.builtin import (
 )
 from netshrink.report.tables import plural
 from netshrink.report.terminal import say
+from netshrink.search.analysis import SAMPLES
 from netshrink.settings import Inputs, Timing
 
 app = typer.Typer(
@@ -177,6 +179,12 @@ def analyze(
     eval_: EvalOpt = None,
     task: TaskOpt = None,
     seed: SeedOpt = 0,
+    samples: Annotated[
+        int,
+        typer.Option(
+            min=1, max=1_000_000, help="examples each probe runs: the first validation batches"
+        ),
+    ] = SAMPLES,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-layer sensitivity to pruning, weight bits and rank; writes sensitivity.json/.png."""
@@ -186,7 +194,10 @@ def analyze(
     inputs = Inputs(
         model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed, task=task
     )
-    _, paths = run_analyze(inputs, out, progress=not quiet)
+    start = time.perf_counter()
+    sens, paths = run_analyze(inputs, out, progress=not quiet, samples=samples)
+    seconds = time.perf_counter() - start
+    typer.echo(f"{sens.headline()} ({seconds:.0f} s)")
     typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
 
 

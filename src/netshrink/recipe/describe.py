@@ -61,8 +61,7 @@ def bounds(field: FieldInfo) -> str:
     members = [
         f"{type_name(a)} {limits}"
         for a in typing.get_args(field.annotation)
-        if typing.get_origin(a) is typing.Annotated
-        and (limits := _limits(typing.get_args(a)[1:]))
+        if typing.get_origin(a) is typing.Annotated and (limits := _limits(typing.get_args(a)[1:]))
     ]
     return "; ".join(part for part in (_limits(field.metadata), *members) if part)
 

@@ -59,6 +59,12 @@ class Sensitivity:
     samples: int = 0
     version: int = VERSION
 
+    def headline(self) -> str:
+        """One line: what was probed, e.g. ``370 probes (37 layers) on 42 samples each``."""
+        return (
+            f"{len(self.points)} probes ({len(self.layers)} layers) on {self.samples} samples each"
+        )
+
     def curve(self, layer: str, family: str) -> list[dict[str, Any]]:
         """The points of one layer and family, in probing order."""
         return [p for p in self.points if p["layer"] == layer and p["family"] == family]
