@@ -23,6 +23,8 @@ from netshrink.search.sensitivity import (
     PROBED,
     copy_model,
     default_settings,
+    families_of,
+    is_table,
     knob,
     layer_bytes,
     layer_macs,
@@ -195,7 +197,8 @@ def analyze(
     progress: bool = True,
     seed: int = 0,
 ) -> Sensitivity:
-    """Measure each selected Linear/Conv2d layer's sensitivity to each family, one at a time.
+    """Measure each selected Linear/Conv2d layer's sensitivity to each family, one at a time,
+    and each embedding table's to the quant family.
 
     ``data``: batches the metric and output error are measured on; each probe runs the first
     whole batches holding at most ``samples`` examples, once (see :data:`SAMPLES`).
@@ -209,7 +212,12 @@ def analyze(
     if not batches:
         raise MissingInputError("analyze needs data: at least one (inputs, targets) batch")
     baseline = copy_model(model)
-    names = list((targets or Targets()).select(baseline, default_types=(nn.Linear, nn.Conv2d)))
+    kinds = (nn.Linear, nn.Conv2d, nn.Embedding)
+    names = [
+        n
+        for n, m in (targets or Targets()).select(baseline, default_types=kinds).items()
+        if (is_table(m) or not isinstance(m, nn.Embedding)) and families_of(m, list(values))
+    ]
     key = fingerprint(baseline, batches, values, names)
     path = None
     if cache is not False:

@@ -1,12 +1,14 @@
 """Per-layer sensitivity: how much each layer's output cost grows as one family compresses it.
 
 For every Linear/Conv2d layer and every setting of every family (pruning sparsity, weight bits,
-low-rank ratio), the registered technique is applied to that one layer (``targets.include`` =
-its name) with the rest of the model intact, and the metric and the output fidelity are measured
-on the given data. Each point also records the layer's stored bytes after the change, as the
-artifact codec would store them (packed when sparse), and its multiply-accumulates. This is the
-one-layer-at-a-time probe of AIMET's greedy compression-ratio selection and of HAWQ's
-per-layer sensitivity (Dong et al., 2019, §3), measured rather than approximated by Hessians.
+low-rank ratio), and for every embedding table at every weight bit width (a transformer's word
+embeddings can be half of its bytes), the registered technique is applied to that one layer
+(``targets.include`` = its name) with the rest of the model intact, and the metric and the
+output fidelity are measured on the given data. Each point also records the layer's stored
+bytes after the change, as the artifact codec would store them (packed when sparse), and its
+multiply-accumulates. This is the one-layer-at-a-time probe of AIMET's greedy
+compression-ratio selection and of HAWQ's per-layer sensitivity (Dong et al., 2019, §3),
+measured rather than approximated by Hessians.
 """
 
 from __future__ import annotations
@@ -46,11 +48,36 @@ def default_settings(family: str) -> tuple[float, ...]:
     return knob(family).values
 
 
-def stage_for(family: str, value: float, names: Sequence[str]) -> dict[str, Any]:
-    """The recipe stage applying ``family`` at ``value`` to the layers ``names`` only."""
+TABLE = "Embedding"
+"""Kind of the embedding tables the analysis probes too, with the quant family only (a table is
+a lookup: neither pruning nor low rank makes it smaller here, and it costs no MACs)."""
+
+
+def is_table(module: nn.Module) -> bool:
+    """Whether ``module`` is an embedding table ``quantize.weight_only`` stores as codes."""
+    return type(module) is nn.Embedding and module.max_norm is None
+
+
+def families_of(module: nn.Module, families: Sequence[str]) -> list[str]:
+    """The ``families`` that can change ``module``: only quant for an embedding table."""
+    return [f for f in families if f == "quant" or not is_table(module)]
+
+
+def stage_for(
+    family: str, value: float, names: Sequence[str], tables: bool = False
+) -> dict[str, Any]:
+    """The recipe stage applying ``family`` at ``value`` to the layers ``names`` only
+    (``tables``: they are embedding tables, selected by their type)."""
     if family not in PROBED:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    return {PROBED[family]: knob(family).options(value, {"include": list(names)})}
+    targets: dict[str, Any] = {"include": list(names)}
+    if tables:
+        targets["types"] = [TABLE]
+    options = knob(family).options(value, targets)
+    if family == "quant":
+        # exactly the layers named: quantize.weight_only would also store every table
+        options["embeddings"] = False
+    return {PROBED[family]: options}
 
 
 def apply_stage(model: nn.Module, stage: dict[str, Any], ctx: Context) -> nn.Module:
@@ -81,8 +108,9 @@ def layer_bytes(model: nn.Module, name: str) -> int:
 
 
 def layer_macs(model: nn.Module, inputs: tuple[Any, ...], names: Sequence[str]) -> dict[str, int]:
-    """Multiply-accumulates per sample of each Linear/Conv2d in ``names``, from one forward pass."""
-    shapes = {name: Shape("output") for name in names}
+    """Multiply-accumulates per sample of each Linear/Conv2d in ``names``, from one forward pass
+    (an embedding table's lookups count none)."""
+    shapes = {n: Shape("output") for n in names if not is_table(model.get_submodule(n))}
     collect(model, {n: [s] for n, s in shapes.items()}, [(inputs, None)], "layer MACs", show=False)
     macs = {}
     for name, shape in shapes.items():
@@ -167,12 +195,18 @@ def probe_layers(
     Also returns the stored bytes of each layer pruned or factorized, then quantized (no
     metric is measured for these: the allocator takes the loss of two changes to one layer as
     the sum of their losses). ``model`` is changed only inside each probe and restored."""
-    jobs = [(n, f, v) for n in names for f, values in settings.items() for v in values]
+    jobs = [
+        (n, f, v)
+        for n in names
+        for f in families_of(model.get_submodule(n), list(settings))
+        for v in settings[f]
+    ]
     points: list[dict[str, Any]] = []
     combined: list[dict[str, Any]] = []
     desc = f"sensitivity: {len(jobs)} probes, {len(prober.data)} batches each"
     for name, family, value in track(jobs, desc, show=progress):
-        with variant(model, name, stage_for(family, value, [name]), ctx) as (probed, changed):
+        stage = stage_for(family, value, [name], is_table(model.get_submodule(name)))
+        with variant(model, name, stage, ctx) as (probed, changed):
             found = prober.probe(probed)
             stored = layer_bytes(changed, name)
         points.append(
