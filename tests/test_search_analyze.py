@@ -209,3 +209,31 @@ def test_an_embedding_table_is_probed_and_allocated_its_own_bit_width(tmp_path):
     ]
     assert all(o["embeddings"] is False for name, o in stages if name == "quantize.weight_only")
     assert found.met and found.best.compression_rate >= 3
+
+
+def test_a_missed_size_goal_is_rebudgeted_with_the_measured_remainder(trained, cache, monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from netshrink.measure import measure
+    from netshrink.search import allocate
+    from netshrink.search.allocate import predicted
+
+    model, _, val = trained
+    sens = run_analyze(model, val, cache)
+    base = measure(model, (val[0][0],)).bytes
+    measured = iter([base // 2, int(base / 3.2)])  # misses 3x, then meets it (by < 15 %)
+
+    def fake(_model, _recipe, **_):
+        summary = {"compression_rate": 0.0, "speedup_rate": 1.0, "latency_ms_after": 1.0}
+        summary["compressed_bytes"] = got = next(measured)
+        summary |= {"compression_rate": base / got, "metric_after": 1.0, "metric_drop": 0.0}
+        return SimpleNamespace(report=SimpleNamespace(summary=lambda: summary))
+
+    monkeypatch.setattr(sys.modules["netshrink.search.auto"], "compress", fake)
+    found = auto(model, "size=3x", example_inputs=(val[0][0],), val_data=val, sensitivity=sens)
+    first, second = found.candidates
+    spent = predicted(allocate(sens, first.budget)[0])[0]
+    # the non-layer part is what the measurement left over: base / 2 - spent, not base - layers
+    assert second.budget == pytest.approx(base / 3 * 0.97 - (base // 2 - spent))
+    assert second.budget < first.budget and found.met and found.best is second
