@@ -8,7 +8,14 @@
    sparsity on every layer, then int8 weights everywhere, same fine-tuning), the uniform
    sparsity picked as the least one whose measured size is no larger than the mixed one's.
 
+4. ``--minilm``: the command line on the real all-MiniLM-L6-v2 with a text file of the first
+   ``--lines`` standard-library docstring paragraphs: ``netshrink analyze``, then
+   ``netshrink compress --target`` (cold sensitivity cache each), with wall time, the CPU
+   seconds of the command's processes and the load average around each. ``--quick`` runs
+   the analysis only.
+
 Run: PYTHONPATH=src python benchmarks/search.py [--model digits-cnn] [--target ...] [--out DIR]
+     PYTHONPATH=src python benchmarks/search.py --minilm [--quick] [--target size=2x,max_drop=0.05]
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -42,13 +50,62 @@ def uniform(sparsity: float, epochs: int) -> dict:
     }
 
 
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``cmd``; return it and a Markdown row cell text: wall s, CPU s, load before/after."""
+    load = os.getloadavg()[0]
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - used.ru_utime - used.ru_stime
+    return done, f"{wall:.0f} | {cpu:.0f} | {load:.1f} -> {os.getloadavg()[0]:.1f}"
+
+
+def minilm(out: Path, lines: int, target: str, quick: bool) -> None:
+    """``netshrink analyze`` and ``compress --target`` on MiniLM from the command line."""
+    from netshrink.hf import stdlib_corpus
+    from netshrink.hf.minilm import minilm_ref
+
+    texts = out / "texts.txt"
+    texts.write_text("\n".join(stdlib_corpus(lines)))
+    given = ["--model", minilm_ref(), "--data", f"text:{texts}"]
+    netshrink = [sys.executable, "-W", "ignore", "-m", "netshrink"]
+    runs = {"analyze": [*netshrink, "analyze", *given, "--out", str(out / "analyze"), "-q"]}
+    if not quick:
+        runs[f"compress --target {target}"] = [
+            *netshrink, "compress", "--target", target, *given, "--out", str(out / "auto"),
+            "--json",
+        ]  # fmt: skip
+    print(f"threads: torch default of each command; {lines} texts")
+    print("\n| command | wall s | CPU s | load 1-min before -> after |\n|---|---:|---:|---|")
+    printed = []
+    for name, cmd in runs.items():
+        env = os.environ | {"NETSHRINK_CACHE": str(out / f"cache-{len(printed)}")}
+        done, row = timed(cmd, env)
+        print(f"| `{name}` | {row} |", flush=True)
+        printed.append(f"$ {' '.join(cmd[3:])}\n{done.stdout}{done.stderr[-2000:]}")
+        if done.returncode != 0:
+            break
+    print("\n" + "\n".join(printed))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="digits-cnn")
-    parser.add_argument("--target", default="size=20x,max_drop=0.01")
+    parser.add_argument("--target", default=None, help="default: size=20x,max_drop=0.01 "
+                        "(digits), size=2x,max_drop=0.05 (--minilm)")  # fmt: skip
     parser.add_argument("--out", default=None)
+    parser.add_argument("--minilm", action="store_true", help="the CLI on MiniLM instead")
+    parser.add_argument("--lines", type=int, default=400, help="--minilm: texts in the file")
+    parser.add_argument("--quick", action="store_true", help="--minilm: analyze only")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="search-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.minilm:
+        minilm(out, args.lines, args.target or "size=2x,max_drop=0.05", args.quick)
+        return
+    args.target = args.target or "size=20x,max_drop=0.01"
     os.environ["NETSHRINK_CACHE"] = str(out / "cache")  # cold: analysis included in the time
     model, splits = zoo.load(args.model), zoo.data(args.model)
     context = {

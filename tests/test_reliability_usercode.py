@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 import recipe_fakes
 from netshrink import progress
-from netshrink.cli import MAX_SEED, MAX_THREADS, app
+from netshrink.cli import app
+from netshrink.cliopts import MAX_SEED, MAX_THREADS
 from netshrink.errors import DataError, ModelReferenceError
 from netshrink.usercode import UserCodeError, check_batch, check_reference, guarded
 

@@ -52,10 +52,12 @@ def test_analyze_writes_sensitivity_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "cache"))
     args = ["analyze", "--model", "tinymod:model", "--data", "tinymod:data", "--out", "res", "-q"]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, [*args, "--samples", "8"])
     assert result.exit_code == 0, result.output
+    # 2 layers x 10 default settings; the one 16-example batch is whole, so it runs 16
+    assert "20 probes (2 layers) on 16 samples each" in result.output
     data = json.loads((tmp_path / "res" / "sensitivity.json").read_text())
-    assert data["version"] == 1 and set(data["layers"]) == {"0", "2"}
+    assert data["version"] == 2 and set(data["layers"]) == {"0", "2"}
     assert (tmp_path / "res" / "sensitivity.png").stat().st_size > 1000
     assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1
 

@@ -7,23 +7,37 @@ on stderr, never a traceback. With ``--json`` the last line on stdout is one JSO
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import sys
-import traceback
-from collections.abc import Callable
+import time
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from netshrink import progress
-from netshrink.errors import ConfigError, InputError, NetshrinkError
-from netshrink.quote import excerpt
+from netshrink.cliopts import (
+    INTERRUPTED,
+    MAX_THREADS,
+    MODEL_HELP,
+    BeforeVerb,
+    DataOpt,
+    EvalOpt,
+    JsonOpt,
+    ModelOpt,
+    QuietOpt,
+    RunsOpt,
+    RuntimeOpt,
+    SeedOpt,
+    TaskOpt,
+    ThreadsOpt,
+    err,
+    for_scripts,
+    handles_errors,
+    out,
+    print_json,
+)
+from netshrink.errors import ConfigError
 from netshrink.recipe.builtin import (
     DEMO_RUNTIME,
     DEMO_THREADS,
@@ -32,6 +46,7 @@ from netshrink.recipe.builtin import (
 )
 from netshrink.report.tables import plural
 from netshrink.report.terminal import say
+from netshrink.search.analysis import SAMPLES
 from netshrink.settings import Inputs, Timing
 
 app = typer.Typer(
@@ -42,99 +57,6 @@ app = typer.Typer(
 )
 
 
-def out() -> Console:
-    """A console on stdout: ``$COLUMNS`` or the terminal's width, else 160 columns when stdout
-    is not a terminal (a log file), so the stage table keeps all its columns."""
-    console = Console(highlight=False)
-    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
-        return console
-    return Console(highlight=False, width=160)
-
-
-def err() -> Console:
-    """A console on stderr, for errors and notices."""
-    return Console(stderr=True, highlight=False)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars, headline only")]
-MAX_SEED = 2**32 - 1
-"""Largest seed: numpy's generators take seeds below 2**32."""
-INTERRUPTED = 130
-"""The exit code typer gives a command interrupted by Ctrl-C (128 + SIGINT)."""
-MAX_THREADS = (os.cpu_count() or 1) * 4
-"""Most intra-op threads accepted: more only oversubscribes the cores (and can exhaust memory)."""
-SeedOpt = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="seed of every random choice")]
-RunsOpt = Annotated[int, typer.Option(min=20, max=100000, help="timed runs per latency median")]
-RuntimeOpt = Annotated[
-    str,
-    typer.Option(
-        help="where latency is timed: eager, onnxruntime, openvino (its default precision, "
-        "bf16 on bf16 CPUs) or openvino-f32"
-    ),
-]
-ThreadsOpt = Annotated[
-    int | None,
-    typer.Option(min=1, max=MAX_THREADS, help="intra-op threads for timing (default: torch's)"),
-]
-MODEL_HELP = "zoo:<name>, hf:<folder> or pkg.module:factory"
-ModelOpt = Annotated[str | None, typer.Option("--model", help=MODEL_HELP)]
-DataOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data",
-        help="pkg.module:function -> {train, val, calib[, test]}, or text:<file> for an hf: "
-        "model (default: zoo data, or the built-in text corpus)",
-    ),
-]
-TaskOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--task", help="hf: model task: embedding, classification, causal-lm, masked-lm (inferred)"
-    ),
-]
-EvalOpt = Annotated[
-    str | None, typer.Option("--eval", help="pkg.module:metric(model, batches) -> float")
-]
-
-
-def handles_errors(fn: F) -> F:
-    """Map netshrink errors to an ``error:`` line and exit code 2 (bad input) or 1 (failure)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except InputError as exc:
-            _debug_traceback(exc)
-            err().print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(2) from None
-        except NetshrinkError as exc:
-            _debug_traceback(exc)
-            err().print(f"[red]failed:[/red] {escape(str(exc))}", soft_wrap=True)
-            raise typer.Exit(1) from None
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:  # a bug or the system (memory, disk): still one line
-            _debug_traceback(exc)
-            err().print(
-                f"[red]failed:[/red] {type(exc).__name__}: {escape(excerpt(str(exc)))} "
-                "(--debug shows the traceback)",
-                soft_wrap=True,
-            )
-            raise typer.Exit(1) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-class _BeforeVerb:
-    """Options given before the verb, for the whole invocation."""
-
-    debug = False
-
-
 @app.callback()
 def _options(
     debug: Annotated[
@@ -142,23 +64,7 @@ def _options(
     ] = False,
 ) -> None:
     """Make trained PyTorch models smaller and faster, and prove it by measuring."""
-    _BeforeVerb.debug = debug
-
-
-def _debug_traceback(exc: BaseException) -> None:
-    """With ``--debug``, print ``exc``'s traceback (the user's code's, for a UserCodeError)."""
-    if _BeforeVerb.debug:
-        traceback.print_exception(exc)
-
-
-def _scripted(quiet: bool, as_json: bool) -> bool:
-    """Turn progress bars off for ``--quiet``/``--json``; return whether output is for scripts."""
-    progress.set_enabled(not (quiet or as_json))
-    return quiet or as_json
-
-
-def _print_json(data: dict[str, Any]) -> None:
-    print(json.dumps(data, default=str))
+    BeforeVerb.debug = debug
 
 
 @app.command("list")
@@ -172,7 +78,7 @@ def list_(
     from netshrink.recipe.describe import describe
 
     if schema:
-        _print_json(recipe.json_schema())
+        print_json(recipe.json_schema())
         return
     if recipes:
         table = Table("recipe", "description", "stages", title="built-in recipes")
@@ -204,7 +110,7 @@ def _finish_run(result: Any, paths: dict[str, Path], quiet: bool, as_json: bool)
 
     if as_json:
         summary = result.report.summary()
-        _print_json({**summary, "report_html": str(paths["html"]), "report": str(paths["json"])})
+        print_json({**summary, "report_html": str(paths["html"]), "report": str(paths["json"])})
         return
     print_report(result.report, out(), stages=not quiet)
     out().print(f"artifact: {paths['artifact']}")
@@ -242,7 +148,7 @@ def compress(
     """Run RECIPE (or search one meeting --target) on a model; save artifact and report in --out."""
     from netshrink.recipe.commands import run
 
-    scripted = _scripted(quiet, as_json)
+    scripted = for_scripts(quiet, as_json)
     if (recipe is None) == (target is None):
         raise ConfigError("give either a RECIPE or --target (e.g. --target size=10x,max_drop=0.01)")
     inputs = Inputs(
@@ -273,16 +179,25 @@ def analyze(
     eval_: EvalOpt = None,
     task: TaskOpt = None,
     seed: SeedOpt = 0,
+    samples: Annotated[
+        int,
+        typer.Option(
+            min=1, max=1_000_000, help="examples each probe runs: the first validation batches"
+        ),
+    ] = SAMPLES,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-layer sensitivity to pruning, weight bits and rank; writes sensitivity.json/.png."""
     from netshrink.search.commands import run_analyze
 
-    _scripted(quiet, False)
+    for_scripts(quiet, False)
     inputs = Inputs(
         model_ref=model, weights=weights, data_ref=data, eval_ref=eval_, seed=seed, task=task
     )
-    _, paths = run_analyze(inputs, out, progress=not quiet)
+    start = time.perf_counter()
+    sens, paths = run_analyze(inputs, out, progress=not quiet, samples=samples)
+    seconds = time.perf_counter() - start
+    typer.echo(f"{sens.headline()} ({seconds:.0f} s)")
     typer.echo(f"sensitivity: {paths['json']}\nplot: {paths['plot']}")
 
 
@@ -324,7 +239,7 @@ def demo(
 
     if model not in DEMO_MODELS:
         raise ConfigError(f"unknown demo model {model!r}; use one of {', '.join(DEMO_MODELS)}")
-    scripted = _scripted(quiet, as_json)
+    scripted = for_scripts(quiet, as_json)
     minilm = model == "minilm"
     recipe = DEMO_TRANSFORMER_RECIPE if minilm else DEFAULT
     runtime = runtime or (DEMO_TRANSFORMER_RUNTIME if minilm else DEMO_RUNTIME)
@@ -359,11 +274,11 @@ def measure(
     """Measure a saved artifact or a zoo model: params, MACs, bytes, latency, metric."""
     from netshrink.recipe.commands import measure_target
 
-    _scripted(quiet, as_json)
+    for_scripts(quiet, as_json)
     inputs = Inputs(model_ref=model, data_ref=data, eval_ref=eval_, task=task)
     measured = measure_target(target, inputs, Timing(runtime=runtime, threads=threads, runs=runs))
     if as_json:
-        _print_json(measured.to_dict())
+        print_json(measured.to_dict())
     else:
         out().print(str(measured))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ def type_name(annotation: Any) -> str:
     """A short readable type: ``float``, ``l1|l2``, ``int | None``, ``list[str]``, ``mapping``."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is typing.Annotated:  # constraints are the range column's (see bounds)
+        return type_name(args[0])
     if origin is typing.Literal:
         return "|".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -53,14 +55,29 @@ def type_name(annotation: Any) -> str:
 
 
 def bounds(field: FieldInfo) -> str:
-    """The field's numeric constraints as text, e.g. ``>= 0, < 1``; empty when unconstrained."""
+    """The field's numeric constraints as text, e.g. ``>= 0, < 1``; empty when unconstrained.
+
+    A union of constrained types gives each member's, e.g. ``int >= 1; float > 0, <= 1``."""
+    members = [
+        f"{type_name(a)} {limits}"
+        for a in typing.get_args(field.annotation)
+        if typing.get_origin(a) is typing.Annotated and (limits := _limits(typing.get_args(a)[1:]))
+    ]
+    return "; ".join(part for part in (_limits(field.metadata), *members) if part)
+
+
+def _limits(metadata: Iterable[Any]) -> str:
+    """Bounds among annotation ``metadata``: annotated-types constraints or a pydantic Field's."""
     parts = []
-    for meta in field.metadata:
+    for meta in metadata:
+        if isinstance(meta, FieldInfo):
+            parts.append(_limits(meta.metadata))
+            continue
         for attr, symbol in _BOUNDS:
             value = getattr(meta, attr, None)
             if value is not None:
                 parts.append(f"{symbol} {value}")
-    return ", ".join(parts)
+    return ", ".join(p for p in parts if p)
 
 
 def _default(field: FieldInfo) -> str:

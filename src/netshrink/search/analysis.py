@@ -13,17 +13,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from netshrink.batches import materialize
+from netshrink.batches import example_args, materialize
 from netshrink.context import Batch, Context
 from netshrink.errors import ArtifactError, ConfigError, MissingInputError
 from netshrink.outdir import write_atomic
+from netshrink.search.probe import Prober
 from netshrink.search.sensitivity import (
     FAMILIES,
     PROBED,
-    Prober,
-    combined_bytes,
     copy_model,
     default_settings,
+    families_of,
+    is_table,
     knob,
     layer_bytes,
     layer_macs,
@@ -31,8 +32,13 @@ from netshrink.search.sensitivity import (
 )
 from netshrink.targets import Targets
 
-VERSION = 1
-"""Version of the sensitivity JSON layout; a cached file of another version is recomputed."""
+VERSION = 2
+"""Version of the sensitivity JSON layout; a cached file of another version is recomputed.
+2: probes run on a capped subset of the data, recorded as ``samples``."""
+
+SAMPLES = 64
+"""Examples a probe runs by default: the first whole batches of the data holding at most this
+many (at least one batch). Every probe runs them once, so this sets the cost of an analysis."""
 
 
 @dataclass
@@ -42,7 +48,8 @@ class Sensitivity:
     ``points``: one per (layer, family, value) with ``metric`` (None without an evaluate
     function), ``error`` (relative output error, 0 = identical) and ``bytes`` (the layer's stored
     bytes after the change). ``layers``: per layer its kind, stored bytes and MACs per sample
-    unchanged. ``combined``: stored bytes of each layer pruned then quantized.
+    unchanged. ``combined``: stored bytes of each layer pruned then quantized. ``samples``:
+    examples each probe ran.
     """
 
     key: str
@@ -51,7 +58,14 @@ class Sensitivity:
     points: list[dict[str, Any]]
     combined: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, list[float]] = field(default_factory=dict)
+    samples: int = 0
     version: int = VERSION
+
+    def headline(self) -> str:
+        """One line: what was probed, e.g. ``370 probes (37 layers) on 42 samples each``."""
+        return (
+            f"{len(self.points)} probes ({len(self.layers)} layers) on {self.samples} samples each"
+        )
 
     def curve(self, layer: str, family: str) -> list[dict[str, Any]]:
         """The points of one layer and family, in probing order."""
@@ -153,6 +167,21 @@ def check_settings(
     return {f: [float(v) for v in given.get(f, default_settings(f))] for f in families}
 
 
+def first_samples(batches: list[Batch], samples: int) -> list[Batch]:
+    """The first whole batches of ``batches`` holding at most ``samples`` examples, at least one
+    batch (the examples of a batch are counted along the first dimension of its inputs)."""
+    if samples < 1:
+        raise ConfigError(f"samples={samples}: a probe needs at least one example, e.g. 64")
+    chosen, count = [], 0
+    for x, y in batches:
+        size = len(example_args(x)[0])
+        if chosen and count + size > samples:
+            break
+        chosen.append((x, y))
+        count += size
+    return chosen
+
+
 def analyze(
     model: nn.Module,
     *,
@@ -163,24 +192,32 @@ def analyze(
     settings: dict[str, Sequence[float]] | None = None,
     targets: Targets | None = None,
     calib_data: Iterable[Batch] | None = None,
+    samples: int = SAMPLES,
     cache: bool | str | Path = True,
     progress: bool = True,
     seed: int = 0,
 ) -> Sensitivity:
-    """Measure each selected Linear/Conv2d layer's sensitivity to each family, one at a time.
+    """Measure each selected Linear/Conv2d layer's sensitivity to each family, one at a time,
+    and each embedding table's to the quant family.
 
-    ``data``: batches the metric and output error are measured on (keep it small: every probe
-    runs it). ``evaluate(model, batches) -> float`` (higher is better); without it only the
-    output error is recorded. ``settings`` overrides a family's probed values. ``cache``: True
-    for the user cache folder, a folder path, or False; a cached result for the same state dict,
-    data and settings is returned without probing. The model is not changed.
+    ``data``: batches the metric and output error are measured on; each probe runs the first
+    whole batches holding at most ``samples`` examples, once (see :data:`SAMPLES`).
+    ``evaluate(model, batches) -> float`` (higher is better); without it only the output error
+    is recorded. ``settings`` overrides a family's probed values. ``cache``: True for the user
+    cache folder, a folder path, or False; a cached result for the same state dict, probed data
+    and settings is returned without probing. The model is not changed.
     """
     values = check_settings(families, settings)
-    batches = materialize(data, "data")
+    batches = first_samples(materialize(data, "data"), samples)
     if not batches:
         raise MissingInputError("analyze needs data: at least one (inputs, targets) batch")
     baseline = copy_model(model)
-    names = list((targets or Targets()).select(baseline, default_types=(nn.Linear, nn.Conv2d)))
+    kinds = (nn.Linear, nn.Conv2d, nn.Embedding)
+    names = [
+        n
+        for n, m in (targets or Targets()).select(baseline, default_types=kinds).items()
+        if (is_table(m) or not isinstance(m, nn.Embedding)) and families_of(m, list(values))
+    ]
     key = fingerprint(baseline, batches, values, names)
     path = None
     if cache is not False:
@@ -204,14 +241,9 @@ def analyze(
         }
         for n in names
     }
-    result = Sensitivity(
-        key,
-        base.metric,
-        layers,
-        probe_layers(baseline, names, values, prober, ctx, progress),
-        combined_bytes(baseline, names, values, ctx),
-        values,
-    )
+    points, combined = probe_layers(baseline, names, values, prober, ctx, progress)
+    count = sum(len(example_args(x)[0]) for x, _ in batches)
+    result = Sensitivity(key, base.metric, layers, points, combined, values, count)
     if path is not None:
         result.save(path)
     return result

@@ -9,7 +9,7 @@ stop after ``rounds`` candidates. Every measured candidate is kept for the Paret
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from torch import nn
@@ -22,7 +22,7 @@ from netshrink.recipe.runner import make_context
 from netshrink.search.allocate import Option, allocate, predicted
 from netshrink.search.analysis import Sensitivity, analyze
 from netshrink.search.front import AutoResult, Candidate
-from netshrink.search.sensitivity import PROBED, stage_for
+from netshrink.search.sensitivity import PROBED, TABLE, stage_for
 from netshrink.search.target import Goal, parse_target
 from netshrink.settings import DEFAULT_TIMING, Timing
 
@@ -30,29 +30,32 @@ MARGIN = 0.97
 """Aim this far inside a size goal: the delivered artifact also carries the run's provenance."""
 
 
-def to_recipe(choice: dict[str, Option], finetune_epochs: int = 0) -> dict[str, Any]:
+def to_recipe(
+    choice: dict[str, Option], finetune_epochs: int = 0, tables: Collection[str] = ()
+) -> dict[str, Any]:
     """The allocation as a recipe: low-rank, then pruning, then weight quantization stages.
 
     Layers sharing a setting share a stage (``targets.include`` lists them), with the options
-    the sensitivity probe used (the technique's knob). Fine-tuning runs after the last float
-    stage, before quantization freezes the weights. An allocation that touches nothing becomes
-    int8 weights everywhere, since a recipe needs a stage.
+    the sensitivity probe used (the technique's knob); the embedding tables named in ``tables``
+    get stages of their own. Fine-tuning runs after the last float stage, before quantization
+    freezes the weights. An allocation that touches nothing becomes int8 weights everywhere,
+    since a recipe needs a stage.
     """
-    groups: dict[tuple[str, float], list[str]] = {}
+    groups: dict[tuple[str, float, bool], list[str]] = {}
     for name, o in choice.items():
         for family, value in (("lowrank", o.ratio), ("prune", o.sparsity), ("quant", o.bits)):
             if value is not None:
                 # Once factorized, a layer's weights live in its children; the pattern also
                 # takes the layer itself, should its low-rank stage be rolled back.
                 factors = family == "quant" and o.ratio is not None
-                groups.setdefault((family, value), []).append(
+                groups.setdefault((family, value, name in tables), []).append(
                     f"re:{re.escape(name)}(\\..+)?" if factors else name
                 )
     order = {"lowrank": 0, "prune": 1, "quant": 2}
     stages = [
-        stage_for(family, value, names)
-        for (family, value), names in sorted(
-            groups.items(), key=lambda g: (order[g[0][0]], g[0][1])
+        stage_for(family, value, names, table)
+        for (family, value, table), names in sorted(
+            groups.items(), key=lambda g: (order[g[0][0]], g[0][1], g[0][2])
         )
     ]
     floats = [s for s in stages if PROBED["quant"] not in s]
@@ -60,7 +63,7 @@ def to_recipe(choice: dict[str, Option], finetune_epochs: int = 0) -> dict[str, 
         options = next(iter(floats[-1].values()))
         options["finetune"] = {"epochs": finetune_epochs}
     if not stages:  # the budget needs nothing: the lightest real step keeps the recipe valid
-        stages.append(stage_for("quant", 8, list(choice)))
+        stages.append(stage_for("quant", 8, [n for n in choice if n not in tables]))
     return {"version": 1, "description": "found by netshrink auto", "stages": stages}
 
 
@@ -131,25 +134,36 @@ def auto(
     # Candidates run on the same context, without progress bars of their own.
     items = {name: getattr(ctx, name) for name in ctx.item_names()} | {"progress": False}
     epochs = finetune_epochs if ctx.train_data is not None else 0
+    tables = [n for n, info in sens.layers.items() if info["kind"] == TABLE]
     candidates: list[Candidate] = []
     results: list[Result] = []
     for round_ in range(rounds):
         choice, fits = allocate(sens, budget, goal.resource)
-        recipe = to_recipe(choice, epochs)
+        recipe = to_recipe(choice, epochs, tables)
+        if any(c.recipe == recipe for c in candidates):
+            break  # the new budget gives a recipe already measured: nothing new to learn
         parse(recipe)  # a recipe the runner (and netshrink compress) accepts
         result = compress(model, recipe, eval_data=eval_data, timing=timing, **items)
         cand = Candidate.measured(round_, budget, recipe, result.report.summary(), goal, rate)
-        cand.predicted_loss = predicted(choice)[1]
+        spent, cand.predicted_loss = predicted(choice)
         candidates.append(cand)
         results.append(result)
         achieved = cand.rate(goal)
         if cand.meets(goal, rate) or not fits:
             if not cand.meets_resource(goal, rate) or achieved < rate * 1.15:
                 break
-            budget *= min(achieved / rate, 1.5)  # beaten by a wide margin: spend some on accuracy
+            scale = min(achieved / rate, 1.5)  # beaten by a wide margin: spend some on accuracy
         elif cand.meets_resource(goal, rate):
             break  # the drop limit failed; a smaller model would not be more accurate
         else:
-            budget *= achieved / rate * (0.95 if goal.resource == "bytes" else 0.9)
+            scale = achieved / rate * 0.9
+        if sized:
+            # What the artifact holds besides the predicted layers, as measured: provenance,
+            # and tables the recipe changed without the allocation budgeting them (a
+            # quantize.weight_only stage also stores the nn.Embedding tables). The next budget
+            # aims at the goal with that measured remainder.
+            budget = base.bytes / rate * MARGIN - (cand.compressed_bytes - spent)
+        else:
+            budget *= scale
     best = AutoResult.pick(candidates, goal, rate)
     return AutoResult(goal, rate, candidates, best, results[best.round], sens)

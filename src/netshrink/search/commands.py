@@ -9,7 +9,7 @@ from pathlib import Path
 
 from netshrink.outdir import RunOutput, space_needed
 from netshrink.recipe.commands import prepare, resolve
-from netshrink.search.analysis import Sensitivity, analyze
+from netshrink.search.analysis import SAMPLES, Sensitivity, analyze
 from netshrink.search.auto import auto
 from netshrink.search.front import AutoResult
 from netshrink.search.target import parse_target
@@ -17,9 +17,10 @@ from netshrink.settings import Inputs, Timing
 
 
 def run_analyze(
-    inputs: Inputs, out: Path, progress: bool = True
+    inputs: Inputs, out: Path, progress: bool = True, samples: int = SAMPLES
 ) -> tuple[Sensitivity, dict[str, Path]]:
-    """Probe every layer on the validation split; write sensitivity.json and .png into ``out``."""
+    """Probe every layer on the first ``samples`` examples of the validation split; write
+    sensitivity.json and .png into ``out``."""
     with RunOutput(Path(out)) as unit:
         given = resolve(inputs)
         sens = analyze(
@@ -28,6 +29,7 @@ def run_analyze(
             data=given.data.val,
             evaluate=given.evaluate,
             calib_data=given.data.calib,
+            samples=samples,
             progress=progress,
             seed=inputs.seed,
         )
