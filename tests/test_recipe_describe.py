@@ -12,6 +12,7 @@ class Knobs(BaseModel):
     count: Annotated[int, Field(ge=1, le=8)] | Annotated[float, Field(gt=0, le=1)] = 1.0
     ratio: float = Field(0.5, ge=0, lt=1)
     mode: Literal["a", "b"] = "a"
+    pick: Literal["a", "b"] | Literal["c"] = "c"
     name: str | None = None
 
 
@@ -23,6 +24,7 @@ def test_constrained_union_members_render_as_their_types_with_their_bounds() -> 
     )
     assert (rows["ratio"].type, rows["ratio"].range) == ("float", ">= 0, < 1")
     assert (rows["mode"].type, rows["mode"].range) == ("a|b", "")
+    assert rows["pick"].type == "a|b|c"
     assert (rows["name"].type, rows["name"].range) == ("str | None", "")
 
 

@@ -44,6 +44,8 @@ def type_name(annotation: Any) -> str:
     if origin is typing.Literal:
         return "|".join(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
+        if all(typing.get_origin(a) is typing.Literal for a in args):  # one set of choices
+            return "|".join(str(v) for a in args for v in typing.get_args(a))
         return " | ".join(type_name(a) for a in args)
     if origin in (tuple, list) and args:
         return f"list[{type_name(args[0])}]"
