@@ -36,6 +36,7 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.calibrate import PerLayer, collect, find_blocks, run_blocks
 from netshrink.calibrate.hessian import damped_inverse_cholesky, relative_output_error
+from netshrink.calibrate.options import BlockwiseConfig
 from netshrink.calibrate.staged import Paired, asymmetric_target, bias_shift, run_stages
 from netshrink.context import Batch, Context
 from netshrink.layers import layer_types, leave_alone, tied_modules
@@ -49,7 +50,7 @@ from netshrink.targets import Targets
 log = logging.getLogger(__name__)
 
 
-class SparseGPTConfig(SparseConfig):
+class SparseGPTConfig(SparseConfig, BlockwiseConfig):
     """Options of ``prune.sparsegpt``."""
 
     sparsity: float | None = Field(
@@ -61,13 +62,6 @@ class SparseGPTConfig(SparseConfig):
         0.01, gt=0, le=1, description="added to H's diagonal, as a fraction of its mean"
     )
     blocksize: int = Field(128, ge=1, le=4096, description="input columns per mask-selection block")
-    sequential: bool = Field(
-        False, description="calibrate each block on the outputs of the pruned blocks before it"
-    )
-    blocks: tuple[str, ...] = Field(
-        (), description="block module names for sequential (default: a ModuleList's children)"
-    )
-    calib_batches: int = Field(32, ge=1, le=100000, description="calibration batches used at most")
     true_sequential: bool = Field(
         False, description="inside each block, calibrate each layer on the pruned layers before it"
     )
@@ -95,8 +89,6 @@ class SparseGPTConfig(SparseConfig):
 
     @model_validator(mode="after")
     def _one_pattern(self) -> SparseGPTConfig:
-        if self.blocks and not self.sequential:
-            raise ValueError("blocks applies with sequential: true; set it or drop blocks")
         staged = {"true_sequential": self.true_sequential, "asymmetric": self.asymmetric,
                   "bias_correction": self.bias_correction}  # fmt: skip
         if self.allocation == "owl" and self.owl_groups == "block":
