@@ -114,9 +114,31 @@ def spectrum(
     """SVD of ``module``'s weight as ``variant``; whitened by ``cov`` (cols x cols) if given."""
     matrix = weight_matrix(module, variant)
     chol = None if cov is None else whitening(cov.double(), damping)
-    target = matrix if chol is None else matrix @ chol
+    return _decomposed(variant, matrix if chol is None else matrix @ chol, chol)
+
+
+def _decomposed(variant: str, target: torch.Tensor, chol: torch.Tensor | None) -> Spectrum:
+    """The :class:`Spectrum` of ``target`` = (the matrix to truncate) @ ``chol``."""
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    return Spectrum(variant, matrix.shape[0], matrix.shape[1], u, s.square(), vh, chol)
+    return Spectrum(variant, target.shape[0], target.shape[1], u, s.square(), vh, chol)
+
+
+def fitted_spectrum(
+    matrix: torch.Tensor, cross: torch.Tensor, cov: torch.Tensor, variant: str, damping: float
+) -> Spectrum:
+    """The rank-k fits of ``matrix`` W (rows x cols) to the outputs W xo, on other inputs x.
+
+    ``cov`` = E[x xᵀ] (cols x cols) over the inputs x the layer now gets, ``cross`` =
+    E[xo xᵀ] pairing them with the inputs xo the original layer got. The least-squares weight
+    is W* = W · cross · cov⁻¹, and for any W', E||W xo − W' x||² = E||W xo − W* x||² +
+    ||(W* − W') L||² with cov = LLᵀ, so truncating the SVD of W* L = W · cross · L⁻ᵀ gives the
+    rank-k weight of least output error (reduced-rank regression; with x = xo it is SVD-LLM's
+    whitened truncation, Wang et al. 2024, sec. 3.1). ``damping`` is :func:`whitening`'s: it
+    adds a ridge term to the least-squares fit.
+    """
+    chol = whitening(cov.double(), damping)
+    target = torch.linalg.solve_triangular(chol.T, matrix @ cross.double(), upper=True, left=False)
+    return _decomposed(variant, target, chol)
 
 
 def variants(module: nn.Module, activation_aware: bool) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ from netshrink.lowrank.layers import (
     linear_from_factors,
     spatial_from_factors,
 )
+from netshrink.lowrank.refit import refit
 from netshrink.lowrank.sensitivity import output_weights
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
 from netshrink.registry import Knob, technique
@@ -81,6 +82,11 @@ class SvdConfig(TechniqueConfig):
     damping: float = Field(
         0.01, ge=0, le=1, description="added to the covariance diagonal, relative to its mean"
     )
+    refit: bool = Field(
+        False,
+        description="factorize layer by layer in call order, each fitted by least squares to "
+        "the original layer's outputs on the inputs the factorized layers before it produce",
+    )
     skip_padding: bool = Field(
         True, description="leave tokens at attention_mask 0 out of the input covariance"
     )
@@ -107,6 +113,8 @@ class SvdConfig(TechniqueConfig):
                 "conv_variant='spatial' cannot be activation-aware (the input covariance does "
                 "not whiten it); use conv_variant='channel' or 'auto'"
             )
+        if self.refit and not self.activation_aware:
+            raise ValueError("refit=True fits the factors on calib_data: set activation_aware=True")
         return self
 
     @property
@@ -287,8 +295,14 @@ def _global(
     return plan
 
 
-def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[LayerRecord]:
-    """Replace every planned layer of ``model``; one record per layer of ``layers``."""
+def _apply(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    plan: Plan,
+    done: dict[str, tuple[nn.Module, Spectrum]],
+) -> list[LayerRecord]:
+    """Replace every planned layer of ``model`` not ``done`` already (name -> the module put in
+    and its spectrum); one record per layer of ``layers``."""
     records = []
     for name, module in layers.items():
         weight = getattr(module, "weight", None)
@@ -299,8 +313,11 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
             records.append(LayerRecord(name, kind, shape, before, before, skipped=step))
             continue
         spec, k = step
-        new = _build(module, spec, k)
-        replace_module(model, name, new)
+        if name in done:
+            new, spec = done[name]
+        else:
+            new = _build(module, spec, k)
+            replace_module(model, name, new)
         after = _params(new)
         energy = spec.energy(k)
         records.append(
@@ -361,7 +378,11 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
         plan = _global(spectra, config, stats, scales)
     else:
         plan = _per_layer(spectra, config)
-    records = _apply(model, layers, plan | unsupported)
+    done = {}
+    if config.refit:
+        steps = {n: step for n, step in plan.items() if not isinstance(step, str)}
+        done = refit(model, todo, steps, calib, _build, config.damping, ctx.progress)
+    records = _apply(model, layers, plan | unsupported, done)
     report = LowRankReport(config.selection, config.activation_aware, tuple(records))
     setattr(model, REPORT_ATTR, report)
     return model
