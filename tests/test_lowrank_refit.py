@@ -15,6 +15,7 @@ from netshrink.artifact import load, save
 from netshrink.errors import ConfigError
 from netshrink.lowrank import report_of
 from netshrink.lowrank.decompose import fitted_spectrum, spectrum
+from netshrink.lowrank.jacobian import output_grams
 from netshrink.lowrank.refit import execution_order
 
 
@@ -119,5 +120,58 @@ def test_execution_order_follows_the_calls_not_the_names() -> None:
 
 
 def test_refit_needs_activation_aware() -> None:
-    with pytest.raises(ConfigError, match=r"refit=True .* activation_aware=True"):
+    with pytest.raises(ConfigError, match=r"refit=True reads calib_data.*activation_aware=True"):
         ns.lowrank.svd(_stack(), rank=4, refit=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    m=st.integers(2, 12), n=st.integers(2, 12), frac=st.floats(0.0, 1.0), seed=st.integers(0, 99)
+)
+def test_output_weighting_lowers_the_error_after_a_linear_head(
+    m: int, n: int, frac: float, seed: int
+) -> None:
+    """With the exact JᵀJ of a linear head J after the layer, the weighted truncation's error
+    at the head's output is at most the input-whitened one's, and equals its discarded
+    squared singular values."""
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(n, m, bias=False).double()
+    head = torch.randn(m, m, generator=g, dtype=torch.float64) * torch.logspace(0, -2, m)
+    x = _inputs(8 * n, n, g)
+    k = 1 + round(frac * (min(m, n) - 1))
+    cov = x.T @ x / x.shape[0]
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((x @ (layer.weight.detach() - a @ b).T @ head.T).square().sum())
+
+    weighted = spectrum(layer, "linear", cov, damping=0.0, out_cov=head.T @ head)
+    whitened = spectrum(layer, "linear", cov, damping=0.0)
+    assert error(*weighted.factors(k)) <= error(*whitened.factors(k)) * (1 + 1e-5) + 1e-8
+    expected = float(weighted.s2[k:].sum()) * x.shape[0]
+    assert error(*weighted.factors(k)) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def test_output_grams_estimate_the_heads_gauss_newton_matrix() -> None:
+    """For y = head(fc(x)), E[g gᵀ] at fc's output is headᵀ head (Hutchinson's estimate);
+    parameters' requires_grad and grad are left as they were."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)).eval()
+    model[0].weight.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(512, 6, generator=g), None) for _ in range(2)]
+    grams = output_grams(model, {"0": model[0]}, batches, probes=2, show=False)
+    w = model[1].weight.detach().double()
+    torch.testing.assert_close(grams["0"], w.T @ w, atol=0.06 * float(w.square().sum()), rtol=0)
+    assert not model[0].weight.requires_grad and model[1].weight.requires_grad
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_output_aware_lowers_the_models_output_error() -> None:
+    model, calib = _stack(), _calib()
+    x = torch.cat([inputs for inputs, _ in calib])
+    options = {"rank": 6, "activation_aware": True, "calib_data": calib, "progress": False}
+    plain = ns.lowrank.svd(copy.deepcopy(model), **options)
+    weighted = ns.lowrank.svd(copy.deepcopy(model), output_aware=True, **options)
+    with torch.no_grad():
+        err_plain = float((plain(x) - model(x)).square().mean())
+        err_weighted = float((weighted(x) - model(x)).square().mean())
+    assert err_weighted < 0.8 * err_plain

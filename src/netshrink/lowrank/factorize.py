@@ -27,6 +27,7 @@ from netshrink.layers import (
 from netshrink.lowrank import ranks
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
 from netshrink.lowrank.inputs import LayerInputs, layer_inputs
+from netshrink.lowrank.jacobian import output_grams
 from netshrink.lowrank.layers import (
     LowRankConv2d,
     LowRankLinear,
@@ -82,6 +83,11 @@ class SvdConfig(TechniqueConfig):
     damping: float = Field(
         0.01, ge=0, le=1, description="added to the covariance diagonal, relative to its mean"
     )
+    output_aware: bool = Field(
+        False,
+        description="also weigh each layer's output directions by how much the model's output "
+        "moves with them (gradient probes on calib_data; needs activation_aware)",
+    )
     refit: bool = Field(
         False,
         description="factorize layer by layer in call order, each fitted by least squares to "
@@ -113,8 +119,11 @@ class SvdConfig(TechniqueConfig):
                 "conv_variant='spatial' cannot be activation-aware (the input covariance does "
                 "not whiten it); use conv_variant='channel' or 'auto'"
             )
-        if self.refit and not self.activation_aware:
-            raise ValueError("refit=True fits the factors on calib_data: set activation_aware=True")
+        for name in ("refit", "output_aware"):
+            if getattr(self, name) and not self.activation_aware:
+                raise ValueError(
+                    f"{name}=True reads calib_data's statistics: set activation_aware=True"
+                )
         return self
 
     @property
@@ -175,7 +184,10 @@ def _unsupported(model: nn.Module, layers: dict[str, nn.Module], aware: bool) ->
 
 
 def _spectra(
-    layers: dict[str, nn.Module], config: SvdConfig, stats: dict[str, LayerInputs]
+    layers: dict[str, nn.Module],
+    config: SvdConfig,
+    stats: dict[str, LayerInputs],
+    out_covs: dict[str, torch.Tensor],
 ) -> dict[str, list[Spectrum]]:
     out = {}
     for name, m in layers.items():
@@ -185,7 +197,8 @@ def _spectra(
         cov = stats[name].cov if config.activation_aware else None
         if config.activation_aware and cov is None:
             warnings.warn(f"lowrank.svd: {name} never ran on calib_data; plain SVD", stacklevel=3)
-        out[name] = [spectrum(m, v, cov, config.damping) for v in names]
+        out_cov = out_covs.get(name)
+        out[name] = [spectrum(m, v, cov, config.damping, out_cov) for v in names]
     return out
 
 
@@ -372,7 +385,8 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
                 f"budget_metric='macs' counts MACs on example_inputs, but {', '.join(idle)} "
                 "never ran on them; exclude them with targets or use budget_metric='params'"
             )
-    spectra = _spectra(todo, config, stats)
+    out_covs = output_grams(model, todo, calib, show=ctx.progress) if config.output_aware else {}
+    spectra = _spectra(todo, config, stats, out_covs)
     if config.budget is not None:
         scales = _error_scales(model, todo, spectra, config, calib, ctx.progress)
         plan = _global(spectra, config, stats, scales)
@@ -381,7 +395,7 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     done = {}
     if config.refit:
         steps = {n: step for n, step in plan.items() if not isinstance(step, str)}
-        done = refit(model, todo, steps, calib, _build, config.damping, ctx.progress)
+        done = refit(model, todo, steps, calib, _build, config.damping, out_covs, ctx.progress)
     records = _apply(model, layers, plan | unsupported, done)
     report = LowRankReport(config.selection, config.activation_aware, tuple(records))
     setattr(model, REPORT_ATTR, report)

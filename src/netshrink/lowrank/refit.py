@@ -134,7 +134,13 @@ def _paired(
 
 
 def _fitted(
-    layer: nn.Module, spec: Spectrum, rank: int, stats: _Paired, build: Build, damping: float
+    layer: nn.Module,
+    spec: Spectrum,
+    rank: int,
+    stats: _Paired,
+    build: Build,
+    damping: float,
+    out_cov: torch.Tensor | None,
 ) -> tuple[nn.Module, Spectrum]:
     """``layer`` factorized at ``rank`` by least squares on ``stats`` (see the module doc)."""
     matrix = weight_matrix(layer, spec.variant)
@@ -145,7 +151,7 @@ def _fitted(
     if bias is not None:  # centred: the bias absorbs the shift of the inputs' mean
         cov = cov - torch.outer(mean, mean)
         cross = cross - torch.outer(mean_o, mean)
-    fitted = fitted_spectrum(matrix, cross, cov, spec.variant, damping)
+    fitted = fitted_spectrum(matrix, cross, cov, spec.variant, damping, out_cov)
     new = build(layer, fitted, rank)
     if bias is not None:
         a, b = fitted.factors(rank)
@@ -162,6 +168,7 @@ def refit(
     batches: Sequence[Batch],
     build: Build,
     damping: float,
+    out_covs: dict[str, torch.Tensor],
     show: bool = True,
 ) -> dict[str, tuple[nn.Module, Spectrum]]:
     """Factorize the layers of ``plan`` (name -> spectrum, rank) in ``model``, in call order.
@@ -180,7 +187,9 @@ def refit(
             stats = _paired(model, name, layers[name], originals, batches)
             if stats.count == 0:
                 continue
-            new, fitted = _fitted(layers[name], spec, rank, stats, build, damping)
+            new, fitted = _fitted(
+                layers[name], spec, rank, stats, build, damping, out_covs.get(name)
+            )
             originals[name] = replace_module(model, name, new)  # type: ignore[assignment]
             done[name] = (new, fitted)
     return done
