@@ -175,3 +175,15 @@ def test_output_aware_lowers_the_models_output_error() -> None:
         err_plain = float((plain(x) - model(x)).square().mean())
         err_weighted = float((weighted(x) - model(x)).square().mean())
     assert err_weighted < 0.8 * err_plain
+
+
+def test_output_grams_see_through_an_in_place_activation() -> None:
+    """ReLU(inplace=True) after the layer must not change what the gradient is taken at."""
+    torch.manual_seed(0)
+    inplace = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).eval()
+    plain = copy.deepcopy(inplace)
+    plain[1] = nn.ReLU()
+    batches = [(torch.randn(64, 6), None)]
+    a = output_grams(inplace, {"0": inplace[0]}, batches, show=False)["0"]
+    b = output_grams(plain, {"0": plain[0]}, batches, show=False)["0"]
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -55,8 +55,13 @@ def output_grams(
     outputs: dict[str, torch.Tensor] = {}
 
     def keep(name: str):
-        def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-            outputs.setdefault(name, first_tensor(out, f"{name}'s output"))
+        def hook(_m: nn.Module, _args: Any, out: Any) -> torch.Tensor | None:
+            if name in outputs or not torch.is_tensor(out):
+                return None
+            outputs[name] = out
+            # the model goes on with a copy: an in-place op after the layer (ReLU(inplace=True))
+            # would otherwise change the tensor the gradient is taken with respect to
+            return out.clone()
 
         return hook
 
