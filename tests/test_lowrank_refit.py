@@ -187,3 +187,9 @@ def test_output_grams_see_through_an_in_place_activation() -> None:
     a = output_grams(inplace, {"0": inplace[0]}, batches, show=False)["0"]
     b = output_grams(plain, {"0": plain[0]}, batches, show=False)["0"]
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("probes", [0, 1001, 2.5])
+def test_output_probes_out_of_range_raise_config_error(probes: float) -> None:
+    with pytest.raises(ConfigError, match="output_probes"):
+        ns.lowrank.svd(_stack(), rank=4, activation_aware=True, output_probes=probes)

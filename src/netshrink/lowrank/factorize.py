@@ -282,7 +282,9 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
                 f"budget_metric='macs' counts MACs on example_inputs, but {', '.join(idle)} "
                 "never ran on them; exclude them with targets or use budget_metric='params'"
             )
-    out_covs = output_grams(model, todo, calib, show=ctx.progress) if config.output_aware else {}
+    out_covs = {}
+    if config.output_aware:
+        out_covs = output_grams(model, todo, calib, config.output_probes, show=ctx.progress)
     spectra = _spectra(todo, config, stats, out_covs)
     if config.budget is not None:
         scales = _error_scales(model, todo, spectra, config, calib, ctx.progress)

@@ -50,6 +50,13 @@ class SvdConfig(TechniqueConfig):
         description="also weigh each layer's output directions by how much the model's output "
         "moves with them (gradient probes on calib_data; needs activation_aware)",
     )
+    output_probes: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="output_aware: random output directions per calib_data batch "
+        "(one forward and backward pass each)",
+    )
     refit: bool = Field(
         False,
         description="factorize layer by layer in call order, each fitted by least squares to "
