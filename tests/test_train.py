@@ -75,7 +75,7 @@ def test_lr_factor_shapes() -> None:
 
 
 def test_best_weights_are_kept_and_patience_stops() -> None:
-    metrics = iter([0.2, 0.9, 0.5, 0.4, 0.3, 0.1])
+    metrics = iter([0.1, 0.2, 0.9, 0.5, 0.4, 0.3, 0.1])  # the starting weights, then each epoch
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def evaluate(model: nn.Module, batches) -> float:
@@ -85,10 +85,26 @@ def test_best_weights_are_kept_and_patience_stops() -> None:
     model = _model()
     config = TrainConfig(epochs=6, patience=2)
     res = fit(model, _data(), config, val_data=_data(32), evaluate=evaluate, progress=False)
-    assert res.val_metrics == [0.2, 0.9, 0.5, 0.4] and res.stopped_early
+    assert res.start_metric == 0.1 and res.val_metrics == [0.2, 0.9, 0.5, 0.4]
+    assert res.stopped_early
     assert res.best_epoch == 1 and res.best_metric == 0.9 and len(res.epoch_losses) == 4
     for k, v in model.state_dict().items():
-        assert torch.equal(v, snapshots[1][k]), k
+        assert torch.equal(v, snapshots[2][k]), k
+
+
+def test_training_that_only_hurts_ends_with_the_starting_weights() -> None:
+    metrics = iter([0.9, 0.5, 0.4, 0.3])
+    model = _model()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(epochs=3, lr=0.5)
+    res = fit(
+        model, _data(), config, val_data=_data(32), evaluate=lambda m, b: next(metrics),
+        progress=False,
+    )  # fmt: skip
+    assert res.val_metrics == [0.5, 0.4, 0.3] and res.steps > 0
+    assert res.best_epoch is None and res.best_metric == res.start_metric == 0.9
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, start[k]), k
 
 
 def test_default_metric_is_minus_validation_loss() -> None:

@@ -41,7 +41,9 @@ class TrainConfig(Options):
     )
     shuffle: bool = Field(True, description="a new seeded batch order every epoch")
     keep_best: bool = Field(
-        True, description="end with the best epoch's weights (when val_data is given)"
+        True,
+        description="end with the best validated weights, the starting ones included "
+        "(when val_data is given)",
     )
     patience: int | None = Field(
         None, ge=1, le=1000, description="stop after this many epochs without gain (val_data)"

@@ -138,6 +138,8 @@ def fit(
         t = Trainer.start(model, aux, params, world, dev, config, seed, len(batches), resume_key)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             t.restore()
+            if config.keep_best and val is not None and t.result.steps == 0 and t.epoch == 0:
+                t.keep_start(t.validate(val, evaluate, loss_fn))
             while not t.done and t.epoch < config.epochs and not t.result.stopped_early:
                 t.epoch_pass(batches, loss_fn, config, progress=progress and world.main, desc=desc)
                 metric = t.validate(val, evaluate, loss_fn) if val is not None else None

@@ -35,7 +35,9 @@ class FitResult:
     """What a training run did. Losses are means over batches (and ranks); metrics higher-better.
 
     ``val_metrics`` holds ``evaluate(model, val_data)`` after each epoch, or minus the mean
-    validation loss when no ``evaluate`` was given. ``best_epoch`` counts from 0.
+    validation loss when no ``evaluate`` was given. ``best_epoch`` counts from 0; with
+    ``keep_best``, ``start_metric`` is the metric of the weights training started from, and
+    ``best_epoch`` stays None when no epoch beat them (those weights are then the ones kept).
     """
 
     epoch_losses: list[float] = field(default_factory=list)
@@ -43,6 +45,7 @@ class FitResult:
     val_metrics: list[float] = field(default_factory=list)
     best_epoch: int | None = None
     best_metric: float | None = None
+    start_metric: float | None = None
     stopped_early: bool = False
     steps: int = 0
     resumed_from_step: int | None = None
@@ -239,6 +242,13 @@ class Trainer:
             local = -sum(float(loss_fn(self.model, b)) * _num_examples(b) for b in mine)
         total, count = dd.reduce_sums([local, float(n)], self.device)
         return total / count
+
+    def keep_start(self, metric: float) -> None:
+        """Enter the starting weights, validated at ``metric``, as the best so far: fine-tuning a
+        pretrained model can only hurt it (e.g. too high a learning rate), and ``keep_best`` must
+        not then return weights worse than those it was given."""
+        self.result.start_metric = self.result.best_metric = metric
+        self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def end_epoch(self, metric: float | None, patience: int | None, delta: float) -> None:
         """Record the epoch's loss and metric; keep the best weights; decide early stopping."""
