@@ -58,8 +58,10 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
 
 
-def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
-    script = tmp_path / "ddp_train.py"
+def _launch(out: Path) -> subprocess.CompletedProcess[str]:
+    """Run SCRIPT under torchrun with 2 gloo ranks, writing into ``out``."""
+    out.mkdir()
+    script = out / "ddp_train.py"
     script.write_text(SCRIPT)
     env = {
         **os.environ,
@@ -67,23 +69,30 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         "OMP_NUM_THREADS": "1",
     }
     env.pop("WORLD_SIZE", None)
-    # One restart: gloo's start-up on a loaded 2-core machine sometimes aborts a rank
-    # (std::terminate, about 1 run in 6 under make test). A restarted group resumes from the
-    # checkpoints in checkpoint_dir, so the comparison below still holds.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd.append("--max-restarts=1")
-    done = subprocess.run(
-        [*cmd, str(script), str(tmp_path), str(Path(__file__).parent)],
+    return subprocess.run(
+        [*cmd, str(script), str(out), str(Path(__file__).parent)],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
+    # Gloo's start-up on a loaded 2-core machine now and then fails before any training: a rank
+    # aborts in std::terminate, or connectFullMesh is refused (CI, about 1 run in 30). That is
+    # the launcher's environment, not fit, so a launch that failed before any rank wrote its
+    # result is retried on a fresh rendezvous; a failure after training never is.
+    for attempt in range(3):
+        out = tmp_path / f"attempt{attempt}"
+        done = _launch(out)
+        if done.returncode == 0 or list(out.glob("result*.json")):
+            break
     assert done.returncode == 0, done.stderr[-3000:]
-    # A rank that exits while gloo's threads still run dies in std::terminate.
     assert "terminate called" not in done.stderr
-    assert sorted(p.name for p in tmp_path.glob("result*.json")) == ["result0.json"]
-    ddp = json.loads((tmp_path / "result0.json").read_text())
+    assert sorted(p.name for p in out.glob("result*.json")) == ["result0.json"]
+    ddp = json.loads((out / "result0.json").read_text())
     assert ddp["group_left"]  # fit left the process group it joined
 
     single = model()
@@ -95,6 +104,6 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         torch.tensor(ddp["steps"]), torch.tensor(ref.step_losses), rtol=1e-5, atol=1e-6
     )
     assert ddp["val"] == ref.val_metrics
-    weights = load_file(tmp_path / "weights.safetensors")
+    weights = load_file(out / "weights.safetensors")
     for k, v in single.state_dict().items():
         torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=1e-6)
