@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import netshrink as ns
 from netshrink.errors import ArtifactError, ConfigError
 from netshrink.metrics import accuracy
 from netshrink.recipe import compress
@@ -207,7 +208,9 @@ def test_an_embedding_table_is_probed_and_allocated_its_own_bit_width(tmp_path):
     assert ("quantize.weight_only", "table") in [
         (name, o["targets"]["include"][0]) for name, o in stages if o["targets"].get("types")
     ]
-    assert all(o["embeddings"] is False for name, o in stages if name == "quantize.weight_only")
+    for name, options in stages:
+        if name == "quantize.weight_only" and not options["targets"].get("types"):
+            assert type(ns.quantize.weight_only(model, **options).table) is nn.Embedding
     assert found.met and found.best.compression_rate >= 3
 
 

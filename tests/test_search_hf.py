@@ -78,10 +78,7 @@ def test_a_layer_probed_alone_equals_the_technique_on_the_whole_model(loaded, fa
     stage = stage_for(family, value, [LAYERS[1]])
     ctx = Context(example_inputs=data.example_inputs(), seed=0, progress=False)
     prober = Prober(model, data.val[:2], None)
-    # on the whole model, weight_only also stores the embedding tables (they are not targets)
-    options = {"embeddings": False} if family == "quant" else {}
-    whole_stage = {k: {**v, **options} for k, v in stage.items()}
-    whole = prober.probe(apply_stage(model, whole_stage, ctx))
+    whole = prober.probe(apply_stage(model, stage, ctx))
     with variant(model, LAYERS[1], stage, ctx) as (probed, changed):
         swapped = prober.probe(probed)
         assert probed is model and type(changed.get_submodule(LAYERS[1])) is not nn.Linear

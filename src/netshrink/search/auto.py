@@ -158,10 +158,8 @@ def auto(
         else:
             scale = achieved / rate * 0.9
         if sized:
-            # What the artifact holds besides the predicted layers, as measured: provenance,
-            # and tables the recipe changed without the allocation budgeting them (a
-            # quantize.weight_only stage also stores the nn.Embedding tables). The next budget
-            # aims at the goal with that measured remainder.
+            # What the artifact holds besides the predicted layers, as measured (provenance,
+            # the layers no allocation covers): the next budget aims at the goal with it.
             budget = base.bytes / rate * MARGIN - (cand.compressed_bytes - spent)
         else:
             budget *= scale
