@@ -2,8 +2,9 @@
 
 The loop: analyze (cached) -> allocate per-layer settings for a budget -> emit them as a normal
 recipe -> run it through the recipe runner, which measures artifact bytes, latency and metric ->
-tighten the budget when the target was missed, relax it when it was beaten by a wide margin ->
-stop after ``rounds`` candidates. Every measured candidate is kept for the Pareto front.
+tighten the budget when the size or speed goal was missed, relax it when that goal was beaten by
+a wide margin (also when the drop limit failed: the margin buys accuracy) -> stop after
+``rounds`` candidates. Every measured candidate is kept for the Pareto front.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from netshrink.settings import DEFAULT_TIMING, Timing
 
 MARGIN = 0.97
 """Aim this far inside a size goal: the delivered artifact also carries the run's provenance."""
+
+SPARE = 1.15
+"""A candidate beating the size or speed goal by this factor has room to spare: the next round
+gets a larger budget (more accuracy), whether or not its drop limit held."""
 
 
 def to_recipe(
@@ -149,12 +154,13 @@ def auto(
         candidates.append(cand)
         results.append(result)
         achieved = cand.rate(goal)
-        if cand.meets(goal, rate) or not fits:
-            if not cand.meets_resource(goal, rate) or achieved < rate * 1.15:
-                break
-            scale = min(achieved / rate, 1.5)  # beaten by a wide margin: spend some on accuracy
-        elif cand.meets_resource(goal, rate):
-            break  # the drop limit failed; a smaller model would not be more accurate
+        if cand.meets_resource(goal, rate):
+            if achieved < rate * SPARE:
+                break  # met tightly: a smaller model would not be more accurate
+            # Beaten by a wide margin, the drop limit met or not: spend some on accuracy.
+            scale = min(achieved / rate, 1.5)
+        elif not fits:
+            break  # the allocator found nothing smaller
         else:
             scale = achieved / rate * 0.9
         if sized:
