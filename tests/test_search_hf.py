@@ -16,7 +16,8 @@ import hf_fixtures
 from netshrink import hf, registry
 from netshrink.cli import app
 from netshrink.context import Context
-from netshrink.search import analyze
+from netshrink.search import analyze, auto
+from netshrink.search.auto import TRANSFORMER_LR
 from netshrink.search.probe import Prober
 from netshrink.search.sensitivity import apply_stage, stage_for, variant
 from netshrink.targets import Targets
@@ -133,3 +134,46 @@ def test_an_unreachable_target_on_an_hf_model_is_reported_with_measured_numbers(
     assert 1 < summary["compression_rate"] < 400
     pareto = (tmp_path / "out" / "pareto.md").read_text()
     assert "NOT met" in pareto and f"{summary['compression_rate']:.2f}x" in result.stderr
+
+
+def test_candidates_of_a_pretrained_transformer_fine_tune_at_a_transformer_rate(
+    loaded, monkeypatch
+) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    model, data, evaluate = loaded
+    sens = analyze(
+        model,
+        example_inputs=data.example_inputs(),
+        data=data.val,
+        evaluate=evaluate,
+        families=("prune",),
+        settings={"prune": (0.5,)},
+        targets=Targets(include=LAYERS),
+        samples=4,
+        cache=False,
+        progress=False,
+    )
+    recipes: list[dict] = []
+
+    def run(_model, recipe, **_):
+        recipes.append(recipe)
+        summary = {"compression_rate": 1.0, "speedup_rate": 1.0, "latency_ms_after": 1.0}
+        summary |= {"compressed_bytes": 1, "metric_after": 1.0, "metric_drop": 0.0}
+        return SimpleNamespace(report=SimpleNamespace(summary=lambda: summary))
+
+    monkeypatch.setattr(sys.modules["netshrink.search.auto"], "compress", run)
+    items = {"example_inputs": data.example_inputs(), "val_data": data.val[:1]}
+    items |= {"train_data": data.train[:1], "evaluate": evaluate, "sensitivity": sens}
+    auto(model, "size=50x", rounds=1, progress=False, **items)
+    auto(model, "size=50x", rounds=1, progress=False, finetune_lr=2e-4, **items)
+    tuned = [
+        options["finetune"]
+        for recipe in recipes
+        for stage in recipe["stages"]
+        for options in stage.values()
+        if "finetune" in options
+    ]
+    assert tuned == [{"epochs": 2, "lr": TRANSFORMER_LR}, {"epochs": 2, "lr": 2e-4}]
+    assert 1e-5 <= TRANSFORMER_LR <= 1e-4
