@@ -267,3 +267,32 @@ def test_a_failed_drop_with_size_to_spare_spends_the_margin_on_accuracy(
     monkeypatch.setattr(sys.modules["netshrink.search.auto"], "compress", runs)
     found = auto(model, target, example_inputs=(val[0][0],), val_data=val, sensitivity=sens)
     assert len(found.candidates) == 1 and not found.met
+
+
+class Branches(nn.Module):
+    """A layer computed but never read, one never called, and a read one whose output the
+    model's output depends on with a zero gradient sum (a LayerNorm without affine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.read, self.ignored, self.idle = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ignored(x)
+        return self.norm(self.read(x))
+
+
+def test_unread_layers_are_those_whose_output_cannot_reach_the_model_output():
+    from netshrink.search.reach import unread_layers
+
+    model = Branches().eval()
+    x = torch.randn(4, 8)
+    assert unread_layers(model, x, ["read", "ignored", "idle"]) == ["ignored", "idle"]
+    assert not any(p.grad is not None for p in model.parameters())  # no gradient left behind
+    with torch.no_grad():
+        frozen = model(x)
+    model.read.weight.requires_grad_(False)  # a frozen model still has a graph to trace
+    assert unread_layers(model, x, ["read", "ignored"]) == ["ignored"]
+    assert torch.equal(model(x), frozen)  # the hooks are gone
