@@ -53,8 +53,7 @@ def to_recipe(
     the sensitivity probe used (the technique's knob); the embedding tables named in ``tables``
     get stages of their own. Fine-tuning runs after the last float stage, before quantization
     freezes the weights, at ``finetune_lr`` (None: the training default). An allocation that
-    touches nothing becomes int8 weights everywhere,
-    since a recipe needs a stage.
+    touches nothing becomes int8 weights everywhere, since a recipe needs a stage.
     """
     groups: dict[tuple[str, float, bool], list[str]] = {}
     for name, o in choice.items():
@@ -123,8 +122,8 @@ def auto(
     measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency as
     ``timing`` says (``timing.runtime`` one of ``netshrink.runtime.RUNTIMES``); ``train_data``
     turns on ``finetune_epochs`` of fine-tuning in every candidate, at ``finetune_lr`` (None:
-    :func:`finetune_rate`). At most ``rounds`` candidates
-    are measured. When none meets the target the result says so and holds the closest one.
+    :func:`finetune_rate`). At most ``rounds`` candidates are measured. When none meets the
+    target the result says so and holds the closest one.
     """
     from netshrink.measure import measure
     from netshrink.metrics import accuracy
