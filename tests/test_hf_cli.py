@@ -5,7 +5,10 @@ built-in corpus, the task's default metric, and artifacts that ``measure``, ``ex
 from __future__ import annotations
 
 import copy
+import enum
 import json
+import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import netshrink as ns
 from netshrink import hf, progress
 from netshrink.cli import app
 from netshrink.context import Context
+from netshrink.hf.quiet import quiet_torchao
 from netshrink.recipe import load as load_recipe
 from netshrink.recipe.commands import input_specs, recorded_inputs
 from netshrink.settings import Timing
@@ -89,6 +93,49 @@ def test_measure_rebuilds_the_artifact_with_the_same_metric(run) -> None:
     # same test split of the recorded text file, same baseline: the same number
     assert measured["metric"] == pytest.approx(summary["metric_after"], abs=1e-9)
     assert measured["metric_name"] == "top5_agreement"
+
+
+def test_an_hf_command_prints_no_torchao_import_noise(run) -> None:
+    """torchao, which transformers imports when it is installed, logs a "Failed to load ...so"
+    line per kernel library it cannot load and a pytree deprecation per enum it registers."""
+    artifact, _ = run
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run(
+        [sys.executable, "-m", "netshrink", "measure", str(artifact), "--runs", "20", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": src, "PATH": "", "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "top5_agreement" in done.stdout  # it loaded and ran the transformers model
+    assert "Failed to load" not in done.stderr
+    assert "is an Enum subclass" not in done.stderr
+
+
+def test_the_torchao_filter_drops_only_its_two_known_messages() -> None:
+    quiet_torchao()
+    ours = enum.Enum("Ours", "A")
+    theirs = enum.Enum("Theirs", "A", module="torchao.quantization.quant_primitives")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    deprecated = "%s is an Enum subclass and is now natively supported by torch.compile"
+    for logger in (torchao, pytree):
+        logger.addHandler(handler)
+    try:
+        torchao.warning("Failed to load %s: %s", "/venv/torchao/_C_mxfp8.so", "cannot load")
+        torchao.warning("Skipping import of cpp extensions due to incompatible torch version.")
+        pytree.warning(deprecated, theirs)
+        pytree.warning(deprecated, ours)
+    finally:
+        for logger in (torchao, pytree):
+            logger.removeHandler(handler)
+    assert seen == [
+        "Skipping import of cpp extensions due to incompatible torch version.",
+        deprecated % ours,
+    ]
 
 
 def test_ns_load_without_a_model_computes_what_the_run_measured(run, bert, texts) -> None:

@@ -106,3 +106,27 @@ def test_mixed_precision_and_needs() -> None:
     assert int(q.blocks[0].conv1.weight_codes().abs().max()) <= 3
     with pytest.raises(MissingInputError, match="train_data"):
         ns.quantize.qat(m, bits=4)
+
+
+def test_qat_validates_each_epoch_and_keeps_the_start_when_training_only_hurts() -> None:
+    torch.manual_seed(0)
+    model = ResCNN(8)
+    train, val = digits()[0][:6], digits()[1][:1]
+    fit(model, train, TrainConfig(epochs=4, lr=1e-2), progress=False)
+    calls: list[float] = []
+
+    def evaluate(m: torch.nn.Module, batches: list) -> float:
+        calls.append(-loss(m, batches))
+        return calls[-1]
+
+    kw = {"train_data": train[:2], "val_data": val, "evaluate": evaluate, "bits": 4}
+    start = ns.quantize.qat(model, epochs=0, progress=False, **kw)
+    assert calls == []  # nothing trained, nothing validated
+    hurt = ns.quantize.qat(model, epochs=2, lr=1.0, keep_best=False, progress=False, **kw)
+    assert len(calls) == 2  # after each epoch
+    assert loss(hurt, val) > loss(start, val) * 1.5  # lr 1 only hurts
+    calls.clear()
+    kept = ns.quantize.qat(model, epochs=2, lr=1.0, progress=False, **kw)
+    assert len(calls) == 3 and max(calls[1:]) < calls[0]  # the start, then each worse epoch
+    x = val[0][0]
+    assert torch.allclose(kept(x), start(x), rtol=0, atol=1e-6)  # the starting weights kept

@@ -10,10 +10,11 @@ from torch import nn
 
 import netshrink as ns
 from netshrink.artifact.modules import build, spec_of
-from netshrink.errors import ConfigError
+from netshrink.errors import ConfigError, TargetError
 from netshrink.quantize import dynamic_int8
 from netshrink.quantize.dynamic_int8 import DynamicInt8Linear, Int8Embedding
-from netshrink.quantize.packed import PackedConv2d, PackedLinear
+from netshrink.quantize.halfprec import HalfEmbedding
+from netshrink.quantize.packed import PackedConv2d, PackedEmbedding, PackedLinear
 
 
 class Tiny(nn.Module):
@@ -245,3 +246,29 @@ def test_bad_options_are_refused(model) -> None:
         ns.quantize.half(model, dtype="fp8")
     with pytest.raises(ConfigError, match="unknown option"):
         ns.quantize.dynamic(model, bits=8)
+
+
+TABLE_TYPES = {"weight_only": PackedEmbedding, "half": HalfEmbedding, "dynamic": Int8Embedding}
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_TYPES))
+def test_embeddings_true_stores_only_the_tables_the_targets_select(model, name) -> None:
+    quantize = getattr(ns.quantize, name)
+    layers_only = quantize(model, targets={"include": ["fc*"]})
+    assert type(layers_only.emb) is nn.Embedding and type(layers_only.head) is nn.Linear
+    assert type(layers_only.fc1) is not nn.Linear
+    by_type = quantize(model, targets={"types": ["Linear"]})
+    assert type(by_type.emb) is nn.Embedding
+    table_only = quantize(model, targets={"include": ["emb"]})
+    assert isinstance(table_only.emb, TABLE_TYPES[name])
+    assert type(table_only.fc1) is nn.Linear
+    everything = quantize(model)
+    assert isinstance(everything.emb, TABLE_TYPES[name])
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_TYPES))
+def test_tables_selected_with_embeddings_false_are_named_in_the_error(model, name) -> None:
+    with pytest.raises(TargetError, match=r"selected only embedding tables \(emb\).*embeddings"):
+        getattr(ns.quantize, name)(model, targets={"include": ["emb"]}, embeddings=False)
+    kept = getattr(ns.quantize, name)(model, embeddings=False)
+    assert type(kept.emb) is nn.Embedding

@@ -57,7 +57,7 @@ def test_analyze_writes_sensitivity_json_and_plot(tmp_path, monkeypatch):
     # 2 layers x 10 default settings; the one 16-example batch is whole, so it runs 16
     assert "20 probes (2 layers) on 16 samples each" in result.output
     data = json.loads((tmp_path / "res" / "sensitivity.json").read_text())
-    assert data["version"] == 2 and set(data["layers"]) == {"0", "2"}
+    assert data["version"] == 3 and set(data["layers"]) == {"0", "2"} and data["unread"] == []
     assert (tmp_path / "res" / "sensitivity.png").stat().st_size > 1000
     assert len(list((tmp_path / "cache" / "sensitivity").glob("*.json"))) == 1
 

@@ -16,7 +16,8 @@ import hf_fixtures
 from netshrink import hf, registry
 from netshrink.cli import app
 from netshrink.context import Context
-from netshrink.search import analyze
+from netshrink.search import Sensitivity, analyze, auto
+from netshrink.search.auto import TRANSFORMER_LR
 from netshrink.search.probe import Prober
 from netshrink.search.sensitivity import apply_stage, stage_for, variant
 from netshrink.targets import Targets
@@ -59,9 +60,10 @@ def test_each_probe_runs_the_capped_data_once_and_the_model_comes_back_unchanged
     )
     probes = len(LAYERS) * 3
     assert len(sens.points) == probes and sens.samples == 8  # two whole batches of 4
-    # the baseline's reference, its metric, the MACs pass, then one pass per probe: no copy
-    # of the model runs a check forward, and the metric's forwards give the output error
-    assert len(calls) == (3 + probes) * 2 + 1
+    # the baseline's reference, its metric, the MACs pass, the pass finding unread layers
+    # (one batch), then one pass per probe: no copy of the model runs a check forward, and the
+    # metric's forwards give the output error
+    assert len(calls) == (3 + probes) * 2 + 2
     assert all(p["error"] > 0 for p in sens.points)
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -78,10 +80,7 @@ def test_a_layer_probed_alone_equals_the_technique_on_the_whole_model(loaded, fa
     stage = stage_for(family, value, [LAYERS[1]])
     ctx = Context(example_inputs=data.example_inputs(), seed=0, progress=False)
     prober = Prober(model, data.val[:2], None)
-    # on the whole model, weight_only also stores the embedding tables (they are not targets)
-    options = {"embeddings": False} if family == "quant" else {}
-    whole_stage = {k: {**v, **options} for k, v in stage.items()}
-    whole = prober.probe(apply_stage(model, whole_stage, ctx))
+    whole = prober.probe(apply_stage(model, stage, ctx))
     with variant(model, LAYERS[1], stage, ctx) as (probed, changed):
         swapped = prober.probe(probed)
         assert probed is model and type(changed.get_submodule(LAYERS[1])) is not nn.Linear
@@ -136,3 +135,65 @@ def test_an_unreachable_target_on_an_hf_model_is_reported_with_measured_numbers(
     assert 1 < summary["compression_rate"] < 400
     pareto = (tmp_path / "out" / "pareto.md").read_text()
     assert "NOT met" in pareto and f"{summary['compression_rate']:.2f}x" in result.stderr
+    # the pooler (mean pooling never reads it) is said to be left out, and no stage touches it
+    unread = "1 layer left out, the output never reads them: model.pooler.dense"
+    assert f"not searched: {unread}" in result.stderr and unread in pareto
+    assert "model.pooler.dense" not in (tmp_path / "out" / "recipe.yaml").read_text()
+
+
+def one_setting(loaded, family: str, value: float, layers: list[str]) -> Sensitivity:
+    """The analysis of ``layers`` at one setting of one family, on 4 validation texts."""
+    model, data, evaluate = loaded
+    return analyze(
+        model,
+        example_inputs=data.example_inputs(),
+        data=data.val,
+        evaluate=evaluate,
+        families=(family,),
+        settings={family: (value,)},
+        targets=Targets(include=layers),
+        samples=4,
+        cache=False,
+        progress=False,
+    )
+
+
+def test_candidates_of_a_pretrained_transformer_fine_tune_at_a_transformer_rate(
+    loaded, monkeypatch
+) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    model, data, evaluate = loaded
+    sens = one_setting(loaded, "prune", 0.5, LAYERS)
+    recipes: list[dict] = []
+
+    def run(_model, recipe, **_):
+        recipes.append(recipe)
+        summary = {"compression_rate": 1.0, "speedup_rate": 1.0, "latency_ms_after": 1.0}
+        summary |= {"compressed_bytes": 1, "metric_after": 1.0, "metric_drop": 0.0}
+        return SimpleNamespace(report=SimpleNamespace(summary=lambda: summary))
+
+    monkeypatch.setattr(sys.modules["netshrink.search.auto"], "compress", run)
+    items = {"example_inputs": data.example_inputs(), "val_data": data.val[:1]}
+    items |= {"train_data": data.train[:1], "evaluate": evaluate, "sensitivity": sens}
+    auto(model, "size=50x", rounds=1, progress=False, **items)
+    auto(model, "size=50x", rounds=1, progress=False, finetune_lr=2e-4, **items)
+    tuned = [
+        options["finetune"]
+        for recipe in recipes
+        for stage in recipe["stages"]
+        for options in stage.values()
+        if "finetune" in options
+    ]
+    assert tuned == [{"epochs": 2, "lr": TRANSFORMER_LR}, {"epochs": 2, "lr": 2e-4}]
+    assert 1e-5 <= TRANSFORMER_LR <= 1e-4
+
+
+def test_a_layer_the_task_never_reads_is_left_out_of_the_analysis_with_a_note(loaded) -> None:
+    pooler = "model.pooler.dense"  # BERT's pooler: mean pooling of the token states skips it
+    assert isinstance(loaded[0].get_submodule(pooler), nn.Linear)
+    sens = one_setting(loaded, "quant", 8, [pooler, LAYERS[1]])
+    assert sens.unread == [pooler]
+    assert list(sens.layers) == [LAYERS[1]] and {p["layer"] for p in sens.points} == {LAYERS[1]}
+    assert f"left out, the output never reads them: {pooler}" in sens.headline()

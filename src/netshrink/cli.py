@@ -160,6 +160,8 @@ def compress(
 
         found, paths = run_auto(target, inputs, out, timing, progress=not scripted)
         err().print(found.verdict(), soft_wrap=True)
+        if note := found.sensitivity.note():
+            err().print(f"not searched: {note}", soft_wrap=True)
         err().print(f"recipe: {paths['recipe']}  Pareto front: {paths['pareto']}")
         _finish_run(found.result, paths, quiet, as_json)
         return

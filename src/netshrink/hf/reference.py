@@ -18,6 +18,7 @@ from torch import nn
 from netshrink.errors import ModelReferenceError
 from netshrink.hf.model import TaskModel
 from netshrink.hf.pooling import pooling_of
+from netshrink.hf.quiet import quiet_torchao
 from netshrink.hf.tasks import Task, check_task, infer_task, task_of_architecture
 from netshrink.quote import excerpt
 
@@ -31,7 +32,10 @@ _AUTO_CLASSES: dict[Task, str] = {
 
 
 def transformers_module() -> ModuleType:
-    """The ``transformers`` package, or :class:`ModelReferenceError` saying how to install it."""
+    """The ``transformers`` package, or :class:`ModelReferenceError` saying how to install it.
+
+    torchao's known import messages are silenced first (:mod:`netshrink.hf.quiet`)."""
+    quiet_torchao()
     try:
         import transformers
     except ImportError:

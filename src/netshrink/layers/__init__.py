@@ -24,6 +24,7 @@ from netshrink.layers.surgery import (
     tied_modules,
     untied,
     warn_left_alone,
+    with_tables,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "tied_modules",
     "untied",
     "warn_left_alone",
+    "with_tables",
 ]

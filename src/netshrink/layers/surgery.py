@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -91,6 +91,30 @@ def linearize(model: nn.Module, names: Iterable[str]) -> None:
 def embedding_names(model: nn.Module) -> list[str]:
     """Names of the plain ``nn.Embedding`` tables of ``model`` (no ``max_norm`` renorming)."""
     return [n for n, m in model.named_modules() if type(m) is nn.Embedding and m.max_norm is None]
+
+
+def with_tables(selected: Mapping[str, nn.Module], tables: bool, technique: str) -> list[str]:
+    """The names of ``selected`` (a ``Targets.select`` over a technique's layer types and
+    ``nn.Embedding``) that the technique changes: its layers, and its plain embedding tables
+    when ``tables`` (the technique's ``embeddings`` option) is true.
+
+    A table the targets do not select is left alone, whatever ``tables`` says. Raises
+    :class:`TargetError` naming the tables when the targets select only tables it leaves.
+    """
+    names = [n for n, m in selected.items() if not isinstance(m, nn.Embedding)]
+    plain = [n for n, m in selected.items() if type(m) is nn.Embedding and m.max_norm is None]
+    names += plain if tables else []
+    if not names:
+        fix = (
+            "embeddings is false; set embeddings: true"
+            if plain
+            else "it stores only plain nn.Embedding tables (no max_norm)"
+        )
+        raise TargetError(
+            f"{technique}: the targets selected only embedding tables ({', '.join(selected)}), "
+            f"which it leaves alone: {fix}, or target other layers"
+        )
+    return names
 
 
 WEIGHT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)

@@ -25,12 +25,12 @@ from netshrink.layers import (
     CompressedLayer,
     DequantLinear,
     as_linear,
-    embedding_names,
     linear_types,
     onnx_translation,
     replace_module,
     untied,
     warn_left_alone,
+    with_tables,
 )
 from netshrink.quantize.affine import Granularity, quantize_weight
 from netshrink.quantize.packed_rnn import PackedRNN, packable
@@ -318,8 +318,12 @@ class Int8Embedding(CompressedLayer):
 class DynamicConfig(TechniqueConfig):
     """Options of quantize.dynamic."""
 
-    targets: Targets = Field(default_factory=Targets, description="Linear layers to quantize")
-    embeddings: bool = Field(True, description="also store nn.Embedding tables as int8 rows")
+    targets: Targets = Field(
+        default_factory=Targets, description="Linear layers (and Embedding tables) to quantize"
+    )
+    embeddings: bool = Field(
+        True, description="also store the targeted nn.Embedding tables as int8 rows"
+    )
     recurrent: bool = Field(
         True, description="also store LSTM/GRU/RNN weights as int8 (the recurrence runs in float)"
     )
@@ -335,10 +339,10 @@ def dynamic(model: nn.Module, config: DynamicConfig, ctx: Context) -> nn.Module:
     recurrent kernel to run them on); layers whose weights are tied to another's stay as they
     are with a warning.
     """
-    linears = list(config.targets.select(model, linear_types()))
-    tables = embedding_names(model) if config.embeddings else []
+    selected = config.targets.select(model, (*linear_types(), nn.Embedding))
+    layers = with_tables(selected, config.embeddings, "quantize.dynamic")
     rnns = [n for n, m in model.named_modules() if packable(m)] if config.recurrent else []
-    for name in untied(model, [*linears, *tables, *rnns], "quantize.dynamic"):
+    for name in untied(model, [*layers, *rnns], "quantize.dynamic"):
         mod = model.get_submodule(name)
         if isinstance(mod, nn.Embedding):
             replace_module(model, name, Int8Embedding.from_float(mod))

@@ -21,11 +21,11 @@ from netshrink.layers import (
     ConvGeometry,
     as_linear,
     children_of,
-    embedding_names,
     layer_types,
     leave_alone,
     replace_module,
     untied,
+    with_tables,
 )
 from netshrink.registry import technique
 from netshrink.targets import Targets
@@ -96,9 +96,12 @@ class HalfConfig(TechniqueConfig):
 
     dtype: Literal["fp16", "bf16"] = Field("fp16", description="half-precision float format")
     targets: Targets = Field(
-        default_factory=Targets, description="Linear/Conv1D/Conv2d layers to convert"
+        default_factory=Targets,
+        description="Linear/Conv1D/Conv2d layers (and Embedding tables) to convert",
     )
-    embeddings: bool = Field(True, description="also store nn.Embedding tables in the half dtype")
+    embeddings: bool = Field(
+        True, description="also store the targeted nn.Embedding tables in the half dtype"
+    )
 
 
 def half_layer(mod: nn.Module, dtype: str) -> nn.Module:
@@ -125,9 +128,10 @@ def half(model: nn.Module, config: HalfConfig, ctx: Context) -> nn.Module:
     of parents that compute with their weights (nn.MultiheadAttention, nn.TransformerEncoderLayer),
     stay as they are, with a warning.
     """
-    layers = list(config.targets.select(model, layer_types()))
-    tables = embedding_names(model) if config.embeddings else []
-    names = untied(model, [*layers, *tables], "quantize.half")
+    selected = config.targets.select(model, (*layer_types(), nn.Embedding))
+    names = untied(
+        model, with_tables(selected, config.embeddings, "quantize.half"), "quantize.half"
+    )
     why = "their parent may compute with their weights in float32 (an inference fast path)"
     names = leave_alone(names, children_of(model, FAST_PATH_READERS), "quantize.half", why)
     for name in names:

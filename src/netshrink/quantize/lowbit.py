@@ -20,11 +20,11 @@ from netshrink.layers import (
     FLOAT_ONLY,
     ConvGeometry,
     as_linear,
-    embedding_names,
     layer_types,
     replace_module,
     untied,
     warn_left_alone,
+    with_tables,
 )
 from netshrink.quantize.packed import Codec, PackedConv2d, PackedEmbedding, PackedLinear
 from netshrink.quantize.packed_rnn import PackedRNN, input_widths, packable
@@ -92,10 +92,13 @@ class WeightOnlyConfig(TechniqueConfig):
     )
     targets: Targets = Field(
         default_factory=Targets,
-        description="Linear/Conv1D/Conv2d/ConvTranspose2d/LSTM/GRU/RNN layers to quantize",
+        description="Linear/Conv1D/Conv2d/ConvTranspose2d/LSTM/GRU/RNN layers (and Embedding "
+        "tables) to quantize",
     )
     embeddings: bool = Field(
-        True, description="also store nn.Embedding tables as codes (one scale per row or group)"
+        True,
+        description="also store the targeted nn.Embedding tables as codes (a scale per row or "
+        "group)",
     )
 
 
@@ -111,9 +114,9 @@ def _probe_options(bits: float, targets: dict[str, Any]) -> dict[str, Any]:
 )
 def weight_only(model: nn.Module, config: WeightOnlyConfig, ctx: Context) -> nn.Module:
     """int8 or packed int4 weights with float activations, dequantized on the fly."""
-    kinds = (*layer_types(), nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN)
-    names = list(config.targets.select(model, kinds))
-    names += embedding_names(model) if config.embeddings else []
+    kinds = (*layer_types(), nn.ConvTranspose2d, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding)
+    selected = config.targets.select(model, kinds)
+    names = with_tables(selected, config.embeddings, "quantize.weight_only")
     codec: Codec = "int8" if config.bits == 8 else "int4"
     group_size = config.group_size
     if group_size is None:

@@ -10,7 +10,8 @@ would quantize that tensor twice on different grids (measured: worse 3-bit QAT).
 optimizer is AdamW, whose per-parameter normalization makes LSQ's gradient scaling (Sec. 2.2)
 moot and would move a raw step size by ``lr`` per update; the step size is therefore learned
 in log space, so each update changes it by a bounded relative amount. Training runs through
-:func:`netshrink.train.fit`; the learned scales become the integer layers' weight scales.
+:func:`netshrink.train.finetune` (validation on ``val_data`` after each epoch, best weights
+kept); the learned scales become the integer layers' weight scales.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from netshrink.quantize.ptq import (
 )
 from netshrink.registry import technique
 from netshrink.targets import Targets
-from netshrink.train import fit, objective
+from netshrink.train import finetune
 
 QParams = tuple[torch.Tensor, torch.Tensor]
 
@@ -122,17 +123,10 @@ def qat(model: nn.Module, config: QATConfig, ctx: Context) -> nn.Module:
         layer = LSQLayer(inner, b, inp, out, act_bits, config.per_channel)  # type: ignore[arg-type]
         replace_module(model, name, layer)
     quantize_relus(model, qparams, act_bits)
-    assert ctx.train_data is not None
-    loss_fn, _ = objective(model, ctx)  # an hf model distils from the uncompressed one
-    fit(
-        model,
-        ctx.train_data,
-        config,
-        loss_fn=loss_fn,
-        seed=ctx.seed,
-        progress=ctx.progress,
-        desc="quantize.qat",
-    )
+    # The same training as a stage's ``finetune``: an hf model distils from the uncompressed
+    # one, and with ``val_data`` each epoch is validated and the best weights (the calibrated
+    # starting scales included) are kept.
+    finetune(model, config, ctx, "quantize.qat")
     scales = {}
     for name in bits:
         layer = model.get_submodule(name)

@@ -18,6 +18,7 @@ from netshrink.context import Batch, Context
 from netshrink.errors import ArtifactError, ConfigError, MissingInputError
 from netshrink.outdir import write_atomic
 from netshrink.search.probe import Prober
+from netshrink.search.reach import unread_layers
 from netshrink.search.sensitivity import (
     FAMILIES,
     PROBED,
@@ -32,9 +33,10 @@ from netshrink.search.sensitivity import (
 )
 from netshrink.targets import Targets
 
-VERSION = 2
+VERSION = 3
 """Version of the sensitivity JSON layout; a cached file of another version is recomputed.
-2: probes run on a capped subset of the data, recorded as ``samples``."""
+2: probes run on a capped subset of the data, recorded as ``samples``; 3: the selected layers
+the output never reads are listed in ``unread`` and not probed."""
 
 SAMPLES = 64
 """Examples a probe runs by default: the first whole batches of the data holding at most this
@@ -49,7 +51,8 @@ class Sensitivity:
     function), ``error`` (relative output error, 0 = identical) and ``bytes`` (the layer's stored
     bytes after the change). ``layers``: per layer its kind, stored bytes and MACs per sample
     unchanged. ``combined``: stored bytes of each layer pruned then quantized. ``samples``:
-    examples each probe ran.
+    examples each probe ran. ``unread``: selected layers left out because the model's output
+    never reads them (:mod:`netshrink.search.reach`).
     """
 
     key: str
@@ -59,13 +62,23 @@ class Sensitivity:
     combined: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, list[float]] = field(default_factory=dict)
     samples: int = 0
+    unread: list[str] = field(default_factory=list)
     version: int = VERSION
 
     def headline(self) -> str:
-        """One line: what was probed, e.g. ``370 probes (37 layers) on 42 samples each``."""
-        return (
+        """One line: what was probed, e.g. ``370 probes (37 layers) on 42 samples each``, and
+        the layers left out as unread."""
+        probed = (
             f"{len(self.points)} probes ({len(self.layers)} layers) on {self.samples} samples each"
         )
+        return "; ".join(filter(None, [probed, self.note()]))
+
+    def note(self) -> str:
+        """The layers left out as unread, in words ("" when none)."""
+        if not self.unread:
+            return ""
+        layers = f"{len(self.unread)} layer{'s' if len(self.unread) > 1 else ''}"
+        return f"{layers} left out, the output never reads them: {', '.join(self.unread)}"
 
     def curve(self, layer: str, family: str) -> list[dict[str, Any]]:
         """The points of one layer and family, in probing order."""
@@ -205,7 +218,9 @@ def analyze(
     ``evaluate(model, batches) -> float`` (higher is better); without it only the output error
     is recorded. ``settings`` overrides a family's probed values. ``cache``: True for the user
     cache folder, a folder path, or False; a cached result for the same state dict, probed data
-    and settings is returned without probing. The model is not changed.
+    and settings is returned without probing. Selected layers whose output the model's output
+    never reads (e.g. BERT's pooler under mean pooling) are not probed, and are listed in the
+    result's ``unread``. The model is not changed.
     """
     values = check_settings(families, settings)
     batches = first_samples(materialize(data, "data"), samples)
@@ -228,6 +243,13 @@ def analyze(
             except ArtifactError:
                 pass  # a stale or foreign file: recompute and overwrite it
     ctx = Context(example_inputs=example_inputs, calib_data=calib_data, seed=seed, progress=False)
+    unread = unread_layers(baseline, batches[0][0], names)
+    names = [n for n in names if n not in unread]
+    if not names:
+        raise ConfigError(
+            f"the model's output reads none of the selected layers ({', '.join(unread)}); "
+            "select layers on the path to the output"
+        )
     torch.manual_seed(seed)
     prober = Prober(baseline, batches, evaluate)
     base = prober.probe(baseline)
@@ -243,7 +265,7 @@ def analyze(
     }
     points, combined = probe_layers(baseline, names, values, prober, ctx, progress)
     count = sum(len(example_args(x)[0]) for x, _ in batches)
-    result = Sensitivity(key, base.metric, layers, points, combined, values, count)
+    result = Sensitivity(key, base.metric, layers, points, combined, values, count, unread)
     if path is not None:
         result.save(path)
     return result

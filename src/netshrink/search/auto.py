@@ -2,8 +2,9 @@
 
 The loop: analyze (cached) -> allocate per-layer settings for a budget -> emit them as a normal
 recipe -> run it through the recipe runner, which measures artifact bytes, latency and metric ->
-tighten the budget when the target was missed, relax it when it was beaten by a wide margin ->
-stop after ``rounds`` candidates. Every measured candidate is kept for the Pareto front.
+tighten the budget when the size or speed goal was missed, relax it when that goal was beaten by
+a wide margin (also when the drop limit failed: the margin buys accuracy) -> stop after
+``rounds`` candidates. Every measured candidate is kept for the Pareto front.
 """
 
 from __future__ import annotations
@@ -29,17 +30,30 @@ from netshrink.settings import DEFAULT_TIMING, Timing
 MARGIN = 0.97
 """Aim this far inside a size goal: the delivered artifact also carries the run's provenance."""
 
+TRANSFORMER_LR = 5e-5
+"""Fine-tuning rate of the candidates of a pretrained Hugging Face model: the top of BERT's
+fine-tuning range (Devlin et al. 2019, appendix A.3: 5e-5, 3e-5, 2e-5). The training default,
+1e-3, is a rate for networks trained from scratch; two epochs of it took MiniLM's top-5
+agreement from 1.0 to 0.67 (docs/benchmarks/search.md)."""
+
+SPARE = 1.15
+"""A candidate beating the size or speed goal by this factor has room to spare: the next round
+gets a larger budget (more accuracy), whether or not its drop limit held."""
+
 
 def to_recipe(
-    choice: dict[str, Option], finetune_epochs: int = 0, tables: Collection[str] = ()
+    choice: dict[str, Option],
+    finetune_epochs: int = 0,
+    tables: Collection[str] = (),
+    finetune_lr: float | None = None,
 ) -> dict[str, Any]:
     """The allocation as a recipe: low-rank, then pruning, then weight quantization stages.
 
     Layers sharing a setting share a stage (``targets.include`` lists them), with the options
     the sensitivity probe used (the technique's knob); the embedding tables named in ``tables``
     get stages of their own. Fine-tuning runs after the last float stage, before quantization
-    freezes the weights. An allocation that touches nothing becomes int8 weights everywhere,
-    since a recipe needs a stage.
+    freezes the weights, at ``finetune_lr`` (None: the training default). An allocation that
+    touches nothing becomes int8 weights everywhere, since a recipe needs a stage.
     """
     groups: dict[tuple[str, float, bool], list[str]] = {}
     for name, o in choice.items():
@@ -61,10 +75,18 @@ def to_recipe(
     floats = [s for s in stages if PROBED["quant"] not in s]
     if finetune_epochs > 0 and floats:
         options = next(iter(floats[-1].values()))
-        options["finetune"] = {"epochs": finetune_epochs}
+        lr = {} if finetune_lr is None else {"lr": finetune_lr}
+        options["finetune"] = {"epochs": finetune_epochs, **lr}
     if not stages:  # the budget needs nothing: the lightest real step keeps the recipe valid
         stages.append(stage_for("quant", 8, [n for n in choice if n not in tables]))
     return {"version": 1, "description": "found by netshrink auto", "stages": stages}
+
+
+def finetune_rate(model: nn.Module) -> float | None:
+    """The candidates' fine-tuning rate for ``model``: :data:`TRANSFORMER_LR` for a pretrained
+    Hugging Face model (a ``TaskModel``, which records its ``netshrink_hf`` reference), else
+    None (the training default)."""
+    return TRANSFORMER_LR if getattr(model, "netshrink_hf", None) else None
 
 
 def goal_rate(target: Goal, baseline_bytes: int, baseline_ms: float) -> float:
@@ -86,6 +108,7 @@ def auto(
     eval_data: Iterable[Batch] | None = None,
     sensitivity: Sensitivity | None = None,
     finetune_epochs: int = 2,
+    finetune_lr: float | None = None,
     rounds: int = 4,
     timing: Timing = DEFAULT_TIMING,
     cache: bool | str = True,
@@ -98,8 +121,9 @@ def auto(
     Sensitivity is probed on ``val_data`` (unless ``sensitivity`` is given); candidates are
     measured on ``eval_data`` (default ``val_data``) by the recipe runner, latency as
     ``timing`` says (``timing.runtime`` one of ``netshrink.runtime.RUNTIMES``); ``train_data``
-    turns on ``finetune_epochs`` of fine-tuning in every candidate. At most ``rounds`` candidates
-    are measured. When none meets the target the result says so and holds the closest one.
+    turns on ``finetune_epochs`` of fine-tuning in every candidate, at ``finetune_lr`` (None:
+    :func:`finetune_rate`). At most ``rounds`` candidates are measured. When none meets the
+    target the result says so and holds the closest one.
     """
     from netshrink.measure import measure
     from netshrink.metrics import accuracy
@@ -134,12 +158,13 @@ def auto(
     # Candidates run on the same context, without progress bars of their own.
     items = {name: getattr(ctx, name) for name in ctx.item_names()} | {"progress": False}
     epochs = finetune_epochs if ctx.train_data is not None else 0
+    lr = finetune_rate(model) if finetune_lr is None else finetune_lr
     tables = [n for n, info in sens.layers.items() if info["kind"] == TABLE]
     candidates: list[Candidate] = []
     results: list[Result] = []
     for round_ in range(rounds):
         choice, fits = allocate(sens, budget, goal.resource)
-        recipe = to_recipe(choice, epochs, tables)
+        recipe = to_recipe(choice, epochs, tables, lr)
         if any(c.recipe == recipe for c in candidates):
             break  # the new budget gives a recipe already measured: nothing new to learn
         parse(recipe)  # a recipe the runner (and netshrink compress) accepts
@@ -149,19 +174,18 @@ def auto(
         candidates.append(cand)
         results.append(result)
         achieved = cand.rate(goal)
-        if cand.meets(goal, rate) or not fits:
-            if not cand.meets_resource(goal, rate) or achieved < rate * 1.15:
-                break
-            scale = min(achieved / rate, 1.5)  # beaten by a wide margin: spend some on accuracy
-        elif cand.meets_resource(goal, rate):
-            break  # the drop limit failed; a smaller model would not be more accurate
+        if cand.meets_resource(goal, rate):
+            if achieved < rate * SPARE:
+                break  # met tightly: a smaller model would not be more accurate
+            # Beaten by a wide margin, the drop limit met or not: spend some on accuracy.
+            scale = min(achieved / rate, 1.5)
+        elif not fits:
+            break  # the allocator found nothing smaller
         else:
             scale = achieved / rate * 0.9
         if sized:
-            # What the artifact holds besides the predicted layers, as measured: provenance,
-            # and tables the recipe changed without the allocation budgeting them (a
-            # quantize.weight_only stage also stores the nn.Embedding tables). The next budget
-            # aims at the goal with that measured remainder.
+            # What the artifact holds besides the predicted layers, as measured (provenance,
+            # the layers no allocation covers): the next budget aims at the goal with it.
             budget = base.bytes / rate * MARGIN - (cand.compressed_bytes - spent)
         else:
             budget *= scale

@@ -184,8 +184,10 @@ class AutoResult:
         out.mkdir(parents=True, exist_ok=True)
         paths = save_run(self.result, out, extra)
         paths["recipe"] = _write(out / "recipe.yaml", self.recipe_yaml())
-        body = f"# Search\n\n{self.verdict()}\n\n{self.table()}\n"
-        paths["pareto"] = _write(out / "pareto.md", body)
+        parts = ["# Search", self.verdict()]
+        if note := self.sensitivity.note():
+            parts.append(f"Not searched: {note}.")
+        paths["pareto"] = _write(out / "pareto.md", "\n\n".join([*parts, self.table()]) + "\n")
         paths["pareto_plot"] = self.plot(out / "pareto.png")
         paths["sensitivity"] = self.sensitivity.save(out / "sensitivity.json")
         paths["sensitivity_plot"] = self.sensitivity.plot(out / "sensitivity.png")

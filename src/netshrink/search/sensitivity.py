@@ -73,11 +73,7 @@ def stage_for(
     targets: dict[str, Any] = {"include": list(names)}
     if tables:
         targets["types"] = [TABLE]
-    options = knob(family).options(value, targets)
-    if family == "quant":
-        # exactly the layers named: quantize.weight_only would also store every table
-        options["embeddings"] = False
-    return {PROBED[family]: options}
+    return {PROBED[family]: knob(family).options(value, targets)}
 
 
 def apply_stage(model: nn.Module, stage: dict[str, Any], ctx: Context) -> nn.Module:
