@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -49,57 +47,18 @@ from netshrink.artifact import artifact_bytes, save
 from netshrink.artifact.onnx import export_onnx
 from netshrink.runtime import OpenVinoRunner, OrtRunner, save_ir
 from quantize import interleaved
+from runtimes_kernels import int8_primitives, ort_integer_nodes
+from runtimes_text import (
+    BATCH,
+    TOKENS,
+    Embed,
+    calibration_text,
+    fidelity,
+    fidelity_text,
+    tokenize,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-BATCH, TOKENS = 32, 128
-Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- text
-def split_sentences(text: str) -> list[str]:
-    """Prose sentences of 40-300 characters, without code-like punctuation."""
-    text = re.sub(r"\s+", " ", text)
-    out = []
-    for s in re.split(r"(?<=[.!?])\s+", text):
-        prose = re.match(r"[A-Z][a-z]", s) and not re.search(r"[:=|*_`<>]{2}|http|\(\)|>>>", s)
-        if 40 <= len(s) <= 300 and prose:
-            out.append(s)
-    return list(dict.fromkeys(out))
-
-
-STDLIB = (
-    "argparse", "asyncio", "collections", "csv", "datetime", "email.message", "functools",
-    "http.client", "itertools", "json", "logging", "os", "pathlib", "random", "re", "shutil",
-    "socket", "sqlite3", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
-    "unittest", "urllib.request", "zipfile",
-)  # fmt: skip
-
-
-def calibration_text(n: int) -> list[str]:
-    """``n`` sentences from the docstrings of standard-library modules and their members."""
-    import importlib
-
-    found: list[str] = []
-    for name in STDLIB:
-        module = importlib.import_module(name)
-        for obj in (module, *(v for _, v in inspect.getmembers(module))):
-            found += split_sentences(inspect.getdoc(obj) or "")
-    return list(dict.fromkeys(found))[:n]
-
-
-def fidelity_text(n: int) -> list[str]:
-    """``n`` sentences spread over the Python language reference (a different source)."""
-    import pydoc_data.topics
-
-    sentences = split_sentences(" ".join(pydoc_data.topics.topics.values()))
-    step = max(1, len(sentences) // n)
-    return sentences[::step][:n]
-
-
-def tokenize(tok, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    enc = tok(texts, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    return [(ids[i : i + BATCH], mask[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
 
 
 # ----------------------------------------------------------------------------- variants
@@ -143,27 +102,6 @@ def cached_onnx(setup: Setup, name: str, make: Callable[[], torch.nn.Module]) ->
     if not path.exists():
         export_onnx(make(), path, setup.example)
     return path
-
-
-ORT_INTEGER = (
-    "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "QGemm",
-    "QAttention", "ConvInteger", "QLinearConv", "QLinearAdd",
-)  # fmt: skip
-
-
-def ort_integer_nodes(path: Path) -> dict[str, int]:
-    """Integer node types in ONNX Runtime's optimized graph of ``path`` (what really runs)."""
-    import collections
-
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(path.with_suffix(".ort-opt.onnx"))
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(options.optimized_model_filepath).graph
-    counts = collections.Counter(n.op_type for n in graph.node if n.op_type in ORT_INTEGER)
-    return dict(sorted(counts.items()))
 
 
 def ort_variant(path: Path, setup: Setup) -> Built:
@@ -351,21 +289,6 @@ def setup(work: Path, threads: int, calib_sentences: int) -> tuple[Setup, object
     return Setup(fp32, tokenize(tok, texts), work, threads, longest), tok
 
 
-def fidelity(embed: Embed, batches: list, ref: torch.Tensor) -> tuple[float, float]:
-    """(mean cosine to fp32, top-5 neighbour agreement with fp32) over every sentence."""
-    emb = F.normalize(torch.cat([embed(*b) for b in batches]).float(), dim=-1)
-    cos = float((emb * ref).sum(-1).mean())
-
-    def top5(e: torch.Tensor) -> torch.Tensor:
-        sim = e @ e.T
-        sim.fill_diagonal_(-2)
-        return sim.topk(5, dim=-1).indices
-
-    a, b = top5(ref), top5(emb)
-    overlap = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().sum(-1) / 5
-    return cos, float(overlap.mean())
-
-
 def worker(name: str, work: Path, threads: int, runs: int, calib_sentences: int) -> None:
     """Time one variant alone at ``threads`` threads; print {"ms": median} as JSON."""
     torch.set_num_threads(threads)
@@ -386,16 +309,6 @@ def alone(name: str, work: Path, threads: int, runs: int, calib_sentences: int) 
 def load() -> str:
     """The machine's load averages over 1, 5 and 15 minutes (what ``uptime`` prints)."""
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def int8_primitives(prims: dict[str, int] | None) -> str:
-    """The executed primitives that matter for speed: matmuls/convs by precision, attention
-    (OpenVINO), or ORT's integer nodes."""
-    if not prims:
-        return ""
-    keep = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention", "MHA")
-    keep += ORT_INTEGER
-    return ", ".join(f"{k} x{v}" for k, v in prims.items() if k.split("/")[0] in keep)
 
 
 def main() -> None:
