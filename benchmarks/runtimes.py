@@ -135,12 +135,13 @@ def ns_static(setup: Setup) -> torch.nn.Module:
     )
 
 
-def ns_smooth_static(setup: Setup) -> torch.nn.Module:
+def ns_smooth_static(setup: Setup, rounding: str = "nearest") -> torch.nn.Module:
     """quantize.smoothquant (alpha auto, in-layer on post-LN MiniLM) then quantize.static with
-    int8 embedding rows, both on the 128 longest-padded calibration sentences."""
+    int8 embedding rows and weight codes rounded by ``rounding`` (nearest or gptq), both on the
+    128 longest-padded calibration sentences."""
     calib = [(b, None) for b in setup.calib_longest]
     smoothed = ns.quantize.smoothquant(setup.fp32, alpha="auto", calib_data=calib, progress=False)
-    return ns.quantize.static(smoothed, calib_data=calib, progress=False)
+    return ns.quantize.static(smoothed, calib_data=calib, weight_rounding=rounding, progress=False)
 
 
 def build_fp32_eager(s: Setup) -> Built:
@@ -206,6 +207,10 @@ def build_smooth_ov(s: Setup) -> Built:
     return ov_variant(cached_ir(s, "smooth", lambda: ns_smooth_static(s)), s)
 
 
+def build_smooth_gptq_ov(s: Setup) -> Built:
+    return ov_variant(cached_ir(s, "smooth_gptq", lambda: ns_smooth_static(s, "gptq")), s)
+
+
 def build_nncf_ov(s: Setup) -> Built:
     """NNCF PTQ with its transformer preset (SmoothQuant + fast bias correction) on the OV model."""
     xml = s.work / "nncf.xml"
@@ -248,6 +253,7 @@ QUICK = [
     "fp32 OpenVINO (default hint)",
     "netshrink dynamic, OpenVINO",
     "netshrink SmoothQuant + static int8, OpenVINO",
+    "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO",
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8",
 ]
 """The variants of ``--quick``."""
@@ -266,6 +272,7 @@ VARIANTS: dict[str, Callable[[Setup], Built]] = {
     "netshrink SmoothQuant + static int8, eager": build_smooth_eager,
     "netshrink SmoothQuant + static int8, ORT": build_smooth_ort,
     "netshrink SmoothQuant + static int8, OpenVINO": build_smooth_ov,
+    "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO": build_smooth_gptq_ov,
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8": build_nncf_ov,
     "torchao int8 dyn + torch.compile": build_torchao,
     "ORT quantize_dynamic": build_ort_dynamic,
