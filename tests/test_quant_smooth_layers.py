@@ -127,10 +127,13 @@ def test_int8_embedding_rows_are_within_half_a_step(rows, dim, seed, gain) -> No
     assert q.weight_q.dtype == torch.int8 and q.stored_bits() == rows * dim * 8 + rows * 32
 
 
-def test_smoothed_static_bert_has_int8_embeddings_and_runtimes_match_eager(tmp_path) -> None:
+@pytest.mark.parametrize("rounding", ["nearest", "gptq"])
+def test_smoothed_static_bert_has_int8_embeddings_and_runtimes_match_eager(
+    tmp_path, rounding: str
+) -> None:
     model, calib = tiny_bert()
     smoothed = ns.quantize.smoothquant(model, alpha="auto", calib_data=calib)
-    q = ns.quantize.static(smoothed, calib_data=calib)
+    q = ns.quantize.static(smoothed, calib_data=calib, weight_rounding=rounding)
     for name in ("word", "position", "token_type"):
         assert isinstance(q.get_submodule(f"embeddings.{name}_embeddings"), Int8Embedding)
     inputs = calib[0][0]

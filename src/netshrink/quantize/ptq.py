@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from netshrink.batches import materialize
@@ -42,6 +42,7 @@ from netshrink.quantize.bias_correction import correct_biases
 from netshrink.quantize.dynamic_int8 import Int8Embedding
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU, SmoothedLinear
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
+from netshrink.quantize.static_gptq import gptq_round
 from netshrink.quantize.tracing import fold_bn, trace_flow
 from netshrink.registry import technique
 from netshrink.targets import Targets
@@ -81,6 +82,20 @@ class StaticConfig(TechniqueConfig):
         description="shift each layer's bias by its mean output error on calib_data "
         "(quantized inputs, float layer as reference)",
     )
+    weight_rounding: Literal["nearest", "gptq"] = Field(
+        "nearest",
+        description="weight codes on each channel's min-max grid: nearest, or gptq (codes "
+        "chosen to lower each layer's output error on calib_data, Frantar et al. 2022)",
+    )
+
+    @model_validator(mode="after")
+    def _gptq_per_channel(self) -> StaticConfig:
+        if self.weight_rounding == "gptq" and not self.per_channel:
+            raise ValueError(
+                "weight_rounding gptq rounds onto one grid per output channel; set "
+                "per_channel: true, or weight_rounding: nearest"
+            )
+        return self
 
 
 def weight_bits(
@@ -215,7 +230,9 @@ def quantize_static_model(
     bias_correction: bool = False,
 ) -> nn.Module:
     """Fold, calibrate on ``ctx.calib_data`` and convert ``model`` in place; with
-    ``bias_correction``, then shift each converted layer's bias by its mean output error."""
+    ``config.weight_rounding`` gptq the weight codes are chosen by GPTQ first
+    (:func:`~netshrink.quantize.static_gptq.gptq_round`); with ``bias_correction``, then shift
+    each converted layer's bias by its mean output error (against the float layers)."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     act_bits = 8 if config.activations == "int8" else 4
     feeds_add = fold_batchnorms(model, bits)
@@ -228,7 +245,10 @@ def quantize_static_model(
             "nothing was corrected",
             stacklevel=3,
         )
-    convert(model, bits, qparams, per_channel, act_bits=act_bits)
+    scales = None
+    if config.weight_rounding == "gptq":
+        scales = gptq_round(model, bits, batches, ctx.progress)
+    convert(model, bits, qparams, per_channel, scales, act_bits)
     if floats:
         shifts = correct_biases(model, floats, batches, ctx.progress)
         log.info("quantize.static: bias correction, mean |shift| per layer %s", shifts)
