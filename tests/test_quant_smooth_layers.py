@@ -127,6 +127,17 @@ def test_int8_embedding_rows_are_within_half_a_step(rows, dim, seed, gain) -> No
     assert q.weight_q.dtype == torch.int8 and q.stored_bits() == rows * dim * 8 + rows * 32
 
 
+def test_static_stores_only_the_tables_the_targets_select() -> None:
+    model, calib = tiny_bert()
+    for targets in ({"include": ["encoder.*"]}, {"types": ["Linear"]}):
+        q = ns.quantize.static(model, calib_data=calib, targets=targets)
+        assert type(q.embeddings.word_embeddings) is nn.Embedding
+        assert type(q.encoder.layer[0].attention.self.query) is not nn.Linear
+    q = ns.quantize.static(model, calib_data=calib, targets={"exclude": ["*position*"]})
+    assert type(q.embeddings.position_embeddings) is nn.Embedding
+    assert isinstance(q.embeddings.word_embeddings, Int8Embedding)
+
+
 @pytest.mark.parametrize("rounding", ["nearest", "gptq"])
 def test_smoothed_static_bert_has_int8_embeddings_and_runtimes_match_eager(
     tmp_path, rounding: str

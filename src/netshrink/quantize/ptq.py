@@ -260,7 +260,11 @@ def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
     default = 8 if config.weights == "int8" else 4
     bits = weight_bits(model, config, default, extra=(SmoothedLinear,))
-    tables = untied(model, embedding_names(model), "quantize.static") if config.embeddings else []
+    tables = []
+    if config.embeddings:  # only the tables the targets select, as quantize.weight_only does
+        selected = config.targets.select(model, (*layer_types(), SmoothedLinear, nn.Embedding))
+        chosen = [n for n in embedding_names(model) if n in selected]
+        tables = untied(model, chosen, "quantize.static")
     linearize(model, bits)
     model.eval()
     quantize_static_model(model, bits, config, ctx, config.per_channel, config.bias_correction)
