@@ -163,7 +163,7 @@ def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
 def sparsity_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
     """The MiniLM pruning rows: magnitude, Wanda, SparseGPT, then SparseGPT's refinements one
     at a time (``ts``: true-sequential, ``asym``: asymmetric, ``bias``: bias correction,
-    ``norm``: LayerNorm refit) and OWL's allocation on top of them."""
+    ``norm``: LayerNorm refit, ``admm``: the ADMM solver) and OWL's allocation on top of them."""
     enc = {"targets": {"include": ["bert.encoder.*"]}, "kernel": "dense"}
     seq = {**enc, "calib_data": calib, "sequential": True, "calib_batches": len(calib)}
     ts = {"true_sequential": True}
@@ -171,6 +171,7 @@ def sparsity_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
     bias = {**asym, "bias_correction": True}
     norm = {**bias, "norm_correction": True}
     owl = {**bias, "allocation": "owl", "owl_groups": "layer"}
+    admm = {**bias, "solver": "admm"}
     sgpt = ns.prune.sparsegpt
     return {
         "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, **enc),
@@ -186,12 +187,16 @@ def sparsity_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
         "sparsegpt 50% ts asym bias damp 0.1 owl/layer": lambda: sgpt(
             model, sparsity=0.5, **owl, **seq
         ),
+        "sparsegpt 50% ts asym bias damp 0.1 admm": lambda: sgpt(
+            model, sparsity=0.5, **admm, **seq
+        ),
         "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4, **enc),
         "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **seq),
         "sparsegpt 2:4": lambda: sgpt(model, n=2, m=4, **seq),
         "sparsegpt 2:4 damp 0.1": lambda: sgpt(model, n=2, m=4, damp=0.1, **seq),
         "sparsegpt 2:4 ts asym bias damp 0.1": lambda: sgpt(model, n=2, m=4, **bias, **seq),
         "sparsegpt 2:4 ts asym bias norm damp 0.1": lambda: sgpt(model, n=2, m=4, **norm, **seq),
+        "sparsegpt 2:4 ts asym bias damp 0.1 admm": lambda: sgpt(model, n=2, m=4, **admm, **seq),
     }
 
 
@@ -281,9 +286,13 @@ def digits_table(args: argparse.Namespace) -> list[str]:
         "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5),
         "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **data),
         "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **data),
+        "sparsegpt 50% admm": lambda: ns.prune.sparsegpt(
+            model, sparsity=0.5, solver="admm", **data
+        ),
         "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4),
         "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **data),
         "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **data),
+        "sparsegpt 2:4 admm": lambda: ns.prune.sparsegpt(model, n=2, m=4, solver="admm", **data),
     }
     lines = ["| method | test accuracy | seconds |", "|---|---|---|"]
     for label, make in methods.items():
