@@ -9,10 +9,12 @@ not-yet-processed inputs through H^-1. SparseGPT processes the inputs left to ri
 w^2 / [chol(H^-1)]_jj^2 (computed after the earlier blocks' updates), zeroes each column's masked
 weights in turn and subtracts their error, scaled by the upper Cholesky factor of H^-1, from the
 columns to their right (sec. 3.3-3.4). N:M keeps the n of every m consecutive inputs with the
-largest saliency, chosen when the solver reaches the group (sec. 3.5).
+largest saliency, chosen when the solver reaches the group (sec. 3.5). That is ``solver: obs``;
+the default ``solver: admm`` (:mod:`netshrink.prune.admm`, Boža 2024) solves the same problem on
+the same H for the whole matrix at once and leaves about half the output error.
 
-Sparsity is exact per layer: the ``round(sparsity * weights)`` zeros are split over the column
-blocks by cumulative rounding. A Conv2d is solved on its Cin*kh*kw patch columns (one Hessian per
+Sparsity is exact per layer: the ``round(sparsity * weights)`` zeros (obs: split over the column
+blocks by cumulative rounding). A Conv2d is solved on its Cin*kh*kw patch columns (one Hessian per
 group of a grouped conv); Hugging Face ``Conv1D`` is pruned as the Linear it computes. With
 ``sequential`` each block (a transformer layer) is calibrated on the outputs of the already
 pruned blocks before it (the paper's order), through :func:`netshrink.calibrate.run_blocks`;
@@ -63,8 +65,8 @@ class SparseGPTConfig(SparseConfig, BlockwiseConfig):
         0.01, gt=0, le=1, description="added to H's diagonal, as a fraction of its mean"
     )
     blocksize: int = Field(128, ge=1, le=4096, description="input columns per mask-selection block")
-    solver: Literal["obs", "admm"] = Field(
-        "obs", description="obs: SparseGPT's column-wise update; admm: Boza 2024's gradual ADMM"
+    solver: Literal["admm", "obs"] = Field(
+        "admm", description="admm: Boza 2024's gradual ADMM; obs: SparseGPT's column-wise update"
     )
     admm_iters: int = Field(60, ge=3, le=1000, description="admm: iterations per layer")
     true_sequential: bool = Field(
