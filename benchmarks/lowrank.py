@@ -16,7 +16,9 @@ its encoder's Linear layers), calibrated on the first 128 standard-library docst
 - ``output-aware + allocation``: the same, each layer's output directions also weighted by the
   model output's Jacobian (``output_aware``);
 - ``output-aware + allocation + refit``: the same, the layers then factorized in call order,
-  each fitted to the original layer's outputs (``refit``).
+  each fitted to the original layer's outputs (``refit``);
+- ``output-aware + allocation x2``: ``output-aware + allocation`` allocated twice, each layer's
+  output-error factor re-measured at its first allocated rank (``budget_rounds: 2``).
 
 For each it prints parameters, MACs (``torch.utils.flop_counter`` on the timing batch),
 artifact bytes, median latency (eager torch, baseline and candidates interleaved in one
@@ -163,6 +165,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "whitened + allocation": ALLOCATED,
     "output-aware + allocation": {**ALLOCATED, "output_aware": True},
     "output-aware + allocation + refit": {**ALLOCATED, "output_aware": True, "refit": True},
+    "output-aware + allocation x2": {**ALLOCATED, "output_aware": True, "budget_rounds": 2},
 }
 """Each method's ``lowrank.svd`` options; ``rule`` says whether the share is a ``ratio`` kept
 in every layer or a global ``budget``."""
