@@ -16,7 +16,9 @@ its encoder's Linear layers), calibrated on the first 128 standard-library docst
 - ``output-aware + allocation``: the same, each layer's output directions also weighted by the
   model output's Jacobian (``output_aware``);
 - ``output-aware + allocation + refit``: the same, the layers then factorized in call order,
-  each fitted to the original layer's outputs (``refit``).
+  each fitted to the original layer's outputs (``refit``);
+- ``output-aware + allocation x2``: ``output-aware + allocation`` allocated twice, each layer's
+  output-error factor re-measured at its first allocated rank (``budget_rounds: 2``).
 
 For each it prints parameters, MACs (``torch.utils.flop_counter`` on the timing batch),
 artifact bytes, median latency (eager torch, baseline and candidates interleaved in one
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -164,6 +165,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "whitened + allocation": ALLOCATED,
     "output-aware + allocation": {**ALLOCATED, "output_aware": True},
     "output-aware + allocation + refit": {**ALLOCATED, "output_aware": True, "refit": True},
+    "output-aware + allocation x2": {**ALLOCATED, "output_aware": True, "budget_rounds": 2},
 }
 """Each method's ``lowrank.svd`` options; ``rule`` says whether the share is a ``ratio`` kept
 in every layer or a global ``budget``."""
@@ -210,94 +212,6 @@ def factorize_all(
 
 
 # ---------------------------------------------------------------- all-MiniLM-L6-v2
-
-# Generated sentences: benchmarks/one_shot.py evaluates on them (this benchmark now uses real
-# held-out text, on which the old activation-aware SVD lost what it kept on these).
-SUBJECTS = [
-    "The old fisherman",
-    "A young doctor",
-    "My neighbour's cat",
-    "The city council",
-    "A team of engineers",
-    "The quiet student",
-    "Our new manager",
-    "The local bakery",
-    "A famous pianist",
-    "The delivery driver",
-    "The museum guide",
-    "A small startup",
-    "The football coach",
-    "My grandmother",
-    "The night nurse",
-    "A travelling musician",
-]
-VERBS = [
-    "repaired",
-    "painted",
-    "sold",
-    "described",
-    "photographed",
-    "ignored",
-    "celebrated",
-    "investigated",
-    "cleaned",
-    "borrowed",
-    "designed",
-    "forgot",
-    "ordered",
-    "moved",
-]
-OBJECTS = [
-    "the broken bicycle",
-    "a wooden boat",
-    "the annual budget",
-    "a new vaccine",
-    "the river bridge",
-    "an ancient map",
-    "the kitchen window",
-    "a cheap laptop",
-    "the winter coats",
-    "a loaf of rye bread",
-    "the concert tickets",
-    "a stray dog",
-]
-ENDINGS = [
-    "before the storm arrived.",
-    "after a long and tiring day.",
-    "without telling anyone.",
-    "in the middle of the night.",
-    "for the charity auction.",
-    "while it was raining.",
-    "to everyone's surprise.",
-    "as quickly as possible.",
-    "near the railway station.",
-    "during the summer festival.",
-    "with great care.",
-    "because nobody else would.",
-]
-QUESTIONS = [
-    "How do I reset my password?",
-    "What is the capital of Australia?",
-    "Why is the sky blue during the day?",
-    "Where can I buy fresh vegetables nearby?",
-    "Which train goes to the airport?",
-    "When does the library open on Sundays?",
-    "How much sugar should I add to the recipe?",
-    "Is it safe to swim in the lake?",
-]
-
-
-def sentences(count: int, seed: int) -> list[str]:
-    """``count`` distinct English sentences (statements and questions), the same for a seed."""
-    rng = random.Random(seed)
-    out: set[str] = set()
-    while len(out) < count:
-        if rng.random() < 0.15:
-            out.add(rng.choice(QUESTIONS) + rng.choice(["", " Please answer briefly.", " Thanks!"]))
-        else:
-            parts = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS)]
-            out.add(" ".join(parts) + " " + rng.choice(ENDINGS))
-    return sorted(out, key=lambda s: (rng.random(), s))
 
 
 def minilm(

@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,8 @@ def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
 def sparsity_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
     """The MiniLM pruning rows: magnitude, Wanda, SparseGPT, then SparseGPT's refinements one
     at a time (``ts``: true-sequential, ``asym``: asymmetric, ``bias``: bias correction,
-    ``norm``: LayerNorm refit) and OWL's allocation on top of them."""
+    ``norm``: LayerNorm refit, ``admm``: the ADMM solver, the default; the other rows run
+    SparseGPT's OBS update) and OWL's allocation on top of them."""
     enc = {"targets": {"include": ["bert.encoder.*"]}, "kernel": "dense"}
     seq = {**enc, "calib_data": calib, "sequential": True, "calib_batches": len(calib)}
     ts = {"true_sequential": True}
@@ -171,7 +173,8 @@ def sparsity_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
     bias = {**asym, "bias_correction": True}
     norm = {**bias, "norm_correction": True}
     owl = {**bias, "allocation": "owl", "owl_groups": "layer"}
-    sgpt = ns.prune.sparsegpt
+    admm = {**bias, "solver": "admm"}
+    sgpt = partial(ns.prune.sparsegpt, solver="obs")  # the rows before ADMM: SparseGPT's own
     return {
         "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5, **enc),
         "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **seq),
@@ -186,12 +189,16 @@ def sparsity_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
         "sparsegpt 50% ts asym bias damp 0.1 owl/layer": lambda: sgpt(
             model, sparsity=0.5, **owl, **seq
         ),
+        "sparsegpt 50% ts asym bias damp 0.1 admm": lambda: sgpt(
+            model, sparsity=0.5, **admm, **seq
+        ),
         "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4, **enc),
         "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **seq),
         "sparsegpt 2:4": lambda: sgpt(model, n=2, m=4, **seq),
         "sparsegpt 2:4 damp 0.1": lambda: sgpt(model, n=2, m=4, damp=0.1, **seq),
         "sparsegpt 2:4 ts asym bias damp 0.1": lambda: sgpt(model, n=2, m=4, **bias, **seq),
         "sparsegpt 2:4 ts asym bias norm damp 0.1": lambda: sgpt(model, n=2, m=4, **norm, **seq),
+        "sparsegpt 2:4 ts asym bias damp 0.1 admm": lambda: sgpt(model, n=2, m=4, **admm, **seq),
     }
 
 
@@ -270,6 +277,7 @@ def digits_table(args: argparse.Namespace) -> list[str]:
     model, splits = zoo.load("digits-cnn"), zoo.data("digits-cnn")
     accuracy, calib = zoo.evaluate("digits-cnn"), list(splits.calib)
     data = {"calib_data": calib}
+    obs = {**data, "solver": "obs"}
     methods: dict[str, Method] = {
         "fp32": lambda: model,
         "int4 round-to-nearest": lambda: ns.quantize.weight_only(model, bits=4, group_size=0),
@@ -280,10 +288,12 @@ def digits_table(args: argparse.Namespace) -> list[str]:
         ),
         "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5),
         "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **data),
-        "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **data),
+        "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **obs),
+        "sparsegpt 50% admm": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **data),
         "magnitude 2:4": lambda: ns.prune.nm(model, n=2, m=4),
         "wanda 2:4": lambda: ns.prune.wanda(model, n=2, m=4, **data),
-        "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **data),
+        "sparsegpt 2:4": lambda: ns.prune.sparsegpt(model, n=2, m=4, **obs),
+        "sparsegpt 2:4 admm": lambda: ns.prune.sparsegpt(model, n=2, m=4, **data),
     }
     lines = ["| method | test accuracy | seconds |", "|---|---|---|"]
     for label, make in methods.items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from netshrink.calibrate import input_vectors
+from netshrink.errors import DataError
 from netshrink.lowrank import ranks
 from netshrink.lowrank.decompose import spectrum, whitening
 from netshrink.lowrank.layers import (
@@ -153,14 +156,25 @@ def test_input_vectors_match_the_conv(args: dict) -> None:
         torch.testing.assert_close(rows, expected, atol=1e-5, rtol=0)
 
 
-def test_whitening_survives_a_singular_covariance() -> None:
+def test_whitening_raises_damping_on_a_singular_covariance_and_says_so() -> None:
     cov = torch.zeros(4, 4, dtype=torch.float64)
     cov[0, 0] = 1.0
-    chol = whitening(cov, damping=0.0)
-    assert torch.isfinite(chol).all() and bool((chol.diagonal() > 0).all())
+    with pytest.warns(UserWarning, match=r"damping=0; whitened with damping=1e-06 instead"):
+        chol = whitening(cov, damping=0.0)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(chol @ chol.T, cov + 1e-6 * 0.25 * eye)  # not a scaled identity
     assert torch.equal(
         whitening(torch.zeros(3, 3, dtype=torch.float64), 0.01), torch.eye(3).double()
     )
+
+
+def test_whitening_keeps_a_working_damping_silently_and_rejects_non_finite_inputs() -> None:
+    cov = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(whitening(cov, 0.0), torch.linalg.cholesky(cov))
+    with pytest.raises(DataError, match="non-finite"):
+        whitening(cov * float("nan"), 0.01)
 
 
 @settings(max_examples=60, deadline=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 import netshrink as ns
 from netshrink.artifact import load, save
 from netshrink.errors import ConfigError, MissingInputError
-from netshrink.lowrank import report_of
+from netshrink.lowrank import factorize, report_of
 from netshrink.lowrank.decompose import spectrum
 from netshrink.lowrank.inputs import layer_inputs
 from netshrink.lowrank.layers import linear_from_factors
@@ -160,6 +161,8 @@ def test_whitened_model_saves_and_loads_identically(tmp_path) -> None:
         ({"rank": 4, "skip_padding": "sometimes"}, "skip_padding"),
         ({"budget": 0.5, "budget_error": "loud"}, "budget_error"),
         ({"budget": 0.5, "error_batches": 0}, "error_batches"),
+        ({"ratio": 0.5, "budget_rounds": 2}, "budget_rounds=2"),
+        ({"budget": 0.5, "budget_rounds": 2, "budget_error": "relative"}, "budget_rounds"),
     ],
 )
 def test_bad_whitening_options_raise_config_error(options: dict, match: str) -> None:
@@ -217,3 +220,23 @@ def test_output_error_budget_gives_rank_where_the_output_needs_it() -> None:
     with torch.no_grad():
         y = model(x)
         assert (output(x) - y).norm() < (relative(x) - y).norm()
+
+
+def test_budget_rounds_re_measure_each_layer_at_its_allocated_rank(monkeypatch) -> None:
+    model, calib = _stack(3), [(_correlated(64, 24, 3), None)]
+    options = {"budget": 0.5, "activation_aware": True, "progress": False, "calib_data": calib}
+    first = report_of(ns.lowrank.svd(model, **options))
+    assert first is not None
+    probed: list[dict[str, int]] = []
+    measure = factorize.output_weights
+
+    def spy(model: nn.Module, probes: dict, *args: Any, **kwargs: Any) -> dict[str, float]:
+        probed.append({name: rank for name, (_, rank) in probes.items()})
+        return measure(model, probes, *args, **kwargs)
+
+    monkeypatch.setattr(factorize, "output_weights", spy)
+    again = report_of(ns.lowrank.svd(model, budget_rounds=2, **options))
+    assert again is not None and len(probed) == 2
+    assert probed[1] == {r.name: r.rank for r in first.factorized}
+    kept = sum(r.params_after - r.shape[0] for r in again.layers)  # biases stay
+    assert kept <= 0.5 * sum(r.shape[0] * r.shape[1] for r in again.layers)

@@ -15,12 +15,15 @@ from torch import nn
 import netshrink as ns
 from netshrink.errors import ConfigError, DataError, MissingInputError
 from netshrink.prune import nm_layout_ok
+from netshrink.prune.admm import admm_solve
 from netshrink.prune.sparsegpt import sparsegpt_solve
 from test_calibrate import tiny_bert
 from test_prune_wanda import convnet, encoder, images, sparse_layers
 
 DATA_AWARE = [ns.prune.wanda, ns.prune.sparsegpt]
 """The pruners that need calib_data: the tests of the shared contract run on each."""
+SOLVERS = [sparsegpt_solve, admm_solve]
+"""prune.sparsegpt's two solvers (``solver: obs | admm``): same signature up to ``nm, damp``."""
 
 
 def correlated(tokens: int, width: int, seed: int) -> torch.Tensor:
@@ -42,6 +45,7 @@ def test_each_layer_loses_exactly_its_share(sparsity: float, blocksize: int) -> 
         assert int((layer.weight == 0).sum()) == round(sparsity * layer.weight.numel())
 
 
+@pytest.mark.parametrize("solve", SOLVERS)
 @settings(max_examples=10, deadline=None)
 @given(
     rows=st.integers(1, 12),
@@ -50,18 +54,19 @@ def test_each_layer_loses_exactly_its_share(sparsity: float, blocksize: int) -> 
     seed=st.integers(0, 2**16),
 )
 def test_solver_hits_the_count_and_only_ever_zeroes_where_asked(
-    rows: int, cols: int, sparsity: float, seed: int
+    solve: Callable, rows: int, cols: int, sparsity: float, seed: int
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen)
     x = correlated(3 * cols, cols, seed)
     x[:, 0] = 0.0  # a dead input: its weights are free to remove
-    out = sparsegpt_solve(w, x.double().T @ x.double(), sparsity, blocksize=8)
+    out = solve(w, x.double().T @ x.double(), sparsity)
     assert out.shape == w.shape and out.dtype == w.dtype
     assert bool(torch.isfinite(out).all())
     assert int((out == 0).sum()) == round(sparsity * w.numel())
 
 
+@pytest.mark.parametrize("solve", SOLVERS)
 @settings(max_examples=10, deadline=None)
 @given(
     rows=st.integers(16, 24),
@@ -70,12 +75,12 @@ def test_solver_hits_the_count_and_only_ever_zeroes_where_asked(
     seed=st.integers(0, 2**16),
 )
 def test_solver_output_error_is_at_most_magnitude_pruning_on_random_data(
-    rows: int, cols: int, sparsity: float, seed: int
+    solve: Callable, rows: int, cols: int, sparsity: float, seed: int
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
     x = correlated(4 * cols, cols, seed).double()  # random, with shared factors as real inputs
-    solved = sparsegpt_solve(w, x.T @ x, sparsity)
+    solved = solve(w, x.T @ x, sparsity)
     drop = w.abs().flatten().argsort(stable=True)[: round(sparsity * w.numel())]
     magnitude = w.flatten().clone().index_fill_(0, drop, 0.0).view_as(w)
     err_sparsegpt = float((x @ (w - solved).T).norm())

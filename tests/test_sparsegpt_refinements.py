@@ -83,7 +83,9 @@ def test_bias_correction_lowers_the_mean_output_error_of_a_pruned_model() -> Non
     blocks = [nn.Sequential(nn.Linear(16, 32), nn.ReLU()), nn.Sequential(nn.Linear(32, 8))]
     model = nn.Sequential(nn.Linear(16, 16), *blocks).eval()  # "0" lies outside the blocks
     x = correlated(256, 16, 3) + 1.0  # inputs with a mean: pruning shifts the outputs
-    calib, options = [(x, None)], {"sparsity": 0.6, "kernel": "dense", "sequential": True}
+    # OBS leaves a mean shift here; ADMM's whole-matrix fit already removes most of it (0.034)
+    options = {"sparsity": 0.6, "kernel": "dense", "sequential": True, "solver": "obs"}
+    calib = [(x, None)]
     plain = ns.prune.sparsegpt(model, calib_data=calib, blocks=["1", "2"], **options)
     fixed = ns.prune.sparsegpt(
         model, calib_data=calib, blocks=["1", "2"], bias_correction=True, **options

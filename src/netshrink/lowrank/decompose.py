@@ -21,10 +21,18 @@ the discarded squared singular values of WL are exactly that error.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from netshrink.errors import ConfigError, DataError
+
+MIN_RAISED_DAMPING = 1e-6
+"""The first damping tried after a failed factorization when ``damping`` was smaller (or 0)."""
+MAX_DAMPING = 1e3
+"""The largest damping tried: beyond it the whitening would be a scaled identity."""
 
 
 @dataclass(frozen=True, eq=False)  # holds tensors: compared by identity
@@ -94,22 +102,38 @@ def weight_matrix(module: nn.Module, variant: str) -> torch.Tensor:
 
 
 def whitening(cov: torch.Tensor, damping: float) -> torch.Tensor:
-    """Lower Cholesky factor L of ``cov + damping * mean(diag(cov)) * I``.
+    """Lower Cholesky factor L of ``cov + d * mean(diag(cov)) * I``, with d = ``damping`` when
+    that matrix is positive definite.
 
     The damping keeps L invertible when some input directions never vary (SVD-LLM, sec. 3.1,
-    adds to the diagonal for the same reason); when that is still not enough the damping grows
-    tenfold, at most six times. A covariance of zeros (inputs always 0) gives the identity.
+    adds to the diagonal for the same reason). When the Cholesky factorization fails, d grows
+    tenfold from max(``damping``, 1e-6) until it succeeds (at most to 1000), with a warning
+    that says the damping used. A covariance of zeros (inputs always 0) gives the identity;
+    non-finite entries raise :class:`DataError`.
     """
     n = cov.shape[0]
     eye = torch.eye(n, dtype=cov.dtype, device=cov.device)
+    if not bool(torch.isfinite(cov).all()):
+        raise DataError(f"the layer inputs' covariance ({n} x {n}) has non-finite entries")
     scale = float(cov.diagonal().mean())
     if scale <= 0.0:
         return eye
-    for attempt in range(7):
-        chol, info = torch.linalg.cholesky_ex(cov + damping * 10**attempt * scale * eye)
+    used = damping
+    while used <= MAX_DAMPING:
+        chol, info = torch.linalg.cholesky_ex(cov + used * scale * eye)
         if int(info) == 0:
+            if used != damping:
+                warnings.warn(
+                    f"lowrank: an input covariance ({n} x {n}) is not positive definite with "
+                    f"damping={damping:g}; whitened with damping={used:g} instead",
+                    stacklevel=2,
+                )
             return chol
-    return torch.sqrt(torch.tensor(scale, dtype=cov.dtype)) * eye
+        used = max(10 * used, MIN_RAISED_DAMPING)
+    raise ConfigError(
+        f"lowrank: an input covariance ({n} x {n}) is not positive definite even with damping "
+        f"{MAX_DAMPING:g} (given damping={damping}); check the calibration inputs"
+    )
 
 
 def spectrum(

@@ -138,26 +138,30 @@ def _error_scales(
     config: SvdConfig,
     calib: list[Batch],
     show: bool,
+    at: Plan | None = None,
 ) -> dict[str, float]:
     """Per layer, what one unit of its discarded Σσ² costs in the budget's error unit.
 
     ``relative``: 1 / the layer's Σσ² (the error is the share lost). ``output``: the measured
     factor of :func:`~netshrink.lowrank.sensitivity.output_weights`, each layer probed at the
     rank that keeps the budget's share of its weights (at least ``round_to``), in its first
-    variant.
+    variant; with ``at`` (a plan) only its factorized layers, each at its planned rank.
     """
     if config.error_measure == "relative":
         return {n: 1.0 / max(float(specs[0].s2.sum()), 1e-300) for n, specs in spectra.items()}
     assert config.budget is not None
     rt = config.round_to
     probes = {}
-    for name, specs in spectra.items():
-        k = max(ranks.by_ratio(specs[0], config.budget, rt), rt)
-        if ranks.saves(specs[0], k):
-            probes[name] = (specs[0], k)
+    if at is not None:
+        probes = {name: step for name, step in at.items() if not isinstance(step, str)}
+    else:
+        for name, specs in spectra.items():
+            k = max(ranks.by_ratio(specs[0], config.budget, rt), rt)
+            if ranks.saves(specs[0], k):
+                probes[name] = (specs[0], k)
     batches = calib[: config.error_batches]
     weights = output_weights(model, probes, lambda n, s, k: _build(layers[n], s, k), batches, show)
-    return {name: weights.get(name, 0.0) for name in spectra}
+    return {name: weights.get(name, 0.0) for name in (probes if at is not None else spectra)}
 
 
 def _global(
@@ -289,6 +293,10 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     if config.budget is not None:
         scales = _error_scales(model, todo, spectra, config, calib, ctx.progress)
         plan = _global(spectra, config, stats, scales)
+        for _ in range(config.budget_rounds - 1):
+            # the factor is measured at one rank; re-measured where the allocation went
+            scales |= _error_scales(model, todo, spectra, config, calib, ctx.progress, plan)
+            plan = _global(spectra, config, stats, scales)
     else:
         plan = _per_layer(spectra, config)
     done = {}

@@ -39,6 +39,13 @@ class SvdConfig(TechniqueConfig):
     error_batches: int = Field(
         2, ge=1, le=100000, description="calib_data batches budget_error='output' measures on"
     )
+    budget_rounds: int = Field(
+        1,
+        ge=1,
+        le=10,
+        description="budget_error='output': allocations in all; each after the first re-measures "
+        "every factorized layer at the rank the one before gave it",
+    )
     activation_aware: bool = Field(
         False, description="whiten by the layers' input covariance on calib_data (SVD-LLM)"
     )
@@ -87,6 +94,11 @@ class SvdConfig(TechniqueConfig):
             raise ValueError(
                 "conv_variant='spatial' cannot be activation-aware (the input covariance does "
                 "not whiten it); use conv_variant='channel' or 'auto'"
+            )
+        if self.budget_rounds > 1 and (self.budget is None or self.error_measure != "output"):
+            raise ValueError(
+                f"budget_rounds={self.budget_rounds} re-measures the output-error budget: set "
+                "budget and budget_error='output' (or activation_aware), or budget_rounds=1"
             )
         for name in ("refit", "output_aware"):
             if getattr(self, name) and not self.activation_aware:

@@ -9,10 +9,12 @@ not-yet-processed inputs through H^-1. SparseGPT processes the inputs left to ri
 w^2 / [chol(H^-1)]_jj^2 (computed after the earlier blocks' updates), zeroes each column's masked
 weights in turn and subtracts their error, scaled by the upper Cholesky factor of H^-1, from the
 columns to their right (sec. 3.3-3.4). N:M keeps the n of every m consecutive inputs with the
-largest saliency, chosen when the solver reaches the group (sec. 3.5).
+largest saliency, chosen when the solver reaches the group (sec. 3.5). That is ``solver: obs``;
+the default ``solver: admm`` (:mod:`netshrink.prune.admm`, Boža 2024) solves the same problem on
+the same H for the whole matrix at once and leaves about half the output error.
 
-Sparsity is exact per layer: the ``round(sparsity * weights)`` zeros are split over the column
-blocks by cumulative rounding. A Conv2d is solved on its Cin*kh*kw patch columns (one Hessian per
+Sparsity is exact per layer: the ``round(sparsity * weights)`` zeros (obs: split over the column
+blocks by cumulative rounding). A Conv2d is solved on its Cin*kh*kw patch columns (one Hessian per
 group of a grouped conv); Hugging Face ``Conv1D`` is pruned as the Linear it computes. With
 ``sequential`` each block (a transformer layer) is calibrated on the outputs of the already
 pruned blocks before it (the paper's order), through :func:`netshrink.calibrate.run_blocks`;
@@ -40,6 +42,7 @@ from netshrink.calibrate.options import BlockwiseConfig
 from netshrink.calibrate.staged import Paired, asymmetric_target, bias_shift, run_stages
 from netshrink.context import Batch, Context
 from netshrink.layers import layer_types, leave_alone, tied_modules
+from netshrink.prune.admm import admm_solve
 from netshrink.prune.allocation import owl_layer_fractions
 from netshrink.prune.sparse_layers import SparseLayer
 from netshrink.prune.unstructured import SPARSE_LAYERS, SparseConfig, choose_kernels, sparsify
@@ -62,6 +65,10 @@ class SparseGPTConfig(SparseConfig, BlockwiseConfig):
         0.01, gt=0, le=1, description="added to H's diagonal, as a fraction of its mean"
     )
     blocksize: int = Field(128, ge=1, le=4096, description="input columns per mask-selection block")
+    solver: Literal["admm", "obs"] = Field(
+        "admm", description="admm: Boza 2024's gradual ADMM; obs: SparseGPT's column-wise update"
+    )
+    admm_iters: int = Field(60, ge=3, le=1000, description="admm: iterations per layer")
     true_sequential: bool = Field(
         False, description="inside each block, calibrate each layer on the pruned layers before it"
     )
@@ -173,6 +180,21 @@ def sparsegpt_solve(
     return w.to(weight.dtype)
 
 
+def _solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    config: SparseGPTConfig,
+) -> torch.Tensor:
+    """``weight`` pruned by ``config.solver``: :func:`sparsegpt_solve` or :func:`admm_solve`
+    (the mask re-chosen during the first third of its iterations)."""
+    if config.solver == "admm":
+        iters = config.admm_iters
+        return admm_solve(weight, hessian, sparsity, nm, config.damp, iters, iters // 3)
+    return sparsegpt_solve(weight, hessian, sparsity, nm, config.damp, config.blocksize)
+
+
 @torch.no_grad()
 def prune_layer(
     layer: SparseLayer,
@@ -203,10 +225,7 @@ def prune_layer(
         h = hessian[g * width : (g + 1) * width, g * width : (g + 1) * width][order][:, order]
         # the groups' shares of the layer's zeros, by cumulative rounding: exact per layer
         zeros = round(fraction * size * (g + 1)) - round(fraction * size * g)
-        solved = sparsegpt_solve(
-            flat[g][:, order], h, zeros / size, nm, config.damp, config.blocksize
-        )
-        out[g][:, order] = solved
+        out[g][:, order] = _solve(flat[g][:, order], h, zeros / size, nm, config)
     layer.weight.copy_(out.view_as(layer.weight))
     layer.refresh_mask()
 

@@ -1,0 +1,101 @@
+"""Mask selection and weight update for a pruned layer by ADMM (``prune.sparsegpt solver: admm``).
+
+Boža 2024, "Fast and Effective Weight Update for Pruned Large Language Models", sec. 3. For a
+layer with weight W (out, in) and inputs of Gram H = X^T X, pruning asks for the W' with the
+chosen zeros that minimises ||X (W - W')^T||^2 = tr((W - W') H (W - W')^T). SparseGPT's OBS
+update fixes each column once, left to right, and never revisits it; ADMM solves the same
+problem for the whole matrix at once by alternating
+
+- a ridge step towards the dense output: X_k = (W H + rho (Z - U)) (H + rho I)^-1,
+- a projection onto the mask: Z = (X_k + U) masked,
+- a dual step: U = U + X_k - Z,
+
+with the penalty rho raised geometrically so that X_k and Z meet (sec. 3.1). The mask itself is
+chosen gradually (sec. 3.2): during the first ``mask_iters`` iterations the sparsity rises on a
+cubic schedule to its target and the mask is re-chosen each time as the largest |X_k + U|, so
+weights the update has grown can come back. Everything runs on H scaled to unit diagonal
+(inputs normalised by their norms, sec. 3.3), where |W| is Wanda's score and one rho schedule
+fits every layer, and in H's eigenbasis, where (H + rho I)^-1 is a diagonal for every rho.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from netshrink.errors import ConfigError
+
+RHO_START = 0.1
+RHO_END = 10.0
+
+
+def _normalised(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, ...]:
+    """(scale, eigenvalues, eigenvectors, dead) of H damped as
+    :func:`netshrink.calibrate.damped_inverse_cholesky` damps it, then scaled to unit diagonal:
+    H_n = S^-1 H S^-1 with S = diag(sqrt(diag H)). ``dead``: inputs that were always zero."""
+    h = hessian.double().clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += damp * float(diag.mean())
+    scale = diag.sqrt()
+    h /= scale.unsqueeze(0) * scale.unsqueeze(1)
+    values, vectors = torch.linalg.eigh(h)
+    if float(values.min()) <= 0:
+        raise ConfigError(
+            f"the damped Hessian is not positive definite with damp={damp}; raise damp "
+            "(a fraction of its mean diagonal, e.g. 0.1), or calibrate on more tokens"
+        )
+    return scale, values, vectors, dead
+
+
+def _keep(score: torch.Tensor, zeros: int, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Boolean mask keeping the largest ``score``: all but ``zeros`` entries of the matrix, or
+    the n largest of every m consecutive entries of a row with ``nm = (n, m)``."""
+    if nm is not None:
+        n, m = nm
+        groups = score.view(score.shape[0], -1, m)
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        return keep.scatter_(2, groups.topk(n, dim=2).indices, True).view_as(score)
+    keep = torch.ones_like(score, dtype=torch.bool)
+    keep.view(-1)[score.flatten().argsort(stable=True)[:zeros]] = False
+    return keep
+
+
+@torch.no_grad()
+def admm_solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    iters: int = 60,
+    mask_iters: int = 20,
+) -> torch.Tensor:
+    """The pruned and reconstructed ``weight`` (rows, cols) for inputs of Gram ``hessian``.
+
+    Exactly ``round(sparsity * weight.numel())`` zeros over the whole matrix, or with
+    ``nm = (n, m)`` n kept in every m consecutive columns of each row (``sparsity`` ignored).
+    ``iters`` ADMM iterations, the mask re-chosen in the first ``mask_iters`` of them (see the
+    module docstring); H is damped by ``damp`` times its mean diagonal, as SparseGPT damps it.
+    Inputs that were always zero are pruned first. Computed in float64, returned in
+    ``weight``'s dtype.
+    """
+    if not 0 < mask_iters <= iters:
+        raise ConfigError(f"need 0 < mask_iters <= iters, got mask_iters={mask_iters}, {iters=}")
+    scale, values, vectors, dead = _normalised(hessian, damp)
+    w = weight.double() * scale
+    target = (w @ vectors) * values  # W H_n in the eigenbasis: fixed over the iterations
+    zeros = round(sparsity * w.numel())
+    z, u = w.clone(), torch.zeros_like(w)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for k in range(iters):
+        rho = RHO_START * (RHO_END / RHO_START) ** (k / max(iters - 1, 1))
+        x = ((target + rho * ((z - u) @ vectors)) / (values + rho)) @ vectors.T
+        v = x + u
+        if k < mask_iters:
+            # cubic schedule (Zhu & Gupta 2017), as the paper's gradual variant uses
+            share = 1 - (1 - (k + 1) / mask_iters) ** 3
+            keep = _keep(v.abs().masked_fill(dead, 0.0), round(share * zeros), nm)
+        z = v * keep
+        u = v - z
+    return (z / scale).to(weight.dtype)
