@@ -145,8 +145,10 @@ def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
 
 def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
     """GPTQ rows on the other int4 grids (with the best options): -8..7, 0..15 with a zero
-    point per group, and that with AWQ's input scales first."""
+    point per group, that with AWQ's input scales first, then true-sequential stages (``ts``)
+    and GPTAQ's full-precision targets (``gptaq``: ``asymmetric: true``) on top."""
     asym = {**options, "symmetric": False}
+    ts = {**asym, "awq": True, "true_sequential": True}
     return {
         "int4 g128 gptq full -8..7 act_order clip damp 0.1": lambda: ns.quantize.gptq(
             model, full_range=True, **options
@@ -156,6 +158,12 @@ def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
         ),
         "int4 g128 gptq asymmetric awq act_order clip damp 0.1": lambda: ns.quantize.gptq(
             model, awq=True, **asym
+        ),
+        "int4 g128 gptq asymmetric awq act_order clip damp 0.1 ts": lambda: ns.quantize.gptq(
+            model, **ts
+        ),
+        "int4 g128 gptq asymmetric awq act_order clip damp 0.1 ts gptaq": lambda: ns.quantize.gptq(
+            model, asymmetric=True, **ts
         ),
     }
 

@@ -78,6 +78,15 @@ class Paired(Reducer):
             self.reference_total = _plus(self.reference_total, reference.double().sum(0))
         self.count += x.shape[0]
 
+    def take_mean(self) -> torch.Tensor | None:
+        """The second-moment matrix E[x~ x~^T] of the compressed inputs, computed in the Gram
+        sum's storage, or None when nothing was seen; the reducer holds no matrix afterwards
+        (as :meth:`netshrink.calibrate.Gram.take_mean`)."""
+        if self.gram is None or self.count == 0:
+            return None
+        mean, self.gram, self.cross = self.gram.div_(self.count), None, None
+        return mean
+
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean compressed input and mean reference input (in,); raises when nothing was seen."""
         if self.total is None:

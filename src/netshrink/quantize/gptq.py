@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -51,7 +51,8 @@ from netshrink.calibrate import (
     run_blocks,
 )
 from netshrink.calibrate.memory import release_freed_memory
-from netshrink.calibrate.options import BlockwiseConfig
+from netshrink.calibrate.options import StagedConfig
+from netshrink.calibrate.staged import Paired, asymmetric_target, run_stages
 from netshrink.context import Batch, Context
 from netshrink.errors import ConfigError
 from netshrink.layers import (
@@ -74,7 +75,7 @@ BLOCK = 128
 """Columns per lazy batch update (the paper's B, sec. 4)."""
 
 
-class GPTQConfig(BlockwiseConfig):
+class GPTQConfig(StagedConfig):
     """Options of ``quantize.gptq``."""
 
     bits: Literal[2, 3, 4, 8] = Field(
@@ -239,30 +240,40 @@ def _awq_scale(
     return best[1]
 
 
-def _quantize_layer(model: nn.Module, name: str, gram: Gram, config: GPTQConfig) -> None:
-    """Replace layer ``name`` by its packed GPTQ version, from its inputs' ``gram``.
+def _matrix(module: nn.Module, name: str, config: GPTQConfig) -> tuple[torch.Tensor, int]:
+    """``module``'s weight as the (out, in) matrix GPTQ solves and its group size: a Conv2d's
+    (Cout, Cin*kh*kw) patch matrix with one scale per output channel, as
+    ``quantize.weight_only`` stores convolutions; a Linear's or Conv1D's weight."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight.detach().flatten(1), 0
+    weight = as_linear(module).weight.detach()
+    return weight, _groups(name, weight.shape[1], config.group_size)
+
+
+def _quantize_layer(model: nn.Module, name: str, stats: Gram | Paired, config: GPTQConfig) -> None:
+    """Replace layer ``name`` by its packed GPTQ version, from its inputs' statistics.
 
     A Conv2d is solved as the (Cout, Cin*kh*kw) matrix its patches multiply
-    (:func:`netshrink.calibrate.input_vectors`), one scale per output channel as
-    ``quantize.weight_only`` stores convolutions. With ``awq`` a Linear's weight columns are
-    multiplied by :func:`_awq_scale`'s s and its Hessian rows and columns divided by it (the
-    input x / s); the packed layer multiplies its input by 1 / s.
+    (:func:`netshrink.calibrate.input_vectors`). With ``asymmetric`` (``stats`` then pair the
+    quantized model's inputs with the full-precision model's) the weight rounded is GPTAQ's
+    target :func:`~netshrink.calibrate.staged.asymmetric_target`, which maps the quantized
+    model's inputs to the full-precision outputs (Li et al. 2025, sec. 3). With ``awq`` a
+    Linear's weight columns are multiplied by :func:`_awq_scale`'s s and its Hessian rows and
+    columns divided by it (the input x / s); the packed layer multiplies its input by 1 / s.
     """
     module = model.get_submodule(name)
-    mean = gram.take_mean()
+    weight, group_size = _matrix(module, name, config)
+    target = weight
+    if config.asymmetric and isinstance(stats, Paired):
+        target = asymmetric_target(weight, stats, config.damp)
+    mean = stats.take_mean()
     assert mean is not None
     second_moment = mean.float()  # GPTQ works in float32 (see gptq_codes)
     del mean
-    if isinstance(module, nn.Conv2d):
-        weight, group_size = module.weight.detach().flatten(1), 0
-    else:
-        weight = as_linear(module).weight.detach()
-        group_size = _groups(name, weight.shape[1], config.group_size)
-    s = None
-    target, hessian = weight, second_moment
+    s, hessian = None, second_moment
     if config.awq and not isinstance(module, nn.Conv2d):
-        s = _awq_scale(weight, second_moment, config.grid, group_size)
-        target, hessian = weight * s, second_moment / s.outer(s)
+        s = _awq_scale(target, second_moment, config.grid, group_size)
+        target, hessian = target * s, second_moment / s.outer(s)
     codes, scale, zero = gptq_codes(
         target, hessian, config.grid, group_size, config.act_order, config.damp, config.clip
     )
@@ -287,16 +298,18 @@ def _solvable(model: nn.Module, names: list[str]) -> list[str]:
     return leave_alone(names, odd, "quantize.gptq", why)
 
 
-def _quantize_seen(model: nn.Module, grams: dict[str, Gram], config: GPTQConfig) -> None:
+def _quantize_seen(
+    model: nn.Module, stats: Mapping[str, Gram | Paired], config: GPTQConfig
+) -> None:
     """Quantize every layer whose inputs were seen; a warning names those never called."""
-    idle = [name for name, g in grams.items() if not g.count]
+    idle = [name for name, g in stats.items() if not g.count]
     if idle:
         warnings.warn(
             f"quantize.gptq: {', '.join(idle)} never ran on calib_data; left float", stacklevel=3
         )
-    for name, gram in grams.items():
-        if gram.count:
-            _quantize_layer(model, name, gram, config)
+    for name, g in stats.items():
+        if g.count:
+            _quantize_layer(model, name, g, config)
             release_freed_memory()  # the layer's Hessian and its factors
 
 
@@ -332,7 +345,14 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
         _quantize_together(model, outside, batches, config, ctx.progress)
     if inside:
         owned = {b: [n for n in inside if n.startswith(f"{b}.")] for b in blocks}
-        per_layer = PerLayer(owned, Gram, lambda grams: _quantize_seen(model, grams, config))
-        report = run_blocks(model, batches, per_layer, blocks, ctx.progress)
+        if config.true_sequential or config.asymmetric:
+            report = run_stages(
+                model, batches, owned, lambda stats: _quantize_seen(model, stats, config),
+                reference=config.asymmetric, split=config.true_sequential, blocks=blocks,
+                show=ctx.progress,
+            )  # fmt: skip
+        else:
+            per_layer = PerLayer(owned, Gram, lambda grams: _quantize_seen(model, grams, config))
+            report = run_blocks(model, batches, per_layer, blocks, ctx.progress)
         log.info("quantize.gptq: %s", report)
     return model
