@@ -160,7 +160,7 @@ def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
             model, **asym
         ),
         "int4 g128 gptq asymmetric awq act_order clip damp 0.1": lambda: ns.quantize.gptq(
-            model, awq=True, **asym
+            model, **{**asym, "awq": True}
         ),
         "int4 g128 gptq asymmetric awq act_order clip damp 0.1 ts": lambda: ns.quantize.gptq(
             model, **ts

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from netshrink.calibrate.collect import module_calls, real_tokens
+from netshrink.calibrate.memory import large_tensors_unmapped
 from netshrink.calibrate.reducers import Reducer, input_vectors
 from netshrink.calibrate.sequential import (
     BlockCall,
@@ -180,7 +181,7 @@ def run_stages(
     block's layers, refit its LayerNorms' affine parameters (:func:`refit_norms`)."""
     names = find_blocks(model, blocks)
     model_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
-    with module_calls(model):
+    with module_calls(model), large_tensors_unmapped():
         calls = first_block_calls(model, model.get_submodule(names[0]), batches)
         refs = list(calls)
         peak = tensor_bytes(calls)
