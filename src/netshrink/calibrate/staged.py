@@ -31,7 +31,7 @@ from torch import nn
 
 from netshrink.calibrate.collect import module_calls, real_tokens
 from netshrink.calibrate.memory import large_tensors_unmapped
-from netshrink.calibrate.reducers import Reducer, input_vectors
+from netshrink.calibrate.reducers import CHUNK, Reducer, input_vectors
 from netshrink.calibrate.sequential import (
     BlockCall,
     SequentialReport,
@@ -70,13 +70,26 @@ class Paired(Reducer):
 
     def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         """Fold the (tokens, in) inputs ``x`` (compressed) and their ``reference`` (the
-        full-precision model's; give it on every call or on none)."""
-        x = x.double()
-        self.gram = _plus(self.gram, x.T @ x)
-        self.total = _plus(self.total, x.sum(0))
-        if reference is not None:
-            self.cross = _plus(self.cross, x.T @ reference.double())
-            self.reference_total = _plus(self.reference_total, reference.double().sum(0))
+        full-precision model's; give it on every call or on none). The vectors are converted
+        to float64 :data:`~netshrink.calibrate.reducers.CHUNK` rows at a time and added in
+        place, as :class:`~netshrink.calibrate.Gram` does: no float64 copy of the batch and no
+        second (in, in) matrix."""
+        if self.gram is None:
+            self.gram = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.total = x.new_zeros(x.shape[1], dtype=torch.float64)
+            if reference is not None:
+                self.cross = torch.zeros_like(self.gram)
+                self.reference_total = torch.zeros_like(self.total)
+        assert self.total is not None
+        for start in range(0, x.shape[0], CHUNK):
+            v = x[start : start + CHUNK].double()
+            self.gram.addmm_(v.T, v)
+            self.total += v.sum(0)
+            if reference is not None:
+                assert self.cross is not None and self.reference_total is not None
+                r = reference[start : start + CHUNK].double()
+                self.cross.addmm_(v.T, r)
+                self.reference_total += r.sum(0)
         self.count += x.shape[0]
 
     def take_mean(self) -> torch.Tensor | None:
@@ -94,10 +107,6 @@ class Paired(Reducer):
             raise ValueError("Paired saw no input")
         reference = self.total if self.reference_total is None else self.reference_total
         return self.total / self.count, reference / self.count
-
-
-def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    return term if total is None else total.add_(term)
 
 
 def _layer_inputs(
