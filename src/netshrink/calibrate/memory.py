@@ -52,8 +52,9 @@ def release_freed_memory() -> None:
 
 @contextmanager
 def large_tensors_unmapped(threshold: int = 1 << 20) -> Iterator[None]:
-    """Within: allocations of ``threshold`` bytes or more get their own ``mmap``, so freeing
-    one returns its memory at once (no heap retention between trims). On exit the threshold is
+    """Within: allocations of ``threshold`` bytes or more that no free heap chunk can serve get
+    their own ``mmap``, so freeing one returns its memory at once (no heap retention between
+    trims). On exit the threshold is
     fixed at :data:`MMAP_THRESHOLD_MAX`, where the dynamic one stands after the first large
     free, and the free heap pages are returned. Setting the threshold turns glibc's dynamic
     adjustment off for the process; it costs a page fault per 4 KiB of each new large tensor
