@@ -131,12 +131,13 @@ def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
     enc = {"targets": {"include": ["bert.encoder.*"]}}
     seq = {**enc, "calib_data": calib, "sequential": True, "calib_batches": len(calib)}
     g128 = {"bits": 4, "group_size": 128}
-    best = {"act_order": True, "clip": True, "damp": 0.1}
+    plain = {"symmetric": True, "awq": False, "act_order": False, "clip": False, "damp": 0.01}
+    best = {**plain, "act_order": True, "clip": True, "damp": 0.1}
     return {
         "int4 g128 round-to-nearest": lambda: ns.quantize.weight_only(
             model, embeddings=False, **g128, **enc
         ),
-        "int4 g128 gptq": lambda: ns.quantize.gptq(model, **g128, **seq),
+        "int4 g128 gptq": lambda: ns.quantize.gptq(model, **g128, **plain, **seq),
         "int4 g128 gptq act_order clip damp 0.1": lambda: ns.quantize.gptq(
             model, **g128, **best, **seq
         ),
@@ -146,8 +147,11 @@ def minilm_methods(model: nn.Module, calib: Batches) -> dict[str, Method]:
 
 def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
     """GPTQ rows on the other int4 grids (with the best options): -8..7, 0..15 with a zero
-    point per group, and that with AWQ's input scales first."""
+    point per group, that with AWQ's input scales first (the technique's defaults), then
+    true-sequential stages (``ts``) and GPTAQ's full-precision targets (``gptaq``:
+    ``asymmetric: true``) on top."""
     asym = {**options, "symmetric": False}
+    ts = {**asym, "awq": True, "true_sequential": True}
     return {
         "int4 g128 gptq full -8..7 act_order clip damp 0.1": lambda: ns.quantize.gptq(
             model, full_range=True, **options
@@ -156,8 +160,20 @@ def gptq_grids(model: nn.Module, options: dict[str, Any]) -> dict[str, Method]:
             model, **asym
         ),
         "int4 g128 gptq asymmetric awq act_order clip damp 0.1": lambda: ns.quantize.gptq(
-            model, awq=True, **asym
+            model, **{**asym, "awq": True}
         ),
+        "int4 g128 gptq asymmetric awq act_order clip damp 0.1 ts": lambda: ns.quantize.gptq(
+            model, **ts
+        ),
+        "int4 g128 gptq asymmetric awq act_order clip damp 0.1 ts gptaq": lambda: ns.quantize.gptq(
+            model, asymmetric=True, **ts
+        ),
+        **{
+            f"int4 g128 gptq asymmetric awq act_order clip damp {damp} ts gptaq": partial(
+                ns.quantize.gptq, model, asymmetric=True, **{**ts, "damp": damp}
+            )
+            for damp in (0.2, 0.3)
+        },
     }
 
 
@@ -257,7 +273,7 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
             top5 = neighbour_agreement(reference, emb, 5)
             found = re.search(r"peak activations/statistics ([\d.]+) MiB", " ".join(reports.lines))
             held = found.group(1) if found else "-"
-            lines.append(f"| {label} | {cos:.4f} | {top5:.3f} | {seconds:.0f} "
+            lines.append(f"| {label} | {cos:.4f} | {top5:.4f} | {seconds:.0f} "
                          f"| {growth[0] / 2**20:.0f} | {held} |")  # fmt: skip
             print(lines[-1], flush=True)
             del compressed
@@ -278,14 +294,16 @@ def digits_table(args: argparse.Namespace) -> list[str]:
     accuracy, calib = zoo.evaluate("digits-cnn"), list(splits.calib)
     data = {"calib_data": calib}
     obs = {**data, "solver": "obs"}
+    plain = {"symmetric": True, "awq": False, "act_order": False, "clip": False, "damp": 0.01}
     methods: dict[str, Method] = {
         "fp32": lambda: model,
         "int4 round-to-nearest": lambda: ns.quantize.weight_only(model, bits=4, group_size=0),
-        "int4 gptq": lambda: ns.quantize.gptq(model, bits=4, group_size=0, **data),
-        "int3 gptq": lambda: ns.quantize.gptq(model, bits=3, group_size=0, **data),
+        "int4 gptq": lambda: ns.quantize.gptq(model, bits=4, group_size=0, **plain, **data),
+        "int3 gptq": lambda: ns.quantize.gptq(model, bits=3, group_size=0, **plain, **data),
         "int3 gptq act_order clip": lambda: ns.quantize.gptq(
-            model, bits=3, group_size=0, act_order=True, clip=True, **data
+            model, bits=3, group_size=0, **{**plain, "act_order": True, "clip": True}, **data
         ),
+        "int4 gptq, the defaults": lambda: ns.quantize.gptq(model, **data),
         "magnitude 50%": lambda: ns.prune.magnitude(model, sparsity=0.5),
         "wanda 50%": lambda: ns.prune.wanda(model, sparsity=0.5, **data),
         "sparsegpt 50%": lambda: ns.prune.sparsegpt(model, sparsity=0.5, **obs),

@@ -34,6 +34,9 @@ def rtn_codes(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> t
     return (q - zero).reshape(w.shape)
 
 
+PLAIN = {"symmetric": True, "awq": False, "act_order": False, "clip": False, "damp": 0.01}
+"""Options of GPTQ as the paper states it (the technique defaults to its best MiniLM setting)."""
+
 GRIDS = [Grid(2), Grid(3), Grid(4), Grid(8), Grid(2, False), Grid(3, False), Grid(4, False)]
 GRIDS += [Grid(3, full=True), Grid(4, full=True), Grid(8, full=True)]
 
@@ -93,7 +96,7 @@ def test_on_identity_inputs_the_layer_stored_is_the_weight_only_one(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 8)).eval()
     eye = [(2.0 * torch.eye(32), None)]
-    got = ns.quantize.gptq(model, bits=bits, group_size=group_size, calib_data=eye)[0]
+    got = ns.quantize.gptq(model, bits=bits, group_size=group_size, calib_data=eye, **PLAIN)[0]
     want = ns.quantize.weight_only(model, bits=bits, group_size=group_size)[0]
     assert isinstance(got, PackedLinear) and isinstance(want, PackedLinear)
     assert got.spec() == want.spec()
@@ -174,9 +177,8 @@ def test_act_order_with_groups_gives_a_valid_packed_layer() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     x = correlated(3)
-    out = ns.quantize.gptq(
-        model, bits=4, group_size=32, act_order=True, calib_data=[(x, None)]
-    ).eval()
+    options = {**PLAIN, "act_order": True}
+    out = ns.quantize.gptq(model, bits=4, group_size=32, calib_data=[(x, None)], **options).eval()
     layer = out[0]
     assert isinstance(layer, PackedLinear)
     assert layer.scale.shape == (64, 4, 1)  # groups of 32 consecutive inputs, as RTN stores
@@ -232,7 +234,7 @@ def test_save_load_gives_identical_outputs(tmp_path: Path) -> None:
 
 def test_sequential_bert_quantizes_every_block_layer_on_quantized_inputs() -> None:
     model, calib = tiny_bert()
-    options = {"bits": 4, "group_size": 8, "calib_data": calib}
+    options = {"bits": 4, "group_size": 8, "calib_data": calib, **PLAIN}
     plain = packed(ns.quantize.gptq(model, **options))
     seq = packed(ns.quantize.gptq(model, sequential=True, **options))
     assert len(seq) == 3 * 6 + 1  # q, k, v, attention output, intermediate, output; the pooler
@@ -280,7 +282,9 @@ def test_asymmetric_int4_stores_a_zero_point_per_group_and_survives_save_load(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
     x = correlated(4, rows=256, width=64)
-    out = ns.quantize.gptq(model, bits=4, symmetric=False, group_size=16, calib_data=[(x, None)])
+    out = ns.quantize.gptq(
+        model, bits=4, symmetric=False, awq=False, group_size=16, calib_data=[(x, None)]
+    )
     layer = out[0]
     assert isinstance(layer, PackedLinear)
     zeros = layer.zero_points()
@@ -317,7 +321,7 @@ def test_awq_scales_inputs_only_where_their_sizes_differ() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 32)).eval()
     even = [(torch.randn(512, 128), None)]
-    plain = ns.quantize.gptq(model, bits=4, group_size=32, calib_data=even)[0]
+    plain = ns.quantize.gptq(model, bits=4, group_size=32, awq=False, calib_data=even)[0]
     assert isinstance(plain, PackedLinear) and plain.input_scale is None
     x = correlated(5)
     scaled = ns.quantize.gptq(model, bits=4, group_size=32, awq=True, calib_data=[(x, None)])[0]
@@ -328,3 +332,22 @@ def test_awq_scales_inputs_only_where_their_sizes_differ() -> None:
             F.linear(x * scaled.input_scale, scaled.weight / scaled.input_scale, scaled.bias),
             atol=1e-4,
         )
+
+
+@pytest.mark.parametrize(("bits", "linear_zero_points"), [(4, True), (3, False), (8, False)])
+def test_by_default_linears_get_zero_points_and_convolutions_a_symmetric_grid(
+    bits: int, linear_zero_points: bool
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    out = ns.quantize.gptq(model, bits=bits, calib_data=[(torch.randn(32, 3, 6, 6), None)])
+    conv, linear = out[0], out[2]
+    assert isinstance(conv, PackedConv2d) and isinstance(linear, PackedLinear)
+    # int4 stores asymmetric codes with a zero point; 2-3 bits store code minus zero point
+    assert (linear.zero_points() is not None) == linear_zero_points
+    if bits == 8:  # asymmetric 8-bit codes do not fit int8: the grid stays symmetric
+        codes = linear.codes.to(torch.int32)
+        assert int(codes.min()) >= -127 and int(codes.max()) <= 127
+    with torch.no_grad():
+        x = torch.randn(4, 3, 6, 6)
+        assert torch.allclose(out(x), model(x), atol=0.5)

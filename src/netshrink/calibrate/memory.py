@@ -1,12 +1,18 @@
-"""Freed heap memory handed back to the operating system between calibration steps.
+"""Freed heap memory handed back to the operating system during calibration.
 
 glibc's malloc serves a large request with its own ``mmap`` and unmaps it when freed, but each
 such free raises its threshold for doing so to that request's size (up to 32 MiB on 64-bit
 Linux, ``mallopt(3)``'s dynamic threshold). From then on the engine's many 1-20 MiB tensors
-(Hessians, a batch's activations, decoded weights) come from the heap, where a freed block
-stays resident until something reuses it: measured on MiniLM, the sequential GPTQ run's
-resident set grew 100-150 MiB beyond what it held. ``malloc_trim(0)`` returns the free pages;
-elsewhere (another C library, another OS) :func:`release_freed_memory` does nothing.
+(Hessians and their factors, a batch's activations, decoded weights) come from the heap, where a
+freed block stays resident until something reuses it or the heap is trimmed. Measured on MiniLM
+(sequential int4 GPTQ, fresh process): the resident set grew 100-150 MiB beyond what it held
+with no trimming, and 65-75 MiB still at the peak with ``malloc_trim`` after every layer and
+block, because a layer's Hessian pipeline frees 50 MiB between two trims.
+
+:func:`release_freed_memory` returns the heap's free pages (``malloc_trim(0)``);
+:func:`large_tensors_unmapped` fixes the mmap threshold at 1 MiB while the calibration runs, so
+every tensor of 1 MiB or more is its own mapping and leaves the resident set when freed.
+Elsewhere (another C library, another OS) both do nothing.
 """
 
 from __future__ import annotations
@@ -14,18 +20,27 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+M_MMAP_THRESHOLD = -3
+"""``mallopt``'s parameter number for the mmap threshold (glibc's malloc.h)."""
+
+MMAP_THRESHOLD_MAX = 32 << 20
+"""The highest value glibc's dynamic threshold reaches on 64-bit Linux (4 MiB x sizeof(long))."""
 
 
 @functools.cache
 def _libc() -> Any:
-    """The C library when it has ``malloc_trim`` (glibc), else None."""
+    """The C library when it has ``malloc_trim`` and ``mallopt`` (glibc), else None."""
     name = ctypes.util.find_library("c")
     try:
         lib = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+    has = lib is not None and hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt")
+    return lib if has else None
 
 
 def release_freed_memory() -> None:
@@ -33,3 +48,24 @@ def release_freed_memory() -> None:
     lib = _libc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+@contextmanager
+def large_tensors_unmapped(threshold: int = 1 << 20) -> Iterator[None]:
+    """Within: allocations of ``threshold`` bytes or more that no free heap chunk can serve get
+    their own ``mmap``, so freeing one returns its memory at once (no heap retention between
+    trims). On exit the threshold is
+    fixed at :data:`MMAP_THRESHOLD_MAX`, where the dynamic one stands after the first large
+    free, and the free heap pages are returned. Setting the threshold turns glibc's dynamic
+    adjustment off for the process; it costs a page fault per 4 KiB of each new large tensor
+    (the zeroed pages of a fresh mapping)."""
+    lib = _libc()
+    if lib is None:
+        yield
+        return
+    lib.mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        lib.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        release_freed_memory()

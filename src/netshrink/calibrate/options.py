@@ -1,4 +1,4 @@
-"""Options shared by the techniques that calibrate one block at a time (GPTQ, AWQ)."""
+"""Options shared by the techniques that calibrate one block at a time (GPTQ, AWQ, SparseGPT)."""
 
 from __future__ import annotations
 
@@ -28,4 +28,25 @@ class BlockwiseConfig(TechniqueConfig):
     def _blocks_are_sequential(self) -> BlockwiseConfig:
         if self.blocks and not self.sequential:
             raise ValueError("blocks applies with sequential: true; set it or drop blocks")
+        return self
+
+
+class StagedConfig(BlockwiseConfig):
+    """:class:`BlockwiseConfig` plus the refinements of the staged engine
+    (:func:`netshrink.calibrate.staged.run_stages`), which need ``sequential``."""
+
+    true_sequential: bool = Field(
+        False,
+        description="inside each block, calibrate each layer on the compressed ones before it",
+    )
+    asymmetric: bool = Field(
+        False,
+        description="reconstruct the full-precision layer's output from the compressed input",
+    )
+
+    @model_validator(mode="after")
+    def _staged_is_sequential(self) -> StagedConfig:
+        asked = [k for k in ("true_sequential", "asymmetric") if getattr(self, k)]
+        if asked and not self.sequential:
+            raise ValueError(f"{', '.join(asked)} need sequential: true; set it or drop them")
         return self

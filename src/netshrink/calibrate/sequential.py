@@ -31,7 +31,7 @@ from torch import nn
 
 from netshrink.batches import run
 from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls, token_mask
-from netshrink.calibrate.memory import release_freed_memory
+from netshrink.calibrate.memory import large_tensors_unmapped, release_freed_memory
 from netshrink.calibrate.reducers import Reducer
 from netshrink.context import Batch
 from netshrink.errors import TargetError, UnsupportedModuleError
@@ -216,7 +216,7 @@ def run_blocks(
     """
     names = find_blocks(model, blocks)
     model_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
-    with module_calls(model):
+    with module_calls(model), large_tensors_unmapped():
         calls = first_block_calls(model, model.get_submodule(names[0]), batches)
         peak = tensor_bytes(calls)
         for i, name in enumerate(names):

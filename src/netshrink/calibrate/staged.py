@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from netshrink.calibrate.collect import module_calls, real_tokens
-from netshrink.calibrate.reducers import Reducer, input_vectors
+from netshrink.calibrate.memory import large_tensors_unmapped
+from netshrink.calibrate.reducers import CHUNK, Reducer, input_vectors
 from netshrink.calibrate.sequential import (
     BlockCall,
     SequentialReport,
@@ -69,14 +70,36 @@ class Paired(Reducer):
 
     def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         """Fold the (tokens, in) inputs ``x`` (compressed) and their ``reference`` (the
-        full-precision model's; give it on every call or on none)."""
-        x = x.double()
-        self.gram = _plus(self.gram, x.T @ x)
-        self.total = _plus(self.total, x.sum(0))
-        if reference is not None:
-            self.cross = _plus(self.cross, x.T @ reference.double())
-            self.reference_total = _plus(self.reference_total, reference.double().sum(0))
+        full-precision model's; give it on every call or on none). The vectors are converted
+        to float64 :data:`~netshrink.calibrate.reducers.CHUNK` rows at a time and added in
+        place, as :class:`~netshrink.calibrate.Gram` does: no float64 copy of the batch and no
+        second (in, in) matrix."""
+        if self.gram is None:
+            self.gram = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.total = x.new_zeros(x.shape[1], dtype=torch.float64)
+            if reference is not None:
+                self.cross = torch.zeros_like(self.gram)
+                self.reference_total = torch.zeros_like(self.total)
+        assert self.total is not None
+        for start in range(0, x.shape[0], CHUNK):
+            v = x[start : start + CHUNK].double()
+            self.gram.addmm_(v.T, v)
+            self.total += v.sum(0)
+            if reference is not None:
+                assert self.cross is not None and self.reference_total is not None
+                r = reference[start : start + CHUNK].double()
+                self.cross.addmm_(v.T, r)
+                self.reference_total += r.sum(0)
         self.count += x.shape[0]
+
+    def take_mean(self) -> torch.Tensor | None:
+        """The second-moment matrix E[x~ x~^T] of the compressed inputs, computed in the Gram
+        sum's storage, or None when nothing was seen; the reducer holds no matrix afterwards
+        (as :meth:`netshrink.calibrate.Gram.take_mean`)."""
+        if self.gram is None or self.count == 0:
+            return None
+        mean, self.gram, self.cross = self.gram.div_(self.count), None, None
+        return mean
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean compressed input and mean reference input (in,); raises when nothing was seen."""
@@ -84,10 +107,6 @@ class Paired(Reducer):
             raise ValueError("Paired saw no input")
         reference = self.total if self.reference_total is None else self.reference_total
         return self.total / self.count, reference / self.count
-
-
-def _plus(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
-    return term if total is None else total.add_(term)
 
 
 def _layer_inputs(
@@ -171,7 +190,7 @@ def run_stages(
     block's layers, refit its LayerNorms' affine parameters (:func:`refit_norms`)."""
     names = find_blocks(model, blocks)
     model_bytes = tensor_bytes([*model.parameters(), *model.buffers()])
-    with module_calls(model):
+    with module_calls(model), large_tensors_unmapped():
         calls = first_block_calls(model, model.get_submodule(names[0]), batches)
         refs = list(calls)
         peak = tensor_bytes(calls)

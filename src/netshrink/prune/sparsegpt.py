@@ -38,7 +38,7 @@ from torch import nn
 from netshrink.batches import materialize
 from netshrink.calibrate import PerLayer, collect, find_blocks, run_blocks
 from netshrink.calibrate.hessian import damped_inverse_cholesky, relative_output_error
-from netshrink.calibrate.options import BlockwiseConfig
+from netshrink.calibrate.options import StagedConfig
 from netshrink.calibrate.staged import Paired, asymmetric_target, bias_shift, run_stages
 from netshrink.context import Batch, Context
 from netshrink.layers import layer_types, leave_alone, tied_modules
@@ -53,7 +53,7 @@ from netshrink.targets import Targets
 log = logging.getLogger(__name__)
 
 
-class SparseGPTConfig(SparseConfig, BlockwiseConfig):
+class SparseGPTConfig(SparseConfig, StagedConfig):
     """Options of ``prune.sparsegpt``."""
 
     sparsity: float | None = Field(
@@ -69,12 +69,6 @@ class SparseGPTConfig(SparseConfig, BlockwiseConfig):
         "admm", description="admm: Boza 2024's gradual ADMM; obs: SparseGPT's column-wise update"
     )
     admm_iters: int = Field(60, ge=3, le=1000, description="admm: iterations per layer")
-    true_sequential: bool = Field(
-        False, description="inside each block, calibrate each layer on the pruned layers before it"
-    )
-    asymmetric: bool = Field(
-        False, description="reconstruct the full-precision layer's output, not the pruned input's"
-    )
     bias_correction: bool = Field(
         False, description="shift each bias by the mean output change on the calibration data"
     )
@@ -96,8 +90,8 @@ class SparseGPTConfig(SparseConfig, BlockwiseConfig):
 
     @model_validator(mode="after")
     def _one_pattern(self) -> SparseGPTConfig:
-        staged = {"true_sequential": self.true_sequential, "asymmetric": self.asymmetric,
-                  "bias_correction": self.bias_correction}  # fmt: skip
+        # true_sequential and asymmetric are checked by StagedConfig
+        staged = {"bias_correction": self.bias_correction}
         if self.allocation == "owl" and self.owl_groups == "block":
             staged["owl_groups: block"] = True
         asked = [k for k, v in staged.items() if v]

@@ -1,0 +1,55 @@
+"""calibrate.memory: during calibration large tensors get their own mapping, returned to the
+operating system when freed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from netshrink.calibrate.memory import _libc
+
+# Run in a fresh interpreter: in a long-lived one the heap may already hold a free chunk large
+# enough to serve the tensor, which glibc reuses before it considers a new mapping.
+SCENARIO = textwrap.dedent(
+    """
+    import ctypes
+    import torch
+    from netshrink.calibrate.memory import _libc, large_tensors_unmapped
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",
+                    "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    lib = _libc()
+    lib.mallinfo2.restype = Mallinfo2
+
+    def mapped():
+        return int(lib.mallinfo2().hblkhd)
+
+    big = torch.ones(4 << 20)  # a freed 16 MiB mapping: the dynamic threshold rises to 16 MiB
+    del big
+    before = mapped()
+    outside = torch.ones(2 << 20)  # 8 MiB: from the heap
+    print(mapped() - before)
+    with large_tensors_unmapped():
+        before = mapped()
+        inside = torch.ones(2 << 20)  # 8 MiB: its own mapping
+        print(mapped() - before)
+        del inside
+        print(mapped() - before)  # unmapped: out of the resident set
+    """
+)
+
+
+@pytest.mark.skipif(_libc() is None, reason="glibc's mallopt/malloc_trim only")
+def test_inside_large_tensors_are_mapped_and_unmapped_when_freed() -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", SCENARIO], capture_output=True, text=True, check=True, timeout=120
+    )
+    outside, inside, freed = (int(line) for line in run.stdout.split())
+    assert outside < 1 << 20
+    assert inside >= 8 << 20
+    assert freed < 1 << 20
