@@ -14,6 +14,7 @@ from netshrink.hf.corpus import (
     _heldout_texts,
     _stdlib_texts,
     is_prose,
+    package_training_corpus,
     sentences,
     stdlib_training_corpus,
 )
@@ -149,3 +150,21 @@ def test_sentences_split_after_full_stops_and_drop_short_ones():
         "The first sentence has six words.",
         "The third one is long enough, e.g. here.",
     ]
+
+
+def test_package_corpus_reads_installed_docstrings_but_no_tests_heldout_or_stdlib_text(tmp_path):
+    new = "The frobnicator turns every widget into a gadget. It never touches any of the sprockets."
+    held, known = heldout_corpus(1)[0], stdlib_training_corpus(1)[0]
+    held_sentence = sentences(max(heldout_corpus(), key=lambda t: len(sentences(t))))[0]
+    for where, doc in [
+        ("pkg/__init__.py", new),
+        ("pkg/sub/mod.py", f"{held}\n\n{known}\n\n{held_sentence}"),
+        ("pkg/tests/test_x.py", "A paragraph in a test folder is never read by the corpus."),
+    ]:
+        (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / where).write_text(f'"""{doc}"""\n')
+    texts = package_training_corpus(packages=["pkg", "absent"], root=tmp_path)
+    assert sorted(texts) == sorted([new, *sentences(new)])
+    assert texts == package_training_corpus(packages=("pkg",), root=tmp_path)  # stable order
+    with pytest.raises(ConfigError, match=r"ask for 1\.\.3, not 4"):
+        package_training_corpus(4, packages=["pkg"], root=tmp_path)
