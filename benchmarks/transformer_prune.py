@@ -1,15 +1,15 @@
 """Heads + FFN pruning of the real all-MiniLM-L6-v2, refit, then recovered by distillation.
 
-The acceptance run of issue #13: ``prune.heads`` then ``prune.ffn`` remove about 30% of the
-encoder's parameters (embeddings excluded) — once as cut, once with ``refit: true`` (the cut
-blocks' output projections refit by least squares on calibration text) — then the refit model is
-distilled from fp32 on unlabeled standard-library docstrings with the loss the ``finetune:``
-option uses (cosine to the fp32 embedding, ``netshrink.hf.loss_for``) and, for comparison, with
-that loss plus in-batch similarity and per-layer hidden-state matching (:func:`rich_loss`).
-Fidelity is measured on held-out text from another source (``netshrink.hf.heldout_corpus``).
-Every row reports wall seconds, process CPU seconds and the load average. The table goes to
-stdout and, with ``--write``, into docs/benchmarks/prune.md's "Transformers: heads and FFN"
-section.
+The acceptance run of issue #13: ``prune.heads`` and/or ``prune.ffn`` remove about 30% of the
+encoder's parameters (embeddings excluded), one shot: as cut, with ``refit: true`` (the cut
+blocks' output projections refit by least squares on calibration text), with the data-aware
+``activation`` criterion and with structured OBS (``criterion: obs``). The one-shot model with
+the best cosine on docstring validation batches is then distilled from fp32 on
+``netshrink.hf.stdlib_training_corpus`` with :func:`rich_loss` (embedding cosine, in-batch
+similarity and every layer's hidden states), warm-up and cosine decay. Fidelity is measured on
+held-out text from another source (``netshrink.hf.heldout_corpus``). Every row reports wall
+seconds, process CPU seconds and the load average. The table goes to stdout and, with
+``--write``, into docs/benchmarks/prune.md's "Transformers: heads and FFN" section.
 
     PYTHONPATH=src python benchmarks/transformer_prune.py [--quick] [--write]
 """
@@ -33,7 +33,8 @@ from torch import nn
 import netshrink as ns
 from netshrink import hf
 from netshrink.config import TrainConfig
-from netshrink.context import Batch, LossFn
+from netshrink.context import Batch
+from netshrink.hf.corpus import stdlib_training_corpus
 from netshrink.hf.export import export_hf
 from netshrink.hf.text import tokenize
 from netshrink.train import fit
@@ -102,15 +103,19 @@ def run(args: argparse.Namespace) -> str:
     data = hf.texts_data(
         texts, None, tokenizer, "stdlib", max_length=args.train_length, batch_size=32
     )
-    train = data.train[: args.train_batches]
+    training = hf.texts_data(
+        stdlib_training_corpus(args.train_texts), None, tokenizer, "stdlib training",
+        max_length=args.train_length, batch_size=32,
+    )  # fmt: skip
+    train = training.train[: args.train_batches or None]
+    check = data.val[:4]  # docstrings, not held out: where the distillation start is chosen
     heldout = tokenize(tokenizer, hf.heldout_corpus(args.eval_texts), None, 128, 64)
     common = {
         "calib_data": data.calib,
         "example_inputs": data.calib[0][0],
         "batches": args.score_batches,
     }
-    heads = {"ratio": args.heads, "criterion": args.criterion, "scope": "global"}
-    ffn = {"ratio": args.ffn, "criterion": "activation", "scope": "layer", "round_to": 8}
+    ffn = {"scope": "layer", "round_to": 8}
     rows = []
 
     def record(name: str, model: nn.Module, wall: float, cpu: float) -> None:
@@ -126,35 +131,47 @@ def run(args: argparse.Namespace) -> str:
         return model, time.perf_counter() - wall, time.process_time() - cpu
 
     record("fp32", fp32, 0.0, 0.0)
-    cut = f"prune.heads {args.heads:.0%} ({args.criterion}, global) + prune.ffn {args.ffn:.0%}"
-    for refit in (False, True):
-        model, wall, cpu = timed(
-            lambda refit=refit: ns.prune.ffn(
-                ns.prune.heads(fp32, **heads, refit=refit, **common), **ffn, refit=refit, **common
-            )
-        )
-        record(f"{cut}, {'refit' if refit else 'no refit'}", model, wall, cpu)
-    if args.ffn_only:  # about the same share of the encoder, taken from the FFNs alone
-        alone = {**ffn, "ratio": args.ffn_only}
-        ffn_only, wall, cpu = timed(lambda: ns.prune.ffn(fp32, **alone, refit=True, **common))
-        record(f"prune.ffn {args.ffn_only:.0%} alone, refit", ffn_only, wall, cpu)
-    tune = TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=10, keep_best=False)
-    losses = {
-        "cosine (the finetune option's loss)": hf.loss_for("embedding", teacher=fp32),
-        f"cosine + similarity + {args.hidden_weight} x hidden states": rich_loss(
-            fp32, args.hidden_weight
-        ),
-    }
 
-    def distil(loss: LossFn) -> nn.Module:
-        student = copy.deepcopy(model)
+    def cut(heads_ratio: float, ffn_ratio: float, criterion: str, refit: bool) -> nn.Module:
+        """``prune.heads`` (global) then ``prune.ffn`` (per layer); a ratio of 0 skips one."""
+        model = fp32
+        if heads_ratio:
+            h = {"ratio": heads_ratio, "criterion": criterion, "scope": "global"}
+            model = ns.prune.heads(model, **h, refit=refit, **common)
+        return ns.prune.ffn(model, **{**ffn, "ratio": ffn_ratio, "criterion": criterion},
+                            refit=refit, **common)  # fmt: skip
+
+    one_shot = {}
+    for heads_ratio, ffn_ratio, criterion, refit in [
+        (args.heads, args.ffn, args.criterion, False),
+        (args.heads, args.ffn, args.criterion, True),
+        (0.0, args.ffn_only, args.criterion, True),
+        (args.heads, args.ffn, "obs", True),
+        (0.0, args.ffn_only, "obs", True),
+    ]:
+        parts = [f"prune.heads {100 * heads_ratio:g}% (global)"] if heads_ratio else []
+        parts.append(f"prune.ffn {100 * ffn_ratio:g}%")
+        name = f"{' + '.join(parts)}, {criterion}, {'refit' if refit else 'no refit'}"
+        one_shot[name], wall, cpu = timed(
+            lambda h=heads_ratio, f=ffn_ratio, c=criterion, r=refit: cut(h, f, c, r)
+        )
+        record(name, one_shot[name], wall, cpu)
+    start = max(one_shot, key=lambda k: hf.fidelity("embedding", one_shot[k], fp32, check).cosine)
+    tune = TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, keep_best=False)
+    steps = len(train) * args.epochs
+
+    def distil() -> nn.Module:
+        student = copy.deepcopy(one_shot[start])
+        loss = rich_loss(fp32, args.hidden_weight)
         fit(student, train, tune, loss_fn=loss, progress=False)
         return student
 
-    steps = len(train) * args.epochs
-    for name, loss in losses.items():
-        recovered, wall, cpu = timed(lambda loss=loss: distil(loss))
-        record(f"refit, distilled {steps} steps: {name}", recovered, wall, cpu)
+    recovered, wall, cpu = timed(distil)
+    record(
+        f"{start}, then distilled {steps} steps (cosine + similarity + "
+        f"{args.hidden_weight} x hidden states)",
+        recovered, wall, cpu,
+    )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ns.save(recovered, Path(tmp) / "artifact")
         again = ns.load(Path(tmp) / "artifact")
@@ -175,8 +192,8 @@ def table(
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     options = (
         f" --heads {args.heads} --ffn {args.ffn} --ffn-only {args.ffn_only} --criterion "
-        f"{args.criterion} --epochs "
-        f"{args.epochs} --lr {args.lr} --train-length {args.train_length}"
+        f"{args.criterion} --epochs {args.epochs} --lr {args.lr} --warmup {args.warmup} "
+        f"--hidden-weight {args.hidden_weight} --train-length {args.train_length}"
         f"{f' --train-batches {args.train_batches}' if args.train_batches else ''}"
         f"{f' --eval-texts {args.eval_texts}' if args.eval_texts and not args.quick else ''}"
         f" --threads {args.threads}"
@@ -193,13 +210,16 @@ def table(
         "",
         f"all-MiniLM-L6-v2 (6 layers, 12 heads, FFN 1536), torch {torch.__version__}, "
         f"{platform.machine()}, {args.threads} thread(s), load average {load} at the end. Train: "
-        f"{args.train_texts or 'all'} stdlib docstring paragraphs (80% train, cut to "
-        f"{args.train_length} tokens, batches of 32); fidelity on "
+        f"{args.train_texts or 'all'} texts of `stdlib_training_corpus` (the train split, cut to "
+        f"{args.train_length} tokens, batches of 32); calibration: the stdlib docstring "
+        "paragraphs' calibration split; fidelity on "
         f"{args.eval_texts or 'all'} held-out language-reference paragraphs (cosine to the "
         "fp32 embedding, top-5 neighbour agreement). Encoder = the 6 transformer layers "
         "(embeddings excluded). Refit and the data-aware criteria read "
-        f"{args.score_batches} calibration batches. Distillation: `netshrink.train.fit` "
-        f"(the loop `finetune:` runs), AdamW, lr {args.lr}, 10 warm-up steps, cosine decay. "
+        f"{args.score_batches} calibration batches. The distillation starts from the one-shot "
+        "row with the best cosine on 4 validation batches of docstrings (not the held-out "
+        "text): `netshrink.train.fit` (the loop `finetune:` runs), AdamW, "
+        f"lr {args.lr}, {args.warmup} warm-up steps, cosine decay, loss `rich_loss`. "
         "Seconds: wall and process CPU of the row's own work (not its fidelity evaluation); "
         "load: the 1-minute load average when the row was recorded.",
         "",
@@ -235,15 +255,16 @@ def main() -> None:
     parser.add_argument("--ffn", type=float, default=0.33, help="fraction of FFN neurons removed")
     parser.add_argument("--criterion", default="activation", help="prune.heads criterion")
     parser.add_argument(
-        "--ffn-only", type=float, default=0.45, help="FFN ratio of the FFN-only row (0: none)"
+        "--ffn-only", type=float, default=0.455, help="FFN ratio of the FFN-only row (0: none)"
     )
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=30, help="warm-up steps")
     parser.add_argument(
-        "--hidden-weight", type=float, default=0.1, help="hidden-state term of rich_loss"
+        "--hidden-weight", type=float, default=1.0, help="hidden-state term of rich_loss"
     )
     parser.add_argument(
-        "--train-batches", type=int, default=None, help="batches of an epoch (default: all)"
+        "--train-batches", type=int, default=100, help="batches of an epoch (0: all)"
     )
     parser.add_argument(
         "--train-length", type=int, default=64, help="tokens a training text is cut to"

@@ -191,7 +191,7 @@ def dead_head_bert() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("criterion", ["l2", "activation", "taylor", "mask"])
+@pytest.mark.parametrize("criterion", ["l2", "activation", "taylor", "mask", "obs"])
 def test_every_criterion_removes_a_dead_head(criterion: str) -> None:
     calib = [(IDS, None), ({"input_ids": IDS["input_ids"].flip(0)}, None)]
     pruned = ns.prune.heads(dead_head_bert(), ratio=0.5, criterion=criterion, calib_data=calib)

@@ -29,10 +29,11 @@ class FfnConfig(TechniqueConfig):
     ratio: float = Field(
         0.3, ge=0, lt=1, description="fraction of FFN intermediate neurons removed"
     )
-    criterion: Literal["l2", "activation", "taylor"] = Field(
+    criterion: Literal["l2", "activation", "taylor", "obs"] = Field(
         "l2",
-        description="importance: weight norm, output size on data, or Taylor; the last two "
-        "need calib_data",
+        description="importance: weight norm, output size on data, Taylor, or obs: the down "
+        "projection's least-squares error after the neuron's removal (structured OBS); all but "
+        "l2 need calib_data",
     )
     scope: Literal["layer", "global"] = Field(
         "layer", description="remove ratio of each FFN's neurons, or of all ranked together"

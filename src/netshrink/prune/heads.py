@@ -31,10 +31,11 @@ class HeadsConfig(TechniqueConfig):
     """Options of ``prune.heads``."""
 
     ratio: float = Field(0.3, ge=0, lt=1, description="fraction of attention heads removed")
-    criterion: Literal["l2", "activation", "taylor", "mask"] = Field(
+    criterion: Literal["l2", "activation", "taylor", "mask", "obs"] = Field(
         "l2",
-        description="importance: weight norm, output size on data, Taylor, or head-mask "
-        "gradient (Michel et al. 2019); all but l2 need calib_data",
+        description="importance: weight norm, output size on data, Taylor, head-mask gradient "
+        "(Michel et al. 2019), or obs: the output projection's least-squares error after the "
+        "head's removal (structured OBS); all but l2 need calib_data",
     )
     scope: Literal["layer", "global"] = Field(
         "layer", description="remove ratio of each layer's heads, or of all heads ranked together"

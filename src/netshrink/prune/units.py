@@ -17,6 +17,11 @@ Criteria (a unit's weights are its slots' rows and columns; see :mod:`netshrink.
   "Importance Estimation for Neural Network Pruning", sec. 3).
 - ``mask`` (heads): ``sum over batches of |dL/dxi_h|`` for a gate ``xi_h = 1`` multiplying head
   h's output (Michel et al. 2019, "Are Sixteen Heads Really Better than One?", sec. 4.1).
+- ``obs``: the squared output error of the block's output projection, on calibration tokens,
+  after removing the unit and re-solving the projection's remaining weights by least squares,
+  units removed greedily one at a time (structured Optimal Brain Surgeon,
+  :mod:`netshrink.prune.obs`). The same error ``refit`` then minimises, so the two belong
+  together; its scores are errors in one unit, so ``scope: global`` compares them unscaled.
 
 ``L`` is the cross-entropy when a batch has labels. Without labels (a sentence encoder distilled
 later) it is ``<f(x), r>`` for a seeded Gaussian ``r`` of the output's shape: its gradient is a
@@ -41,12 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.calibrate import first_tensor
+from netshrink.calibrate import Gram, collect, first_tensor
 from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import Slot, slot_positions, slot_weight
 from netshrink.hf.shrink import PrunedMultiheadAttention
 from netshrink.layers.edits import apply_edit
+from netshrink.prune.obs import greedy_order
 from netshrink.prune.refit import refit_projections
 
 Scores = dict[str, torch.Tensor]
@@ -211,13 +217,27 @@ def _mask(model: nn.Module, blocks: list[UnitBlock], data: list[Batch], seed: in
     return scores
 
 
+def _obs(model: nn.Module, blocks: list[UnitBlock], data: list[Batch], _seed: int) -> Scores:
+    grams = {_consumer_input(b)[0]: [Gram()] for b in blocks}
+    collect(model, grams, data, "structured OBS statistics", show=False)
+    _check_called({b.path: grams[_consumer_input(b)[0]][0].count for b in blocks}, "obs")
+    scores = {}
+    for b in blocks:
+        name, width = _consumer_input(b)
+        with torch.no_grad():
+            weight = slot_weight(model, b.consumer[0])[: b.units * width]
+        scores[b.path] = greedy_order(weight, grams[name][0].sum, width, b.floor)
+    return scores
+
+
 CRITERIA: dict[str, Callable[[nn.Module, list[UnitBlock], list[Batch], int], Scores]] = {
     "l2": _l2,
     "activation": _activation,
     "taylor": _taylor,
     "mask": _mask,
+    "obs": _obs,
 }
-DATA_CRITERIA = ("activation", "taylor", "mask")
+DATA_CRITERIA = ("activation", "taylor", "mask", "obs")
 """Criteria that run the model on calibration data."""
 
 
@@ -271,17 +291,18 @@ def _kept(block: UnitBlock, keep: int) -> int:
 
 
 def choose(
-    blocks: list[UnitBlock], scores: Scores, ratio: float, scope: str
+    blocks: list[UnitBlock], scores: Scores, ratio: float, scope: str, scaled: bool = True
 ) -> dict[str, list[int]]:
     """The units each block keeps: all but the lowest-scored ``ratio`` of each block
-    (``layer``), or of all units at once (``global``; scores divided by their block's mean so
-    blocks of different scale compare, as Michel et al. normalise per layer, sec. 4.2)."""
+    (``layer``), or of all units at once (``global``; with ``scaled``, scores divided by their
+    block's mean so blocks of different scale compare, as Michel et al. normalise per layer,
+    sec. 4.2; without, as given: ``obs`` costs are all squared output errors already)."""
     leaders = {b.tie or b.path: b for b in blocks}  # one decision per tie
     if scope == "layer":
         counts = {k: _kept(b, b.units - round(ratio * b.units)) for k, b in leaders.items()}
     else:
         ranked = sorted(
-            (float(s / (scores[b.path].mean() or 1.0)), u, k)
+            (float(s / ((scores[b.path].mean() or 1.0) if scaled else 1.0)), u, k)
             for k, b in leaders.items()
             for u, s in enumerate(scores[b.path])
         )
@@ -316,7 +337,7 @@ def prune_blocks(
     name = "prune.heads" if edit == "hf.heads" else "prune.ffn"
     data = list(islice(ctx.calib_data, config.batches)) if ctx.calib_data is not None else []
     scores = score(model, blocks, config.criterion, data, ctx.seed)
-    keep = choose(blocks, scores, config.ratio, config.scope)
+    keep = choose(blocks, scores, config.ratio, config.scope, config.criterion != "obs")
     original = copy.deepcopy(model) if config.refit else None
     removed, total, cut = 0, sum(b.units for b in blocks), []
     for b in blocks:
