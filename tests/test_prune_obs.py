@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import netshrink as ns
@@ -28,6 +28,7 @@ def _refit_error(x: torch.Tensor, w: torch.Tensor, keep: list[int]) -> float:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), width=st.sampled_from([1, 2, 3]), units=st.integers(3, 5))
+@example(seed=72, width=3, units=4)  # a later removal ties with the first
 def test_first_removal_is_the_cheapest_and_costs_its_refit_error(
     seed: int, width: int, units: int
 ) -> None:
@@ -38,9 +39,11 @@ def test_first_removal_is_the_cheapest_and_costs_its_refit_error(
     w = torch.randn(n, 4, generator=gen, dtype=torch.float64)
     scores = greedy_order(w, x.T @ x, width, floor=1)
     errors = [_refit_error(x, w, [i for i in range(n) if i // width != u]) for u in range(units)]
-    first = int(scores.argmin())
-    assert errors[first] <= 1.02 * min(errors)  # the cheapest, up to the ridge term's effect
-    assert float(scores[first]) == pytest.approx(errors[first], rel=1e-2)
+    # Scores are made non-decreasing, so a later removal that costs less than the first ties
+    # with it (seed 72, width 3): the first removal is one of the units at the lowest score.
+    lowest = [u for u in range(units) if scores[u] == scores.min()]
+    assert min(errors[u] for u in lowest) <= 1.02 * min(errors)  # up to the ridge term's effect
+    assert float(scores.min()) == pytest.approx(min(errors), rel=1e-2)
     assert scores.shape == (units,)
 
 
