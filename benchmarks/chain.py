@@ -60,8 +60,8 @@ from netshrink.recipe.runner import as_recipe, make_context
 from netshrink.recipe.schema import Recipe
 from netshrink.runtime import OpenVinoRunner, make_runner, save_ir
 from netshrink.settings import Inputs
-from quantize import interleaved
 from runtimes import BATCH, TOKENS, folder_bytes, int8_primitives, load
+from timing import interleaved
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "chain.md"
 BEGIN, END = "<!-- chain: begin -->", "<!-- chain: end -->"

@@ -17,7 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from quantize import interleaved
+from timing import interleaved
 
 
 def epilogue_gelu(acc, z, s, c0, c1):  # type: ignore[no-untyped-def]

@@ -19,9 +19,7 @@ import argparse
 import copy
 import os
 import shutil
-import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,22 +33,9 @@ from minilm import SentenceEncoder
 from netshrink.artifact import artifact_bytes, save
 from netshrink.artifact.onnx import export_onnx
 from netshrink.metrics import accuracy
+from timing import interleaved
 
 TMP = Path(tempfile.mkdtemp(prefix="ns-bench-quant-"))
-
-
-def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict:
-    """Median milliseconds of each function, timed round-robin so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:

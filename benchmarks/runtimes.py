@@ -46,7 +46,6 @@ from minilm import SentenceEncoder
 from netshrink.artifact import artifact_bytes, save
 from netshrink.artifact.onnx import export_onnx
 from netshrink.runtime import OpenVinoRunner, OrtRunner, save_ir
-from quantize import interleaved
 from runtimes_kernels import int8_primitives, ort_integer_nodes
 from runtimes_text import (
     BATCH,
@@ -57,6 +56,7 @@ from runtimes_text import (
     fidelity_text,
     tokenize,
 )
+from timing import interleaved
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
