@@ -229,7 +229,8 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
     model = SentenceEncoder(AutoModel.from_pretrained(path, add_pooling_layer=False)).eval()
     texts = packed_texts(tokenizer, args.calib, args.calib_tokens)
     calib = batches(tokenizer, texts, max(args.calib_tokens, 128))
-    evaluation = batches(tokenizer, heldout_corpus(args.eval), 128)
+    held_out = heldout_corpus()[args.eval_skip : args.eval_skip + args.eval]
+    evaluation = batches(tokenizer, held_out, 128)
     real = sum(int(x["attention_mask"].sum()) for x, _ in calib)
 
     @torch.no_grad()
@@ -245,7 +246,8 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
     logging.getLogger("netshrink").addHandler(reports)
     logging.getLogger("netshrink").setLevel(logging.INFO)
     header = [
-        f"Calibration: {len(texts)} texts, {real} real tokens; evaluation: {args.eval} texts; "
+        f"Calibration: {len(texts)} texts, {real} real tokens; evaluation: {len(held_out)} texts "
+        f"from held-out text {args.eval_skip}; "
         f"fp32 model {model_mib:.1f} MiB.",
         "",
         "| method | cosine to fp32 | top-5 agreement | seconds | RSS growth MiB "
@@ -344,6 +346,12 @@ def main() -> None:
         "--calib-tokens", type=int, default=0, help="join paragraphs into texts of this many tokens"
     )
     parser.add_argument("--eval", type=int, default=256, help="held-out evaluation texts")
+    parser.add_argument(
+        "--eval-skip",
+        type=int,
+        default=0,
+        help="skip this many held-out texts first (a second evaluation slice, to check a choice)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--only", default="", help="run the MiniLM rows whose label this regular expression finds"
