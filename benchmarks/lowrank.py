@@ -166,6 +166,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "output-aware + allocation": {**ALLOCATED, "output_aware": True},
     "output-aware + allocation + refit": {**ALLOCATED, "output_aware": True, "refit": True},
     "output-aware + allocation x2": {**ALLOCATED, "output_aware": True, "budget_rounds": 2},
+    "output-aware (24 probes) + allocation x2": {
+        **ALLOCATED,
+        "output_aware": True,
+        "budget_rounds": 2,
+        "output_probes": 24,
+    },
 }
 """Each method's ``lowrank.svd`` options; ``rule`` says whether the share is a ``ratio`` kept
 in every layer or a global ``budget``."""
