@@ -284,6 +284,26 @@ class Branches(nn.Module):
         return self.norm(self.read(x))
 
 
+class Recurrent(nn.Module):
+    """An LSTM (tuple output, which no leaf can be added to) that the output reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm, self.head = nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0])
+
+
+def test_a_layer_whose_output_carries_no_leaf_is_not_reported_unread():
+    from netshrink.search.reach import unread_layers
+
+    x = torch.randn(2, 3, 8)
+    assert unread_layers(Recurrent(), x, ["lstm", "head"]) == []
+    assert unread_layers(Recurrent(), x, []) == []
+
+
 def test_unread_layers_are_those_whose_output_cannot_reach_the_model_output():
     from netshrink.search.reach import unread_layers
 

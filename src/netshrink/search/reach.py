@@ -26,13 +26,15 @@ from torch.utils._pytree import tree_leaves
 from netshrink.batches import run
 
 
-def _add_leaf(leaf: torch.Tensor) -> Callable[..., Any]:
-    """A forward hook adding the zero scalar ``leaf`` to a module's floating-point output."""
+def _add_leaf(leaf: torch.Tensor, name: str, seen: dict[str, bool]) -> Callable[..., Any]:
+    """A forward hook adding the zero scalar ``leaf`` to a module's floating-point output and
+    recording in ``seen[name]`` whether it could (False: called, but its output is a tuple or
+    not floating point)."""
 
     def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
-        if torch.is_tensor(output) and output.is_floating_point():
-            return output + leaf.to(output.dtype)
-        return None
+        traced = torch.is_tensor(output) and output.is_floating_point()
+        seen[name] = seen.get(name, False) or traced
+        return output + leaf.to(output.dtype) if traced else None
 
     return hook
 
@@ -42,9 +44,15 @@ def unread_layers(model: nn.Module, inputs: Any, names: Sequence[str]) -> list[s
     (a tensor, a tuple of positional tensors or a dict of keyword tensors), in ``names`` order.
 
     One forward and one backward pass; no parameter's ``.grad`` is touched, and the model is
-    left as it was."""
+    left as it was. A layer that was called but whose output could not carry a leaf (a tuple,
+    an integer tensor) is never reported: its reach is unknown, so it stays in the search."""
+    if not names:
+        return []
     leaves = {n: torch.zeros((), requires_grad=True) for n in names}
-    handles = [model.get_submodule(n).register_forward_hook(_add_leaf(leaves[n])) for n in names]
+    seen: dict[str, bool] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(_add_leaf(leaves[n], n, seen)) for n in names
+    ]
     try:
         with torch.enable_grad():
             outputs = [
@@ -61,4 +69,4 @@ def unread_layers(model: nn.Module, inputs: Any, names: Sequence[str]) -> list[s
     finally:
         for handle in handles:
             handle.remove()
-    return [n for n, g in zip(leaves, grads, strict=True) if g is None]
+    return [n for n, g in zip(leaves, grads, strict=True) if g is None and seen.get(n, True)]
