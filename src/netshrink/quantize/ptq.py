@@ -29,13 +29,13 @@ from netshrink.layers import (
     WEIGHT_READERS,
     ConvGeometry,
     children_of,
-    embedding_names,
     layer_types,
     leave_alone,
     linearize,
     replace_module,
     untied,
     warn_left_alone,
+    with_tables,
 )
 from netshrink.quantize.affine import choose_qparams
 from netshrink.quantize.bias_correction import correct_biases
@@ -260,11 +260,11 @@ def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
     default = 8 if config.weights == "int8" else 4
     bits = weight_bits(model, config, default, extra=(SmoothedLinear,))
-    tables = []
-    if config.embeddings:  # only the tables the targets select, as quantize.weight_only does
-        selected = config.targets.select(model, (*layer_types(), SmoothedLinear, nn.Embedding))
-        chosen = [n for n in embedding_names(model) if n in selected]
-        tables = untied(model, chosen, "quantize.static")
+    selected = config.targets.select(model, (*layer_types(), SmoothedLinear, nn.Embedding))
+    changed = with_tables(selected, config.embeddings, "quantize.static")
+    tables = untied(
+        model, [n for n in changed if isinstance(selected[n], nn.Embedding)], "quantize.static"
+    )
     linearize(model, bits)
     model.eval()
     quantize_static_model(model, bits, config, ctx, config.per_channel, config.bias_correction)
