@@ -53,3 +53,30 @@ def test_inside_large_tensors_are_mapped_and_unmapped_when_freed() -> None:
     assert outside < 1 << 20
     assert inside >= 8 << 20
     assert freed < 1 << 20
+
+
+class _Recorder:
+    """A stand-in C library that records its ``mallopt`` calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+    def malloc_trim(self, _pad: int) -> int:
+        return 1
+
+
+def test_nested_use_leaves_the_threshold_to_the_outermost(monkeypatch) -> None:
+    from netshrink.calibrate import memory
+
+    lib = _Recorder()
+    monkeypatch.setattr(memory, "_libc", lambda: lib)
+    with memory.large_tensors_unmapped(1 << 20):
+        with memory.large_tensors_unmapped(1 << 20):
+            assert lib.calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]
+        assert lib.calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]  # the inner exit left it
+    assert lib.calls[-1] == (memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_MAX)
+    assert len(lib.calls) == 2

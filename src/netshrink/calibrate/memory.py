@@ -30,6 +30,9 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20
 """The highest value glibc's dynamic threshold reaches on 64-bit Linux (4 MiB x sizeof(long))."""
 
+_depth = [0]
+"""How many :func:`large_tensors_unmapped` blocks are open (only the outermost sets and resets)."""
+
 
 @functools.cache
 def _libc() -> Any:
@@ -54,18 +57,22 @@ def release_freed_memory() -> None:
 def large_tensors_unmapped(threshold: int = 1 << 20) -> Iterator[None]:
     """Within: allocations of ``threshold`` bytes or more that no free heap chunk can serve get
     their own ``mmap``, so freeing one returns its memory at once (no heap retention between
-    trims). On exit the threshold is
-    fixed at :data:`MMAP_THRESHOLD_MAX`, where the dynamic one stands after the first large
-    free, and the free heap pages are returned. Setting the threshold turns glibc's dynamic
-    adjustment off for the process; it costs a page fault per 4 KiB of each new large tensor
-    (the zeroed pages of a fresh mapping)."""
+    trims); it costs a page fault per 4 KiB of each new large tensor (the zeroed pages of a
+    fresh mapping). Nested uses keep the outermost setting until the outermost exits.
+
+    Process-wide and lasting: setting the threshold switches glibc's dynamic adjustment off for
+    the rest of the process, and nothing switches it back on. On exit the threshold is therefore
+    fixed at :data:`MMAP_THRESHOLD_MAX`, the ceiling the dynamic one can rise to, and the free
+    heap pages are returned."""
     lib = _libc()
-    if lib is None:
+    if lib is None or _depth[0]:
         yield
         return
+    _depth[0] += 1
     lib.mallopt(M_MMAP_THRESHOLD, threshold)
     try:
         yield
     finally:
         lib.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        _depth[0] -= 1
         release_freed_memory()
