@@ -62,7 +62,10 @@ class SparseGPTConfig(SparseConfig, StagedConfig):
     n: int | None = Field(None, ge=1, le=64, description="N:M: weights kept in every block of m")
     m: int | None = Field(None, ge=2, le=64, description="N:M: block length along the inputs")
     damp: float = Field(
-        0.01, gt=0, le=1, description="added to H's diagonal, as a fraction of its mean"
+        0.01,
+        gt=0,
+        le=1,
+        description="added to H's diagonal: a fraction of its mean (obs), of each entry (admm)",
     )
     blocksize: int = Field(128, ge=1, le=4096, description="input columns per mask-selection block")
     solver: Literal["admm", "obs"] = Field(
@@ -197,7 +200,7 @@ def prune_layer(
     sparsity: float | None = None,
     target: torch.Tensor | None = None,
 ) -> None:
-    """Prune ``layer`` in place with :func:`sparsegpt_solve` on its inputs' Gram ``hessian``.
+    """Prune ``layer`` in place with ``config.solver`` on its inputs' Gram ``hessian``.
 
     ``sparsity``: the layer's fraction (default ``config.fraction``); ``target``: the weight to
     prune and reconstruct instead of the layer's own (the asymmetric optimum), same shape.
