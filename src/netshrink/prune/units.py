@@ -337,7 +337,7 @@ def prune_blocks(
     name = "prune.heads" if edit == "hf.heads" else "prune.ffn"
     data = list(islice(ctx.calib_data, config.batches)) if ctx.calib_data is not None else []
     scores = score(model, blocks, config.criterion, data, ctx.seed)
-    keep = choose(blocks, scores, config.ratio, config.scope, config.criterion != "obs")
+    keep = choose(blocks, scores, config.ratio, config.scope, scaled=config.criterion != "obs")
     original = copy.deepcopy(model) if config.refit else None
     removed, total, cut = 0, sum(b.units for b in blocks), []
     for b in blocks:

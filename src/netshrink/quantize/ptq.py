@@ -207,8 +207,8 @@ def convert(
 ) -> nn.Module:
     """Swap the calibrated conv/linear layers and ReLUs for their quantized versions.
 
-    ``weight_scales`` (from QAT) fixes the weight scale of the layers it names; the others get
-    min-max scales. ``qparams`` are on ``act_bits`` unsigned codes.
+    ``weight_scales`` (from QAT, or from GPTQ rounding) fixes the weight scale of the layers it
+    names; the others get min-max scales. ``qparams`` are on ``act_bits`` unsigned codes.
     """
     scales = weight_scales or {}
     for name, b in bits.items():
