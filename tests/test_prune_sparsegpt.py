@@ -37,7 +37,12 @@ def correlated(tokens: int, width: int, seed: int) -> torch.Tensor:
 @given(sparsity=st.floats(0.0, 0.95), blocksize=st.sampled_from([4, 7, 128]))
 def test_each_layer_loses_exactly_its_share(sparsity: float, blocksize: int) -> None:
     pruned = ns.prune.sparsegpt(
-        convnet(), sparsity=sparsity, blocksize=blocksize, calib_data=images(), kernel="dense"
+        convnet(),
+        sparsity=sparsity,
+        blocksize=blocksize,
+        solver="obs",
+        calib_data=images(),
+        kernel="dense",
     )
     layers = sparse_layers(pruned)
     assert len(layers) == 4
@@ -168,7 +173,9 @@ def test_without_calibration_data_the_model_is_not_touched(prune: Callable) -> N
         *[(p, o) for p in DATA_AWARE for o in ({"n": 2}, {"n": 4, "m": 4}, {"blocks": ["0"]})],
         *[(p, {"n": 2, "m": 4, "sparsity": 0.5}) for p in DATA_AWARE],
         (ns.prune.wanda, {"n": 2, "m": 4, "scope": "layer"}),
-        (ns.prune.sparsegpt, {"n": 2, "m": 8, "blocksize": 12}),
+        (ns.prune.sparsegpt, {"n": 2, "m": 8, "blocksize": 12, "solver": "obs"}),
+        (ns.prune.sparsegpt, {"blocksize": 64}),  # admm has no column blocks
+        (ns.prune.sparsegpt, {"solver": "obs", "admm_iters": 30}),
         (ns.prune.sparsegpt, {"damp": 0}),
     ],
 )

@@ -100,6 +100,13 @@ class SparseGPTConfig(SparseConfig, StagedConfig):
         asked = [k for k, v in staged.items() if v]
         if asked and not self.sequential:
             raise ValueError(f"{', '.join(asked)} need sequential: true; set it or drop them")
+        if self.solver == "admm" and "blocksize" in self.model_fields_set:
+            raise ValueError(
+                "blocksize sets the OBS update's column blocks, and solver admm solves the whole "
+                "matrix at once: drop blocksize, or set solver: obs"
+            )
+        if self.solver == "obs" and "admm_iters" in self.model_fields_set:
+            raise ValueError("admm_iters is for solver: admm; drop it, or set solver: admm")
         if self.norm_correction and not self.asymmetric:
             raise ValueError("norm_correction needs asymmetric: true (the full-precision outputs)")
         if (self.n is None) != (self.m is None):
