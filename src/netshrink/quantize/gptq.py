@@ -293,7 +293,10 @@ def _quantize_layer(model: nn.Module, name: str, stats: Gram | Paired, config: G
     explicit = None if s is None or bool((s == 1).all()) else 1 / s
     packed = _packed(module, codes, scale, zero, grid, group_size, explicit)
     error = relative_output_error(weight, packed.weight.flatten(1), second_moment)
-    log.info("quantize.gptq: %s relative output error %.2e on calib_data", name, error)
+    # Under asymmetric, second_moment is the quantized stream's: the error is the packed weight
+    # against the layer's own on the inputs it now sees, not against GPTAQ's target.
+    inputs = "the quantized model's inputs" if isinstance(stats, Paired) else "calib_data"
+    log.info("quantize.gptq: %s relative output error %.2e on %s", name, error, inputs)
     replace_module(model, name, packed)
 
 
