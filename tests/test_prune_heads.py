@@ -281,3 +281,21 @@ def test_finetune_minimises_the_given_loss_fn() -> None:
     assert calls == [None]
     with torch.no_grad():
         assert output(pruned, x).pow(2).mean() < output(untuned, x).pow(2).mean()
+
+
+def test_activation_scores_ignore_padding_tokens() -> None:
+    from netshrink.prune.heads import head_blocks
+    from netshrink.prune.units import score
+
+    model, _ = build("bert")
+    ids = torch.randint(5, 60, (1, 5), generator=torch.Generator().manual_seed(1))
+    plain = {"input_ids": ids, "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    padded = {
+        "input_ids": torch.cat([ids, torch.zeros(1, 9, dtype=torch.long)], 1),
+        "attention_mask": torch.cat([torch.ones(1, 5), torch.zeros(1, 9)], 1).long(),
+    }
+    blocks = head_blocks(model, 1)
+    ref = score(model, blocks, "activation", [(plain, None)], 0)
+    got = score(model, blocks, "activation", [(padded, None)], 0)
+    for path, s in ref.items():
+        torch.testing.assert_close(got[path], s, rtol=1e-4, atol=1e-6)

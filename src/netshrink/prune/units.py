@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.calibrate import Gram, collect, first_tensor
+from netshrink.calibrate import Gram, collect, first_tensor, real_tokens, token_mask
 from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import Slot, slot_positions, slot_weight
@@ -164,9 +164,11 @@ def _check_called(calls: dict[str, int], criterion: str) -> None:
 def _activation(model: nn.Module, blocks: list[UnitBlock], data: list[Batch], _seed: int) -> Scores:
     sq = {b.path: torch.zeros(b.units * _consumer_input(b)[1]) for b in blocks}
     calls = dict.fromkeys(sq, 0)
+    mask: list[torch.Tensor | None] = [None]  # the running batch's real tokens
 
     def record(b: UnitBlock, x: torch.Tensor) -> None:
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        # padding positions would pull every unit's mean square towards what pads produce
+        flat = real_tokens(x.detach(), mask[0]).reshape(-1, x.shape[-1]).float()
         sq[b.path] += flat.pow(2).mean(0)
         calls[b.path] += 1
 
@@ -174,6 +176,7 @@ def _activation(model: nn.Module, blocks: list[UnitBlock], data: list[Batch], _s
     try:
         with torch.no_grad():
             for inputs, _ in data:
+                mask[0] = token_mask(inputs)
                 run(model, inputs)
     finally:
         for h in handles:
