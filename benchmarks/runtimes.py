@@ -135,13 +135,23 @@ def ns_static(setup: Setup) -> torch.nn.Module:
     )
 
 
-def ns_smooth_static(setup: Setup, rounding: str = "nearest") -> torch.nn.Module:
+FFN_OUT = r"re:(.*\.)?layers?\.[{}]\.output\.dense"
+"""MiniLM's FFN output projections (GELU inputs) of the layers in the brackets."""
+
+
+def ns_smooth_static(
+    setup: Setup, rounding: str = "nearest", dynamic: str | None = None
+) -> torch.nn.Module:
     """quantize.smoothquant (alpha auto, in-layer on post-LN MiniLM) then quantize.static with
     int8 embedding rows and weight codes rounded by ``rounding`` (nearest or gptq), both on the
-    128 longest-padded calibration sentences."""
+    128 longest-padded calibration sentences; ``dynamic``: the layers (digits) whose FFN output
+    projection quantizes its input per token at run time (static option ``dynamic``)."""
     calib = [(b, None) for b in setup.calib_longest]
     smoothed = ns.quantize.smoothquant(setup.fp32, alpha="auto", calib_data=calib, progress=False)
-    return ns.quantize.static(smoothed, calib_data=calib, weight_rounding=rounding, progress=False)
+    extra = {"dynamic": {"include": [FFN_OUT.format(dynamic)]}} if dynamic else {}
+    return ns.quantize.static(
+        smoothed, calib_data=calib, weight_rounding=rounding, progress=False, **extra
+    )
 
 
 def build_fp32_eager(s: Setup) -> Built:
@@ -211,6 +221,19 @@ def build_smooth_gptq_ov(s: Setup) -> Built:
     return ov_variant(cached_ir(s, "smooth_gptq", lambda: ns_smooth_static(s, "gptq")), s)
 
 
+def build_smooth_gptq_dyn3_ov(s: Setup) -> Built:
+    """``transformer-int8-ov``: the GPTQ static path with layers 0-2's FFN outputs dynamic."""
+    return ov_variant(
+        cached_ir(s, "smooth_gptq_dyn3", lambda: ns_smooth_static(s, "gptq", "0-2")), s
+    )
+
+
+def build_smooth_gptq_dyn6_ov(s: Setup) -> Built:
+    return ov_variant(
+        cached_ir(s, "smooth_gptq_dyn6", lambda: ns_smooth_static(s, "gptq", "0-5")), s
+    )
+
+
 def build_nncf_ov(s: Setup) -> Built:
     """NNCF PTQ with its transformer preset (SmoothQuant + fast bias correction) on the OV model."""
     xml = s.work / "nncf.xml"
@@ -254,6 +277,7 @@ QUICK = [
     "netshrink dynamic, OpenVINO",
     "netshrink SmoothQuant + static int8, OpenVINO",
     "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO",
+    "netshrink transformer-int8-ov (static, FFN out 0-2 dynamic), OpenVINO",
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8",
 ]
 """The variants of ``--quick``."""
@@ -273,6 +297,10 @@ VARIANTS: dict[str, Callable[[Setup], Built]] = {
     "netshrink SmoothQuant + static int8, ORT": build_smooth_ort,
     "netshrink SmoothQuant + static int8, OpenVINO": build_smooth_ov,
     "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO": build_smooth_gptq_ov,
+    "netshrink transformer-int8-ov (static, FFN out 0-2 dynamic), OpenVINO": (
+        build_smooth_gptq_dyn3_ov
+    ),
+    "netshrink static, all 6 FFN outputs dynamic, OpenVINO": build_smooth_gptq_dyn6_ov,
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8": build_nncf_ov,
     "torchao int8 dyn + torch.compile": build_torchao,
     "ORT quantize_dynamic": build_ort_dynamic,

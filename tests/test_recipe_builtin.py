@@ -9,12 +9,14 @@ from torch import nn
 
 import hf_fixtures
 from netshrink import hf
+from netshrink.context import Context
 from netshrink.recipe import DEFAULT, compress, load, names
 from netshrink.settings import Timing
 
 EXPECTED = {"int8", "prune-int8", "distill-prune-int8", "lowrank-int8", "sparse90-int8", "int4-qat"}
 EXPECTED |= {"transformer-int8"}  # runs on a CNN too: quantize.dynamic takes its Linear head
 TRANSFORMER_ONLY = {"transformer-shrink", "transformer-shrink-ov"}  # depth, heads and FFN
+BERT_INT8 = {"transformer-int8-ov"}  # names BERT's FFN output projections
 
 
 class TinyCNN(nn.Module):
@@ -41,7 +43,7 @@ def batches(seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_the_expected_recipes_ship_and_the_demo_default_is_one() -> None:
-    assert set(names()) == EXPECTED | TRANSFORMER_ONLY and DEFAULT in EXPECTED
+    assert set(names()) == EXPECTED | TRANSFORMER_ONLY | BERT_INT8 and DEFAULT in EXPECTED
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -88,3 +90,18 @@ def test_transformer_recipe_runs_on_a_tiny_bert_and_shrinks_it(name: str, tmp_pa
     heads = layers[0].attention.self.num_attention_heads
     assert all(block.attention.self.num_attention_heads < heads for block in shrunk)
     assert 0.0 < result.report.summary()["metric_after"] <= 1.0
+
+
+def test_transformer_int8_ov_leaves_the_first_ffn_outputs_dynamic(tmp_path) -> None:
+    model = hf.load_model(f"hf:{hf_fixtures.model_dir(tmp_path, 'bert-4x4')}")
+    ctx = Context(calib_data=hf.data_for(model, None).calib[:2], progress=False)
+    smooth, static = load("transformer-int8-ov").stages
+    # the recipe's stages as compress runs them (alpha fixed: the search is slow, not tested)
+    out = smooth.technique.apply(model, smooth.config.model_copy(update={"alpha": 0.5}), ctx)
+    out = static.technique.apply(out, static.config, ctx)
+    kinds = {n: type(m).__name__ for n, m in out.named_modules() if n.startswith("model.encoder")}
+    kinds = {n: k for n, k in kinds.items() if k in ("DynamicInt8Linear", "QuantLinear")}
+    dynamic = {n for n, k in kinds.items() if k == "DynamicInt8Linear"}
+    layers = len(model.model.encoder.layer)
+    assert dynamic == {f"model.encoder.layer.{i}.output.dense" for i in range(min(3, layers))}
+    assert len(kinds) == 6 * layers  # Q, K, V, attention output, FFN in and out

@@ -75,6 +75,28 @@ def test_runner_matches_eager(name: str, tolerance: float) -> None:
         assert prims.get("FullyConnected/u4") == 2 and "FullyConnected/f32" not in prims
 
 
+def test_static_model_with_dynamic_layers_runs_them_in_groups_of_256(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 10)).eval()
+    calib = [(XF[0][i : i + 16], None) for i in range(0, 64, 16)]
+    model = ns.quantize.static(mlp, calib_data=calib, dynamic={"include": ["2"]}, progress=False)
+    runner = make_runner(model, "openvino-f32", 1, XF)
+    # static u8 as in "static" above; the dynamic layer's input quantized per token in eager,
+    # per token and group of 256 features (all of them here) by OpenVINO
+    torch.testing.assert_close(runner(XF), eager(model, XF), atol=1e-2, rtol=0)
+    assert runner.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 256
+    prims = runner.primitives()
+    assert prims.get("FullyConnected/u8") == 1 and prims.get("FullyConnected/i8") == 1
+    xml = save_ir(model, tmp_path / "mixed.xml", XF)  # the IR carries the group size
+    assert (
+        OpenVinoRunner(xml, threads=1).compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")
+        == 256
+    )
+    # an all-dynamic model keeps OpenVINO's default groups (its inputs need them)
+    dynamic = make_runner(ns.quantize.dynamic(mlp), "openvino", 1, XF)
+    assert dynamic.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 32
+
+
 def test_default_precision_is_recorded_and_measure_reports_it() -> None:
     runner = make_runner(CNN, "openvino", 1, X)
     assert runner.precision in ("f32", "bf16", "f16")

@@ -39,9 +39,10 @@ from netshrink.layers import (
 )
 from netshrink.quantize.affine import choose_qparams
 from netshrink.quantize.bias_correction import correct_biases
-from netshrink.quantize.dynamic_int8 import Int8Embedding
+from netshrink.quantize.dynamic_int8 import DynamicInt8Linear, Int8Embedding
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU, SmoothedLinear
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
+from netshrink.quantize.static_dynamic import dynamic_layers, to_dynamic, unsmooth
 from netshrink.quantize.static_gptq import gptq_round
 from netshrink.quantize.tracing import fold_bn, trace_flow
 from netshrink.registry import technique
@@ -49,8 +50,9 @@ from netshrink.targets import Targets
 
 log = logging.getLogger(__name__)
 
-QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantReLU, Int8Embedding, nn.Identity)
-"""What static quantization puts in the model (Identity where a BatchNorm was folded)."""
+QUANT_LAYERS = (QuantLinear, QuantConv2d, QuantReLU, Int8Embedding, DynamicInt8Linear, nn.Identity)
+"""What static quantization puts in the model (Identity where a BatchNorm was folded,
+DynamicInt8Linear for the ``dynamic`` layers)."""
 
 
 class BitsOverride(Options):
@@ -86,6 +88,13 @@ class StaticConfig(TechniqueConfig):
         "nearest",
         description="weight codes on each channel's min-max grid: nearest, or gptq (codes "
         "chosen to lower each layer's output error on calib_data, Frantar et al. 2022)",
+    )
+
+    dynamic: Targets | None = Field(
+        None,
+        description="8-bit Linear layers whose inputs are quantized per token at run time "
+        "instead of with a calibrated range (int8 weights as quantize.dynamic), for inputs one "
+        "range fits badly, e.g. the FFN output projections (GELU outputs) of a transformer",
     )
 
     @model_validator(mode="after")
@@ -228,11 +237,14 @@ def quantize_static_model(
     ctx: Context,
     per_channel: bool = True,
     bias_correction: bool = False,
+    dynamic: tuple[str, ...] = (),
 ) -> nn.Module:
     """Fold, calibrate on ``ctx.calib_data`` and convert ``model`` in place; with
     ``config.weight_rounding`` gptq the weight codes are chosen by GPTQ first
     (:func:`~netshrink.quantize.static_gptq.gptq_round`); with ``bias_correction``, then shift
-    each converted layer's bias by its mean output error (against the float layers)."""
+    each converted layer's bias by its mean output error (against the float layers). The
+    ``dynamic`` Linears (not in ``bits``) get int8 weights, rounded the same way, and per-token
+    run-time input quantization (:mod:`netshrink.quantize.static_dynamic`)."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     act_bits = 8 if config.activations == "int8" else 4
     feeds_add = fold_batchnorms(model, bits)
@@ -245,9 +257,10 @@ def quantize_static_model(
             "nothing was corrected",
             stacklevel=3,
         )
-    scales = None
+    scales: dict[str, torch.Tensor] = {}
     if config.weight_rounding == "gptq":
-        scales = gptq_round(model, bits, batches, ctx.progress)
+        scales = gptq_round(model, {**bits, **dict.fromkeys(dynamic, 8)}, batches, ctx.progress)
+    to_dynamic(model, list(dynamic), scales)
     convert(model, bits, qparams, per_channel, scales, act_bits)
     if floats:
         shifts = correct_biases(model, floats, batches, ctx.progress)
@@ -260,14 +273,19 @@ def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     """Post-training int8 quantization of weights and activations (BN folded, calibrated)."""
     default = 8 if config.weights == "int8" else 4
     bits = weight_bits(model, config, default, extra=(SmoothedLinear,))
+    dynamic = dynamic_layers(model, config.dynamic, bits)
     selected = config.targets.select(model, (*layer_types(), SmoothedLinear, nn.Embedding))
     changed = with_tables(selected, config.embeddings, "quantize.static")
     tables = untied(
         model, [n for n in changed if isinstance(selected[n], nn.Embedding)], "quantize.static"
     )
     linearize(model, bits)
+    unsmooth(model, dynamic)
     model.eval()
-    quantize_static_model(model, bits, config, ctx, config.per_channel, config.bias_correction)
+    static_bits = {n: b for n, b in bits.items() if n not in dynamic}
+    quantize_static_model(
+        model, static_bits, config, ctx, config.per_channel, config.bias_correction, tuple(dynamic)
+    )
     for name in tables:
         replace_module(model, name, Int8Embedding.from_float(model.get_submodule(name)))
     warn_left_alone(model, "quantize.static", FLOAT_ONLY, "no integer kernel for them here")
