@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import hf_fixtures
@@ -16,7 +17,7 @@ from netshrink.settings import Timing
 EXPECTED = {"int8", "prune-int8", "distill-prune-int8", "lowrank-int8", "sparse90-int8", "int4-qat"}
 EXPECTED |= {"transformer-int8"}  # runs on a CNN too: quantize.dynamic takes its Linear head
 TRANSFORMER_ONLY = {"transformer-shrink", "transformer-shrink-ov"}  # depth, heads and FFN
-BERT_INT8 = {"transformer-int8-ov"}  # names BERT's FFN output projections
+NAMES_FFN_OUTPUTS = {"transformer-int8-ov"}  # names the FFN output projections of transformers
 
 
 class TinyCNN(nn.Module):
@@ -43,7 +44,7 @@ def batches(seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_the_expected_recipes_ship_and_the_demo_default_is_one() -> None:
-    assert set(names()) == EXPECTED | TRANSFORMER_ONLY | BERT_INT8 and DEFAULT in EXPECTED
+    assert set(names()) == EXPECTED | TRANSFORMER_ONLY | NAMES_FFN_OUTPUTS and DEFAULT in EXPECTED
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -105,3 +106,21 @@ def test_transformer_int8_ov_leaves_the_first_ffn_outputs_dynamic(tmp_path) -> N
     layers = len(model.model.encoder.layer)
     assert dynamic == {f"model.encoder.layer.{i}.output.dense" for i in range(min(3, layers))}
     assert len(kinds) == 6 * layers  # Q, K, V, attention output, FFN in and out
+
+
+@pytest.mark.parametrize(
+    ("kind", "ffn_out"),
+    [
+        ("bert", "encoder.layer.{}.output.dense"),
+        ("distilbert-mlm", "distilbert.transformer.layer.{}.ffn.lin2"),
+        ("gpt2", "transformer.h.{}.mlp.c_proj"),
+        ("t5-encoder", "encoder.block.{}.layer.1.DenseReluDense.wo"),
+    ],
+)
+def test_transformer_int8_ov_names_the_ffn_outputs_of_each_architecture(
+    kind: str, ffn_out: str
+) -> None:
+    model = hf_fixtures.build(kind)
+    static = load("transformer-int8-ov").stages[1]
+    chosen = static.config.dynamic.select(model, (nn.Linear, transformers.Conv1D))
+    assert set(chosen) == {ffn_out.format(i) for i in range(2)}  # the fixtures have 2 layers
