@@ -91,8 +91,9 @@ class GPTQConfig(StagedConfig):
     )
     symmetric: bool | None = Field(
         None,
-        description="signed grid around 0; false: a zero point per group (2-4 bits); "
-        "unset: false for Linear/Conv1D below 8 bits, true for Conv2d and 8 bits",
+        description="weight grid: signed around 0; false: unsigned codes with a zero point per "
+        "group (2-4 bits); unset: false for Linear/Conv1D below 8 bits, true for Conv2d and 8 "
+        "bits (the grid only: asymmetric: true is GPTAQ's calibration targets)",
     )
     full_range: bool = Field(
         False, description="symmetric grid with the extra negative code (-8..7 at 4 bits)"
