@@ -292,9 +292,9 @@ def _quantize_layer(model: nn.Module, name: str, stats: Gram | Paired, config: G
     s = torch.ones(weight.shape[1])
     if config.awq and not isinstance(module, nn.Conv2d):
         s = _awq_scale(target, hessian, grid, group_size)
-        # the Hessian of the inputs x / s, in place: no second (in, in) matrix
+        # the Hessian of the inputs x / s, in place: no second (in, in) matrix kept
         target = target * s
-        hessian.div_(s.unsqueeze(1)).div_(s)
+        hessian.div_(s.outer(s))
     codes, scale, zero = gptq_codes(
         target, hessian, grid, group_size, config.act_order, config.damp, config.clip
     )
