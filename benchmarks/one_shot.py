@@ -7,7 +7,9 @@ fine-tuning, the data-aware ones sequentially (each block calibrated on the outp
 already compressed blocks). Calibration: ``--calib`` texts of the standard-library docstring
 corpus (``netshrink.hf.stdlib_corpus``), consecutive paragraphs joined until a text reaches
 ``--calib-tokens`` tokens (0: one paragraph per text). Evaluation: ``--eval`` paragraphs of the
-held-out language-reference corpus (``netshrink.hf.heldout_corpus``), another source. Fidelity
+held-out language-reference corpus (``netshrink.hf.heldout_corpus``), another source
+(``--eval-skip`` selects a later slice; ``--validation`` evaluates on the last 256 docstring
+paragraphs instead, a split to choose options on without looking at the held-out text). Fidelity
 to the fp32 model on the evaluation texts (the definitions of ``netshrink.hf.fidelity``):
 
 - cosine: mean cosine of each text's embedding to the fp32 model's;
@@ -58,6 +60,8 @@ from netshrink.hf.metrics import neighbour_agreement
 Batches = list[tuple[dict[str, torch.Tensor], None]]
 Method = Callable[[], nn.Module]
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "one_shot.md"
+VALIDATION = 256
+"""Docstring paragraphs at the corpus' end that ``--validation`` evaluates on."""
 
 
 def packed_texts(tokenizer: Any, count: int, tokens: int) -> list[str]:
@@ -229,7 +233,9 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
     model = SentenceEncoder(AutoModel.from_pretrained(path, add_pooling_layer=False)).eval()
     texts = packed_texts(tokenizer, args.calib, args.calib_tokens)
     calib = batches(tokenizer, texts, max(args.calib_tokens, 128))
-    held_out = heldout_corpus()[args.eval_skip : args.eval_skip + args.eval]
+    # --validation: the last docstring paragraphs (never calibration text), to choose options on
+    source = stdlib_corpus()[-VALIDATION:] if args.validation else heldout_corpus()
+    held_out = source[args.eval_skip : args.eval_skip + args.eval]
     evaluation = batches(tokenizer, held_out, 128)
     real = sum(int(x["attention_mask"].sum()) for x, _ in calib)
 
@@ -247,7 +253,8 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
     logging.getLogger("netshrink").setLevel(logging.INFO)
     header = [
         f"Calibration: {len(texts)} texts, {real} real tokens; evaluation: {len(held_out)} texts "
-        f"from held-out text {args.eval_skip}; "
+        f"from {'docstring validation' if args.validation else 'held-out'} text "
+        f"{args.eval_skip}; "
         f"fp32 model {model_mib:.1f} MiB.",
         "",
         "| method | cosine to fp32 | top-5 agreement | seconds | RSS growth MiB "
@@ -351,6 +358,12 @@ def main() -> None:
         type=int,
         default=0,
         help="skip this many held-out texts first (a second evaluation slice, to check a choice)",
+    )
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help=f"evaluate on the last {VALIDATION} docstring paragraphs instead of the held-out text "
+        "(a validation split to choose options on; disjoint from the calibration texts)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(

@@ -356,6 +356,24 @@ def test_column_statistics_stream_in_chunks_and_match_the_whole_batch_in_float64
     assert Gram().take_mean() is None
 
 
+@pytest.mark.parametrize("reducer", [Gram, SumSquares])
+def test_streamed_real_tokens_sum_exactly_what_their_copy_sums(reducer) -> None:
+    from netshrink.calibrate.reducers import CHUNK, real_tokens
+
+    gen = torch.Generator().manual_seed(1)
+    layer = nn.Linear(16, 4)
+    x = torch.randn(3, CHUNK // 2 + 40, 16, generator=gen)  # real rows span several chunks
+    mask = torch.rand(3, x.shape[1], generator=gen) > 0.3
+    streamed, copied = reducer(), reducer()
+    streamed.update_tokens(layer, x, mask)
+    copied.update(layer, real_tokens(x, mask))
+    assert torch.equal(streamed.sum, copied.sum)
+    assert streamed.count == copied.count == int(mask.sum())
+    unmasked = reducer()
+    unmasked.update_tokens(layer, x, None)  # no mask: every row
+    assert unmasked.count == 3 * x.shape[1]
+
+
 def test_the_report_counts_statistics_a_compressor_frees_as_it_uses_them() -> None:
     model, batches = _encoder()
 

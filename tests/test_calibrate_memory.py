@@ -3,6 +3,7 @@ operating system when freed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -74,9 +75,82 @@ def test_nested_use_leaves_the_threshold_to_the_outermost(monkeypatch) -> None:
 
     lib = _Recorder()
     monkeypatch.setattr(memory, "_libc", lambda: lib)
+    monkeypatch.setattr(memory, "_in_force", [])
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     with memory.large_tensors_unmapped(1 << 20):
         with memory.large_tensors_unmapped(1 << 20):
             assert lib.calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]
         assert lib.calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]  # the inner exit left it
     assert lib.calls[-1] == (memory.M_MMAP_THRESHOLD, memory.MMAP_THRESHOLD_MAX)
     assert len(lib.calls) == 2
+
+
+# The environment fixes glibc's threshold at 4 MiB: an 8 MiB tensor is its own mapping before
+# and after the calibration block (the former exit left 32 MiB, and it came from the heap).
+RESTORED = textwrap.dedent(
+    """
+    import torch
+    from netshrink.calibrate.memory import large_tensors_unmapped
+
+    def own_mapping():
+        before = mapped()
+        x = torch.ones(2 << 20)  # 8 MiB
+        grew = mapped() - before
+        del x
+        return grew >= 8 << 20
+
+    print(own_mapping())
+    with large_tensors_unmapped():
+        print(own_mapping())
+    print(own_mapping())
+    """
+)
+
+
+@pytest.mark.skipif(_libc() is None, reason="glibc's mallopt/malloc_trim only")
+def test_exit_restores_the_threshold_the_environment_fixed() -> None:
+    mapped = SCENARIO.split("big = ")[0]  # the mallinfo2 reader
+    code = mapped + RESTORED
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+        env=env,
+    )  # fmt: skip
+    assert run.stdout.split() == ["True", "True", "True"]
+
+
+def test_the_threshold_in_force_is_restored_on_exit(monkeypatch) -> None:
+    from netshrink.calibrate import memory
+
+    lib = _Recorder()
+    monkeypatch.setattr(memory, "_libc", lambda: lib)
+    monkeypatch.setattr(memory, "_in_force", [])
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=0x200000:glibc.x=1")
+    with memory.large_tensors_unmapped(1 << 20):
+        pass
+    assert lib.calls == [(memory.M_MMAP_THRESHOLD, 1 << 20), (memory.M_MMAP_THRESHOLD, 2 << 20)]
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    with memory.large_tensors_unmapped(1 << 20):  # the value the first exit left
+        pass
+    assert lib.calls[-1] == (memory.M_MMAP_THRESHOLD, 2 << 20)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, None),
+        ({"MALLOC_MMAP_THRESHOLD_": "4194304"}, 4 << 20),
+        (
+            {"MALLOC_MMAP_THRESHOLD_": "1", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"},
+            4096,
+        ),
+        ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=4096"}, None),
+        ({"MALLOC_MMAP_THRESHOLD_": "lots"}, None),
+        ({"MALLOC_MMAP_THRESHOLD_": str(1 << 30)}, 32 << 20),
+    ],
+)
+def test_environment_threshold(environ: dict[str, str], expected: int | None) -> None:
+    from netshrink.calibrate.memory import environment_threshold
+
+    assert environment_threshold(environ) == expected

@@ -79,3 +79,63 @@ def test_staged_options_without_sequential_are_config_errors(options: dict) -> N
     model = nn.Sequential(nn.Linear(8, 4)).eval()
     with pytest.raises(ConfigError, match="sequential"):
         ns.quantize.gptq(model, calib_data=[(torch.randn(4, 8), None)], **options)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_asymmetric_target_solves_the_damped_system_and_leaves_the_gram_sum_as_it_was(
+    reference: bool,
+) -> None:
+    from netshrink.calibrate.staged import Paired, asymmetric_target
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 12, generator=gen)
+    x[:, 5] = 0  # an input never active: its curvature counts as 1, as the solvers treat it
+    ref = x + 0.2 * torch.randn(200, 12, generator=gen)
+    stats = Paired()
+    stats.add(x, ref if reference else None)
+    assert stats.gram is not None
+    gram = stats.gram.clone()
+    cross = None if stats.cross is None else stats.cross.clone()
+    w = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    target = asymmetric_target(w, stats, 0.1)
+    h, c = gram.clone(), (gram if cross is None else cross).clone()
+    curvature = torch.where(h.diagonal() == 0, 1.0, h.diagonal())
+    ridge = 0.1 * float(curvature.mean())
+    h.diagonal().copy_(curvature + ridge)
+    c.diagonal().add_(ridge)
+    torch.testing.assert_close(target, torch.linalg.solve(h, c @ w.T).T)
+    assert torch.equal(stats.gram, gram)
+    assert stats.cross is None  # used up
+
+
+@pytest.mark.parametrize("staged", [{}, {"true_sequential": True, "asymmetric": True}])
+def test_replaced_layers_are_freed_while_later_blocks_are_calibrated(monkeypatch, staged) -> None:
+    """The working copy shrinks as blocks are quantized: no reference to a replaced float layer
+    survives (neither in the technique nor in the stack of running modules that forwards
+    stopped early leave behind)."""
+    import gc
+    import sys
+    import weakref
+
+    gptq = sys.modules["netshrink.quantize.gptq"]
+    replaced: list[weakref.ref[nn.Module]] = []
+    alive: list[int] = []
+    quantize_seen, replace = gptq._quantize_seen, gptq.replace_module
+
+    def record(model: nn.Module, name: str, new: nn.Module) -> None:
+        replaced.append(weakref.ref(model.get_submodule(name)))
+        replace(model, name, new)
+
+    def count_then_quantize(*args) -> None:
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in replaced))
+        quantize_seen(*args)
+
+    monkeypatch.setattr(gptq, "replace_module", record)
+    monkeypatch.setattr(gptq, "_quantize_seen", count_then_quantize)
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    ns.quantize.gptq(Stack().eval(), calib_data=[(x, None)], bits=4, group_size=0,
+                     sequential=True, **staged)  # fmt: skip
+    assert len(replaced) == 8 and len(alive) >= 4
+    assert alive == [0] * len(alive)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -46,32 +47,38 @@ def describe(sig: Signature) -> str:
 
 
 class InFlight:
-    """The stack of modules whose forward is running, on this thread."""
+    """The stack of modules whose forward is running, on this thread.
+
+    Entries are weak references: a forward stopped by an exception that something caught (the
+    calibration engine stops forwards early that way) never leaves its modules, and a strong
+    reference would keep a layer a technique has since replaced, and its weights, alive until
+    the technique ends."""
 
     def __init__(self) -> None:
         self._local = threading.local()
 
     @property
-    def stack(self) -> list[nn.Module]:
+    def stack(self) -> list[weakref.ref[nn.Module]]:
         """Modules entered and not yet left, outermost first."""
         if not hasattr(self._local, "stack"):
             self._local.stack = []
         return self._local.stack
 
     def enter(self, module: nn.Module, _args: Any) -> None:
-        self.stack.append(module)
+        self.stack.append(weakref.ref(module))
 
     def leave(self, module: nn.Module, _args: Any, _out: Any) -> None:
         # Pop up to ``module``: a child that raised inside a parent's try/except never left.
         stack = self.stack
-        while stack and stack.pop() is not module:
+        while stack and stack.pop()() is not module:
             pass
 
     def culprit(self, model: nn.Module) -> str:
         """``name (Type)`` of the innermost module of ``model`` still running, or ''."""
         names = {id(m): n for n, m in model.named_modules()}
-        for module in reversed(self.stack):
-            if id(module) in names:
+        for ref in reversed(self.stack):
+            module = ref()
+            if module is not None and id(module) in names:
                 name = names[id(module)] or "the model's own forward"
                 return f"{name} ({type(module).__name__})"
         return ""

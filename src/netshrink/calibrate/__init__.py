@@ -13,7 +13,6 @@ from netshrink.calibrate.collect import (
     Points,
     collect,
     first_tensor,
-    real_tokens,
     token_mask,
 )
 from netshrink.calibrate.hessian import damped_inverse_cholesky, relative_output_error
@@ -27,6 +26,7 @@ from netshrink.calibrate.reducers import (
     Shape,
     SumSquares,
     input_vectors,
+    real_tokens,
 )
 from netshrink.calibrate.sequential import (
     BlockCompressor,

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from netshrink.batches import run
 from netshrink.calibrate.reducers import Reducer
+from netshrink.calibrate.reducers import real_tokens as real_tokens  # its former home
 from netshrink.context import Batch
 from netshrink.errors import TargetError
 from netshrink.progress import track
@@ -52,17 +53,6 @@ def token_mask(inputs: Any) -> torch.Tensor | None:
         return None
     mask = inputs.get("attention_mask")
     return mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
-
-
-def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The rows of a (batch, tokens, dim) ``x`` at ``mask``'s real tokens, as (real, dim).
-
-    ``x`` is returned unchanged when there is no mask or its leading two sizes are not the
-    mask's (a conv feature map, attention scores): only token vectors are filtered.
-    """
-    if mask is None or x.dim() != 3 or x.shape[:2] != mask.shape:
-        return x
-    return x[mask.to(x.device)]
 
 
 def _listing(names: Sequence[str], most: int = 60) -> str:
@@ -104,9 +94,11 @@ class Hooks:
                 )
 
     def _fold(self, reducers: list[Reducer], module: nn.Module, x: torch.Tensor) -> None:
-        real = real_tokens(x, self.tokens) if any(r.tokens_only for r in reducers) else x
         for r in reducers:
-            r.update(module, real if r.tokens_only else x)
+            if r.tokens_only:
+                r.update_tokens(module, x, self.tokens)
+            else:
+                r.update(module, x)
 
     def _feed_inputs(self, reducers: list[Reducer], where: str):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -17,10 +17,12 @@ from netshrink.errors import ConfigError
 
 
 def damped_inverse_cholesky(
-    gram: torch.Tensor, damp: float, dtype: torch.dtype = torch.float64
+    gram: torch.Tensor, damp: float, dtype: torch.dtype = torch.float64, overwrite: bool = False
 ) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (so U^T U is that inverse),
-    for H = ``gram`` (in, in), computed in ``dtype``.
+    for H = ``gram`` (in, in), computed in ``dtype``. ``overwrite``: when ``gram`` already has
+    ``dtype``, it is damped in place instead of copied (the caller gives it up: pass a
+    temporary, so that it is freed as soon as it is factored).
 
     Damping by a fraction of the mean diagonal keeps the inverse well conditioned when few
     tokens were seen (GPTQ sec. 4, "Cholesky reformulation"). An input that was always zero
@@ -28,7 +30,8 @@ def damped_inverse_cholesky(
     that input's weights are handled by the plain rule (rounding, or magnitude). Raises
     :class:`ConfigError` when the damped matrix is still not positive definite.
     """
-    h = gram.to(dtype, copy=True)
+    h = gram.to(dtype, copy=not overwrite)
+    del gram  # an overwritten temporary is freed with h below
     diag = h.diagonal()
     diag[diag == 0] = 1.0
     diag += damp * float(diag.mean())

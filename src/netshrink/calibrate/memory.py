@@ -11,7 +11,8 @@ block, because a layer's Hessian pipeline frees 50 MiB between two trims.
 
 :func:`release_freed_memory` returns the heap's free pages (``malloc_trim(0)``);
 :func:`large_tensors_unmapped` fixes the mmap threshold at 1 MiB while the calibration runs, so
-every tensor of 1 MiB or more is its own mapping and leaves the resident set when freed.
+every tensor of 1 MiB or more is its own mapping and leaves the resident set when freed, and
+on exit puts back the threshold that was in force when glibc lets it be known (see there).
 Elsewhere (another C library, another OS) both do nothing.
 """
 
@@ -20,7 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +34,24 @@ MMAP_THRESHOLD_MAX = 32 << 20
 
 _depth = [0]
 """How many :func:`large_tensors_unmapped` blocks are open (only the outermost sets and resets)."""
+
+_in_force: list[int | None] = []
+"""The fixed threshold :func:`large_tensors_unmapped` last left in force (empty: none yet)."""
+
+
+def environment_threshold(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The mmap threshold, bytes, that ``environ`` fixes when glibc starts: the
+    ``glibc.malloc.mmap_threshold`` tunable of ``GLIBC_TUNABLES``, else ``MALLOC_MMAP_THRESHOLD_``
+    (capped at :data:`MMAP_THRESHOLD_MAX`, as glibc caps it); None when neither is set (or one is
+    unreadable): glibc then adjusts its threshold dynamically, and no interface reads it."""
+    tunables = dict(
+        item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item
+    )
+    value = tunables.get("glibc.malloc.mmap_threshold", environ.get("MALLOC_MMAP_THRESHOLD_"))
+    try:
+        return None if value is None else min(int(value, 0), MMAP_THRESHOLD_MAX)
+    except ValueError:
+        return None
 
 
 @functools.cache
@@ -60,19 +80,23 @@ def large_tensors_unmapped(threshold: int = 1 << 20) -> Iterator[None]:
     trims); it costs a page fault per 4 KiB of each new large tensor (the zeroed pages of a
     fresh mapping). Nested uses keep the outermost setting until the outermost exits.
 
-    Process-wide and lasting: setting the threshold switches glibc's dynamic adjustment off for
-    the rest of the process, and nothing switches it back on. On exit the threshold is therefore
-    fixed at :data:`MMAP_THRESHOLD_MAX`, the ceiling the dynamic one can rise to, and the free
-    heap pages are returned."""
+    On exit the threshold in force before is put back when it was a fixed one: the environment's
+    (:func:`environment_threshold`) or the one an earlier exit left. glibc's default dynamic
+    threshold can be neither read nor switched back on once set (``mallopt(3)``), so when that was
+    in force the threshold is fixed at :data:`MMAP_THRESHOLD_MAX`, the ceiling the dynamic one
+    rises to. The free heap pages are returned."""
     lib = _libc()
     if lib is None or _depth[0]:
         yield
         return
+    before = _in_force[-1] if _in_force else environment_threshold()
     _depth[0] += 1
     lib.mallopt(M_MMAP_THRESHOLD, threshold)
     try:
         yield
     finally:
-        lib.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        after = MMAP_THRESHOLD_MAX if before is None else before
+        lib.mallopt(M_MMAP_THRESHOLD, after)
+        _in_force[:] = [after]
         _depth[0] -= 1
         release_freed_memory()

@@ -41,7 +41,9 @@ class StagedConfig(BlockwiseConfig):
     )
     asymmetric: bool = Field(
         False,
-        description="reconstruct the full-precision layer's output from the compressed input",
+        description="GPTAQ's asymmetric calibration: each layer reconstructs the full-precision "
+        "model's output from the compressed model's input (the calibration target, not the "
+        "weight grid)",
     )
 
     @model_validator(mode="after")

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from netshrink.calibrate.collect import module_calls, real_tokens
+from netshrink.calibrate.collect import module_calls
 from netshrink.calibrate.memory import large_tensors_unmapped
-from netshrink.calibrate.reducers import CHUNK, Reducer, input_vectors
+from netshrink.calibrate.reducers import CHUNK, Reducer, input_vectors, real_tokens
 from netshrink.calibrate.sequential import (
     BlockCall,
     SequentialReport,
@@ -168,6 +168,8 @@ def _stage_statistics(
         fp = _layer_inputs(dense, stage, ref, stop=True) if dense is not None else seen
         for name, (x, _) in seen.items():
             stats[name].add(x, fp[name][0] if dense is not None else None)
+        # freed before the next batch's forwards, not after them (20 MiB for MiniLM's FFN output)
+        del seen, fp
     return stats
 
 
@@ -222,18 +224,30 @@ def asymmetric_target(weight: torch.Tensor, stats: Paired, damp: float) -> torch
     the solvers damp; W* = W when X~ = X. Up to that damping, ||X W^T - X~ W'^T||^2 =
     const + ||X~ (W* - W')^T||^2 for every W' (X~^T (X W^T - X~ W*^T) = 0 at the optimum), so
     pruning W* with Hessian X~^T X~ minimises GPTAQ's asymmetric objective (Li et al. 2025,
-    sec. 3)."""
+    sec. 3).
+
+    Memory: the cross sums are used up here (the target is their only use; ``stats.cross`` is
+    None afterwards) and the damping is added to the sums' own diagonals, the Gram sum's
+    restored exactly afterwards: besides the Gram sum only the Cholesky factor and the solver's
+    copy of it are made, where copies of both sums came on top (36 MiB in float64 at 1536
+    inputs)."""
     if stats.gram is None:
         raise ValueError("Paired saw no input")
-    h = stats.gram.clone()
-    c = (stats.gram if stats.cross is None else stats.cross).clone()
-    diag = h.diagonal()
-    diag[diag == 0] = 1.0
-    ridge = damp * float(diag.mean())
-    diag += ridge
-    c.diagonal().add_(ridge)
-    rhs = c @ weight.double().T  # (X~^T X + lambda I) W^T, (in, out)
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(h)).T.to(weight.dtype)
+    h = stats.gram
+    c = h if stats.cross is None else stats.cross
+    stats.cross = None
+    h_diag = h.diagonal().clone()
+    curvature = torch.where(h_diag == 0, 1.0, h_diag)  # an input never seen: as the solvers do
+    ridge = damp * float(curvature.mean())
+    try:
+        c.diagonal().add_(ridge)
+        rhs = c @ weight.double().T  # (X~^T X + lambda I) W^T, (in, out)
+        del c
+        h.diagonal().copy_(curvature + ridge)
+        factor = torch.linalg.cholesky(h)
+    finally:
+        h.diagonal().copy_(h_diag)
+    return torch.cholesky_solve(rhs, factor).T.to(weight.dtype)
 
 
 def bias_shift(before: torch.Tensor, after: torch.Tensor, stats: Paired) -> torch.Tensor:

@@ -91,8 +91,9 @@ class GPTQConfig(StagedConfig):
     )
     symmetric: bool | None = Field(
         None,
-        description="signed grid around 0; false: a zero point per group (2-4 bits); "
-        "unset: false for Linear/Conv1D below 8 bits, true for Conv2d and 8 bits",
+        description="weight grid: signed around 0; false: unsigned codes with a zero point per "
+        "group (2-4 bits); unset: false for Linear/Conv1D below 8 bits, true for Conv2d and 8 "
+        "bits (the grid only: asymmetric: true is GPTAQ's calibration targets)",
     )
     full_range: bool = Field(
         False, description="symmetric grid with the extra negative code (-8..7 at 4 bits)"
@@ -155,13 +156,18 @@ def gptq_codes(
     gram = gram.to(w.device)
     order = torch.arange(cols, device=w.device)
     importance = gram.diagonal().float()
-    if act_order:
-        order = torch.argsort(gram.diagonal(), descending=True, stable=True)
-        w, gram = w[:, order], gram[order.unsqueeze(1), order]
     # float32, as the reference code: half the memory of float64 (three 9 MiB matrices at 1536
     # inputs rather than 18 MiB ones), and damping keeps the factorization well conditioned
-    u = damped_inverse_cholesky(gram, damp, torch.float32)
-    del gram  # only U is needed from here on (this frees a reordered copy)
+    if act_order:
+        order = torch.argsort(gram.diagonal(), descending=True, stable=True)
+        w = w[:, order]
+        # the reordered copy (no name holds it) is the factorization's working matrix, freed
+        # as soon as it is factored
+        u = damped_inverse_cholesky(
+            gram[order.unsqueeze(1), order].float(), damp, torch.float32, overwrite=True
+        )
+    else:
+        u = damped_inverse_cholesky(gram, damp, torch.float32)
     groups = cols // group_size if group_size else 1
     scale = torch.ones(rows, groups, device=w.device)
     zero = torch.zeros(rows, groups, dtype=torch.int32, device=w.device)
@@ -280,19 +286,22 @@ def _quantize_layer(model: nn.Module, name: str, stats: Gram | Paired, config: G
         target = asymmetric_target(weight, stats, config.damp)
     mean = stats.take_mean()
     assert mean is not None
-    second_moment = mean.float()  # GPTQ works in float32 (see gptq_codes)
+    hessian = mean.float()  # GPTQ works in float32 (see gptq_codes)
     del mean
     grid = config.grid_for(module)
-    s, hessian = None, second_moment
+    s = torch.ones(weight.shape[1])
     if config.awq and not isinstance(module, nn.Conv2d):
-        s = _awq_scale(target, second_moment, grid, group_size)
-        target, hessian = target * s, second_moment / s.outer(s)
+        s = _awq_scale(target, hessian, grid, group_size)
+        # the Hessian of the inputs x / s, in place: no second (in, in) matrix kept
+        target = target * s
+        hessian.div_(s.outer(s))
     codes, scale, zero = gptq_codes(
         target, hessian, grid, group_size, config.act_order, config.damp, config.clip
     )
-    explicit = None if s is None or bool((s == 1).all()) else 1 / s
+    explicit = None if bool((s == 1).all()) else 1 / s
     packed = _packed(module, codes, scale, zero, grid, group_size, explicit)
-    error = relative_output_error(weight, packed.weight.flatten(1), second_moment)
+    # the error on the scaled inputs x / s is the error on x: tr(D s H s D^T / s s)
+    error = relative_output_error(weight * s, packed.weight.flatten(1) * s, hessian)
     # Under asymmetric, second_moment is the quantized stream's: the error is the packed weight
     # against the layer's own on the inputs it now sees, not against GPTAQ's target.
     inputs = "the quantized model's inputs" if isinstance(stats, Paired) else "calib_data"
@@ -343,8 +352,10 @@ def gptq(model: nn.Module, config: GPTQConfig, ctx: Context) -> nn.Module:
     """2/3/4/8-bit weights with Hessian-based error compensation (GPTQ, Frantar et al. 2022)."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     blocks = find_blocks(model, config.blocks) if config.sequential else []
-    selected = config.targets.select(model, (*linear_types(), nn.Conv2d))
-    names = _solvable(model, untied(model, list(selected), "quantize.gptq"))
+    # names only: a reference to a layer kept here would keep its float weight alive after
+    # its packed replacement (the working copy would never shrink as the blocks are quantized)
+    selected = list(config.targets.select(model, (*linear_types(), nn.Conv2d)))
+    names = _solvable(model, untied(model, selected, "quantize.gptq"))
     convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
     if convs and config.symmetric is False and config.bits == 4:
         raise ConfigError(
