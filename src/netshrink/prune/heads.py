@@ -47,7 +47,7 @@ class HeadsConfig(TechniqueConfig):
     refit: bool = Field(
         False,
         description="refit each cut block's output projection by least squares so it "
-        "reproduces the unpruned output on calib_data (no training; needs calib_data)",
+        "reproduces the unpruned output on the calibration batches (no training)",
     )
     calib_split: CalibSplit = Field(
         "calib",
