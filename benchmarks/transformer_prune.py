@@ -110,11 +110,11 @@ def run(args: argparse.Namespace) -> str:
     train = training.train[: args.train_batches or None]
     check = data.val[:4]  # docstrings, not held out: where the distillation start is chosen
     heldout = tokenize(tokenizer, hf.heldout_corpus(args.eval_texts), None, 128, 64)
-    common = {
-        "calib_data": data.calib,
-        "example_inputs": data.calib[0][0],
-        "batches": args.score_batches,
-    }
+    common = {"example_inputs": data.calib[0][0], "batches": args.score_batches}
+    if args.calib_split == "train":  # the first batches of the training text, not the calib split
+        common.update(train_data=training.train, calib_split="train")
+    else:
+        common["calib_data"] = data.calib
     ffn = {"scope": "layer", "round_to": 8}
     rows = []
 
@@ -142,36 +142,44 @@ def run(args: argparse.Namespace) -> str:
                             refit=refit, **common)  # fmt: skip
 
     one_shot = {}
-    for heads_ratio, ffn_ratio, criterion, refit in [
+    starts = [
         (args.heads, args.ffn, args.criterion, False),
         (args.heads, args.ffn, args.criterion, True),
         (0.0, args.ffn_only, args.criterion, True),
         (args.heads, args.ffn, "obs", True),
         (0.0, args.ffn_only, "obs", True),
-    ]:
+    ]
+    for heads_ratio, ffn_ratio, criterion, refit in starts[-1:] if args.obs_only else starts:
         parts = [f"prune.heads {100 * heads_ratio:g}% (global)"] if heads_ratio else []
         parts.append(f"prune.ffn {100 * ffn_ratio:g}%")
         name = f"{' + '.join(parts)}, {criterion}, {'refit' if refit else 'no refit'}"
+        saved = args.saved_cut and args.saved_cut.exists()
         one_shot[name], wall, cpu = timed(
-            lambda h=heads_ratio, f=ffn_ratio, c=criterion, r=refit: cut(h, f, c, r)
+            (lambda: ns.load(args.saved_cut))
+            if saved
+            else lambda h=heads_ratio, f=ffn_ratio, c=criterion, r=refit: cut(h, f, c, r)
         )
-        record(name, one_shot[name], wall, cpu)
+        if args.saved_cut and not saved:
+            ns.save(one_shot[name], args.saved_cut)
+        record(f"{name}{' (loaded)' if saved else ''}", one_shot[name], wall, cpu)
     start = max(one_shot, key=lambda k: hf.fidelity("embedding", one_shot[k], fp32, check).cosine)
-    tune = TrainConfig(epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, keep_best=False)
-    steps = len(train) * args.epochs
+    recovered, name = one_shot[start], start
+    if args.epochs:
+        tune = TrainConfig(
+            epochs=args.epochs, lr=args.lr, warmup_steps=args.warmup, keep_best=False
+        )
 
-    def distil() -> nn.Module:
-        student = copy.deepcopy(one_shot[start])
-        loss = rich_loss(fp32, args.hidden_weight)
-        fit(student, train, tune, loss_fn=loss, progress=False)
-        return student
+        def distil() -> nn.Module:
+            student = copy.deepcopy(recovered)
+            fit(student, train, tune, loss_fn=rich_loss(fp32, args.hidden_weight), progress=False)
+            return student
 
-    recovered, wall, cpu = timed(distil)
-    record(
-        f"{start}, then distilled {steps} steps (cosine + similarity + "
-        f"{args.hidden_weight} x hidden states)",
-        recovered, wall, cpu,
-    )  # fmt: skip
+        recovered, wall, cpu = timed(distil)
+        name = (
+            f"{name}, then distilled {len(train) * args.epochs} steps (cosine + similarity + "
+            f"{args.hidden_weight} x hidden states)"
+        )
+        record(name, recovered, wall, cpu)
     with tempfile.TemporaryDirectory() as tmp:
         ns.save(recovered, Path(tmp) / "artifact")
         again = ns.load(Path(tmp) / "artifact")
@@ -194,6 +202,9 @@ def table(
         f" --heads {args.heads} --ffn {args.ffn} --ffn-only {args.ffn_only} --criterion "
         f"{args.criterion} --epochs {args.epochs} --lr {args.lr} --warmup {args.warmup} "
         f"--hidden-weight {args.hidden_weight} --train-length {args.train_length}"
+        f" --score-batches {args.score_batches} --calib-split {args.calib_split}"
+        f"{' --obs-only' if args.obs_only else ''}"
+        f"{f' --saved-cut {args.saved_cut}' if args.saved_cut else ''}"
         f"{f' --train-batches {args.train_batches}' if args.train_batches else ''}"
         f"{f' --eval-texts {args.eval_texts}' if args.eval_texts and not args.quick else ''}"
         f" --threads {args.threads}"
@@ -211,13 +222,18 @@ def table(
         f"all-MiniLM-L6-v2 (6 layers, 12 heads, FFN 1536), torch {torch.__version__}, "
         f"{platform.machine()}, {args.threads} thread(s), load average {load} at the end. Train: "
         f"{args.train_texts or 'all'} texts of `stdlib_training_corpus` (the train split, cut to "
-        f"{args.train_length} tokens, batches of 32); calibration: the stdlib docstring "
-        "paragraphs' calibration split; fidelity on "
+        f"{args.train_length} tokens, batches of 32); calibration: "
+        + (
+            "the first batches of that training text"
+            if args.calib_split == "train"
+            else "the stdlib docstring paragraphs' calibration split"
+        )
+        + "; fidelity on "
         f"{args.eval_texts or 'all'} held-out language-reference paragraphs (cosine to the "
         "fp32 embedding, top-5 neighbour agreement). Encoder = the 6 transformer layers "
         "(embeddings excluded). Refit and the data-aware criteria read "
-        f"{args.score_batches} calibration batches. The distillation starts from the one-shot "
-        "row with the best cosine on 4 validation batches of docstrings (not the held-out "
+        f"{args.score_batches} calibration batches of 32. The distillation starts from the "
+        "one-shot row with the best cosine on 4 validation batches of docstrings (not the held-out "
         "text): `netshrink.train.fit` (the loop `finetune:` runs), AdamW, "
         f"lr {args.lr}, {args.warmup} warm-up steps, cosine decay, loss `rich_loss`. "
         "Seconds: wall and process CPU of the row's own work (not its fidelity evaluation); "
@@ -269,7 +285,26 @@ def main() -> None:
     parser.add_argument(
         "--train-length", type=int, default=64, help="tokens a training text is cut to"
     )
-    parser.add_argument("--score-batches", type=int, default=8)
+    parser.add_argument(
+        "--score-batches", type=int, default=8, help="batches the criteria and refit read"
+    )
+    parser.add_argument(
+        "--calib-split",
+        choices=("calib", "train"),
+        default="calib",
+        help="read those batches from the docstring calibration split (256 texts) or from the "
+        "first batches of the training text (calib_split: train)",
+    )
+    parser.add_argument(
+        "--obs-only", action="store_true", help="one-shot row: the FFN-only obs + refit cut only"
+    )
+    parser.add_argument(
+        "--saved-cut",
+        type=Path,
+        default=None,
+        help="with --obs-only: load the one-shot cut from this ns.save folder when it exists, "
+        "else save it there (a rerun of the recovery skips the cut)",
+    )
     parser.add_argument("--train-texts", type=int, default=None, help="default: all")
     parser.add_argument("--eval-texts", type=int, default=None, help="default: all")
     parser.add_argument("--threads", type=int, default=1)
@@ -278,6 +313,8 @@ def main() -> None:
     )
     parser.add_argument("--write", action="store_true", help=f"write the table into {DOC.name}")
     args = parser.parse_args()
+    if args.saved_cut and not args.obs_only:
+        parser.error("--saved-cut holds one cut: give --obs-only too")
     if args.quick:
         args.train_texts, args.eval_texts, args.epochs = 300, 100, 1
     section = run(args)

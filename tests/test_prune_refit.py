@@ -125,3 +125,18 @@ def test_refit_needs_calibration_data() -> None:
     with pytest.raises(UnsupportedModuleError, match=r"nn\.Linear or Conv1D"):
         conv = nn.Sequential(nn.Conv2d(1, 1, 1))
         refit_projections(conv, conv, ["0"], [(torch.zeros(1, 1, 1, 1), None)])
+
+
+def test_calib_split_train_reads_the_training_batches() -> None:
+    model, x = build("bert")
+    data = calib(x)
+    opts = {"ratio": 0.5, "criterion": "obs", "refit": True}
+    with pytest.raises(MissingInputError, match="train_data"):
+        ns.prune.ffn(model, **opts, calib_split="train", calib_data=data)
+    from_train = ns.prune.ffn(model, **opts, calib_split="train", train_data=data)
+    from_calib = ns.prune.ffn(model, **opts, calib_data=data)
+    other = ns.prune.ffn(model, **opts, calib_data=data[:1])
+    with torch.no_grad():
+        same = output(from_train, x), output(from_calib, x), output(other, x)
+    assert torch.equal(same[0], same[1])
+    assert not torch.equal(same[0], same[2])

@@ -19,7 +19,7 @@ from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import find_ffn
-from netshrink.prune.units import UnitBlock, needs_calib, prune_blocks
+from netshrink.prune.units import CalibSplit, UnitBlock, needs_calib, prune_blocks
 from netshrink.registry import technique
 
 
@@ -47,7 +47,12 @@ class FfnConfig(TechniqueConfig):
     refit: bool = Field(
         False,
         description="refit each cut block's output projection by least squares so it "
-        "reproduces the unpruned output on calib_data (no training; needs calib_data)",
+        "reproduces the unpruned output on the calibration batches (no training)",
+    )
+    calib_split: CalibSplit = Field(
+        "calib",
+        description="where the data-aware criteria and refit read their batches: calib_data, "
+        "or train_data (usually more text: a refit on 64 batches overfits less than on 8)",
     )
 
 

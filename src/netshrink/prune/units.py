@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -244,10 +244,16 @@ DATA_CRITERIA = ("activation", "taylor", "mask", "obs")
 """Criteria that run the model on calibration data."""
 
 
+CalibSplit = Literal["calib", "train"]
+"""The split ``prune.heads`` / ``prune.ffn`` read their calibration batches from."""
+
+
 def needs_calib(config: Any) -> tuple[str, ...]:
-    """``("calib_data",)`` when ``config`` (of ``prune.heads`` / ``prune.ffn``) reads data: a
-    data-aware criterion or ``refit``."""
-    return ("calib_data",) if config.criterion in DATA_CRITERIA or config.refit else ()
+    """The context item (``calib_data``, or ``train_data`` with ``calib_split: train``)
+    ``config`` (of ``prune.heads`` / ``prune.ffn``) reads when it reads data: a data-aware
+    criterion or ``refit``."""
+    wanted = config.criterion in DATA_CRITERIA or config.refit
+    return (f"{config.calib_split}_data",) if wanted else ()
 
 
 @contextmanager
@@ -330,15 +336,16 @@ def prune_blocks(
     model: nn.Module, blocks: list[UnitBlock], config: Any, ctx: Context, edit: str, what: str
 ) -> None:
     """Score, choose and cut the units of ``blocks`` as ``config`` (``ratio``, ``criterion``,
-    ``scope``, ``batches``, ``refit``) says, with the recorded edit ``edit`` (``hf.heads`` /
-    ``hf.ffn``); with ``refit``, then refit the cut blocks' output projections by least squares
-    on the calibration batches (:mod:`netshrink.prune.refit`).
+    ``scope``, ``batches``, ``calib_split``, ``refit``) says, with the recorded edit ``edit``
+    (``hf.heads`` / ``hf.ffn``); with ``refit``, then refit the cut blocks' output projections
+    by least squares on the calibration batches (:mod:`netshrink.prune.refit`).
 
     Raises when nothing of a non-zero ratio could be removed (every block at its floor); warns
     (the stage's note) when less than half of it was. ``what`` names the units in messages.
     """
     name = "prune.heads" if edit == "hf.heads" else "prune.ffn"
-    data = list(islice(ctx.calib_data, config.batches)) if ctx.calib_data is not None else []
+    source = ctx.train_data if config.calib_split == "train" else ctx.calib_data
+    data = list(islice(source, config.batches)) if source is not None else []
     scores = score(model, blocks, config.criterion, data, ctx.seed)
     keep = choose(blocks, scores, config.ratio, config.scope, scaled=config.criterion != "obs")
     original = copy.deepcopy(model) if config.refit else None
