@@ -172,6 +172,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "budget_rounds": 2,
         "output_probes": 24,
     },
+    "output-aware (48 probes) + allocation x2": {
+        **ALLOCATED,
+        "output_aware": True,
+        "budget_rounds": 2,
+        "output_probes": 48,
+    },
 }
 """Each method's ``lowrank.svd`` options; ``rule`` says whether the share is a ``ratio`` kept
 in every layer or a global ``budget``."""

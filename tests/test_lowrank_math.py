@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import netshrink as ns
 from netshrink.calibrate import input_vectors
 from netshrink.errors import DataError
 from netshrink.lowrank import ranks
@@ -166,6 +167,21 @@ def test_whitening_raises_damping_on_a_singular_covariance_and_says_so() -> None
     assert torch.equal(
         whitening(torch.zeros(3, 3, dtype=torch.float64), 0.01), torch.eye(3).double()
     )
+
+
+def test_the_raised_damping_warning_names_the_line_that_called_netshrink() -> None:
+    """The warning comes from deep inside the factorization (the registry, the technique, the
+    spectrum); it must point at the caller's file, not at netshrink's."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(16, 4)
+    x[:, -1] = 0.0  # an input that never varies: singular covariance, Cholesky fails at 0
+    with pytest.warns(UserWarning, match="whitened with damping=1e-06") as caught:
+        ns.lowrank.svd(
+            model, rank=2, activation_aware=True, damping=0.0, calib_data=[(x, None)],
+            progress=False,
+        )  # fmt: skip
+    damping = [w for w in caught if "whitened with damping" in str(w.message)]
+    assert damping and {w.filename for w in damping} == {__file__}
 
 
 def test_whitening_keeps_a_working_damping_silently_and_rejects_non_finite_inputs() -> None:

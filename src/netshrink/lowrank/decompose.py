@@ -21,13 +21,13 @@ the discarded squared singular values of WL are exactly that error.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from netshrink.errors import ConfigError, DataError
+from netshrink.lowrank.caller import warn
 
 MIN_RAISED_DAMPING = 1e-6
 """The first damping tried after a failed factorization when ``damping`` was smaller (or 0)."""
@@ -123,10 +123,9 @@ def whitening(cov: torch.Tensor, damping: float) -> torch.Tensor:
         chol, info = torch.linalg.cholesky_ex(cov + used * scale * eye)
         if int(info) == 0:
             if used != damping:
-                warnings.warn(
+                warn(
                     f"lowrank: an input covariance ({n} x {n}) is not positive definite with "
-                    f"damping={damping:g}; whitened with damping={used:g} instead",
-                    stacklevel=2,
+                    f"damping={damping:g}; whitened with damping={used:g} instead"
                 )
             return chol
         used = max(10 * used, MIN_RAISED_DAMPING)

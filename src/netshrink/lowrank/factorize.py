@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ from netshrink.layers import (
     untied,
 )
 from netshrink.lowrank import ranks
+from netshrink.lowrank.caller import warn
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
 from netshrink.lowrank.inputs import LayerInputs, layer_inputs
 from netshrink.lowrank.jacobian import output_grams
@@ -93,7 +93,7 @@ def _spectra(
             names = (config.conv_variant,)
         cov = stats[name].cov if config.activation_aware else None
         if config.activation_aware and cov is None:
-            warnings.warn(f"lowrank.svd: {name} never ran on calib_data; plain SVD", stacklevel=3)
+            warn(f"lowrank.svd: {name} never ran on calib_data; plain SVD")
         out_cov = out_covs.get(name)
         out[name] = [spectrum(m, v, cov, config.damping, out_cov) for v in names]
     return out
@@ -265,7 +265,7 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     unsupported = _unsupported(model, layers, config.activation_aware)
     if unsupported:
         names = ", ".join(f"{n} ({why})" for n, why in unsupported.items())
-        warnings.warn(f"lowrank.svd leaves these layers as they are: {names}", stacklevel=2)
+        warn(f"lowrank.svd leaves these layers as they are: {names}")
     todo = {n: m for n, m in layers.items() if n not in unsupported}
     stats = {n: LayerInputs() for n in todo}
     calib: list[Batch] = []
