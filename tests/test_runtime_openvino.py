@@ -95,6 +95,12 @@ def test_static_model_with_dynamic_layers_runs_them_in_groups_of_256(tmp_path: P
     # an all-dynamic model keeps OpenVINO's default groups (its inputs need them)
     dynamic = make_runner(ns.quantize.dynamic(mlp), "openvino", 1, XF)
     assert dynamic.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 32
+    # so does a dynamic layer of 100 inputs: no power-of-two group above 32 divides them
+    odd = nn.Sequential(nn.Linear(64, 100), nn.GELU(), nn.Linear(100, 10)).eval()
+    model = ns.quantize.static(odd, calib_data=calib, dynamic={"include": ["2"]}, progress=False)
+    runner = make_runner(model, "openvino-f32", 1, XF)
+    assert runner.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == 32
+    torch.testing.assert_close(runner(XF), eager(model, XF), atol=1e-2, rtol=0)
 
 
 def test_default_precision_is_recorded_and_measure_reports_it() -> None:
