@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,14 +42,20 @@ import torch.nn.functional as F
 
 import netshrink as ns
 from minilm import SentenceEncoder
-from netshrink.artifact import artifact_bytes, save
-from netshrink.artifact.onnx import export_onnx
-from netshrink.runtime import OpenVinoRunner, OrtRunner, save_ir
-from runtimes_kernels import int8_primitives, ort_integer_nodes
+from runtimes_build import (
+    Built,
+    Setup,
+    cached_ir,
+    cached_onnx,
+    folder_bytes,
+    netshrink_bytes,
+    ort_variant,
+    ov_variant,
+)
+from runtimes_kernels import int8_primitives
 from runtimes_text import (
     BATCH,
     TOKENS,
-    Embed,
     calibration_text,
     fidelity,
     fidelity_text,
@@ -62,69 +67,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 # ----------------------------------------------------------------------------- variants
-@dataclass
-class Built:
-    """A variant ready to run: its embedding function, artifact bytes, executed primitives."""
-
-    embed: Embed
-    bytes: int
-    primitives: dict[str, int] | None = None
-    precision: str = ""
-
-
-@dataclass
-class Setup:
-    """What every builder shares: the fp32 encoder, calibration batches, a work folder."""
-
-    fp32: SentenceEncoder
-    calib: list[tuple[torch.Tensor, torch.Tensor]]
-    work: Path
-    threads: int
-    calib_longest: list[tuple[torch.Tensor, torch.Tensor]]
-    """128 calibration sentences in batches of 8, each padded to its longest sentence."""
-
-    @property
-    def example(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.calib[0]
-
-
-def folder_bytes(*paths: Path) -> int:
-    return sum(p.stat().st_size for p in paths)
-
-
-def netshrink_bytes(model: torch.nn.Module, work: Path, name: str) -> int:
-    return artifact_bytes(save(model, work / name))
-
-
-def cached_onnx(setup: Setup, name: str, make: Callable[[], torch.nn.Module]) -> Path:
-    """netshrink's ONNX export of ``make()`` at ``work/name.onnx``, reused when it exists."""
-    path = setup.work / f"{name}.onnx"
-    if not path.exists():
-        export_onnx(make(), path, setup.example)
-    return path
-
-
-def ort_variant(path: Path, setup: Setup) -> Built:
-    runner = OrtRunner(path, threads=setup.threads)
-    nodes = ort_integer_nodes(path)
-    return Built(lambda i, m: runner((i, m)), folder_bytes(path), nodes)
-
-
-def cached_ir(setup: Setup, name: str, make: Callable[[], object]) -> Path:
-    """OpenVINO IR of ``make()`` (a module, or an ONNX file) at ``work/name.xml``, reused."""
-    xml = setup.work / f"{name}.xml"
-    if not xml.exists():
-        save_ir(make(), xml, setup.example)  # type: ignore[arg-type]
-    return xml
-
-
-def ov_variant(xml: Path, setup: Setup, precision: str = "default") -> Built:
-    """OpenVINO on an IR; bytes are the IR it deploys as (.xml + .bin)."""
-    runner = OpenVinoRunner(xml, threads=setup.threads, precision=precision)  # type: ignore[arg-type]
-    size = folder_bytes(xml, xml.with_suffix(".bin"))
-    return Built(lambda i, m: runner((i, m)), size, runner.primitives(), runner.precision)
-
-
 def ns_dynamic(setup: Setup) -> torch.nn.Module:
     return ns.quantize.dynamic(setup.fp32)
 
@@ -221,17 +163,12 @@ def build_smooth_gptq_ov(s: Setup) -> Built:
     return ov_variant(cached_ir(s, "smooth_gptq", lambda: ns_smooth_static(s, "gptq")), s)
 
 
-def build_smooth_gptq_dyn3_ov(s: Setup) -> Built:
-    """``transformer-int8-ov``: the GPTQ static path with layers 0-2's FFN outputs dynamic."""
-    return ov_variant(
-        cached_ir(s, "smooth_gptq_dyn3", lambda: ns_smooth_static(s, "gptq", "0-2")), s
-    )
-
-
-def build_smooth_gptq_dyn6_ov(s: Setup) -> Built:
-    return ov_variant(
-        cached_ir(s, "smooth_gptq_dyn6", lambda: ns_smooth_static(s, "gptq", "0-5")), s
-    )
+def smooth_gptq_dynamic_ov(layers: str) -> Callable[[Setup], Built]:
+    """Builder of the GPTQ static path in OpenVINO whose FFN output projections of ``layers``
+    (digits of :data:`FFN_OUT`'s brackets, e.g. ``0-2``) quantize their input per token at run
+    time; ``0-2`` is the ``transformer-int8-ov`` recipe."""
+    name = f"smooth_gptq_dyn_{layers}"
+    return lambda s: ov_variant(cached_ir(s, name, lambda: ns_smooth_static(s, "gptq", layers)), s)
 
 
 def build_nncf_ov(s: Setup) -> Built:
@@ -298,9 +235,10 @@ VARIANTS: dict[str, Callable[[Setup], Built]] = {
     "netshrink SmoothQuant + static int8, OpenVINO": build_smooth_ov,
     "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO": build_smooth_gptq_ov,
     "netshrink transformer-int8-ov (static, FFN out 0-2 dynamic), OpenVINO": (
-        build_smooth_gptq_dyn3_ov
+        smooth_gptq_dynamic_ov("0-2")
     ),
-    "netshrink static, all 6 FFN outputs dynamic, OpenVINO": build_smooth_gptq_dyn6_ov,
+    "netshrink static, FFN out 0 dynamic, OpenVINO": smooth_gptq_dynamic_ov("0"),
+    "netshrink static, all 6 FFN outputs dynamic, OpenVINO": smooth_gptq_dynamic_ov("0-5"),
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8": build_nncf_ov,
     "torchao int8 dyn + torch.compile": build_torchao,
     "ORT quantize_dynamic": build_ort_dynamic,
