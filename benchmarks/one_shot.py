@@ -9,7 +9,8 @@ corpus (``netshrink.hf.stdlib_corpus``), consecutive paragraphs joined until a t
 ``--calib-tokens`` tokens (0: one paragraph per text). Evaluation: ``--eval`` paragraphs of the
 held-out language-reference corpus (``netshrink.hf.heldout_corpus``), another source
 (``--eval-skip`` selects a later slice; ``--validation`` evaluates on the last 256 docstring
-paragraphs instead, a split to choose options on without looking at the held-out text). Fidelity
+paragraphs instead, a split to choose options on without looking at the held-out text, and
+calibrates only on the paragraphs before them). Fidelity
 to the fp32 model on the evaluation texts (the definitions of ``netshrink.hf.fidelity``):
 
 - cosine: mean cosine of each text's embedding to the fp32 model's;
@@ -64,19 +65,26 @@ VALIDATION = 256
 """Docstring paragraphs at the corpus' end that ``--validation`` evaluates on."""
 
 
-def packed_texts(tokenizer: Any, count: int, tokens: int) -> list[str]:
-    """``count`` calibration texts: docstring paragraphs joined until one has ``tokens`` tokens
-    (the GPTQ paper calibrates on fixed-length segments of running text); 0: one paragraph."""
+def packed_texts(tokenizer: Any, paragraphs: list[str], count: int, tokens: int) -> list[str]:
+    """``count`` calibration texts from ``paragraphs``, in order: paragraphs joined until one has
+    ``tokens`` tokens (the GPTQ paper calibrates on fixed-length segments of running text); 0:
+    one paragraph. Exits with a message when ``paragraphs`` cannot make ``count`` texts."""
     if not tokens:
-        return stdlib_corpus(count)
-    texts, current = [], []
-    for paragraph in stdlib_corpus():
-        current.append(paragraph)
-        if len(tokenizer(" ".join(current))["input_ids"]) >= tokens:
-            texts.append(" ".join(current))
-            current = []
-            if len(texts) == count:
-                break
+        texts = paragraphs[:count]
+    else:
+        texts, current = [], []
+        for paragraph in paragraphs:
+            current.append(paragraph)
+            if len(tokenizer(" ".join(current))["input_ids"]) >= tokens:
+                texts.append(" ".join(current))
+                current = []
+                if len(texts) == count:
+                    break
+    if len(texts) < count:
+        sys.exit(
+            f"--calib {count} --calib-tokens {tokens}: the {len(paragraphs)} calibration "
+            f"paragraphs make only {len(texts)} texts; ask for fewer texts or tokens"
+        )
     return texts
 
 
@@ -231,10 +239,13 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
     path = str(get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = SentenceEncoder(AutoModel.from_pretrained(path, add_pooling_layer=False)).eval()
-    texts = packed_texts(tokenizer, args.calib, args.calib_tokens)
+    corpus = stdlib_corpus()
+    # --validation evaluates on the last docstring paragraphs, to choose options on: calibration
+    # then draws only from the paragraphs before them, so the two never share text
+    paragraphs = corpus[:-VALIDATION] if args.validation else corpus
+    texts = packed_texts(tokenizer, paragraphs, args.calib, args.calib_tokens)
     calib = batches(tokenizer, texts, max(args.calib_tokens, 128))
-    # --validation: the last docstring paragraphs (never calibration text), to choose options on
-    source = stdlib_corpus()[-VALIDATION:] if args.validation else heldout_corpus()
+    source = corpus[-VALIDATION:] if args.validation else heldout_corpus()
     held_out = source[args.eval_skip : args.eval_skip + args.eval]
     evaluation = batches(tokenizer, held_out, 128)
     real = sum(int(x["attention_mask"].sum()) for x, _ in calib)

@@ -57,14 +57,16 @@ def test_inside_large_tensors_are_mapped_and_unmapped_when_freed() -> None:
 
 
 class _Recorder:
-    """A stand-in C library that records its ``mallopt`` calls."""
+    """A stand-in C library that records its ``mallopt`` calls and answers ``taken`` (glibc: 1
+    when it took the value, 0 when it left the threshold as it was)."""
 
-    def __init__(self) -> None:
+    def __init__(self, taken: int = 1) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.taken = taken
 
     def mallopt(self, param: int, value: int) -> int:
         self.calls.append((param, value))
-        return 1
+        return self.taken
 
     def malloc_trim(self, _pad: int) -> int:
         return 1
@@ -76,8 +78,7 @@ def test_nested_use_leaves_the_threshold_to_the_outermost(monkeypatch) -> None:
     lib = _Recorder()
     monkeypatch.setattr(memory, "_libc", lambda: lib)
     monkeypatch.setattr(memory, "_in_force", [])
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(memory, "_start_environment", dict)
     with memory.large_tensors_unmapped(1 << 20):
         with memory.large_tensors_unmapped(1 << 20):
             assert lib.calls == [(memory.M_MMAP_THRESHOLD, 1 << 20)]
@@ -126,14 +127,42 @@ def test_the_threshold_in_force_is_restored_on_exit(monkeypatch) -> None:
     lib = _Recorder()
     monkeypatch.setattr(memory, "_libc", lambda: lib)
     monkeypatch.setattr(memory, "_in_force", [])
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=0x200000:glibc.x=1")
+    tunables = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=0x200000:glibc.x=1"}
+    monkeypatch.setattr(memory, "_start_environment", lambda: tunables)
     with memory.large_tensors_unmapped(1 << 20):
         pass
     assert lib.calls == [(memory.M_MMAP_THRESHOLD, 1 << 20), (memory.M_MMAP_THRESHOLD, 2 << 20)]
-    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setattr(memory, "_start_environment", dict)
     with memory.large_tensors_unmapped(1 << 20):  # the value the first exit left
         pass
     assert lib.calls[-1] == (memory.M_MMAP_THRESHOLD, 2 << 20)
+
+
+def test_a_threshold_mallopt_refused_is_not_recorded_as_in_force(monkeypatch) -> None:
+    from netshrink.calibrate import memory
+
+    monkeypatch.setattr(memory, "_libc", lambda: _Recorder(taken=0))
+    monkeypatch.setattr(memory, "_in_force", [])
+    monkeypatch.setattr(memory, "_start_environment", dict)
+    with memory.large_tensors_unmapped(1 << 20):
+        pass
+    assert memory._in_force == []
+
+
+def test_the_threshold_is_read_from_the_environment_the_process_started_with() -> None:
+    code = (
+        "import os\n"
+        "from netshrink.calibrate.memory import environment_threshold\n"
+        "os.environ['MALLOC_MMAP_THRESHOLD_'] = '4096'  # too late: glibc has started\n"
+        "print(environment_threshold())\n"
+    )
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
+    env.pop("GLIBC_TUNABLES", None)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+        env=env,
+    )  # fmt: skip
+    assert run.stdout.split() == [str(4 << 20)]
 
 
 @pytest.mark.parametrize(

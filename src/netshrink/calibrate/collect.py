@@ -10,7 +10,8 @@ kept, never the activations.
 Padding: a text batch given as keyword inputs with an ``attention_mask`` (batch, tokens) pads its
 shorter sequences with tokens the model's output ignores. Reducers whose summary is over token
 vectors (``tokens_only``: the Gram matrices of GPTQ/SparseGPT, Wanda's input norms) see only the
-real tokens: :func:`real_tokens` drops the padded rows of every (batch, tokens, dim) tensor.
+real tokens: :func:`token_mask` finds the mask, and the reducers drop the padded rows of every
+(batch, tokens, dim) tensor with :func:`~netshrink.calibrate.reducers.real_tokens`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from torch.utils.hooks import RemovableHandle
 
 from netshrink.batches import run
 from netshrink.calibrate.reducers import Reducer
-from netshrink.calibrate.reducers import real_tokens as real_tokens  # its former home
 from netshrink.context import Batch
 from netshrink.errors import TargetError
 from netshrink.progress import track

@@ -24,6 +24,7 @@ import functools
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 M_MMAP_THRESHOLD = -3
@@ -36,14 +37,34 @@ _depth = [0]
 """How many :func:`large_tensors_unmapped` blocks are open (only the outermost sets and resets)."""
 
 _in_force: list[int | None] = []
-"""The fixed threshold :func:`large_tensors_unmapped` last left in force (empty: none yet)."""
+"""The fixed threshold :func:`large_tensors_unmapped` last set and ``mallopt`` took (empty:
+none yet)."""
+
+_IMPORT_ENVIRON = dict(os.environ)
+"""The environment as this module was imported, for when the start environment is unreadable."""
 
 
-def environment_threshold(environ: Mapping[str, str] = os.environ) -> int | None:
-    """The mmap threshold, bytes, that ``environ`` fixes when glibc starts: the
-    ``glibc.malloc.mmap_threshold`` tunable of ``GLIBC_TUNABLES``, else ``MALLOC_MMAP_THRESHOLD_``
-    (capped at :data:`MMAP_THRESHOLD_MAX`, as glibc caps it); None when neither is set (or one is
-    unreadable): glibc then adjusts its threshold dynamically, and no interface reads it."""
+@functools.cache
+def _start_environment() -> dict[str, str]:
+    """The environment the process started with, the one glibc read its malloc settings from
+    (later changes to ``os.environ`` never reach it): ``/proc/self/environ``, else the
+    environment as this module was imported."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return _IMPORT_ENVIRON
+    items = (os.fsdecode(item).partition("=") for item in raw.split(b"\0") if item)
+    return {key: value for key, _, value in items}
+
+
+def environment_threshold(environ: Mapping[str, str] | None = None) -> int | None:
+    """The mmap threshold, bytes, that ``environ`` (default: the environment the process started
+    with, which glibc read when it started) fixes: the ``glibc.malloc.mmap_threshold`` tunable of
+    ``GLIBC_TUNABLES``, else ``MALLOC_MMAP_THRESHOLD_``, capped at :data:`MMAP_THRESHOLD_MAX`
+    (older glibc ignores values above 32 MiB and keeps its dynamic threshold, which rises to at
+    most that); None when neither is set (or one is unreadable): glibc then adjusts its
+    threshold dynamically, and no interface reads it."""
+    environ = _start_environment() if environ is None else environ
     tunables = dict(
         item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item
     )
@@ -81,7 +102,7 @@ def large_tensors_unmapped(threshold: int = 1 << 20) -> Iterator[None]:
     fresh mapping). Nested uses keep the outermost setting until the outermost exits.
 
     On exit the threshold in force before is put back when it was a fixed one: the environment's
-    (:func:`environment_threshold`) or the one an earlier exit left. glibc's default dynamic
+    (:func:`environment_threshold`) or the one an earlier use left. glibc's default dynamic
     threshold can be neither read nor switched back on once set (``mallopt(3)``), so when that was
     in force the threshold is fixed at :data:`MMAP_THRESHOLD_MAX`, the ceiling the dynamic one
     rises to. The free heap pages are returned."""
@@ -91,12 +112,17 @@ def large_tensors_unmapped(threshold: int = 1 << 20) -> Iterator[None]:
         return
     before = _in_force[-1] if _in_force else environment_threshold()
     _depth[0] += 1
-    lib.mallopt(M_MMAP_THRESHOLD, threshold)
+    _fix_threshold(lib, threshold)
     try:
         yield
     finally:
-        after = MMAP_THRESHOLD_MAX if before is None else before
-        lib.mallopt(M_MMAP_THRESHOLD, after)
-        _in_force[:] = [after]
+        _fix_threshold(lib, MMAP_THRESHOLD_MAX if before is None else before)
         _depth[0] -= 1
         release_freed_memory()
+
+
+def _fix_threshold(lib: Any, value: int) -> None:
+    """Fix glibc's mmap threshold at ``value`` bytes, and record it as in force only when
+    ``mallopt`` took it (it returns 1; 0 leaves the threshold as it was)."""
+    if lib.mallopt(M_MMAP_THRESHOLD, value) == 1:
+        _in_force[:] = [value]

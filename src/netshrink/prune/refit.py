@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.calibrate.collect import real_tokens, token_mask
+from netshrink.calibrate import real_tokens, token_mask
 from netshrink.context import Batch
 from netshrink.errors import UnsupportedModuleError
 

@@ -289,7 +289,7 @@ def _quantize_layer(model: nn.Module, name: str, stats: Gram | Paired, config: G
     hessian = mean.float()  # GPTQ works in float32 (see gptq_codes)
     del mean
     grid = config.grid_for(module)
-    s = torch.ones(weight.shape[1])
+    s: torch.Tensor | None = None
     if config.awq and not isinstance(module, nn.Conv2d):
         s = _awq_scale(target, hessian, grid, group_size)
         # the Hessian of the inputs x / s, in place: no second (in, in) matrix kept
@@ -298,11 +298,14 @@ def _quantize_layer(model: nn.Module, name: str, stats: Gram | Paired, config: G
     codes, scale, zero = gptq_codes(
         target, hessian, grid, group_size, config.act_order, config.damp, config.clip
     )
-    explicit = None if bool((s == 1).all()) else 1 / s
+    explicit = None if s is None or bool((s == 1).all()) else 1 / s
     packed = _packed(module, codes, scale, zero, grid, group_size, explicit)
-    # the error on the scaled inputs x / s is the error on x: tr(D s H s D^T / s s)
-    error = relative_output_error(weight * s, packed.weight.flatten(1) * s, hessian)
-    # Under asymmetric, second_moment is the quantized stream's: the error is the packed weight
+    if s is None:
+        error = relative_output_error(weight, packed.weight.flatten(1), hessian)
+    else:
+        # the error on the scaled inputs x / s is the error on x: tr(D s H s D^T / s s)
+        error = relative_output_error(weight * s, packed.weight.flatten(1) * s, hessian)
+    # Under asymmetric, hessian is the quantized stream's: the error is the packed weight
     # against the layer's own on the inputs it now sees, not against GPTAQ's target.
     inputs = "the quantized model's inputs" if isinstance(stats, Paired) else "calib_data"
     log.info("quantize.gptq: %s relative output error %.2e on %s", name, error, inputs)
