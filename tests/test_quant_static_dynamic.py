@@ -94,8 +94,8 @@ def test_mixed_model_saves_and_loads_with_identical_outputs(ffn, tmp_path: Path)
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
-        ({"targets": {"include": ["up"]}}, ConfigError, "dynamic selects down"),
-        ({"weights": "int4"}, ConfigError, "8-bit weights"),
+        ({"targets": {"include": ["up"]}}, ConfigError, r"selects down \(stays float: outside"),
+        ({"weights": "int4"}, ConfigError, r"down \(4-bit weights\)"),
         ({"overrides": [{"targets": {"include": ["down"]}, "bits": 4}]}, ConfigError, "down"),
         ({"dynamic": {"include": ["nothing*"]}}, TargetError, "nothing"),
     ],
@@ -105,3 +105,8 @@ def test_dynamic_must_name_8_bit_layers_static_quantizes(ffn, options, error, ma
     with pytest.raises(error, match=match):
         quantized(ffn, **options)
     assert type(ffn.down) is nn.Linear  # the caller's model untouched
+
+
+def test_dynamic_with_int4_activations_is_rejected(ffn) -> None:
+    with pytest.raises(ConfigError, match="activations: int4"):
+        quantized(ffn, activations="int4", dynamic=DOWN)
