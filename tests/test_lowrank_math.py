@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -11,9 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netshrink as ns
+from netshrink.batches import run
 from netshrink.calibrate import input_vectors
 from netshrink.errors import DataError
-from netshrink.lowrank import ranks
+from netshrink.lowrank import caller, ranks
 from netshrink.lowrank.decompose import spectrum, whitening
 from netshrink.lowrank.layers import (
     LowRankLinear,
@@ -182,6 +184,22 @@ def test_the_raised_damping_warning_names_the_line_that_called_netshrink() -> No
         )  # fmt: skip
     damping = [w for w in caught if "whitened with damping" in str(w.message)]
     assert damping and {w.filename for w in damping} == {__file__}
+
+
+class _Warns(nn.Module):
+    """A user model whose forward, run by netshrink, calls netshrink's ``warn``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.line = sys._getframe().f_lineno + 1
+        caller.warn("from user code")
+        return x
+
+
+def test_a_warning_names_the_innermost_user_frame_when_netshrink_runs_user_code() -> None:
+    model = _Warns()
+    with pytest.warns(UserWarning, match="from user code") as caught:
+        run(model, torch.zeros(1))  # netshrink -> torch -> this file -> netshrink
+    assert (caught[0].filename, caught[0].lineno) == (__file__, model.line)
 
 
 def test_whitening_keeps_a_working_damping_silently_and_rejects_non_finite_inputs() -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netshrink as ns
-from netshrink.errors import MissingInputError, UnsupportedModuleError
+from netshrink.errors import ConfigError, MissingInputError, UnsupportedModuleError
 from netshrink.prune.refit import refit_projection, refit_projections
 from test_prune_heads import build, output
 
@@ -140,3 +140,11 @@ def test_calib_split_train_reads_the_training_batches() -> None:
         same = output(from_train, x), output(from_calib, x), output(other, x)
     assert torch.equal(same[0], same[1])
     assert not torch.equal(same[0], same[2])
+
+
+@pytest.mark.parametrize("prune", [ns.prune.heads, ns.prune.ffn])
+def test_calib_split_train_that_reads_nothing_is_rejected(prune) -> None:
+    model, x = build("bert")
+    with pytest.raises(ConfigError, match=r"calib_split: train.*criterion: l2.*refit: false"):
+        prune(model, ratio=0.5, calib_split="train", train_data=calib(x))
+    prune(model, ratio=0.5, calib_split="train", refit=True, train_data=calib(x, 1))

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import netshrink as ns
+from netshrink.context import Context
 from netshrink.errors import ConfigError, TargetError
+from netshrink.quantize import ptq
 from netshrink.quantize.dynamic_int8 import DynamicInt8Linear
 from netshrink.quantize.layers import QuantLinear
 
@@ -94,14 +96,23 @@ def test_mixed_model_saves_and_loads_with_identical_outputs(ffn, tmp_path: Path)
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
-        ({"targets": {"include": ["up"]}}, ConfigError, "dynamic selects down"),
-        ({"weights": "int4"}, ConfigError, "8-bit weights"),
+        ({"targets": {"include": ["up"]}}, ConfigError, r"selects down \(stays float: outside"),
+        ({"weights": "int4"}, ConfigError, r"down \(4-bit weights\)"),
         ({"overrides": [{"targets": {"include": ["down"]}, "bits": 4}]}, ConfigError, "down"),
         ({"dynamic": {"include": ["nothing*"]}}, TargetError, "nothing"),
     ],
 )
-def test_dynamic_must_name_8_bit_layers_static_quantizes(ffn, options, error, match) -> None:
-    options = {"dynamic": DOWN, **options}
+def test_dynamic_must_name_8_bit_layers_static_quantizes(options, error, match) -> None:
+    model = Ffn().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = ptq.StaticConfig.model_validate({"dynamic": DOWN, **options})
+    ctx = Context(calib_data=outlier_batches(2, 1), progress=False)
     with pytest.raises(error, match=match):
-        quantized(ffn, **options)
-    assert type(ffn.down) is nn.Linear  # the caller's model untouched
+        ptq.static(model, config, ctx)  # not via Technique.apply, which works on a copy
+    assert [type(m) for m in model.children()] == [nn.Linear, nn.GELU, nn.Linear]
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_dynamic_with_int4_activations_is_rejected(ffn) -> None:
+    with pytest.raises(ConfigError, match="activations: int4"):
+        quantized(ffn, activations="int4", dynamic=DOWN)

@@ -15,15 +15,14 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import find_ffn
-from netshrink.prune.units import CalibSplit, UnitBlock, needs_calib, prune_blocks
+from netshrink.prune.units import UnitBlock, UnitPruneConfig, needs_calib, prune_blocks
 from netshrink.registry import technique
 
 
-class FfnConfig(TechniqueConfig):
+class FfnConfig(UnitPruneConfig):
     """Options of ``prune.ffn``."""
 
     ratio: float = Field(
@@ -33,26 +32,13 @@ class FfnConfig(TechniqueConfig):
         "l2",
         description="importance: weight norm, output size on data, Taylor, or obs: the down "
         "projection's least-squares error after the neuron's removal (structured OBS); all but "
-        "l2 need calib_data",
+        "l2 read data (calib_data, or train_data with calib_split: train)",
     )
     scope: Literal["layer", "global"] = Field(
         "layer", description="remove ratio of each FFN's neurons, or of all ranked together"
     )
     round_to: int = Field(
         1, ge=1, le=4096, description="keep each FFN's width a multiple of this (fast kernels)"
-    )
-    batches: int = Field(
-        8, ge=1, le=10_000, description="calibration batches the data-aware criteria and refit read"
-    )
-    refit: bool = Field(
-        False,
-        description="refit each cut block's output projection by least squares so it "
-        "reproduces the unpruned output on the calibration batches (no training)",
-    )
-    calib_split: CalibSplit = Field(
-        "calib",
-        description="where the data-aware criteria and refit read their batches: calib_data, "
-        "or train_data (usually more text: a refit on 64 batches overfits less than on 8)",
     )
 
 

@@ -18,16 +18,15 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import find_attention
 from netshrink.hf.shrink import PrunedMultiheadAttention
-from netshrink.prune.units import CalibSplit, UnitBlock, needs_calib, prune_blocks
+from netshrink.prune.units import UnitBlock, UnitPruneConfig, needs_calib, prune_blocks
 from netshrink.registry import technique
 
 
-class HeadsConfig(TechniqueConfig):
+class HeadsConfig(UnitPruneConfig):
     """Options of ``prune.heads``."""
 
     ratio: float = Field(0.3, ge=0, lt=1, description="fraction of attention heads removed")
@@ -35,25 +34,13 @@ class HeadsConfig(TechniqueConfig):
         "l2",
         description="importance: weight norm, output size on data, Taylor, head-mask gradient "
         "(Michel et al. 2019), or obs: the output projection's least-squares error after the "
-        "head's removal (structured OBS); all but l2 need calib_data",
+        "head's removal (structured OBS); all but l2 read data (calib_data, or train_data "
+        "with calib_split: train)",
     )
     scope: Literal["layer", "global"] = Field(
         "layer", description="remove ratio of each layer's heads, or of all heads ranked together"
     )
     min_heads: int = Field(1, ge=1, le=4096, description="heads every attention module keeps")
-    batches: int = Field(
-        8, ge=1, le=10_000, description="calibration batches the data-aware criteria and refit read"
-    )
-    refit: bool = Field(
-        False,
-        description="refit each cut block's output projection by least squares so it "
-        "reproduces the unpruned output on the calibration batches (no training)",
-    )
-    calib_split: CalibSplit = Field(
-        "calib",
-        description="where the data-aware criteria and refit read their batches: calib_data, "
-        "or train_data (usually more text: a refit on 64 batches overfits less than on 8)",
-    )
 
 
 def head_blocks(model: nn.Module, min_heads: int) -> list[UnitBlock]:

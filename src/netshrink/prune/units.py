@@ -39,14 +39,16 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
 from netshrink.batches import run
 from netshrink.calibrate import Gram, collect, first_tensor, real_tokens, token_mask
+from netshrink.config import TechniqueConfig
 from netshrink.context import Batch, Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.hf.blocks import Slot, slot_positions, slot_weight
@@ -244,16 +246,43 @@ DATA_CRITERIA = ("activation", "taylor", "mask", "obs")
 """Criteria that run the model on calibration data."""
 
 
-CalibSplit = Literal["calib", "train"]
-"""The split ``prune.heads`` / ``prune.ffn`` read their calibration batches from."""
+class UnitPruneConfig(TechniqueConfig):
+    """Options ``prune.heads`` and ``prune.ffn`` share (each declares its own ``criterion``)."""
+
+    if TYPE_CHECKING:
+        criterion: str
+
+    batches: int = Field(
+        8, ge=1, le=10_000, description="calibration batches the data-aware criteria and refit read"
+    )
+    refit: bool = Field(
+        False,
+        description="refit each cut block's output projection by least squares so it "
+        "reproduces the unpruned output on the calibration batches (no training)",
+    )
+    calib_split: Literal["calib", "train"] = Field(
+        "calib",
+        description="where the data-aware criteria and refit read their batches: calib_data, "
+        "or train_data (usually more text: a refit on 64 batches overfits less than on 8)",
+    )
+
+    def reads_data(self) -> bool:
+        """Whether a run reads calibration batches: a data-aware criterion or ``refit``."""
+        return self.criterion in DATA_CRITERIA or self.refit
+
+    @model_validator(mode="after")
+    def _split_read(self) -> UnitPruneConfig:
+        if self.calib_split == "train" and not self.reads_data():
+            raise ValueError(
+                f"calib_split: train has no effect: criterion: {self.criterion} with refit: false "
+                "reads no data; use a data-aware criterion or refit: true, or calib_split: calib"
+            )
+        return self
 
 
-def needs_calib(config: Any) -> tuple[str, ...]:
-    """The context item (``calib_data``, or ``train_data`` with ``calib_split: train``)
-    ``config`` (of ``prune.heads`` / ``prune.ffn``) reads when it reads data: a data-aware
-    criterion or ``refit``."""
-    wanted = config.criterion in DATA_CRITERIA or config.refit
-    return (f"{config.calib_split}_data",) if wanted else ()
+def needs_calib(config: UnitPruneConfig) -> tuple[str, ...]:
+    """What ``config`` reads, if any: ``calib_data``, or ``train_data`` (``calib_split: train``)."""
+    return (f"{config.calib_split}_data",) if config.reads_data() else ()
 
 
 @contextmanager

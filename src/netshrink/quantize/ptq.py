@@ -106,6 +106,15 @@ class StaticConfig(TechniqueConfig):
             )
         return self
 
+    @model_validator(mode="after")
+    def _dynamic_int8(self) -> StaticConfig:
+        if self.dynamic is not None and self.activations == "int4":
+            raise ValueError(
+                "dynamic layers quantize their inputs to 8 bits per token, so activations: int4 "
+                "would not hold for them; use activations: int8 with dynamic, or drop dynamic"
+            )
+        return self
+
 
 def weight_bits(
     model: nn.Module, config: Any, default: int, extra: tuple[type[nn.Module], ...] = ()

@@ -9,7 +9,10 @@ Those layers become :class:`~netshrink.quantize.dynamic_int8.DynamicInt8Linear` 
 each token's input row quantized with its own range at run time, as ``quantize.dynamic``), the
 rest stay static. OpenVINO runs them as int8 weight-compressed FullyConnected with its own
 dynamic quantization of the input (:mod:`netshrink.runtime.openvino`), ONNX Runtime as
-``MatMulInteger``. Smoothing is undone on them first: a per-token range needs no migration.
+``MatMulInteger``. A per-token range needs no migration, so a :class:`SmoothedLinear` among
+them is first turned back into the plain Linear it computes; smoothing SmoothQuant folded into
+the op before a layer (a LayerNorm's or a Linear's output) stays, and the layer keeps the
+weights scaled to match it.
 """
 
 from __future__ import annotations
@@ -31,14 +34,25 @@ def dynamic_layers(model: nn.Module, targets: Targets | None, bits: dict[str, in
     if targets is None:
         return []
     chosen = targets.select(model, (*layer_types(), SmoothedLinear))
-    wrong = [n for n, m in chosen.items() if bits.get(n) != 8 or isinstance(m, nn.Conv2d)]
+    wrong = [given for n, m in chosen.items() if (given := _given(n, m, bits))]
     if wrong:
         raise ConfigError(
-            f"quantize.static: dynamic selects {', '.join(wrong)}, which this run does not "
-            "quantize with 8-bit weights; dynamic names Linear layers among targets with "
-            "8-bit weights (check targets, weights and overrides)"
+            f"quantize.static: dynamic selects {'; '.join(wrong)}; dynamic must name Linear "
+            "(or Conv1D) layers this run quantizes with 8-bit weights (check targets, weights "
+            "and overrides)"
         )
     return list(chosen)
+
+
+def _given(name: str, mod: nn.Module, bits: dict[str, int]) -> str:
+    """What layer ``name`` gets from this run when that is not 8-bit weights in a Linear (or
+    Conv1D), else an empty string."""
+    if name not in bits:
+        why = "outside targets, tied to another layer's weight, or an unsupported Conv2d"
+        return f"{name} (stays float: {why})"
+    if isinstance(mod, nn.Conv2d):
+        return f"{name} (a Conv2d, static with {bits[name]}-bit weights: no per-token kernel)"
+    return f"{name} ({bits[name]}-bit weights)" if bits[name] != 8 else ""
 
 
 @torch.no_grad()
