@@ -185,11 +185,33 @@ def raw_failure(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Modu
     return model(torch.zeros(1, 7))
 
 
+class Stop(Exception):
+    pass
+
+
+def _stop(_module: nn.Module, _args: Any) -> None:
+    raise Stop
+
+
+def stopped_then_failure(model: nn.Module, config: EmptyOptions, ctx: Context) -> nn.Module:
+    """Stops a forward inside layer 0 and catches it (as calibration does), then fails in
+    plain code outside any forward."""
+    handle = model[0].register_forward_pre_hook(_stop)
+    try:
+        model(torch.zeros(1, 4))
+    except Stop:
+        pass
+    finally:
+        handle.remove()
+    raise RuntimeError("the solver's matrix is singular")
+
+
 @pytest.fixture
 def fake_techniques():
     registry.load_all()
     fakes = {"prune.test_wrap": wrap_linears, "prune.test_identity": identity,
-             "prune.test_raw": raw_failure, "prune.test_partial": partial}  # fmt: skip
+             "prune.test_raw": raw_failure, "prune.test_partial": partial,
+             "prune.test_stopped": stopped_then_failure}  # fmt: skip
     for name, fn in fakes.items():
         registry.technique(name, EmptyOptions)(fn)
     yield {name: registry.get(name) for name in fakes}
@@ -224,6 +246,17 @@ def test_a_raw_exception_becomes_an_unsupported_module_error_naming_the_layer(
         match=r"failed on Sequential in 0 \(Linear\); leave .*\(RuntimeError",
     ):
         tech.apply(model, tech.make_config({}), Context())
+
+
+def test_an_error_outside_any_forward_is_not_blamed_on_a_forward_stopped_earlier(
+    fake_techniques,
+) -> None:
+    tech = fake_techniques["prune.test_stopped"]
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(UnsupportedModuleError) as info:
+        tech.apply(model, tech.make_config({}), Context())
+    assert "failed on Sequential; the model's outputs or data" in str(info.value)
+    assert "(Linear)" not in str(info.value) and "singular" in str(info.value)
 
 
 def test_what_a_technique_left_undone_is_in_the_stage_record(fake_techniques) -> None:

@@ -217,7 +217,7 @@ class Technique:
             except NetshrinkError:
                 raise
             except Exception as exc:
-                where = flight.culprit(model)
+                where = flight.culprit(model, exc)
                 hint = (
                     f" in {where}; leave that layer out with targets.exclude"
                     if where

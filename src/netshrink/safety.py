@@ -73,15 +73,34 @@ class InFlight:
         while stack and stack.pop()() is not module:
             pass
 
-    def culprit(self, model: nn.Module) -> str:
-        """``name (Type)`` of the innermost module of ``model`` still running, or ''."""
+    def culprit(self, model: nn.Module, exc: BaseException) -> str:
+        """``name (Type)`` of the innermost module of ``model`` still running whose forward
+        ``exc`` passed through, or ''.
+
+        Only modules on ``exc``'s traceback count: a forward an earlier, caught exception
+        stopped (the calibration engine's early stops) is still on the stack, but an error
+        raised later outside it, e.g. in a solver, is not its fault."""
         names = {id(m): n for n, m in model.named_modules()}
+        raised = _modules_on(exc)
         for ref in reversed(self.stack):
             module = ref()
-            if module is not None and id(module) in names:
+            if module is not None and id(module) in names and id(module) in raised:
                 name = names[id(module)] or "the model's own forward"
                 return f"{name} ({type(module).__name__})"
         return ""
+
+
+def _modules_on(exc: BaseException) -> set[int]:
+    """Ids of the modules whose frames (their ``forward`` or torch's call of it) ``exc``'s
+    traceback passes through."""
+    ids: set[int] = set()
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            ids.add(id(owner))
+        tb = tb.tb_next
+    return ids
 
 
 @contextmanager
@@ -117,7 +136,7 @@ def forward_signature(model: nn.Module, inputs: Any) -> Signature:
             try:
                 return signature(run(model, inputs))
             except Exception as exc:
-                where = flight.culprit(model) or type(model).__name__
+                where = flight.culprit(model, exc) or type(model).__name__
                 raise UnsupportedModuleError(
                     f"the forward fails in {where} ({type(exc).__name__}: {exc})"
                 ) from exc
