@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from netshrink.batches import run
-from netshrink.calibrate.collect import first_tensor, module_calls, token_mask
-from netshrink.calibrate.reducers import real_tokens
+from netshrink.calibrate import first_tensor, real_tokens, token_mask
+from netshrink.calibrate.collect import module_calls
 from netshrink.context import Batch
 from netshrink.layers import replace_module
 from netshrink.lowrank.decompose import Spectrum
