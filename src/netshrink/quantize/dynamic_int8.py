@@ -11,7 +11,6 @@ rows with one scale per row and dequantized after the lookup.
 
 from __future__ import annotations
 
-import platform
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
+from netshrink.cpu import SATURATING_INT8
 from netshrink.layers import (
     CompressedLayer,
     DequantLinear,
@@ -37,12 +37,8 @@ from netshrink.quantize.packed_rnn import PackedRNN, packable
 from netshrink.registry import technique
 from netshrink.targets import Targets
 
-# Without VNNI, x86 int8 GEMMs (oneDNN's, and torch._int_mm's through it) add pairs of
-# uint8 x int8 products in int16 with saturation (vpmaddubsw): 255 * 127 * 2 overflows it,
-# 127 * 127 * 2 does not. Such CPUs get 7-bit activation codes, exact but coarser.
-_SATURATING_CPU = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and not bool(
-    getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
-)
+# 7-bit activation codes on CPUs whose int8 kernels saturate (netshrink.cpu): exact but coarser.
+_SATURATING_CPU = SATURATING_INT8
 
 
 def _code_max(device: torch.device) -> int:

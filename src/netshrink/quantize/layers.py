@@ -17,6 +17,7 @@ float layer ``quantize.smoothquant`` leaves for ``quantize.static`` to turn into
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch.ao.quantization.fx._decomposed  # registers the quantized_decompose
 import torch.nn.functional as F
 from torch import nn
 
+from netshrink.cpu import SATURATING_INT8
 from netshrink.layers import CompressedLayer, ConvGeometry, rebuildable
 from netshrink.quantize.affine import Granularity, qrange, quantize_weight
 from netshrink.quantize.packing import pack, to_signed, to_unsigned, unpack
@@ -213,6 +215,24 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
     def weight_bits(self) -> int:
         """Bits of one weight code."""
         return self.bits
+
+    def netshrink_openvino(self) -> nn.Module:
+        """This layer as OpenVINO's CPU plugin computes it without overflow: itself, or, on a
+        CPU whose int8 kernels saturate (:data:`netshrink.cpu.SATURATING_INT8`) and for 8-bit
+        weights meeting 8-bit (u8) inputs, a copy with 7-bit weights (codes halved, scale
+        doubled). OpenVINO runs only 8-bit activations on integer kernels, so the weights give
+        the bit, as NNCF's ``OverflowFix`` does; the result is off by at most half a weight
+        step of the original grid, where the saturated sums were off by whole products."""
+        if not (SATURATING_INT8 and self.bits == 8 and self.act_bits == 8):
+            return self
+        bias = self.bias
+        layer = copy.deepcopy(self)
+        layer.weight_q.copy_(torch.round(self.weight_q / 2).to(torch.int8))
+        layer.weight_scale.mul_(2)
+        if bias is not None:
+            codes = torch.round(bias / (layer.weight_scale * layer.input_scale)).clamp(*_INT32)
+            layer.bias_q.copy_(codes.to(torch.int32))
+        return layer
 
     def _around(self, x: torch.Tensor, op: Any) -> torch.Tensor:
         """``op(x quantized)`` with the output quantized too when it joins a residual."""
