@@ -156,6 +156,42 @@ def _signature_order(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     return sorted(names, key=lambda n: params.index(n) if n in params else len(params))
 
 
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[None]:
+    """Export every Hugging Face model inside ``model`` with its ``eager`` attention, then put
+    its own implementation (``sdpa`` by default) back.
+
+    Traced, ``torch.nn.functional.scaled_dot_product_attention`` decomposes into MatMul, Add of
+    a -inf mask, Softmax, then IsNaN and Where that zero fully masked rows, and K's transpose
+    as a Reshape/Transpose/Reshape: OpenVINO runs those as separate primitives. The eager
+    function (matmul, scale, add of a mask holding the dtype's finite minimum, softmax,
+    matmul) is the pattern OpenVINO fuses into one attention kernel (its MHA ``Subgraph``), and
+    needs no NaN guard since a finite mask gives no NaN. The two agree except on a query row
+    whose keys are all masked (SDPA: zeros, eager: the mean of the values), which a padding
+    mask with at least one real token per text never has. Models that cannot switch (no
+    ``set_attn_implementation``, or attention code outside transformers' interface) export as
+    they are.
+    """
+    switched = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        current = getattr(config, "_attn_implementation", None)
+        can_set = getattr(module, "_can_set_attn_implementation", None)
+        if (
+            current in (None, "eager")
+            or not callable(getattr(module, "set_attn_implementation", None))
+            or not (callable(can_set) and can_set())
+        ):
+            continue
+        module.set_attn_implementation("eager")
+        switched.append((module, current))
+    try:
+        yield
+    finally:
+        for module, current in reversed(switched):
+            module.set_attn_implementation(current)
+
+
 def _check_dtypes(model: nn.Module) -> None:
     """Refuse a model that computes in bfloat16: ONNX Runtime has no CPU kernels for bfloat16
     Conv, MatMul or Gemm, so the file would not run (``_check_batch`` would fail in ORT)."""
@@ -265,7 +301,7 @@ def export_onnx(
     try:
         for name in names:
             try:
-                with _quiet():
+                with _quiet(), _eager_attention(model):
                     options = _EXPORTERS[name](model, args, keywords, dynamic_batch)
                     options.update(dynamo=name == "dynamo", opset_version=opset)
                     if keywords is None:
