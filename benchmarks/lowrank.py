@@ -18,7 +18,9 @@ its encoder's Linear layers), calibrated on the first 128 standard-library docst
 - ``output-aware + allocation + refit``: the same, the layers then factorized in call order,
   each fitted to the original layer's outputs (``refit``);
 - ``output-aware + allocation x2``: ``output-aware + allocation`` allocated twice, each layer's
-  output-error factor re-measured at its first allocated rank (``budget_rounds: 2``).
+  output-error factor re-measured at its first allocated rank (``budget_rounds: 2``);
+- ``... + joint QK``: the same, each attention's query and key projections factorized together
+  with one shared first factor (``joint: [["query", "key"]]``).
 
 For each it prints parameters, MACs (``torch.utils.flop_counter`` on the timing batch),
 artifact bytes, median latency (eager torch, baseline and candidates interleaved in one
@@ -177,6 +179,19 @@ METHODS: dict[str, dict[str, Any]] = {
         "output_aware": True,
         "budget_rounds": 2,
         "output_probes": 48,
+    },
+    "output-aware + allocation x2 + joint QK": {
+        **ALLOCATED,
+        "output_aware": True,
+        "budget_rounds": 2,
+        "joint": [["query", "key"]],
+    },
+    "output-aware (24 probes) + allocation x2 + joint QK": {
+        **ALLOCATED,
+        "output_aware": True,
+        "budget_rounds": 2,
+        "output_probes": 24,
+        "joint": [["query", "key"]],
     },
 }
 """Each method's ``lowrank.svd`` options; ``rule`` says whether the share is a ``ratio`` kept

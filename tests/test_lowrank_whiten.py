@@ -199,7 +199,7 @@ def test_output_weight_of_a_lone_layer_is_one() -> None:
     weights = output_weights(
         model,
         {"0": (spec, 3)},
-        lambda _n, s, k: linear_from_factors(layer, *s.factors(k)),
+        lambda n, s, k: {n: linear_from_factors(layer, *s.factors(k))},
         [(x[:25], None), (x[25:], None)],
         show=False,
     )

@@ -12,6 +12,9 @@ The manifest (format version 1) records:
   built model, so pruned, factorized and quantized layers come back with the right structure;
 - ``tensors``: each state-dict entry's dtype, shape and encoding (dense, bitmask or CSR, see
   :mod:`netshrink.artifact.codec`); ``aliases`` for tied tensors stored once;
+- ``shared_modules`` (only when the model has any): ``{path: first path}`` for every module
+  object that sits at more than one path (layers factorized jointly hold one first factor),
+  so that ``load`` puts one module at all of them again rather than equal copies;
 - ``sha256`` of the tensor file, ``checksum`` (the sha256 of the rest of the manifest, so one
   value covers both files; :mod:`netshrink.artifact.validate` checks it and every declared size
   before ``load`` allocates), provenance (versions) and ``extra`` (the recipe, seed,
@@ -87,6 +90,39 @@ def _split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return unique, aliases
 
 
+def _shared_modules(model: nn.Module) -> dict[str, str]:
+    """Each path at which a module seen at an earlier path sits again -> that earlier path."""
+    first: dict[int, str] = {}
+    shared = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in first:
+            shared[name] = first[id(module)]
+        else:
+            first[id(module)] = name
+    return shared
+
+
+def _restore_shared(model: nn.Module, shared: Any) -> None:
+    """Put the module at each ``shared`` value's path at its key's path as well."""
+    if not isinstance(shared, dict):
+        raise ArtifactError("the manifest's 'shared_modules' must be a mapping")
+    for alias, original in shared.items():
+        try:
+            source, target = model.get_submodule(str(original)), model.get_submodule(str(alias))
+        except AttributeError as exc:
+            raise ArtifactError(
+                f"the manifest shares module {excerpt(original, 80)} at {excerpt(alias, 80)}, "
+                f"which the model lacks: {exc}"
+            ) from exc
+        mine = {k: v.shape for k, v in target.state_dict().items()}
+        if mine != {k: v.shape for k, v in source.state_dict().items()}:
+            raise ArtifactError(
+                f"the manifest shares module {excerpt(original, 80)} at {excerpt(alias, 80)}, "
+                "whose tensors differ in shape"
+            )
+        replace_module(model, alias, source)
+
+
 def _versions() -> dict[str, str]:
     from netshrink.version import __version__
 
@@ -127,6 +163,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, manifest_extra: dict | No
         manifest["hf"] = hf_info
     if edits := recorded_edits(model):
         manifest["edits"] = edits
+    if shared := _shared_modules(model):
+        manifest["shared_modules"] = shared
     tmp = make_dir_beside(target, "tmp")
     try:
         save_file(stored, str(tmp / TENSORS_FILE))
@@ -252,6 +290,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     model = model if model is not None else _fresh_model(manifest)
     replay_edits(model, manifest.get("edits", []))
     model = _replay_structure(model, manifest["modules"])
+    _restore_shared(model, manifest.get("shared_modules", {}))
     state = {name: decode(name, entry, parts) for name, entry in manifest["tensors"].items()}
     for alias, original in manifest["aliases"].items():
         state[alias] = state[original]

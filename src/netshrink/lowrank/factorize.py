@@ -26,6 +26,7 @@ from netshrink.lowrank.caller import warn
 from netshrink.lowrank.decompose import Spectrum, spectrum, variants
 from netshrink.lowrank.inputs import LayerInputs, layer_inputs
 from netshrink.lowrank.jacobian import output_grams
+from netshrink.lowrank.joint import candidate_groups, joint_spectrum, same_input
 from netshrink.lowrank.layers import (
     LowRankConv2d,
     LowRankLinear,
@@ -36,6 +37,7 @@ from netshrink.lowrank.layers import (
 from netshrink.lowrank.options import SvdConfig, needs
 from netshrink.lowrank.refit import refit
 from netshrink.lowrank.sensitivity import output_weights
+from netshrink.lowrank.shared import SharedLowRankLinear, group_from_factors
 from netshrink.lowrank.summary import REPORT_ATTR, LayerRecord, LowRankReport
 from netshrink.registry import Knob, technique
 
@@ -55,7 +57,7 @@ def _cost(spec: Spectrum, rank: int | None, metric: str, stats: LayerInputs) -> 
     if metric == "params":
         return spec.dense_params if rank is None else spec.params(rank)
     out = stats.out_shape
-    if spec.variant == "linear":
+    if spec.variant in ("linear", "joint"):
         positions = second = math.prod(out[:-1])
     else:  # (N, C, H, W): the output grid; spatial's first conv keeps the input's width
         positions = second = out[0] * out[2] * out[3]
@@ -131,6 +133,23 @@ def _build(module: nn.Module, spec: Spectrum, rank: int) -> nn.Module:
     return _BUILD[spec.variant](module, *spec.factors(rank))
 
 
+class _Units:
+    """What the budget allocates over: the layers, except that each group factorized jointly
+    is one unit (``groups``: unit name -> member paths)."""
+
+    def __init__(self, layers: dict[str, nn.Module], groups: dict[str, list[str]]) -> None:
+        self.layers, self.groups = layers, groups
+        self.unit_of = {path: unit for unit, paths in groups.items() for path in paths}
+
+    def build(self, unit: str, spec: Spectrum, rank: int) -> dict[str, nn.Module]:
+        """The unit's factorized layers at ``rank``: path -> module."""
+        if unit not in self.groups:
+            return {unit: _build(self.layers[unit], spec, rank)}
+        paths = self.groups[unit]
+        members = [self.layers[p] for p in paths]
+        return dict(zip(paths, group_from_factors(members, *spec.factors(rank)), strict=True))
+
+
 def _error_scales(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -139,6 +158,7 @@ def _error_scales(
     calib: list[Batch],
     show: bool,
     at: Plan | None = None,
+    units: _Units | None = None,
 ) -> dict[str, float]:
     """Per layer, what one unit of its discarded Σσ² costs in the budget's error unit.
 
@@ -146,6 +166,7 @@ def _error_scales(
     factor of :func:`~netshrink.lowrank.sensitivity.output_weights`, each layer probed at the
     rank that keeps the budget's share of its weights (at least ``round_to``), in its first
     variant; with ``at`` (a plan) only its factorized layers, each at its planned rank.
+    ``units`` names the groups factorized jointly (``spectra`` then has one entry per group).
     """
     if config.error_measure == "relative":
         return {n: 1.0 / max(float(specs[0].s2.sum()), 1e-300) for n, specs in spectra.items()}
@@ -160,7 +181,8 @@ def _error_scales(
             if ranks.saves(specs[0], k):
                 probes[name] = (specs[0], k)
     batches = calib[: config.error_batches]
-    weights = output_weights(model, probes, lambda n, s, k: _build(layers[n], s, k), batches, show)
+    units = units or _Units(layers, {})
+    weights = output_weights(model, probes, units.build, batches, show)
     return {name: weights.get(name, 0.0) for name in (probes if at is not None else spectra)}
 
 
@@ -214,15 +236,19 @@ def _apply(
     layers: dict[str, nn.Module],
     plan: Plan,
     done: dict[str, tuple[nn.Module, Spectrum]],
+    units: _Units,
 ) -> list[LayerRecord]:
     """Replace every planned layer of ``model`` not ``done`` already (name -> the module put in
-    and its spectrum); one record per layer of ``layers``."""
+    and its spectrum); one record per layer of ``layers``. A group factorized jointly is put in
+    whole; its shared first factor counts in its first member's weights."""
     records = []
+    built: dict[str, dict[str, nn.Module]] = {}
     for name, module in layers.items():
+        unit = units.unit_of.get(name, name)
         weight = getattr(module, "weight", None)
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
         before, kind = _params(module), type(module).__name__
-        step = plan[name]
+        step = plan[unit]
         if isinstance(step, str):
             records.append(LayerRecord(name, kind, shape, before, before, skipped=step))
             continue
@@ -230,14 +256,60 @@ def _apply(
         if name in done:
             new, spec = done[name]
         else:
-            new = _build(module, spec, k)
-            replace_module(model, name, new)
+            if unit not in built:
+                built[unit] = units.build(unit, spec, k)
+                for path, layer in built[unit].items():
+                    replace_module(model, path, layer)
+            new = built[unit][name]
         after = _params(new)
+        if isinstance(new, SharedLowRankLinear) and name != units.groups[unit][0]:
+            after -= _params(new.first)
         energy = spec.energy(k)
         records.append(
             LayerRecord(name, kind, shape, before, after, spec.variant, k, spec.max_rank, energy)
         )
     return records
+
+
+def _joined(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    config: SvdConfig,
+    calib: list[Batch],
+    stats: dict[str, LayerInputs],
+    out_covs: dict[str, torch.Tensor],
+    spectra: dict[str, list[Spectrum]],
+    scales: dict[str, float],
+) -> _Units:
+    """The groups of ``config.joint`` that read one input; in ``spectra`` (changed in place)
+    each group's members give way to the group's stacked spectrum, weighted by ``scales``."""
+    groups = same_input(model, candidate_groups(layers, config.joint), calib[0]) if calib else {}
+    if config.joint and not groups:
+        warn(f"lowrank.svd: joint={config.joint} matched no layers that read one input")
+    for unit, paths in groups.items():
+        cov = stats[paths[0]].cov
+        assert cov is not None  # the members ran: same_input saw their input
+        members = [layers[p] for p in paths]
+        outs = [out_covs.get(p) for p in paths]
+        spec = joint_spectrum(members, cov, outs, [scales[p] for p in paths], config.damping)
+        for p in paths:
+            del spectra[p]
+        spectra[unit] = [spec]
+    return _Units(layers, groups)
+
+
+def _probe_plan(spectra: dict[str, list[Spectrum]], units: _Units, config: SvdConfig) -> Plan:
+    """Each group at the rank that keeps the budget's share of its weights (at least
+    ``round_to``): where its output-error factor is first measured."""
+    assert config.budget is not None
+    plan: Plan = {}
+    for unit in units.groups:
+        spec = spectra[unit][0]
+        plan[unit] = (
+            spec,
+            max(ranks.by_ratio(spec, config.budget, config.round_to), config.round_to),
+        )
+    return plan
 
 
 def _probe_options(ratio: float, targets: dict[str, Any]) -> dict[str, Any]:
@@ -290,12 +362,27 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     if config.output_aware:
         out_covs = output_grams(model, todo, calib, config.output_probes, show=ctx.progress)
     spectra = _spectra(todo, config, stats, out_covs)
+    units = _Units(todo, {})
     if config.budget is not None:
         scales = _error_scales(model, todo, spectra, config, calib, ctx.progress)
+        if config.joint:
+            units = _joined(model, todo, config, calib, stats, out_covs, spectra, scales)
+            for unit, paths in units.groups.items():
+                stats[unit] = stats[paths[0]]
+            scales |= _error_scales(
+                model,
+                todo,
+                spectra,
+                config,
+                calib,
+                ctx.progress,
+                _probe_plan(spectra, units, config),
+                units,
+            )
         plan = _global(spectra, config, stats, scales)
         for _ in range(config.budget_rounds - 1):
             # the factor is measured at one rank; re-measured where the allocation went
-            scales |= _error_scales(model, todo, spectra, config, calib, ctx.progress, plan)
+            scales |= _error_scales(model, todo, spectra, config, calib, ctx.progress, plan, units)
             plan = _global(spectra, config, stats, scales)
     else:
         plan = _per_layer(spectra, config)
@@ -303,7 +390,7 @@ def svd(model: nn.Module, config: SvdConfig, ctx: Context) -> nn.Module:
     if config.refit:
         steps = {n: step for n, step in plan.items() if not isinstance(step, str)}
         done = refit(model, todo, steps, calib, _build, config.damping, out_covs, ctx.progress)
-    records = _apply(model, layers, plan | unsupported, done)
+    records = _apply(model, layers, plan | unsupported, done, units)
     report = LowRankReport(config.selection, config.activation_aware, tuple(records))
     setattr(model, REPORT_ATTR, report)
     return model

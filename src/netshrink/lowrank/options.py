@@ -64,6 +64,11 @@ class SvdConfig(TechniqueConfig):
         description="output_aware: random output directions per calib_data batch "
         "(one forward and backward pass each)",
     )
+    joint: list[list[str]] = Field(
+        default_factory=list,
+        description="groups of sibling Linear names, e.g. [['query', 'key']], factorized together "
+        "with one shared first factor where they read the same input (needs budget_error='output')",
+    )
     refit: bool = Field(
         False,
         description="factorize layer by layer in call order, each fitted by least squares to "
@@ -100,12 +105,27 @@ class SvdConfig(TechniqueConfig):
                 f"budget_rounds={self.budget_rounds} re-measures the output-error budget: set "
                 "budget and budget_error='output' (or activation_aware), or budget_rounds=1"
             )
+        if self.joint:
+            self._check_joint()
         for name in ("refit", "output_aware"):
             if getattr(self, name) and not self.activation_aware:
                 raise ValueError(
                     f"{name}=True reads calib_data's statistics: set activation_aware=True"
                 )
         return self
+
+    def _check_joint(self) -> None:
+        for entry in self.joint:
+            if len(set(entry)) < 2 or not all(n.isidentifier() or n.isdigit() for n in entry):
+                raise ValueError(
+                    f"joint entry {entry} must name two or more different child layers of one "
+                    "parent (no dots), e.g. ['query', 'key']"
+                )
+        if self.budget is None or self.error_measure != "output" or self.refit:
+            raise ValueError(
+                "joint weighs the group's members by their measured output error: set budget "
+                "and budget_error='output' (or activation_aware), without refit"
+            )
 
     @property
     def error_measure(self) -> str:

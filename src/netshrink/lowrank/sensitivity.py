@@ -31,8 +31,9 @@ from netshrink.layers import replace_module
 from netshrink.lowrank.decompose import Spectrum
 from netshrink.progress import track
 
-Build = Callable[[str, Spectrum, int], nn.Module]
-"""Makes the factorized layer named by the first argument from its spectrum at a rank."""
+Build = Callable[[str, Spectrum, int], dict[str, nn.Module]]
+"""Makes the factorized layers of the unit named by the first argument (a layer, or a group
+factorized jointly) from its spectrum at a rank: path -> module."""
 
 
 def _rows(out: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -59,8 +60,8 @@ def output_weights(
 ) -> dict[str, float]:
     """Each probed layer's factor w (see the module docstring), from ``batches``.
 
-    ``probes`` maps a layer's name to its spectrum and probe rank; ``build`` makes the
-    truncated layer. The model runs in eval mode without gradients (as calibration does) and
+    ``probes`` maps a unit's name to its spectrum and probe rank; ``build`` makes the
+    truncated layers. The model runs in eval mode without gradients (as calibration does) and
     is restored after each probe, even on error. A layer whose probe discards nothing gets 0.
     The output change is summed over features and averaged over examples (over real tokens
     when the output has a token axis and the batch an attention mask).
@@ -75,12 +76,15 @@ def output_weights(
             if discarded <= 0.0:
                 weights[name] = 0.0
                 continue
-            original = model.get_submodule(name)
-            replace_module(model, name, build(name, spec, rank))
+            originals = {
+                path: replace_module(model, path, new)
+                for path, new in build(name, spec, rank).items()
+            }
             try:
                 now = _outputs(model, batches, masks)
             finally:
-                replace_module(model, name, original)
+                for path, original in originals.items():
+                    replace_module(model, path, original)
             change = sum(float((a - b).square().sum()) for a, b in zip(now, reference, strict=True))
             weights[name] = change / count / discarded
     return weights
