@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 
 from netshrink.measure import Measurement
+from netshrink.recipe import meter
 from netshrink.report import print_report, write
 from netshrink.report.plots import figures
 from netshrink.report.record import (
@@ -211,3 +212,13 @@ def test_labels_of_close_points_do_not_overlap() -> None:
     boxes = [t.get_window_extent(renderer) for t in ax.texts]
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
+@pytest.mark.parametrize("saturating", [True, False])
+def test_machine_says_when_int8_kernels_lack_vnni(
+    monkeypatch: pytest.MonkeyPatch, saturating: bool
+) -> None:
+    # An int8 model slower than fp32 on an AVX2-only CPU is explained by the "measured on" line.
+    monkeypatch.setattr(meter, "SATURATING_INT8", saturating)
+    described = meter.machine()
+    assert described.endswith("cores, int8 without VNNI)" if saturating else "cores)")

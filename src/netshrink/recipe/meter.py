@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from netshrink.measure import Measurement
 
 from netshrink.context import Batch, Evaluate
+from netshrink.cpu import SATURATING_INT8
 from netshrink.layers import CompressedLayer
 from netshrink.report.record import Environment, LayerInfo, StageRecord
 from netshrink.settings import Timing
@@ -29,7 +30,11 @@ _FLOAT_BITS = {torch.float32: 32, torch.float64: 64, torch.float16: 16, torch.bf
 
 
 def machine() -> str:
-    """The CPU model, architecture and core count, e.g. ``Intel Xeon ... (x86_64, 2 cores)``."""
+    """The CPU model, architecture and core count, e.g. ``Intel Xeon ... (x86_64, 2 cores)``.
+
+    On an x86 CPU without VNNI it adds ``int8 without VNNI``: there int8 GEMMs run on AVX2
+    kernels that are no faster than fp32, which explains an int8 model's speedup below 1x.
+    """
     name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -37,7 +42,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 name = line.split(":", 1)[1].strip()
                 break
-    return f"{name} ({platform.machine()}, {os.cpu_count()} cores)"
+    int8 = ", int8 without VNNI" if SATURATING_INT8 else ""
+    return f"{name} ({platform.machine()}, {os.cpu_count()} cores{int8})"
 
 
 def versions() -> dict[str, str]:
