@@ -222,6 +222,42 @@ _EXPORTERS = {"dynamo": _dynamo_options, "torchscript": _torchscript_options}
 """Each exporter's ``torch.onnx.export`` keyword arguments (names, dynamic batch axes)."""
 
 
+def _explicit_zero_points(path: Path) -> None:
+    """Give every per-channel int8 ``DequantizeLinear`` of a weight an explicit zero point.
+
+    The exporter leaves out zero points that are all zero, which ONNX allows. ONNX Runtime's
+    ``session.x64quantprecision`` rewrite (int8 weights to uint8, for CPUs without VNNI)
+    then adds a scalar zero point of 128 to a per-channel node and the session fails while
+    running it ("x_zero_point must be null or 1D tensor with size N"). With zeros written
+    out (one byte a channel), the rewrite shifts them and the file runs.
+    """
+    model = onnx.load(str(path))
+    weights = {t.name: t for t in model.graph.initializer}
+    added = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) != 2:
+            continue
+        x, scale = (weights.get(name) for name in node.input)
+        if x is None or scale is None or x.data_type != onnx.TensorProto.INT8:
+            continue
+        if len(scale.dims) != 1 or scale.dims[0] < 2:
+            continue  # per-tensor: ORT's scalar zero point fits
+        # one tensor per node (outputs are unique): ORT rewrites each in place, and a shared
+        # one fails its rewrite ("Attempt to replace the existing tensor")
+        zeros = onnx.helper.make_tensor(
+            f"{node.output[0]}_zero_point",
+            onnx.TensorProto.INT8,
+            [scale.dims[0]],
+            bytes(scale.dims[0]),
+            raw=True,
+        )
+        model.graph.initializer.append(zeros)
+        node.input.append(zeros.name)
+        added += 1
+    if added:
+        onnx.save(model, str(path))
+
+
 def _check_batch(path: Path, args: tuple[torch.Tensor, ...], names: tuple[str, ...] | None) -> None:
     """Run the file in ONNX Runtime at the traced batch and one more: a baked-in batch fails.
 
@@ -318,6 +354,7 @@ def export_onnx(
             )
         if errors:
             warnings.warn(f"ONNX export fell back to torchscript ({errors[0]})", stacklevel=2)
+        _explicit_zero_points(tmp)
         try:
             onnx.checker.check_model(str(tmp))
         except onnx.checker.ValidationError as exc:

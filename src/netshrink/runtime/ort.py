@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from netshrink.cpu import SATURATING_INT8
 from netshrink.errors import ArtifactError, DataError
 from netshrink.runtime.threads import resolve_threads
 
@@ -74,6 +75,11 @@ def onnx_session(
     one session kept the cores busy while another session ran, and an fp32 baseline timed
     interleaved with its int8 candidate measured 9-13 ms in one process against 4.7 ms alone
     (2 cores, digits-cnn, batch 64).
+
+    On x86 CPUs without VNNI (:data:`netshrink.cpu.SATURATING_INT8`) the session asks for
+    ``session.x64quantprecision``: ORT's u8 x s8 GEMM adds pairs of products in saturating
+    int16 there, which 8-bit weights overflow (a smoothed static int8 Linear: 1% of its output
+    range off); the option rewrites such weights to uint8 for an exact u8 x u8 GEMM.
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = resolve_threads(threads)
@@ -81,6 +87,8 @@ def onnx_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if SATURATING_INT8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     options.log_severity_level = 4  # fatal only: errors are raised anyway; stderr stays clean
     return ort.InferenceSession(
         onnx_bytes(source, example_inputs), options, providers=["CPUExecutionProvider"]
