@@ -49,6 +49,27 @@ def test_bert_layers_are_staged_in_call_order_with_q_k_v_together() -> None:
     ]
 
 
+def test_paired_sums_over_indexed_rows_equal_those_over_their_copy() -> None:
+    # the staged engine indexes a padded batch's real tokens instead of copying them
+    from netshrink.calibrate.reducers import CHUNK, real_tokens, token_rows
+
+    gen = torch.Generator().manual_seed(2)
+    x, ref = (torch.randn(3, CHUNK // 2 + 40, 16, generator=gen) for _ in range(2))
+    mask = torch.rand(3, x.shape[1], generator=gen) > 0.3
+    rows = token_rows(x, mask)
+    assert rows is not None and token_rows(x[0], mask) is None  # only (batch, tokens, dim)
+    indexed = Paired()
+    indexed.add(x.reshape(-1, 16), ref.reshape(-1, 16), rows)
+    copied = paired(real_tokens(x, mask), real_tokens(ref, mask))
+    assert indexed.count == copied.count == int(mask.sum())
+    for got, want in zip(
+        (indexed.gram, indexed.cross, indexed.total, indexed.reference_total),
+        (copied.gram, copied.cross, copied.total, copied.reference_total),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
+
+
 def test_asymmetric_target_is_the_weight_itself_without_upstream_error() -> None:
     w, x = torch.randn(8, 16), correlated(64, 16, 0)
     assert torch.allclose(asymmetric_target(w, paired(x, x), 0.01), w, atol=1e-5)

@@ -92,6 +92,16 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x[mask.to(x.device)] if _token_shaped(x, mask) else x
 
 
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Indices of ``mask``'s real tokens among the ``batch * tokens`` rows of a (batch, tokens,
+    dim) ``x`` flattened to (rows, dim), or None when ``x`` is not token-shaped (every row is
+    real). Gathering chunks of rows by these indices avoids copying the real rows whole."""
+    if not _token_shaped(x, mask):
+        return None
+    assert mask is not None
+    return mask.to(x.device).reshape(-1).nonzero().squeeze(1)
+
+
 def _token_shaped(x: torch.Tensor, mask: torch.Tensor | None) -> bool:
     """Whether ``x`` is (batch, tokens, dim) with ``mask`` (batch, tokens) marking its tokens."""
     return mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape
@@ -149,12 +159,11 @@ class _Columns(Reducer):
         """As :meth:`update` on the real tokens, each chunk gathered from ``x`` directly: no copy
         of the batch's real rows (10 MiB for MiniLM's FFN output input at 16 x 101 tokens) is
         made. The chunks hold the same rows in the same order, so the sums are the same."""
-        if not _token_shaped(x, mask):
+        rows = token_rows(x, mask)
+        if rows is None:
             self.update(module, x)
             return
-        assert mask is not None
         flat = input_vectors(module, x.detach())  # (batch * tokens, in), a view
-        rows = mask.to(x.device).reshape(-1).nonzero().squeeze(1)
         for index in rows.split(CHUNK):
             self._add(flat.index_select(0, index).double())
         self.count += rows.numel()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from netshrink.calibrate.collect import module_calls
 from netshrink.calibrate.memory import large_tensors_unmapped
-from netshrink.calibrate.reducers import CHUNK, Reducer, input_vectors, real_tokens
+from netshrink.calibrate.reducers import CHUNK, Reducer, input_vectors, token_rows
 from netshrink.calibrate.sequential import (
     BlockCall,
     SequentialReport,
@@ -68,12 +69,19 @@ class Paired(Reducer):
     def update(self, module: nn.Module, x: torch.Tensor) -> None:
         self.add(input_vectors(module, x.detach()))
 
-    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None) -> None:
-        """Fold the (tokens, in) inputs ``x`` (compressed) and their ``reference`` (the
-        full-precision model's; give it on every call or on none). The vectors are converted
-        to float64 :data:`~netshrink.calibrate.reducers.CHUNK` rows at a time and added in
-        place, as :class:`~netshrink.calibrate.Gram` does: no float64 copy of the batch and no
-        second (in, in) matrix."""
+    def add(
+        self,
+        x: torch.Tensor,
+        reference: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        """Fold the (vectors, in) inputs ``x`` (compressed) and their ``reference`` (the
+        full-precision model's, the same shape; give it on every call or on none), only the
+        vectors at indices ``rows`` when given (a padded batch's real tokens, see
+        :func:`~netshrink.calibrate.reducers.token_rows`). The vectors are gathered and
+        converted to float64 :data:`~netshrink.calibrate.reducers.CHUNK` at a time and added
+        in place, as :class:`~netshrink.calibrate.Gram` does: no copy of the batch's real rows,
+        no float64 copy of the batch and no second (in, in) matrix."""
         if self.gram is None:
             self.gram = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             self.total = x.new_zeros(x.shape[1], dtype=torch.float64)
@@ -81,16 +89,17 @@ class Paired(Reducer):
                 self.cross = torch.zeros_like(self.gram)
                 self.reference_total = torch.zeros_like(self.total)
         assert self.total is not None
-        for start in range(0, x.shape[0], CHUNK):
-            v = x[start : start + CHUNK].double()
+        index = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+        for chunk in index.split(CHUNK):
+            v = x.index_select(0, chunk).double()
             self.gram.addmm_(v.T, v)
             self.total += v.sum(0)
             if reference is not None:
                 assert self.cross is not None and self.reference_total is not None
-                r = reference[start : start + CHUNK].double()
+                r = reference.index_select(0, chunk).double()
                 self.cross.addmm_(v.T, r)
                 self.reference_total += r.sum(0)
-        self.count += x.shape[0]
+        self.count += index.numel()
 
     def take_mean(self) -> torch.Tensor | None:
         """The second-moment matrix E[x~ x~^T] of the compressed inputs, computed in the Gram
@@ -109,18 +118,37 @@ class Paired(Reducer):
         return self.total / self.count, reference / self.count
 
 
+@dataclass
+class _Seen:
+    """One layer's input on one call: its ``vectors`` (all rows, padding included: a view of
+    the padded batch for a Linear), the indices of the real-token ``rows`` among them (None:
+    every row is real) and the ``source`` tensor's id."""
+
+    vectors: torch.Tensor
+    rows: torch.Tensor | None
+    source: int
+
+    def real(self) -> torch.Tensor:
+        """The real-token vectors, copied (only where the whole set is needed at once)."""
+        return self.vectors if self.rows is None else self.vectors.index_select(0, self.rows)
+
+
 def _layer_inputs(
     block: nn.Module, names: Sequence[str], call: BlockCall, stop: bool
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """Each named layer's input vectors on ``call`` (real tokens only) and the id of the input
-    tensor, in call order; with ``stop`` the forward ends once every named layer has run."""
-    seen: dict[str, tuple[torch.Tensor, int]] = {}
+) -> dict[str, _Seen]:
+    """Each named layer's input on ``call``, in call order; with ``stop`` the forward ends once
+    every named layer has run. The padded input is kept and its real rows indexed rather than
+    copied: with the reference stream a copy of both streams' rows was 20 MiB of GPTAQ's peak
+    on MiniLM's FFN output."""
+    seen: dict[str, _Seen] = {}
 
     def hook(name: str) -> Callable[..., None]:
         def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
             if name not in seen:
-                x = real_tokens(args[0].detach(), call.tokens)
-                seen[name] = (input_vectors(module, x), id(args[0]))
+                x = args[0].detach()
+                seen[name] = _Seen(
+                    input_vectors(module, x), token_rows(x, call.tokens), id(args[0])
+                )
             if stop and len(seen) == len(names):
                 raise StopForward
 
@@ -144,12 +172,12 @@ def stages(block: nn.Module, names: Sequence[str], call: BlockCall) -> list[list
     order = _layer_inputs(block, names, call, stop=False)
     groups: list[list[str]] = []
     last: int | None = None
-    for name, (_, source) in order.items():
-        if groups and source == last:
+    for name, seen in order.items():
+        if groups and seen.source == last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last = source
+        last = seen.source
     idle = [n for n in names if n not in order]
     return groups + ([idle] if idle else [])
 
@@ -182,8 +210,9 @@ def _add_call(
     the next batch's forwards rather than after them (20 MiB for MiniLM's FFN output)."""
     seen = _layer_inputs(block, list(stats), call, stop=True)
     fp = _layer_inputs(dense, list(stats), ref, stop=True) if dense is not None else seen
-    for name, (x, _) in seen.items():
-        stats[name].add(x, fp[name][0] if dense is not None else None)
+    for name, x in seen.items():
+        reference = fp[name].vectors if dense is not None else None
+        stats[name].add(x.vectors, reference, x.rows)
 
 
 def run_stages(
@@ -317,9 +346,9 @@ def refit_norms(
             fp = _layer_inputs(dense, [name], ref, stop=True)
             if name in seen:
                 shape, eps = norm.normalized_shape, norm.eps
-                n = nn.functional.layer_norm(seen[name][0], shape, None, None, eps)
+                n = nn.functional.layer_norm(seen[name].real(), shape, None, None, eps)
                 y = nn.functional.layer_norm(
-                    fp[name][0], shape, reference.weight, reference.bias, eps
+                    fp[name].real(), shape, reference.weight, reference.bias, eps
                 )
                 fit.add(n, y)
         if fit.count:
