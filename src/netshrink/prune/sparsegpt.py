@@ -226,7 +226,9 @@ def prune_layer(
     out = torch.empty_like(flat)
     size = flat[0].numel()
     for g in range(groups):
-        h = hessian[g * width : (g + 1) * width, g * width : (g + 1) * width][order][:, order]
+        h = hessian[g * width : (g + 1) * width, g * width : (g + 1) * width]
+        if taps > 1:  # tap-major columns: the Hessian reordered alike (a copy; a Linear's is not)
+            h = h[order][:, order]
         # the groups' shares of the layer's zeros, by cumulative rounding: exact per layer
         zeros = round(fraction * size * (g + 1)) - round(fraction * size * g)
         out[g][:, order] = _solve(flat[g][:, order], h, zeros / size, nm, config)
