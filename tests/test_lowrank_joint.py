@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from netshrink.errors import ConfigError
 from netshrink.lowrank import report_of
 from netshrink.lowrank.shared import SharedBasis, SharedLowRankLinear, group_from_factors
 from netshrink.measure.counts import count_params
-from netshrink.runtime import OrtRunner
+from netshrink.runtime import EagerRunner, OrtRunner
 
 
 class Attention(nn.Module):
@@ -92,6 +93,38 @@ def test_basis_is_computed_once_per_input_and_never_stale() -> None:
         basis.weight.mul_(2)  # an in-place change bumps the weight's version
     assert torch.allclose(basis(x), 2 * again)
     assert basis(x.clone()) is not basis(x)  # another input tensor: computed anew
+
+
+class NormedAttention(nn.Module):
+    """A LayerNorm before the attention: query and key read a tensor made inside the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.attn = nn.LayerNorm(24), Attention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm(x))
+
+
+def test_a_joint_model_runs_under_inference_mode_as_the_runners_call_it() -> None:
+    # tensors made under inference_mode have no version counter to check the kept result by
+    torch.manual_seed(0)
+    model = NormedAttention().eval()
+    out = _joint(model)
+    assert isinstance(out.attn.query, SharedLowRankLinear)
+    x = _inputs(2)
+    with torch.no_grad():
+        want = out(x)
+    torch.testing.assert_close(EagerRunner(out)((x,)), want, rtol=0, atol=0)
+
+
+def test_a_basis_holding_a_result_with_history_deep_copies() -> None:
+    out = _joint(_model())
+    out.query(_inputs(2))  # grad on: the kept result, awaiting key, carries autograd history
+    assert out.query.first._kept is not None
+    copied = copy.deepcopy(out)
+    assert copied.query.first._kept is None
+    assert copied.query.first is copied.key.first  # the sharing survives the copy
 
 
 def test_svd_shares_the_first_factor_and_meets_the_budget() -> None:

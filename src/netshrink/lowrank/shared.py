@@ -26,7 +26,10 @@ class SharedBasis(nn.Module):
 
     The result is kept until every user has taken it, or until another input comes, and only
     while the input, the weight and the grad mode are the ones it was computed with (an
-    in-place change to either tensor bumps its version), so a kept result is never stale.
+    in-place change to either tensor bumps its version), so a kept result is never stale. An
+    input made under ``torch.inference_mode`` has no version counter: there the input is
+    matched by identity alone (a forward that changed its input in place between two sibling
+    projections would defeat that; none known does).
     """
 
     def __init__(self, in_features: int, rank: int, users: int) -> None:
@@ -39,7 +42,8 @@ class SharedBasis(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return F.linear(x, self.weight)  # an exporter traces each call; ORT merges them
-        key = (x._version, self.weight._version, torch.is_grad_enabled())
+        version = -1 if x.is_inference() else x._version
+        key = (version, self.weight._version, torch.is_grad_enabled())
         kept = self._kept
         if kept is not None and kept[0] is x and kept[1] == key:
             y, left = kept[2], kept[3] - 1
@@ -47,6 +51,10 @@ class SharedBasis(nn.Module):
             y, left = F.linear(x, self.weight), self.users - 1
         self._kept = (x, key, y, left) if left > 0 else None
         return y
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the kept result is one forward's cache; with autograd history it cannot be deep-copied
+        return {**self.__dict__, "_kept": None}
 
     def extra_repr(self) -> str:
         rank, n = self.weight.shape
