@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -90,21 +91,30 @@ def test_static_bert_runs_in_ort_with_and_without_exact_int8_gemms(
 ) -> None:
     # CPUs without VNNI get ORT's exact int8 path (session.x64quantprecision, int8 weights
     # rewritten to uint8). Its rewrite failed the whole session on a per-channel
-    # DequantizeLinear exported without a zero point: export writes the zeros out.
+    # DequantizeLinear without a zero point: export writes the zeros out, and the session
+    # adds them to any other source (here the same graph with them taken out again).
     monkeypatch.setattr(ort_runtime, "SATURATING_INT8", saturating)
     model, calib = tiny_bert()
     q = ns.quantize.static(model, calib_data=calib, progress=False)
     inputs = calib[0][0]
-    runner = OrtRunner(export_onnx(q, tmp_path / "q.onnx", inputs), threads=1)
-    options = runner.session.get_session_options()
-    if saturating:
-        assert options.get_session_config_entry("session.x64quantprecision") == "1"
-    else:
-        with pytest.raises(RuntimeError, match="does not have configuration"):
-            options.get_session_config_entry("session.x64quantprecision")
+    path = export_onnx(q, tmp_path / "q.onnx", inputs)
+    graph = onnx.load(str(path))
+    nodes = graph.graph.node
+    added = [n for n in nodes if len(n.input) == 3 and n.input[2].endswith("_zero_point")]
+    assert added  # the per-channel int8 weights' zero points are in the file
+    for node in added:
+        del node.input[2]
     with torch.no_grad():
         ref = q(**inputs).last_hidden_state
-    out = runner(inputs)
-    out = out[0] if isinstance(out, tuple) else out
-    # the same codes and grids; ORT requantizes in its own float order: within 1% of the range
-    torch.testing.assert_close(out, ref, atol=1e-2 * float(ref.abs().max()), rtol=0)
+    for source in (path, graph.SerializeToString()):
+        runner = OrtRunner(source, threads=1)
+        options = runner.session.get_session_options()
+        if saturating:
+            assert options.get_session_config_entry("session.x64quantprecision") == "1"
+        else:
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                options.get_session_config_entry("session.x64quantprecision")
+        out = runner(inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        # the same codes and grids; ORT requantizes in its own float order: within 1% of range
+        torch.testing.assert_close(out, ref, atol=1e-2 * float(ref.abs().max()), rtol=0)

@@ -222,17 +222,19 @@ _EXPORTERS = {"dynamo": _dynamo_options, "torchscript": _torchscript_options}
 """Each exporter's ``torch.onnx.export`` keyword arguments (names, dynamic batch axes)."""
 
 
-def _explicit_zero_points(path: Path) -> None:
-    """Give every per-channel int8 ``DequantizeLinear`` of a weight an explicit zero point.
+def explicit_zero_points(model: onnx.ModelProto) -> int:
+    """Give every per-channel int8 ``DequantizeLinear`` of a weight in ``model``'s main graph
+    an explicit zero point, in place; return how many nodes got one.
 
-    The exporter leaves out zero points that are all zero, which ONNX allows. ONNX Runtime's
+    Exporters leave out zero points that are all zero, which ONNX allows. ONNX Runtime's
     ``session.x64quantprecision`` rewrite (int8 weights to uint8, for CPUs without VNNI)
     then adds a scalar zero point of 128 to a per-channel node and the session fails while
     running it ("x_zero_point must be null or 1D tensor with size N"). With zeros written
-    out (one byte a channel), the rewrite shifts them and the file runs.
+    out (one byte a channel), the rewrite shifts them and the graph runs. Nodes inside
+    subgraphs (If, Loop) and weights held in ``Constant`` nodes are left as they are.
     """
-    model = onnx.load(str(path))
     weights = {t.name: t for t in model.graph.initializer}
+    taken = set(weights) | {n for node in model.graph.node for n in (*node.input, *node.output)}
     added = 0
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear" or len(node.input) != 2:
@@ -242,20 +244,20 @@ def _explicit_zero_points(path: Path) -> None:
             continue
         if len(scale.dims) != 1 or scale.dims[0] < 2:
             continue  # per-tensor: ORT's scalar zero point fits
-        # one tensor per node (outputs are unique): ORT rewrites each in place, and a shared
-        # one fails its rewrite ("Attempt to replace the existing tensor")
+        # one tensor per node: ORT rewrites each in place, and a shared one fails its rewrite
+        # ("Attempt to replace the existing tensor")
+        name = f"{node.output[0]}_zero_point"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        channels = scale.dims[0]
         zeros = onnx.helper.make_tensor(
-            f"{node.output[0]}_zero_point",
-            onnx.TensorProto.INT8,
-            [scale.dims[0]],
-            bytes(scale.dims[0]),
-            raw=True,
+            name, onnx.TensorProto.INT8, [channels], bytes(channels), raw=True
         )
         model.graph.initializer.append(zeros)
-        node.input.append(zeros.name)
+        node.input.append(name)
         added += 1
-    if added:
-        onnx.save(model, str(path))
+    return added
 
 
 def _check_batch(path: Path, args: tuple[torch.Tensor, ...], names: tuple[str, ...] | None) -> None:
@@ -354,7 +356,9 @@ def export_onnx(
             )
         if errors:
             warnings.warn(f"ONNX export fell back to torchscript ({errors[0]})", stacklevel=2)
-        _explicit_zero_points(tmp)
+        exported = onnx.load(str(tmp))
+        if explicit_zero_points(exported):
+            onnx.save(exported, str(tmp))
         try:
             onnx.checker.check_model(str(tmp))
         except onnx.checker.ValidationError as exc:

@@ -79,7 +79,10 @@ def onnx_session(
     On x86 CPUs without VNNI (:data:`netshrink.cpu.SATURATING_INT8`) the session asks for
     ``session.x64quantprecision``: ORT's u8 x s8 GEMM adds pairs of products in saturating
     int16 there, which 8-bit weights overflow (a smoothed static int8 Linear: 1% of its output
-    range off); the option rewrites such weights to uint8 for an exact u8 x u8 GEMM.
+    range off); the option rewrites such weights to uint8 for an exact u8 x u8 GEMM, and the
+    graph's per-channel int8 weights get explicit zero points first, without which that
+    rewrite fails (:func:`netshrink.artifact.onnx.explicit_zero_points`; any ONNX source,
+    not only netshrink's exports).
     """
     options = ort.SessionOptions()
     options.intra_op_num_threads = resolve_threads(threads)
@@ -87,12 +90,20 @@ def onnx_session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 4  # fatal only: errors are raised anyway; stderr stays clean
+    data = onnx_bytes(source, example_inputs)
     if SATURATING_INT8:
         options.add_session_config_entry("session.x64quantprecision", "1")
-    options.log_severity_level = 4  # fatal only: errors are raised anyway; stderr stays clean
-    return ort.InferenceSession(
-        onnx_bytes(source, example_inputs), options, providers=["CPUExecutionProvider"]
-    )
+        data = _with_zero_points(data)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _with_zero_points(data: bytes) -> bytes:
+    """``data`` with explicit per-channel int8 zero points (unchanged when none were missing)."""
+    from netshrink.artifact.onnx import explicit_zero_points
+
+    model = onnx.load_from_string(data)
+    return model.SerializeToString() if explicit_zero_points(model) else data
 
 
 def _numpy(x: Any) -> np.ndarray:
