@@ -70,6 +70,29 @@ def test_paired_sums_over_indexed_rows_equal_those_over_their_copy() -> None:
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("real", [6, 2])  # of 7 positions: mostly real, mostly padding
+def test_a_layers_input_is_kept_padded_unless_mostly_padding(real: int) -> None:
+    from netshrink.calibrate.reducers import real_tokens
+    from netshrink.calibrate.staged import _layer_inputs
+
+    model, calib = tiny_bert()
+    inputs = dict(calib[0][0])
+    inputs["attention_mask"] = torch.ones(2, 7, dtype=torch.long)
+    inputs["attention_mask"][:, real:] = 0
+    block = model.encoder.layer[0]
+    call = first_block_calls(model, block, [(inputs, None)])[0]
+    grabbed: list[torch.Tensor] = []
+    hook = block.output.dense.register_forward_pre_hook(lambda m, a: grabbed.append(a[0]))
+    seen = _layer_inputs(block, ["output.dense"], call, stop=True)["output.dense"]
+    hook.remove()
+    want = real_tokens(grabbed[0], call.tokens)
+    torch.testing.assert_close(seen.real(), want, rtol=0, atol=0)
+    if 2 * real >= 7:  # the padded input, indexed: no copy
+        assert seen.rows is not None and seen.vectors.shape[0] == 14
+    else:  # the real rows copied: smaller than the padded input
+        assert seen.rows is None and seen.vectors.shape[0] == 2 * real
+
+
 def test_asymmetric_target_is_the_weight_itself_without_upstream_error() -> None:
     w, x = torch.randn(8, 16), correlated(64, 16, 0)
     assert torch.allclose(asymmetric_target(w, paired(x, x), 0.01), w, atol=1e-5)

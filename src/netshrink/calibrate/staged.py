@@ -134,21 +134,26 @@ class _Seen:
 
 
 def _layer_inputs(
-    block: nn.Module, names: Sequence[str], call: BlockCall, stop: bool
+    block: nn.Module, names: Sequence[str], call: BlockCall, stop: bool, keep: bool = True
 ) -> dict[str, _Seen]:
     """Each named layer's input on ``call``, in call order; with ``stop`` the forward ends once
-    every named layer has run. The padded input is kept and its real rows indexed rather than
-    copied: with the reference stream a copy of both streams' rows was 20 MiB of GPTAQ's peak
-    on MiniLM's FFN output."""
+    every named layer has run; without ``keep`` only the order and sources are recorded (empty
+    vectors). The padded input is kept and its real rows indexed rather than copied (with the
+    reference stream a copy of both streams' rows was 20 MiB of GPTAQ's peak on MiniLM's FFN
+    output), unless it is mostly padding: then the copy of its real rows is the smaller."""
     seen: dict[str, _Seen] = {}
 
     def hook(name: str) -> Callable[..., None]:
         def grab(module: nn.Module, args: tuple[Any, ...]) -> None:
             if name not in seen:
                 x = args[0].detach()
-                seen[name] = _Seen(
-                    input_vectors(module, x), token_rows(x, call.tokens), id(args[0])
-                )
+                if not keep:
+                    seen[name] = _Seen(x.new_empty(0), None, id(args[0]))
+                else:
+                    vectors, rows = input_vectors(module, x), token_rows(x, call.tokens)
+                    if rows is not None and 2 * rows.numel() < vectors.shape[0]:
+                        vectors, rows = vectors.index_select(0, rows), None
+                    seen[name] = _Seen(vectors, rows, id(args[0]))
             if stop and len(seen) == len(names):
                 raise StopForward
 
@@ -169,7 +174,7 @@ def stages(block: nn.Module, names: Sequence[str], call: BlockCall) -> list[list
     """``names`` (relative to ``block``) grouped into stages: in the order the forward calls
     them, consecutive layers reading the same input tensor together; layers that never ran
     on ``call`` form a last stage of their own."""
-    order = _layer_inputs(block, names, call, stop=False)
+    order = _layer_inputs(block, names, call, stop=False, keep=False)
     groups: list[list[str]] = []
     last: int | None = None
     for name, seen in order.items():
