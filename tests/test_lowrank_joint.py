@@ -189,3 +189,14 @@ def test_members_reading_different_inputs_are_factorized_one_by_one() -> None:
             calib_data=[(_inputs(1), None)], progress=False,
         )  # fmt: skip
     assert not isinstance(out.query, SharedLowRankLinear)
+
+
+def test_a_group_with_a_member_left_out_by_targets_says_so() -> None:
+    said = r"1 joint group\(s\) incomplete.*no selected Linear \['key'\]"
+    with pytest.warns(UserWarning, match=said):
+        out = ns.lowrank.svd(
+            _model(), budget=0.5, activation_aware=True, joint=[["query", "key"]],
+            targets={"exclude": ["key"]}, calib_data=[(_inputs(1), None)], progress=False,
+        )  # fmt: skip
+    assert not isinstance(out.query, SharedLowRankLinear)
+    assert type(out.key) is nn.Linear  # excluded: untouched

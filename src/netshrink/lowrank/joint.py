@@ -38,16 +38,28 @@ def unit_name(parent: str, members: Sequence[str]) -> str:
 
 def candidate_groups(layers: dict[str, nn.Module], joint: list[list[str]]) -> dict[str, list[str]]:
     """Group name -> member paths, for every parent holding all of a ``joint`` entry's names
-    among ``layers`` as Linears (a layer in two entries joins the first)."""
+    among ``layers`` as Linears (a layer in two entries joins the first). A parent holding only
+    some of them (the others left out by ``targets``, or not Linears) is named in a warning:
+    its selected members are factorized one by one."""
     parents = {name.rpartition(".")[0] for name in layers}
     groups: dict[str, list[str]] = {}
     taken: set[str] = set()
+    partial: list[str] = []
     for entry in joint:
         for parent in sorted(parents):
             paths = [f"{parent}.{leaf}" if parent else leaf for leaf in entry]
-            if all(isinstance(layers.get(p), nn.Linear) for p in paths) and taken.isdisjoint(paths):
+            linear = [isinstance(layers.get(p), nn.Linear) for p in paths]
+            if all(linear) and taken.isdisjoint(paths):
                 groups[unit_name(parent, entry)] = paths
                 taken.update(paths)
+            elif any(linear) and not all(linear):
+                missing = [leaf for leaf, ok in zip(entry, linear, strict=True) if not ok]
+                partial.append(f"{unit_name(parent, entry)} (no selected Linear {missing})")
+    if partial:
+        warn(
+            f"lowrank.svd: {len(partial)} joint group(s) incomplete, their members factorized "
+            f"one by one, e.g. {partial[0]}"
+        )
     return groups
 
 
