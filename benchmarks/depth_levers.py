@@ -33,14 +33,12 @@ D = Path("/tmp/student3_screen")
 D.mkdir(exist_ok=True)
 
 
-def val_texts():
-    f = D / "val.json"
-    if f.exists():
-        return json.loads(f.read_text())
+def val_texts() -> list[str]:
+    """The screen's validation texts: the first 400 multi-sentence paragraphs of the installed
+    packages' docstrings. Built afresh each run, not cached: the corpus follows the installed
+    package versions, and a cached split from another environment would silently differ."""
     paras = [t for t in package_training_corpus() if len(sentences(t)) >= 2]
-    v = paras[:400]
-    f.write_text(json.dumps(v))
-    return v
+    return paras[:400]
 
 
 def fidelity(model, batches, base):
