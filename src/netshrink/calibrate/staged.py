@@ -120,9 +120,10 @@ class Paired(Reducer):
 
 @dataclass
 class _Seen:
-    """One layer's input on one call: its ``vectors`` (all rows, padding included: a view of
-    the padded batch for a Linear), the indices of the real-token ``rows`` among them (None:
-    every row is real) and the ``source`` tensor's id."""
+    """One layer's input on one call: its ``vectors``, the indices of the real-token ``rows``
+    among them, and the ``source`` tensor's id. Either every row of the padded batch (a view
+    of it for a Linear) with ``rows`` marking the real tokens, or only the real rows (copied,
+    or a batch without padding) with ``rows`` None."""
 
     vectors: torch.Tensor
     rows: torch.Tensor | None
