@@ -209,6 +209,17 @@ def test_a_module_giving_no_tensor_is_a_target_error_naming_it() -> None:
         collect(model, {"0": [MinMax("output")]}, [(torch.randn(2), None)], "test", show=False)
 
 
+def test_a_model_output_gives_its_first_set_field() -> None:
+    from netshrink.calibrate.collect import first_tensor
+
+    outputs = pytest.importorskip("transformers").modeling_outputs
+    hidden, pooled = torch.randn(2, 3, 4), torch.randn(2, 4)
+    value = outputs.BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+    assert first_tensor(value, "out") is hidden
+    logits_only = outputs.SequenceClassifierOutput(loss=None, logits=pooled)  # unset loss skipped
+    assert first_tensor(logits_only, "out") is pooled
+
+
 class PaddedEncoder(nn.Module):
     """Token embeddings through two one-Linear blocks; the padding token's embedding is huge,
     so padding that leaked into a statistic would dominate it."""

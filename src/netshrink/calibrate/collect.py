@@ -35,10 +35,14 @@ Points = Mapping[str, Sequence[Reducer]]
 
 
 def first_tensor(value: Any, what: str) -> torch.Tensor:
-    """The tensor in ``value``: itself, or the first item of a tuple/list.
+    """The tensor in ``value``: itself, the first item of a tuple/list, or the first set field
+    of a Hugging Face ``ModelOutput`` (what ``output[0]`` gives: ``last_hidden_state`` or
+    ``logits``). A plain dict is refused: which of its values is the output is not defined.
 
     ``what`` names the value in the :class:`TargetError` raised when there is no tensor.
     """
+    if callable(getattr(value, "to_tuple", None)):  # a ModelOutput, without importing them
+        value = value.to_tuple()
     if isinstance(value, tuple | list) and value:
         value = value[0]
     if not torch.is_tensor(value):
