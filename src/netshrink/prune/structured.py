@@ -239,6 +239,32 @@ def channels(model: nn.Module, config: ChannelsConfig, ctx: Context) -> nn.Modul
         _check_achieved(m, plan, ratio)
         plan.apply(m)
 
+    widths = _conv_widths(model)
     # Technique.apply checks that the outputs keep their shapes on example_inputs.
     run_schedule(model, config.schedule, config.ratio, step, ctx, "prune.channels")
+    if config.round_to == 1:
+        _note_unaligned(widths, _conv_widths(model))
     return model
+
+
+def _conv_widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def _note_unaligned(before: dict[str, int], after: dict[str, int]) -> None:
+    """Warn when pruning left convolutions of 16 or more channels at counts that are not
+    multiples of 8: blocked convolution kernels run those slower (docs/prune.md, "Channel
+    counts and speed": 22 / 45 channels ran 2.3x slower in ONNX Runtime than 24 / 48)."""
+    odd = [
+        f"{name}: {width}"
+        for name, width in after.items()
+        if width != before.get(name, width) and before[name] >= 16 and width % 8
+    ]
+    if odd:
+        warnings.warn(
+            f"prune.channels: {len(odd)} convolution(s) keep channel counts that are not "
+            f"multiples of 8 (e.g. {odd[0]}); blocked convolution kernels (ONNX Runtime, "
+            "oneDNN) can run them slower than the next multiple of 8, as much as 2.3x in "
+            "docs/prune.md; round_to: 8 keeps multiples",
+            stacklevel=3,
+        )
