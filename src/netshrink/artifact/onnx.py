@@ -360,7 +360,7 @@ def export_onnx(
         if explicit_zero_points(exported):
             onnx.save(exported, str(tmp))
         try:
-            onnx.checker.check_model(str(tmp))
+            onnx.checker.check_model(exported)  # the loaded graph: no second read of the file
         except onnx.checker.ValidationError as exc:
             raise ArtifactError(f"the exported ONNX graph is invalid: {exc}") from exc
         if dynamic_batch:

@@ -16,6 +16,7 @@ summary, so a calibration pass over any number of batches holds one summary per 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal, Protocol
 
 import torch
@@ -150,23 +151,17 @@ class _Columns(Reducer):
         self.count = 0
 
     def update(self, module: nn.Module, x: torch.Tensor) -> None:
-        v = input_vectors(module, x.detach())
-        for rows in v.split(CHUNK):
-            self._add(rows.double())
-        self.count += v.shape[0]
+        self.update_tokens(module, x, None)
 
     def update_tokens(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         """As :meth:`update` on the real tokens, each chunk gathered from ``x`` directly: no copy
         of the batch's real rows (10 MiB for MiniLM's FFN output input at 16 x 101 tokens) is
         made. The chunks hold the same rows in the same order, so the sums are the same."""
         rows = token_rows(x, mask)
-        if rows is None:
-            self.update(module, x)
-            return
-        flat = input_vectors(module, x.detach())  # (batch * tokens, in), a view
-        for index in rows.split(CHUNK):
-            self._add(flat.index_select(0, index).double())
-        self.count += rows.numel()
+        vectors = input_vectors(module, x.detach())  # (batch * tokens, in): a view for a Linear
+        for chunk in row_chunks(vectors, rows):
+            self._add(chunk.double())
+        self.count += vectors.shape[0] if rows is None else rows.numel()
 
     def _add(self, v: torch.Tensor) -> None:
         raise NotImplementedError
@@ -174,6 +169,16 @@ class _Columns(Reducer):
 
 CHUNK = 256
 """Input vectors converted to float64 at a time by the column statistics."""
+
+
+def row_chunks(vectors: torch.Tensor, rows: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    """The (n, dim) ``vectors`` :data:`CHUNK` rows at a time: slices (views) of all of them,
+    or, given the indices ``rows`` (see :func:`token_rows`), those rows gathered in order."""
+    if rows is None:
+        yield from vectors.split(CHUNK)
+    else:
+        for index in rows.split(CHUNK):
+            yield vectors.index_select(0, index)
 
 
 class SumSquares(_Columns):

@@ -32,7 +32,7 @@ from torch import nn
 
 from netshrink.calibrate.collect import module_calls
 from netshrink.calibrate.memory import large_tensors_unmapped
-from netshrink.calibrate.reducers import CHUNK, Reducer, input_vectors, token_rows
+from netshrink.calibrate.reducers import Reducer, input_vectors, row_chunks, token_rows
 from netshrink.calibrate.sequential import (
     BlockCall,
     SequentialReport,
@@ -89,17 +89,17 @@ class Paired(Reducer):
                 self.cross = torch.zeros_like(self.gram)
                 self.reference_total = torch.zeros_like(self.total)
         assert self.total is not None
-        index = torch.arange(x.shape[0], device=x.device) if rows is None else rows
-        for chunk in index.split(CHUNK):
-            v = x.index_select(0, chunk).double()
+        paired = row_chunks(reference, rows) if reference is not None else None
+        for chunk in row_chunks(x, rows):
+            v = chunk.double()
             self.gram.addmm_(v.T, v)
             self.total += v.sum(0)
-            if reference is not None:
+            if paired is not None:
                 assert self.cross is not None and self.reference_total is not None
-                r = reference.index_select(0, chunk).double()
+                r = next(paired).double()
                 self.cross.addmm_(v.T, r)
                 self.reference_total += r.sum(0)
-        self.count += index.numel()
+        self.count += x.shape[0] if rows is None else rows.numel()
 
     def take_mean(self) -> torch.Tensor | None:
         """The second-moment matrix E[x~ x~^T] of the compressed inputs, computed in the Gram

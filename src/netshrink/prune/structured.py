@@ -239,10 +239,10 @@ def channels(model: nn.Module, config: ChannelsConfig, ctx: Context) -> nn.Modul
         _check_achieved(m, plan, ratio)
         plan.apply(m)
 
-    widths = _conv_widths(model)
+    widths = _conv_widths(model) if config.round_to == 1 else None
     # Technique.apply checks that the outputs keep their shapes on example_inputs.
     run_schedule(model, config.schedule, config.ratio, step, ctx, "prune.channels")
-    if config.round_to == 1:
+    if widths is not None:
         _note_unaligned(widths, _conv_widths(model))
     return model
 
