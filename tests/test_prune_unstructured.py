@@ -223,3 +223,21 @@ def test_weights_moved_by_momentum_are_zeroed_again_for_eval_and_saving() -> Non
     layer.eval()
     assert (layer.weight[:, :4] == 0).all()
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_eval_mode_holds_no_mask_copy_and_training_gets_it_back() -> None:
+    layer = make_sparse(nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        layer.weight[:, :4] = 0
+    assert not any(b.dtype == torch.bool for b in layer.buffers())  # no byte per weight held
+    assert torch.equal(layer.mask, layer.weight != 0)
+    layer.mask = layer.mask & (torch.arange(8) != 6)  # prune one more column in eval mode
+    assert (layer.weight[:, 6] == 0).all() and int(layer.mask.sum()) == 12
+    layer.train()
+    held = [b for b in layer.buffers() if b.dtype == torch.bool]
+    assert len(held) == 1 and torch.equal(held[0], layer.weight != 0)
+    with torch.no_grad():
+        layer.weight.add_(0.5)  # momentum moves every weight; the held mask still knows
+    assert int(layer.mask.sum()) == 12 and layer.stored_params() == 12 + 4
+    layer.eval()
+    assert int((layer.weight != 0).sum()) == 12 and not list(layer.buffers())

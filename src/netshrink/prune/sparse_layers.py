@@ -2,10 +2,12 @@
 
 :class:`SparseLinear` and :class:`SparseConv2d` subclass the torch layers, so their state dict
 is the plain dense ``weight`` (the artifact stores mostly-zero tensors packed, bitmask or CSR).
-The mask is not stored: it is ``weight != 0``, rebuilt whenever weights are loaded. In training
-mode the forward multiplies the weight by the mask, so pruned weights get no gradient and
+The mask is not stored: it is ``weight != 0``. In training mode the layer holds it as a bool
+tensor and the forward multiplies the weight by it, so pruned weights get no gradient and
 contribute nothing; ``eval()`` and ``state_dict()`` set them back to exactly zero, in case an
 optimizer's momentum moved them (a mask applied while Adam state exists, as in gradual pruning).
+In eval mode the weights' zeros are the mask and no bool copy is held: a byte per weight, a
+quarter of a float32 layer's memory, that inference and calibration never read.
 
 In eval mode a layer whose ``kernel`` is ``"csr"`` multiplies with the weight in compressed
 sparse row form (``torch.addmm`` with a CSR matrix); the choice is made by :func:`choose_kernel`,
@@ -34,31 +36,51 @@ class _Masked:
     kernel: str
     timing: dict[str, float]
 
+    training: bool
+    _held: torch.Tensor | None
+
     def _setup(self, kernel: str, timing: dict[str, float] | None) -> None:
         self.kernel = kernel
         self.timing = dict(timing or {})
-        self.register_buffer("mask", self.weight.detach() != 0, persistent=False)  # type: ignore[attr-defined]
+        # a buffer, so that it follows .to(device) while training; None in eval mode
+        self.register_buffer("_held", None, persistent=False)  # type: ignore[attr-defined]
+        self.refresh_mask()
         self._csr: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # The CSR cache is derived data, and torch cannot deep-copy or pickle a CSR tensor.
         return {**self.__dict__, "_csr": None}
 
+    @property
+    def mask(self) -> torch.Tensor:
+        """True where a weight is kept: the mask held while training, else ``weight != 0``."""
+        return self._held if self._held is not None else self.weight.detach() != 0
+
+    @mask.setter
+    def mask(self, keep: torch.Tensor) -> None:
+        """Prune to ``keep``: the weights outside it set to zero (and held so while training)."""
+        with torch.no_grad():
+            self.weight.mul_(keep)
+        self._held = keep if self.training else None
+
     def refresh_mask(self) -> None:
         """Recompute the mask from the weights (after pruning more, or loading)."""
-        self.mask = self.weight.detach() != 0
+        self._held = self.weight.detach() != 0 if self.training else None
 
     @torch.no_grad()
     def apply_mask(self) -> None:
         """Set the masked weights back to exactly zero (optimizer momentum may have moved them:
         their gradient is zero but Adam's running average of earlier gradients is not)."""
-        if (self.weight[~self.mask] != 0).any():
-            self.weight.mul_(self.mask)
+        if self._held is not None and (self.weight[~self._held] != 0).any():
+            self.weight.mul_(self._held)
 
     def train(self, mode: bool = True) -> Any:
+        if mode and self._held is None:
+            self._held = self.weight.detach() != 0  # eval left the pruned weights exactly zero
         out = super().train(mode)  # type: ignore[misc]
         if not mode:
             self.apply_mask()
+            self._held = None
         return out
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -67,8 +89,8 @@ class _Masked:
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)  # type: ignore[misc]
-        if not keep_vars:
-            destination[prefix + "weight"] = destination[prefix + "weight"] * self.mask
+        if not keep_vars and self._held is not None:
+            destination[prefix + "weight"] = destination[prefix + "weight"] * self._held
 
     def sparsity(self) -> float:
         """Fraction of weights that are zero."""
@@ -92,12 +114,12 @@ class _Masked:
     def stored_params(self) -> int:
         """Elements stored: the non-zero weights and the bias (the artifact packs the zeros)."""
         bias = self.bias.numel() if self.bias is not None else 0  # type: ignore[attr-defined]
-        return int(self.mask.sum()) + bias
+        return int(self.mask.count_nonzero()) + bias
 
     def stored_bits(self) -> int:
         """Bits stored: one mask bit per weight plus the non-zero values and the bias."""
         width = self.weight.element_size() * 8
-        return self.mask.numel() + self.stored_params() * width
+        return self.weight.numel() + self.stored_params() * width
 
 
 def _csr_matmul(csr: torch.Tensor, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -111,8 +111,7 @@ def zero_lowest(
         drop[torch.argsort(flat, stable=True)[: round(fraction * flat.numel())]] = True
         for name, part in zip(names, drop.split([keys[n].numel() for n in names]), strict=True):
             layer = layers[name]
-            layer.mask = layer.mask & ~part.view_as(layer.mask)  # pruned weights stay pruned
-            layer.weight.mul_(layer.mask)
+            layer.mask = layer.mask & ~part.view_as(layer.weight)  # pruned weights stay pruned
 
 
 @torch.no_grad()
