@@ -24,7 +24,7 @@ from netshrink.batches import run
 from netshrink.config import TechniqueConfig
 from netshrink.context import Context
 from netshrink.errors import NetshrinkError, UnsupportedModuleError
-from netshrink.quantize.layers import SmoothedLinear
+from netshrink.quantize.smoothed import SmoothedLinear
 from netshrink.recipe.describe import describe, docs_with_options
 
 SMALL: dict[str, dict[str, Any]] = {

@@ -18,7 +18,8 @@ import netshrink as ns
 from netshrink.artifact.onnx import export_onnx
 from netshrink.cpu import SATURATING_INT8
 from netshrink.quantize.dynamic_int8 import Int8Embedding
-from netshrink.quantize.layers import QuantLinear, SmoothedLinear
+from netshrink.quantize.layers import QuantLinear
+from netshrink.quantize.smoothed import SmoothedLinear
 from netshrink.runtime import make_runner
 from test_calibrate import tiny_bert
 

@@ -12,8 +12,8 @@ import netshrink as ns
 from foreign_models import hugging_face
 from netshrink.calibrate import Capture, collect
 from netshrink.errors import ConfigError, MissingInputError, UnsupportedModuleError
-from netshrink.quantize.layers import SmoothedLinear
 from netshrink.quantize.smooth_observe import Producer, _note_output
+from netshrink.quantize.smoothed import SmoothedLinear
 from netshrink.quantize.smoothquant import (
     ALPHAS,
     cross_validated_alpha,

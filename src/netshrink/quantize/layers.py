@@ -11,8 +11,9 @@ DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QGemm / QLinea
 A :class:`QuantLinear` may also keep a per-input-channel smoothing vector s (SmoothQuant, Xiao
 et al. 2022, sec. 4, where s cannot be folded into the op before it): it quantizes x / s and
 holds the codes of W s, so x W^T is unchanged while the activation's outlier channels shrink.
-The division exports as one Mul by 1 / s before QuantizeLinear. :class:`SmoothedLinear` is the
-float layer ``quantize.smoothquant`` leaves for ``quantize.static`` to turn into that form.
+The division exports as one Mul by 1 / s before QuantizeLinear.
+:class:`~netshrink.quantize.smoothed.SmoothedLinear` is the float layer ``quantize.smoothquant``
+leaves for ``quantize.static`` to turn into that form.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from typing import Any
 
 import torch
 import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
-import torch.nn.functional as F
 from torch import nn
 
 from netshrink.cpu import SATURATING_INT8
 from netshrink.layers import CompressedLayer, ConvGeometry, rebuildable
 from netshrink.quantize.affine import Granularity, qrange, quantize_weight
 from netshrink.quantize.packing import pack, to_signed, to_unsigned, unpack
+from netshrink.quantize.smoothed import SmoothedLinear
 
 _QD = torch.ops.quantized_decomposed
 _INT32 = (-(2**31), 2**31 - 1)
@@ -170,8 +171,8 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
     ) -> Any:
         """Quantize the conv/linear ``mod`` with input qparams ``inp``, output qparams ``out``
         (or None), optionally given per-channel weight scales ``wscale`` (from QAT), activation
-        codes on ``act_bits`` bits. A :class:`SmoothedLinear` keeps its smoothing vector; ``inp``
-        is then the range of its smoothed input x / s."""
+        codes on ``act_bits`` bits. A :class:`SmoothedLinear` keeps its smoothing vector;
+        ``inp`` is then the range of its smoothed input x / s."""
         q = cls.empty_like(mod, bits, out is not None, act_bits)
         if isinstance(mod, SmoothedLinear):
             q._fill(mod.scaled_weight, mod.bias, per_channel, inp, out, wscale, mod.smooth)
@@ -330,52 +331,6 @@ class QuantLinear(_QuantWeights):
         w, b = self.dequantized(transposed=True)
         y = torch.matmul(x, w)
         return y if b is None else y + b
-
-
-class SmoothedLinear(CompressedLayer):
-    """A float Linear computing ``(x / s) (W s)^T + b``: the same function as ``x W^T + b``.
-
-    ``quantize.smoothquant`` puts it where the smoothing vector s cannot be folded into the
-    op before (its output also feeds a residual, or it is not a norm or Linear);
-    ``quantize.static`` turns it into a :class:`QuantLinear` that quantizes x / s and W s.
-    ``scaled_weight`` is W s; ``smooth`` is s.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.scaled_weight = nn.Parameter(torch.zeros(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.register_buffer("smooth", torch.ones(in_features))
-
-    def spec(self) -> dict[str, Any]:
-        """JSON constructor arguments."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-        }
-
-    @classmethod
-    @torch.no_grad()
-    def from_float(cls, linear: nn.Linear, s: torch.Tensor) -> SmoothedLinear:
-        """``linear`` with its input columns multiplied by ``s`` (positive, one per column)."""
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        new.to(device=linear.weight.device, dtype=linear.weight.dtype)
-        new.smooth.copy_(s)
-        new.scaled_weight.copy_(linear.weight * s)
-        if linear.bias is not None:
-            new.bias.copy_(linear.bias)
-        return new
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """W: the weight of the function computed (W s / s)."""
-        return self.scaled_weight / self.smooth
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``linear(x / s, W s, b)``."""
-        return F.linear(x / self.smooth, self.scaled_weight, self.bias)
 
 
 @rebuildable

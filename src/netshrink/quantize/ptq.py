@@ -40,8 +40,9 @@ from netshrink.layers import (
 from netshrink.quantize.affine import choose_qparams
 from netshrink.quantize.bias_correction import correct_biases
 from netshrink.quantize.dynamic_int8 import DynamicInt8Linear, Int8Embedding
-from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU, SmoothedLinear
+from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
+from netshrink.quantize.smoothed import SmoothedLinear
 from netshrink.quantize.static_dynamic import dynamic_layers, to_dynamic, unsmooth
 from netshrink.quantize.static_gptq import gptq_round
 from netshrink.quantize.tracing import fold_bn, trace_flow

@@ -18,7 +18,7 @@ blocks (BERT, DistilBERT, ``nn.TransformerEncoderLayer`` without ``norm_first``)
 norm's output to a residual, and dividing it there would change the model. Their readers, and
 every other targeted Linear whose input comes from elsewhere (attention's output projection, the
 FFN's second Linear after GELU), are smoothed inside the layer instead (``in_layer``, the
-default): each becomes a :class:`~netshrink.quantize.layers.SmoothedLinear` computing
+default): each becomes a :class:`~netshrink.quantize.smoothed.SmoothedLinear` computing
 (x / s)(W s)^T with s from its own input's statistics (Linears reading one tensor share one s),
 which ``quantize.static`` turns into a quantized Linear that multiplies its input by 1 / s before
 quantizing it (a Mul before QuantizeLinear in ONNX). Pre-LN blocks (ViT, GPT-style,
@@ -43,8 +43,8 @@ from netshrink.context import Context
 from netshrink.errors import UnsupportedModuleError
 from netshrink.layers import replace_module, untied
 from netshrink.quantize.affine import choose_qparams, dequantize, fake_quantize_weight, quantize
-from netshrink.quantize.layers import SmoothedLinear
 from netshrink.quantize.smooth_observe import Producer, in_layer_groups, merged, observe, plan
+from netshrink.quantize.smoothed import SmoothedLinear
 from netshrink.registry import technique
 from netshrink.targets import Targets
 

@@ -23,7 +23,7 @@ from torch import nn
 from netshrink.errors import ConfigError
 from netshrink.layers import layer_types, replace_module
 from netshrink.quantize.dynamic_int8 import DynamicInt8Linear
-from netshrink.quantize.layers import SmoothedLinear
+from netshrink.quantize.smoothed import SmoothedLinear
 from netshrink.targets import Targets
 
 

@@ -10,7 +10,7 @@ projections the int8 weight error then equals the activation error
 (``docs/benchmarks/runtimes.md``).
 
 The Hessian is of the input the layer's quantizer sees: x / s for a
-:class:`~netshrink.quantize.layers.SmoothedLinear` (the Gram matrix of x divided by s s^T,
+:class:`~netshrink.quantize.smoothed.SmoothedLinear` (the Gram matrix of x divided by s s^T,
 whose weight is W s). The kernel is ``quantize.gptq``'s
 (:func:`~netshrink.quantize.gptq.gptq_codes`) on the same narrow symmetric grid
 (-127..127 at 8 bits) ``quantize.static`` stores, with ``act_order``: the columns of largest
@@ -31,7 +31,7 @@ from netshrink.calibrate import Gram, collect
 from netshrink.context import Batch
 from netshrink.quantize.gptq import gptq_codes
 from netshrink.quantize.grid import Grid
-from netshrink.quantize.layers import SmoothedLinear
+from netshrink.quantize.smoothed import SmoothedLinear
 
 
 def _solvable(module: nn.Module) -> bool:
