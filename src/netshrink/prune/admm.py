@@ -36,9 +36,10 @@ def _normalised(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, ...]:
     is not damped more than a loud one. ``dead``: inputs that were always zero.
 
     Float64 throughout. The eigenvectors come from LAPACK's MRRR driver (``dsyevr``, through
-    SciPy) overwriting the normalised copy: ``torch.linalg.eigh``'s divide-and-conquer driver
-    needs about 2 in^2 doubles of workspace beside a copy of its input (36 + 18 MiB at 1536
-    inputs, the peak of a whole calibration run), MRRR a few in-long vectors."""
+    SciPy), which may overwrite the normalised copy (freed after): ``torch.linalg.eigh``'s
+    divide-and-conquer driver needs about 2 in^2 doubles of workspace beside a copy of its
+    input (36 + 18 MiB at 1536 inputs, the peak of a whole calibration run), MRRR a few
+    in-long vectors."""
     h = hessian.to(torch.float64, copy=True)
     diag = h.diagonal()
     dead = diag == 0
