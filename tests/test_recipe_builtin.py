@@ -3,6 +3,8 @@ for transformers' blocks) on a tiny random-init BERT with text."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -12,6 +14,7 @@ import hf_fixtures
 from netshrink import hf
 from netshrink.context import Context
 from netshrink.recipe import DEFAULT, compress, load, names
+from netshrink.recipe.runner import warn_static_transformer
 from netshrink.settings import Timing
 
 EXPECTED = {"int8", "prune-int8", "distill-prune-int8", "lowrank-int8", "sparse90-int8", "int4-qat"}
@@ -126,3 +129,16 @@ def test_transformer_int8_ov_names_the_ffn_outputs_of_each_architecture(
     static = load("transformer-int8-ov").stages[1]
     chosen = static.config.dynamic.select(model, (nn.Linear, transformers.Conv1D))
     assert set(chosen) == {ffn_out.format(i) for i in range(2)}  # the fixtures have 2 layers
+
+
+def test_static_int8_of_a_transformer_without_smoothquant_warns_and_names_the_recipes(
+    tmp_path,
+) -> None:
+    model = hf.load_model(f"hf:{hf_fixtures.model_dir(tmp_path, 'bert-4x4')}")
+    with pytest.warns(UserWarning, match=r"stage 0 \(quantize.static\).*transformer-int8-ov"):
+        warn_static_transformer(load("int8"), model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_static_transformer(load("transformer-int8-ov"), model)  # SmoothQuant first
+        warn_static_transformer(load("transformer-int8"), model)  # dynamic
+        warn_static_transformer(load("int8"), TinyCNN())  # not a transformer
