@@ -47,9 +47,12 @@ def _normalised(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, ...]:
     scale = diag.sqrt()
     h /= scale.unsqueeze(0) * scale.unsqueeze(1)
     h.diagonal().add_(damp)
-    eigen, basis = scipy.linalg.eigh(h.numpy(), overwrite_a=True, check_finite=False)
+    if h.device.type == "cpu":
+        eigen, basis = scipy.linalg.eigh(h.numpy(), overwrite_a=True, check_finite=False)
+        values, vectors = torch.from_numpy(eigen), torch.from_numpy(basis)
+    else:  # a GPU's H: SciPy cannot read it, and the device's own solver has its own workspace
+        values, vectors = torch.linalg.eigh(h)
     del h
-    values, vectors = torch.from_numpy(eigen), torch.from_numpy(basis)
     if float(values.min()) <= 0:
         raise ConfigError(
             f"the damped Hessian is not positive definite with damp={damp}; raise damp "
