@@ -2,8 +2,9 @@
 
 SmoothQuant (Xiao et al. 2022, sec. 4) divides a Linear's input by a per-channel vector s and
 multiplies the weight's columns by s, so that ``quantize.static`` sees smaller activation
-outliers. Where s cannot be folded into the op before the Linear (a norm or Linear), the
-division stays in the layer: :class:`SmoothedLinear`, which ``quantize.static`` turns into a
+outliers. Where s cannot be folded into the op before the Linear (that op's output also
+feeds a residual, or it is not a norm or Linear), the division stays in the layer:
+:class:`SmoothedLinear`, which ``quantize.static`` turns into a
 :class:`~netshrink.quantize.layers.QuantLinear` holding the same s.
 """
 
@@ -23,7 +24,7 @@ class SmoothedLinear(CompressedLayer):
 
     ``quantize.smoothquant`` puts it where the smoothing vector s cannot be folded into the
     op before (its output also feeds a residual, or it is not a norm or Linear);
-    ``quantize.static`` turns it into a :class:`QuantLinear` that quantizes x / s and W s.
+    ``quantize.static`` turns it into a ``QuantLinear`` that quantizes x / s and W s.
     ``scaled_weight`` is W s; ``smooth`` is s.
     """
 
