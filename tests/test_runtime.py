@@ -92,7 +92,8 @@ def test_static_bert_runs_in_ort_with_and_without_exact_int8_gemms(
     # CPUs without VNNI get ORT's exact int8 path (session.x64quantprecision, int8 weights
     # rewritten to uint8). Its rewrite failed the whole session on a per-channel
     # DequantizeLinear without a zero point: export writes the zeros out, and the session
-    # adds them to any other source (here the same graph with them taken out again).
+    # adds them to any other source (here the same graph with them taken out again, with its
+    # weights as initializers and as Constant nodes).
     monkeypatch.setattr(ort_runtime, "SATURATING_INT8", saturating)
     model, calib = tiny_bert()
     q = ns.quantize.static(model, calib_data=calib, progress=False)
@@ -103,10 +104,20 @@ def test_static_bert_runs_in_ort_with_and_without_exact_int8_gemms(
     added = [n for n in nodes if len(n.input) == 3 and n.input[2].endswith("_zero_point")]
     assert added  # the per-channel int8 weights' zero points are in the file
     for node in added:
+        zero = node.input[2]
         del node.input[2]
+        graph.graph.initializer.remove(next(t for t in graph.graph.initializer if t.name == zero))
+    constants = onnx.ModelProto()
+    constants.CopyFrom(graph)
+    read = {i for n in constants.graph.node if n.op_type == "DequantizeLinear" for i in n.input}
+    for tensor in [t for t in constants.graph.initializer if t.name in read]:
+        constants.graph.initializer.remove(tensor)
+        constants.graph.node.insert(
+            0, onnx.helper.make_node("Constant", [], [tensor.name], value=tensor)
+        )
     with torch.no_grad():
         ref = q(**inputs).last_hidden_state
-    for source in (path, graph.SerializeToString()):
+    for source in (path, graph.SerializeToString(), constants.SerializeToString()):
         runner = OrtRunner(source, threads=1)
         options = runner.session.get_session_options()
         if saturating:

@@ -222,6 +222,18 @@ _EXPORTERS = {"dynamo": _dynamo_options, "torchscript": _torchscript_options}
 """Each exporter's ``torch.onnx.export`` keyword arguments (names, dynamic batch axes)."""
 
 
+def _held_tensors(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """The tensors ``graph`` holds by the name its nodes read them by: its initializers and
+    the values of its ``Constant`` nodes."""
+    held = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                held[node.output[0]] = value
+    return held
+
+
 def explicit_zero_points(model: onnx.ModelProto) -> int:
     """Give every per-channel int8 ``DequantizeLinear`` of a weight in ``model``'s main graph
     an explicit zero point, in place; return how many nodes got one.
@@ -230,10 +242,10 @@ def explicit_zero_points(model: onnx.ModelProto) -> int:
     ``session.x64quantprecision`` rewrite (int8 weights to uint8, for CPUs without VNNI)
     then adds a scalar zero point of 128 to a per-channel node and the session fails while
     running it ("x_zero_point must be null or 1D tensor with size N"). With zeros written
-    out (one byte a channel), the rewrite shifts them and the graph runs. Nodes inside
-    subgraphs (If, Loop) and weights held in ``Constant`` nodes are left as they are.
+    out (one byte a channel), the rewrite shifts them and the graph runs. Weights may be
+    initializers or ``Constant`` nodes; nodes inside subgraphs (If, Loop) are left as they are.
     """
-    weights = {t.name: t for t in model.graph.initializer}
+    weights = _held_tensors(model.graph)
     taken = set(weights) | {n for node in model.graph.node for n in (*node.input, *node.output)}
     added = 0
     for node in model.graph.node:
