@@ -9,10 +9,11 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+import transformers
 
 import hf_fixtures
 from netshrink import hf
-from netshrink.artifact.onnx import export_onnx
+from netshrink.artifact.onnx import _eager_attention, export_onnx
 from netshrink.runtime import OpenVinoRunner, OrtRunner
 
 ATOL = 1e-5
@@ -50,3 +51,25 @@ def test_attention_is_put_back_when_the_export_fails(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="ONNX export"):
         export_onnx(model, tmp_path / "model.onnx", {"input_ids": torch.zeros(2, 3, 4)})
     assert model.model.config._attn_implementation == "sdpa"
+
+
+def test_a_composite_model_gets_each_sub_models_attention_back() -> None:
+    # CLIP's text and vision towers may use different implementations; putting the top level's
+    # name back would set both to it
+    text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "vocab_size": 100, "max_position_embeddings": 16}  # fmt: skip
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 8, "patch_size": 4}  # fmt: skip
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    model = transformers.CLIPModel(config).eval()
+    model.set_attn_implementation({"": "sdpa", "text_config": "sdpa", "vision_config": "eager"})
+
+    def implementations() -> tuple[str, str]:
+        return (
+            model.config.text_config._attn_implementation,
+            model.config.vision_config._attn_implementation,
+        )
+
+    with _eager_attention(model):
+        assert implementations() == ("eager", "eager")
+    assert implementations() == ("sdpa", "eager")

@@ -156,6 +156,22 @@ def _signature_order(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     return sorted(names, key=lambda n: params.index(n) if n in params else len(params))
 
 
+def _attention_of(config: Any) -> str | dict[str, str] | None:
+    """The attention implementation ``config`` sets, in the form ``set_attn_implementation``
+    takes back: a name, or for a composite model (CLIP, encoder-decoder) whose sub-configs
+    differ, ``{"": top level, sub-config: name, ...}`` (setting the top level's name alone
+    would set every sub-config to it)."""
+    top = getattr(config, "_attn_implementation", None)
+    subs = {
+        key: getattr(getattr(config, key, None), "_attn_implementation", None)
+        for key in getattr(config, "sub_configs", None) or {}
+    }
+    subs = {key: name for key, name in subs.items() if name is not None}
+    if top is None or all(name == top for name in subs.values()):
+        return top
+    return {"": top, **subs}
+
+
 @contextlib.contextmanager
 def _eager_attention(model: nn.Module) -> Iterator[None]:
     """Export every Hugging Face model inside ``model`` with its ``eager`` attention, then put
@@ -174,8 +190,7 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
     """
     switched = []
     for module in model.modules():
-        config = getattr(module, "config", None)
-        current = getattr(config, "_attn_implementation", None)
+        current = _attention_of(getattr(module, "config", None))
         can_set = getattr(module, "_can_set_attn_implementation", None)
         if (
             current in (None, "eager")
