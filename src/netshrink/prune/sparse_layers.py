@@ -2,7 +2,7 @@
 
 :class:`SparseLinear` and :class:`SparseConv2d` subclass the torch layers, so their state dict
 is the plain dense ``weight`` (the artifact stores mostly-zero tensors packed, bitmask or CSR).
-The mask is not stored: it is ``weight != 0``. In training mode the layer holds it as a bool
+The mask is not saved: it is ``weight != 0``. In training mode the layer holds it as a bool
 tensor and the forward multiplies the weight by it, so pruned weights get no gradient and
 contribute nothing; ``eval()`` and ``state_dict()`` set them back to exactly zero, in case an
 optimizer's momentum moved them (a mask applied while Adam state exists, as in gradual pruning).
