@@ -76,7 +76,8 @@ def test_admm_is_never_worse_than_wandas_mask_on_uncorrelated_inputs(
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep = keep.scatter_(2, groups.topk(2, dim=2).indices, True).view_as(w)
     wanda = _error(x, w, w * keep)
-    assert _error(x, w, admm_solve(w, h, 0.5, nm=nm)) <= wanda * (1 + 1e-9)
+    # the solver computes in float32: Wanda's own mask comes back rounded to it
+    assert _error(x, w, admm_solve(w, h, 0.5, nm=nm)) <= wanda * (1 + 1e-6)
 
 
 def test_admm_prunes_dead_inputs_first_and_keeps_the_rest_at_zero_sparsity() -> None:
