@@ -93,6 +93,72 @@ def test_a_layers_input_is_kept_padded_unless_mostly_padding(real: int) -> None:
         assert seen.rows is None and seen.vectors.shape[0] == 2 * real
 
 
+def test_statistics_gathered_in_pieces_equal_those_of_whole_batches() -> None:
+    # rows=7: one sequence a piece; the padded second sequence keeps its attention mask slice
+    from netshrink.calibrate.staged import _stage_statistics, piece_rows
+
+    model, calib = tiny_bert()
+    block = model.encoder.layer[0]
+    dense = copy.deepcopy(block)
+    calls = first_block_calls(model, block, calib)
+    stage = ["intermediate.dense", "output.dense"]
+    with torch.no_grad():
+        assert piece_rows(block, calls, rows=7) == 7
+        whole = _stage_statistics(block, dense, stage, calls, calls, rows=0)
+        cut = _stage_statistics(block, dense, stage, calls, calls, rows=7)
+    for name in stage:
+        assert cut[name].count == whole[name].count == 11  # real tokens only
+        for field in ("gram", "cross", "total"):
+            a, b = getattr(cut[name], field), getattr(whole[name], field)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+class _MixesSequences(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        return self.inner(x - x.mean(0))  # each sequence's output depends on the others
+
+
+class _BatchTimesHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        # a (batch x 2, positions) argument, as ALiBi biases are: not cut, so a piece fails
+        return self.inner(x) + heads.view(x.shape[0], 2, -1).sum(1).unsqueeze(-1)
+
+
+class _PerSequenceKeyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * scale
+
+
+def test_per_sequence_keyword_arguments_are_cut_with_the_batch() -> None:
+    from netshrink.calibrate.staged import piece_rows
+
+    call = BlockCall((torch.randn(4, 3, 4),), {"scale": torch.rand(4, 1, 1)}, None)
+    with torch.no_grad():
+        assert piece_rows(_PerSequenceKeyword(), [call], rows=6) == 6
+
+
+@pytest.mark.parametrize("block", [_MixesSequences(), _BatchTimesHeads()])
+def test_a_block_whose_pieces_differ_from_the_whole_runs_whole(block: nn.Module) -> None:
+    from netshrink.calibrate.staged import piece_rows
+
+    call = BlockCall((torch.randn(4, 3, 4),), {"heads": torch.randn(8, 3)}, None)
+    with torch.no_grad():
+        assert piece_rows(block, [call], rows=6) == 0
+        assert piece_rows(block, [call], rows=12) == 12  # fits whole: nothing to cut
+
+
 def test_asymmetric_target_is_the_weight_itself_without_upstream_error() -> None:
     w, x = torch.randn(8, 16), correlated(64, 16, 0)
     assert torch.allclose(asymmetric_target(w, paired(x, x), 0.01), w, atol=1e-5)
