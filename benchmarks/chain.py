@@ -169,7 +169,9 @@ def variant(prefix: Prefix, runtime: str, example: dict[str, torch.Tensor]) -> V
 
 
 def heldout_batches(tokenizer: Any, texts: int) -> list[dict[str, torch.Tensor]]:
-    """``texts`` held-out paragraphs (a multiple of 32) padded to 128 tokens, in batches of 32."""
+    """``texts`` held-out paragraphs (0: all the corpus holds on this Python), rounded down to
+    a multiple of 32, padded to 128 tokens, in batches of 32."""
+    texts = texts or len(hf.heldout_corpus())
     chosen = hf.heldout_corpus(texts - texts % BATCH)
     enc = tokenizer(
         chosen, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt"
@@ -326,7 +328,9 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="names or paths")
     parser.add_argument("--work", type=Path, help="folder of stage artifacts, reused if present")
     parser.add_argument("--train-batches", type=int, default=0, help="0: the whole train split")
-    parser.add_argument("--texts", type=int, default=512, help="held-out texts (multiple of 32)")
+    parser.add_argument(
+        "--texts", type=int, default=0, help="held-out texts (multiple of 32; 0: all there are)"
+    )
     parser.add_argument("--runs", type=int, default=15, help="timed runs per variant")
     parser.add_argument("--train-threads", type=int, default=1, help="threads while training")
     parser.add_argument("--quick", action="store_true", help="12 batches, 128 texts, 5 runs")
