@@ -246,7 +246,7 @@ def piece_rows(block: nn.Module, calls: Sequence[BlockCall], rows: int = PIECE_R
                 for p in _split(call, rows)
             ]
         )
-    except (RuntimeError, ValueError, IndexError):
+    except Exception:  # any failure of a piece (a shape check, an assert) means: run whole
         return 0
     tolerance = 1e-4 * float(whole.abs().max())
     same = joined.shape == whole.shape and torch.allclose(joined, whole, rtol=0, atol=tolerance)
