@@ -322,9 +322,10 @@ def run_stages(
                 stats = _stage_statistics(block, dense, stage, calls, refs, rows)
                 held = sum(s.nbytes() for s in stats.values())
                 peak = max(peak, tensor_bytes([*calls, *refs]) + held)
+                release_freed_memory()  # the forwards' activations, before the solver's
                 compress({f"{name}.{n}": s for n, s in stats.items()})
                 del stats
-                release_freed_memory()
+                release_freed_memory()  # the statistics and the solver's working copies
             if norms and dense is not None and calls:
                 refit_norms(block, dense, calls, refs)
             calls = [next_input(c, block(*c.args, **c.kwargs), name) for c in calls]
