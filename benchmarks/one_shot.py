@@ -17,10 +17,12 @@ to the fp32 model on the evaluation texts (the definitions of ``netshrink.hf.fid
 - top-5: for each text, the share of its 5 nearest other texts under the fp32 embeddings that
   are also among its 5 nearest under the compressed model's (retrieval agreement).
 
-Calibration memory: the growth of the anonymous resident memory during the call (sampled every
-5 ms; it includes the technique's working copy of the model) beside the fp32 model's bytes and
-the block activations and statistics the sequential engine reports holding at its peak. Freed
-memory is reused by later calls, so run one method per process (``--only``) to measure it.
+Calibration memory: the peak growth of the resident set during the call, exact (the kernel's
+high-water mark, reset before the call; it includes the technique's working copy of the model,
+not the checkpoint's pages, which are made resident first) beside the fp32 model's bytes and the
+block activations and statistics the sequential engine reports holding at its peak. Memory
+earlier calls leave to the allocator can be reused without growth, so run one method per
+process (``--only``) to measure it.
 
 digits-cnn: the zoo model's test accuracy after each method on all its Conv2d/Linear layers,
 calibrated on the zoo's calibration batches.
@@ -40,7 +42,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +56,7 @@ from torch import nn
 
 import netshrink as ns
 from minilm import SentenceEncoder
+from netshrink.calibrate.memory import release_freed_memory
 from netshrink.hf import heldout_corpus, stdlib_corpus
 from netshrink.hf.metrics import neighbour_agreement
 
@@ -100,30 +102,46 @@ def batches(tokenizer: Any, texts: list[str], max_length: int, size: int = 16) -
     return out
 
 
-def _rss() -> int:
-    """Anonymous resident memory of this process, bytes (``RssAnon``: heap and tensors, not the
-    code pages of libraries mapped in on first use)."""
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` field given in kB (``VmRSS``, ``VmHWM``), in bytes."""
     with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith("RssAnon:"))
+        line = next(line for line in f if line.startswith(f"{field}:"))
     return int(line.split()[1]) * 1024
 
 
+def resident(model: nn.Module) -> None:
+    """Read every page of ``model``'s tensors, so that the weights the checkpoint maps from disk
+    are resident before a measured call and their pages do not count as its growth."""
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t.sum()
+
+
 @contextmanager
-def rss_growth() -> Iterator[list[int]]:
-    """Yields a one-item list that holds, on exit, the peak resident-set growth in bytes."""
-    start, peak, done = _rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], _rss() - start)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+def peak_growth() -> Iterator[list[int]]:
+    """Yields a one-item list that holds, on exit, the peak growth in bytes of the resident set
+    during the block, exactly: the kernel's high-water mark (``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs``) against the resident set at the start, measured after the heap's
+    free pages were handed back (so memory the call takes from them counts as growth). It
+    counts every page, code pages of libraries first used in the call too (a few MiB). -1
+    where the high-water mark cannot be reset (not Linux)."""
+    release_freed_memory()
+    peak = [-1]
+    try:
+        start = _status_bytes("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        yield peak
+        return
     try:
         yield peak
     finally:
-        done.set()
-        thread.join()
+        peak[0] = _status_bytes("VmHWM") - start
+
+
+def mib(growth: int) -> str:
+    """``growth`` bytes as whole MiB, "-" when it was not measured (negative)."""
+    return f"{growth / 2**20:.0f}" if growth >= 0 else "-"
 
 
 class EngineReports(logging.Handler):
@@ -285,7 +303,8 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
         for label, make in chosen.items():
             reports.lines.clear()
             start = time.perf_counter()
-            with rss_growth() as growth:
+            resident(model)
+            with peak_growth() as growth:
                 compressed = make()
             seconds = time.perf_counter() - start
             emb = embed(compressed)
@@ -294,7 +313,7 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
             found = re.search(r"peak activations/statistics ([\d.]+) MiB", " ".join(reports.lines))
             held = found.group(1) if found else "-"
             lines.append(f"| {label} | {cos:.4f} | {top5:.4f} | {seconds:.0f} "
-                         f"| {growth[0] / 2**20:.0f} | {held} |")  # fmt: skip
+                         f"| {mib(growth[0])} | {held} |")  # fmt: skip
             print(lines[-1], flush=True)
             del compressed
     for peer in args.peer:
