@@ -283,6 +283,23 @@ def test_sequential_blocks_leave_padding_out_of_their_statistics() -> None:
     torch.testing.assert_close(second.mean(), x.T @ x / 7)
 
 
+def test_blocks_run_in_pieces_gather_the_statistics_of_whole_batches(monkeypatch) -> None:
+    from netshrink.calibrate import sequential
+
+    monkeypatch.setattr(sequential, "PIECE_ROWS", 5)  # one 5-token sequence a piece
+    model = PaddedEncoder()
+    inputs, real = _padded_batch()
+    sizes: list[int] = []
+    model.layers[1].register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    seen = GramPerBlock()
+    run_blocks(model, [(inputs, None)], seen, show=False)
+    with torch.no_grad():
+        x = model.layers[0](model.embed(inputs["input_ids"]))[real].double()
+    assert sizes.count(1) == 4  # one sequence at a time: the check's two pieces, the pass's two
+    assert seen.grams["layers.1"].count == 7
+    torch.testing.assert_close(seen.grams["layers.1"].mean(), x.T @ x / 7)
+
+
 def test_token_vectors_are_filtered_only_when_shaped_like_the_mask() -> None:
     mask = torch.tensor([[True, False, True]])
     tokens = torch.arange(6.0).view(1, 3, 2)

@@ -95,7 +95,8 @@ def test_a_layers_input_is_kept_padded_unless_mostly_padding(real: int) -> None:
 
 def test_statistics_gathered_in_pieces_equal_those_of_whole_batches() -> None:
     # rows=7: one sequence a piece; the padded second sequence keeps its attention mask slice
-    from netshrink.calibrate.staged import _stage_statistics, piece_rows
+    from netshrink.calibrate.sequential import piece_rows
+    from netshrink.calibrate.staged import _stage_statistics
 
     model, calib = tiny_bert()
     block = model.encoder.layer[0]
@@ -142,7 +143,7 @@ class _PerSequenceKeyword(nn.Module):
 
 
 def test_per_sequence_keyword_arguments_are_cut_with_the_batch() -> None:
-    from netshrink.calibrate.staged import piece_rows
+    from netshrink.calibrate.sequential import piece_rows
 
     call = BlockCall((torch.randn(4, 3, 4),), {"scale": torch.rand(4, 1, 1)}, None)
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_per_sequence_keyword_arguments_are_cut_with_the_batch() -> None:
 
 @pytest.mark.parametrize("block", [_MixesSequences(), _BatchTimesHeads()])
 def test_a_block_whose_pieces_differ_from_the_whole_runs_whole(block: nn.Module) -> None:
-    from netshrink.calibrate.staged import piece_rows
+    from netshrink.calibrate.sequential import piece_rows
 
     call = BlockCall((torch.randn(4, 3, 4),), {"heads": torch.randn(8, 3)}, None)
     with torch.no_grad():

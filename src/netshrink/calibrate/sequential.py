@@ -13,8 +13,10 @@ calibrate in). Steps:
    keep the batch's padding mask too, so padding stays out of the statistics (see
    :mod:`~netshrink.calibrate.collect`).
 3. For each block: run it on the kept inputs with the compressor's statistic points hooked on
-   its layers, let the compressor change the block, run the changed block again and keep its
-   outputs as the next block's first positional input (the keyword arguments stay).
+   its layers (each batch in pieces of at most :data:`PIECE_ROWS` rows where that reproduces
+   the block's output, so the forward's activations stay small beside the statistics), let
+   the compressor change the block, run the changed block again and keep its outputs as the
+   next block's first positional input (the keyword arguments stay).
 
 Peak memory is the model plus one block's inputs and outputs over the calibration set, plus the
 statistics; :class:`SequentialReport` records the activation and statistics bytes measured.
@@ -201,6 +203,72 @@ def next_input(call: BlockCall, output: Any, name: str) -> BlockCall:
     return BlockCall((hidden, *call.args[1:]), call.kwargs, call.tokens)
 
 
+PIECE_ROWS = 1024
+"""Most batch x position rows one statistics forward runs at once (MiniLM's FFN: 6 MiB per
+activation). A statistics forward's activations come on top of the block's statistics
+(GPTQ's float64 Gram sums; the staged engine's two streams and their captured inputs): a whole
+16 x 101-token batch was 21 MiB of one stream's."""
+
+
+def _cut(value: Any, batch: int, part: slice) -> Any:
+    """``value`` with every tensor of two or more dimensions whose first is ``batch`` sliced to
+    ``part`` along it (inside tuples, lists and dicts too); anything else as it is."""
+    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch:
+        return value[part]
+    if isinstance(value, tuple | list):
+        return type(value)(_cut(v, batch, part) for v in value)
+    if isinstance(value, dict):
+        return {key: _cut(v, batch, part) for key, v in value.items()}
+    return value
+
+
+def split_call(call: BlockCall, rows: int) -> list[BlockCall]:
+    """``call`` cut along its batch dimension (its first argument's first) into calls of at
+    most ``rows`` batch x position rows (at least one sequence each); ``[call]`` when it fits
+    or ``rows`` is 0."""
+    hidden = call.args[0] if call.args and torch.is_tensor(call.args[0]) else None
+    if not rows or hidden is None or hidden.dim() < 2:
+        return [call]
+    batch = hidden.shape[0]
+    size = max(1, rows // max(1, hidden[0].numel() // hidden.shape[-1]))
+    if size >= batch:
+        return [call]
+    return [
+        BlockCall(
+            _cut(call.args, batch, part),
+            _cut(call.kwargs, batch, part),
+            None if call.tokens is None else call.tokens[part],
+        )
+        for part in (slice(i, i + size) for i in range(0, batch, size))
+    ]
+
+
+def piece_rows(block: nn.Module, calls: Sequence[BlockCall], rows: int | None = None) -> int:
+    """``rows`` (default :data:`PIECE_ROWS`) when running the first of ``calls`` that
+    :func:`split_call` cuts on ``block`` in its pieces gives the whole call's output (within
+    float rounding: 1e-4 of the output's largest magnitude), or no call needs cutting; else 0
+    (every call runs whole). Which of a block's arguments are per-sequence is only known by
+    trying: a block that mixes sequences, or takes a batch-sized tensor that is not
+    per-sequence, runs whole."""
+    rows = PIECE_ROWS if rows is None else rows
+    call = next((c for c in calls if len(split_call(c, rows)) > 1), None)
+    if call is None:
+        return rows
+    whole = first_tensor(block(*call.args, **call.kwargs), "the block's output")
+    try:
+        joined = torch.cat(
+            [
+                first_tensor(block(*p.args, **p.kwargs), "the block's output")
+                for p in split_call(call, rows)
+            ]
+        )
+    except Exception:  # any failure of a piece (a shape check, an assert) means: run whole
+        return 0
+    tolerance = 1e-4 * float(whole.abs().max())
+    same = joined.shape == whole.shape and torch.allclose(joined, whole, rtol=0, atol=tolerance)
+    return rows if same else 0
+
+
 def run_blocks(
     model: nn.Module,
     batches: Sequence[Batch],
@@ -223,10 +291,12 @@ def run_blocks(
             block = model.get_submodule(name)
             points = compressor.statistics(name, block)
             if points:
+                rows = piece_rows(block, calls)
                 with Hooks(block, points, role=f"block {name!r}") as hooks:
                     for call in track(calls, f"calibrate block {i + 1}/{len(names)}", show=show):
-                        hooks.tokens = call.tokens
-                        block(*call.args, **call.kwargs)
+                        for part in split_call(call, rows):
+                            hooks.tokens = part.tokens
+                            block(*part.args, **part.kwargs)
             # counted before compressing: a compressor may free statistics as it uses them
             stats_bytes = sum(r.nbytes() for rs in points.values() for r in rs)
             compressor.compress(name, block, points)

@@ -18,9 +18,8 @@ block's inputs, then compresses them together. :func:`run_stages` refines this i
 Each stage's statistics are :class:`Paired` reducers (X~^T X~, X~^T X and the inputs' sums).
 Peak memory: the model, one block's inputs and outputs (twice, with the reference stream), one
 dense copy of the block, one stage's statistics, and the activations of one forward of each
-stream, which the statistics' forwards bound by running each batch in pieces of at most
-:data:`PIECE_ROWS` (sequence x position) rows where that gives the same outputs
-(:func:`piece_rows`).
+stream, which the statistics' forwards bound by running each batch in pieces, as
+:func:`~netshrink.calibrate.run_blocks` does (:func:`~netshrink.calibrate.sequential.piece_rows`).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from netshrink.calibrate.collect import first_tensor, module_calls
+from netshrink.calibrate.collect import module_calls
 from netshrink.calibrate.memory import large_tensors_unmapped, release_freed_memory
 from netshrink.calibrate.reducers import Reducer, input_vectors, row_chunks, token_rows
 from netshrink.calibrate.sequential import (
@@ -43,15 +42,12 @@ from netshrink.calibrate.sequential import (
     find_blocks,
     first_block_calls,
     next_input,
+    piece_rows,
+    split_call,
     tensor_bytes,
 )
 from netshrink.context import Batch
 from netshrink.progress import track
-
-PIECE_ROWS = 1024
-"""Most batch x position rows one statistics forward runs at once (MiniLM's FFN: 6 MiB per
-activation). The statistics forwards hold both streams' activations and the captured layer
-inputs beside a stage's float64 sums; a whole 16 x 101-token batch was 28 MiB of that."""
 
 
 class Paired(Reducer):
@@ -196,63 +192,6 @@ def stages(block: nn.Module, names: Sequence[str], call: BlockCall) -> list[list
     return groups + ([idle] if idle else [])
 
 
-def _cut(value: Any, batch: int, part: slice) -> Any:
-    """``value`` with every tensor of two or more dimensions whose first is ``batch`` sliced to
-    ``part`` along it (inside tuples, lists and dicts too); anything else as it is."""
-    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch:
-        return value[part]
-    if isinstance(value, tuple | list):
-        return type(value)(_cut(v, batch, part) for v in value)
-    if isinstance(value, dict):
-        return {key: _cut(v, batch, part) for key, v in value.items()}
-    return value
-
-
-def _split(call: BlockCall, rows: int) -> list[BlockCall]:
-    """``call`` cut along its batch dimension (its first argument's first) into calls of at
-    most ``rows`` batch x position rows (at least one sequence each); ``[call]`` when it fits
-    or ``rows`` is 0."""
-    hidden = call.args[0] if call.args and torch.is_tensor(call.args[0]) else None
-    if not rows or hidden is None or hidden.dim() < 2:
-        return [call]
-    batch = hidden.shape[0]
-    size = max(1, rows // max(1, hidden[0].numel() // hidden.shape[-1]))
-    if size >= batch:
-        return [call]
-    return [
-        BlockCall(
-            _cut(call.args, batch, part),
-            _cut(call.kwargs, batch, part),
-            None if call.tokens is None else call.tokens[part],
-        )
-        for part in (slice(i, i + size) for i in range(0, batch, size))
-    ]
-
-
-def piece_rows(block: nn.Module, calls: Sequence[BlockCall], rows: int = PIECE_ROWS) -> int:
-    """``rows`` when running the first of ``calls`` that :func:`_split` cuts on ``block`` in
-    its pieces gives the whole call's output (within float rounding: 1e-4 of the output's
-    largest magnitude), or no call needs cutting; else 0 (every call runs whole). Which of a
-    block's arguments are per-sequence is only known by trying: a block that mixes sequences,
-    or takes a batch-sized tensor that is not per-sequence, runs whole."""
-    call = next((c for c in calls if len(_split(c, rows)) > 1), None)
-    if call is None:
-        return rows
-    whole = first_tensor(block(*call.args, **call.kwargs), "the block's output")
-    try:
-        joined = torch.cat(
-            [
-                first_tensor(block(*p.args, **p.kwargs), "the block's output")
-                for p in _split(call, rows)
-            ]
-        )
-    except Exception:  # any failure of a piece (a shape check, an assert) means: run whole
-        return 0
-    tolerance = 1e-4 * float(whole.abs().max())
-    same = joined.shape == whole.shape and torch.allclose(joined, whole, rtol=0, atol=tolerance)
-    return rows if same else 0
-
-
 def _stage_statistics(
     block: nn.Module,
     dense: nn.Module | None,
@@ -262,10 +201,11 @@ def _stage_statistics(
     rows: int,
 ) -> dict[str, Paired]:
     """:class:`Paired` statistics of the ``stage`` layers over every call, each run in
-    :func:`_split` pieces of at most ``rows`` rows (0: whole)."""
+    :func:`~netshrink.calibrate.sequential.split_call` pieces of at most ``rows`` rows (0:
+    whole)."""
     stats = {name: Paired() for name in stage}
     for call, ref in zip(calls, references, strict=True):
-        for part, part_ref in zip(_split(call, rows), _split(ref, rows), strict=True):
+        for part, part_ref in zip(split_call(call, rows), split_call(ref, rows), strict=True):
             _add_call(stats, block, dense, part, part_ref)
     return stats
 
