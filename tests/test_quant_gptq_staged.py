@@ -96,14 +96,16 @@ def test_asymmetric_target_solves_the_damped_system_and_leaves_the_gram_sum_as_i
     assert stats.gram is not None
     gram = stats.gram.clone()
     cross = None if stats.cross is None else stats.cross.clone()
-    w = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    w = torch.randn(4, 12, generator=gen)
     target = asymmetric_target(w, stats, 0.1)
-    h, c = gram.clone(), (gram if cross is None else cross).clone()
+    # the float32 sums' system, solved in float64: the target is its float32 solution
+    h, c = gram.double(), (gram if cross is None else cross).double()
     curvature = torch.where(h.diagonal() == 0, 1.0, h.diagonal())
     ridge = 0.1 * float(curvature.mean())
     h.diagonal().copy_(curvature + ridge)
     c.diagonal().add_(ridge)
-    torch.testing.assert_close(target, torch.linalg.solve(h, c @ w.T).T)
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target, torch.linalg.solve(h, c @ w.double().T).T.float())
     assert torch.equal(stats.gram, gram)
     assert stats.cross is None  # used up
 

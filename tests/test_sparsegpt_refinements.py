@@ -162,7 +162,8 @@ def test_a_block_whose_pieces_differ_from_the_whole_runs_whole(block: nn.Module)
 
 def test_asymmetric_target_is_the_weight_itself_without_upstream_error() -> None:
     w, x = torch.randn(8, 16), correlated(64, 16, 0)
-    assert torch.allclose(asymmetric_target(w, paired(x, x), 0.01), w, atol=1e-5)
+    # float32 sums and solve on correlated inputs (condition number ~300 after damping)
+    assert torch.allclose(asymmetric_target(w, paired(x, x), 0.01), w, atol=1e-4)
 
 
 def test_asymmetric_target_maps_compressed_inputs_closer_to_the_reference_outputs() -> None:

@@ -51,7 +51,11 @@ from netshrink.progress import track
 
 
 class Paired(Reducer):
-    """Running sums over the real tokens of one layer's inputs, float64.
+    """Running sums over the real tokens of one layer's inputs: the matrices in the inputs'
+    precision, at least float32, as GPTQ's and SparseGPT's reference code accumulate H (in
+    float64 a stage's two (in, in) matrices were 36 MiB at MiniLM's 1536 FFN inputs, the
+    largest thing the staged engine held beside the model), each chunk's products summed by
+    the GEMM before one addition; the vector sums in float64.
 
     ``gram`` = sum x~ x~^T over the compressed model's inputs x~, ``total`` = sum x~; with a
     reference stream also ``cross`` = sum x~ x^T and ``reference_total`` = sum x, x the
@@ -82,12 +86,12 @@ class Paired(Reducer):
         """Fold the (vectors, in) inputs ``x`` (compressed) and their ``reference`` (the
         full-precision model's, the same shape; give it on every call or on none), only the
         vectors at indices ``rows`` when given (a padded batch's real tokens, see
-        :func:`~netshrink.calibrate.reducers.token_rows`). The vectors are gathered and
-        converted to float64 :data:`~netshrink.calibrate.reducers.CHUNK` at a time and added
-        in place, as :class:`~netshrink.calibrate.Gram` does: no copy of the batch's real rows,
-        no float64 copy of the batch and no second (in, in) matrix."""
+        :func:`~netshrink.calibrate.reducers.token_rows`). The vectors are gathered
+        :data:`~netshrink.calibrate.reducers.CHUNK` at a time and their products added in
+        place: no copy of the batch's real rows and no second (in, in) matrix."""
         if self.gram is None:
-            self.gram = x.new_zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            self.gram = x.new_zeros(x.shape[1], x.shape[1], dtype=dtype)
             self.total = x.new_zeros(x.shape[1], dtype=torch.float64)
             if reference is not None:
                 self.cross = torch.zeros_like(self.gram)
@@ -95,14 +99,14 @@ class Paired(Reducer):
         assert self.total is not None
         paired = row_chunks(reference, rows) if reference is not None else None
         for chunk in row_chunks(x, rows):
-            v = chunk.double()
+            v = chunk.to(self.gram.dtype)
             self.gram.addmm_(v.T, v)
-            self.total += v.sum(0)
+            self.total += v.sum(0, dtype=torch.float64)
             if paired is not None:
                 assert self.cross is not None and self.reference_total is not None
-                r = next(paired).double()
+                r = next(paired).to(self.gram.dtype)
                 self.cross.addmm_(v.T, r)
-                self.reference_total += r.sum(0)
+                self.reference_total += r.sum(0, dtype=torch.float64)
         self.count += x.shape[0] if rows is None else rows.numel()
 
     def take_mean(self) -> torch.Tensor | None:
@@ -289,7 +293,7 @@ def asymmetric_target(weight: torch.Tensor, stats: Paired, damp: float) -> torch
     Memory: the cross sums are used up here (the target is their only use; ``stats.cross`` is
     None afterwards) and the damping is added to the sums' own diagonals, the Gram sum's
     restored exactly afterwards: besides the Gram sum only the Cholesky factor and the solver's
-    copy of it are made, where copies of both sums came on top (36 MiB in float64 at 1536
+    copy of it are made, where copies of both sums came on top (18 MiB in float32 at 1536
     inputs)."""
     if stats.gram is None:
         raise ValueError("Paired saw no input")
@@ -301,7 +305,7 @@ def asymmetric_target(weight: torch.Tensor, stats: Paired, damp: float) -> torch
     ridge = damp * float(curvature.mean())
     try:
         c.diagonal().add_(ridge)
-        rhs = c @ weight.double().T  # (X~^T X + lambda I) W^T, (in, out)
+        rhs = c @ weight.to(c.dtype).T  # (X~^T X + lambda I) W^T, (in, out)
         del c
         h.diagonal().copy_(curvature + ridge)
         factor = torch.linalg.cholesky(h)
