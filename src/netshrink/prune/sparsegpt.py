@@ -289,7 +289,7 @@ def prune_stage(
         target = None
         if config.asymmetric and spans:
             target = asymmetric_target(before, pair, config.damp).view_as(layer.weight)
-        # float32 from here (the solve's precision); the float64 sum is freed before the solve
+        # float32 from here (the solve's precision); a float64 model's sum is freed before it
         gram, pair.gram = pair.gram.float(), None
         prune_layer(layer, gram, config, fractions.get(name), target)
         if spans:
@@ -310,8 +310,8 @@ def prune_all(
 ) -> None:
     """One calibration pass over ``model`` gathering each layer's X^T X, then every layer pruned.
 
-    The Gram matrices of all ``layers`` are held at once (in^2 float64 each); ``sequential``
-    holds one block's only.
+    The Gram matrices of all ``layers`` are held at once (in^2 float32 each for float32 inputs);
+    ``sequential`` holds one block's only.
     """
     stats = {name: Paired() for name in layers}
     collect(model, {n: [s] for n, s in stats.items()}, batches, "sparsegpt: X^T X", show=show)
