@@ -300,6 +300,35 @@ def test_blocks_run_in_pieces_gather_the_statistics_of_whole_batches(monkeypatch
     torch.testing.assert_close(seen.grams["layers.1"].mean(), x.T @ x / 7)
 
 
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 9), tokens=st.integers(1, 6), rows=st.integers(0, 40))
+def test_split_calls_rejoin_to_the_call_and_leave_shared_arguments_whole(
+    batch: int, tokens: int, rows: int
+) -> None:
+    from netshrink.calibrate.sequential import BlockCall, split_call
+
+    hidden, mask = torch.randn(batch, tokens, 3), torch.randn(batch, 1, tokens, tokens)
+    shared, flags = torch.randn(1, tokens, 3), torch.rand(batch, tokens) > 0.5
+    call = BlockCall(
+        (hidden, mask), {"bias": shared, "pos": [torch.arange(batch * 2).view(batch, 2)]}, flags
+    )
+    parts = split_call(call, rows)
+    size = max(1, rows // tokens)  # sequences a piece: at most `rows` rows, at least one
+    if not rows or size >= batch:
+        assert len(parts) == 1 and parts[0] is call
+    else:
+        assert [p.args[0].shape[0] for p in parts] == [
+            min(size, batch - i) for i in range(0, batch, size)
+        ]
+    torch.testing.assert_close(torch.cat([p.args[0] for p in parts]), hidden)
+    torch.testing.assert_close(torch.cat([p.args[1] for p in parts]), mask)
+    torch.testing.assert_close(
+        torch.cat([p.kwargs["pos"][0] for p in parts]), call.kwargs["pos"][0]
+    )
+    assert torch.equal(torch.cat([p.tokens for p in parts]), flags)
+    assert all(p.kwargs["bias"] is shared for p in parts)  # not per sequence: every piece whole
+
+
 def test_token_vectors_are_filtered_only_when_shaped_like_the_mask() -> None:
     mask = torch.tensor([[True, False, True]])
     tokens = torch.arange(6.0).view(1, 3, 2)

@@ -35,12 +35,13 @@ def _normalised(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, ...]:
     diagonal: relative to each input's own energy, as the paper's code damps, so a quiet input
     is not damped more than a loud one. ``dead``: inputs that were always zero.
 
-    Float32, as the paper's code computes: H_n's eigenvalues lie between ``damp`` and ``in``
-    (unit diagonal), a condition number float32 holds, and a float64 H_n and its eigenvectors
-    were 2 x 18 MiB at 1536 inputs, the peak of a whole calibration run. The eigenvectors come
-    from LAPACK's MRRR driver (``ssyevr``, through SciPy), which may overwrite the normalised
-    copy (freed after): ``torch.linalg.eigh``'s divide-and-conquer driver needs about 2 in^2
-    floats of workspace beside a copy of its input, MRRR a few in-long vectors."""
+    Float32, as the paper's code computes: H_n's eigenvalues lie between ``damp`` and
+    ``in + damp`` (unit diagonal), a condition number float32 holds, and a float64 H_n and its
+    eigenvectors were 2 x 18 MiB at 1536 inputs, the peak of a whole calibration run. The
+    eigenvectors come from LAPACK's MRRR driver (``ssyevr``, through SciPy), which may
+    overwrite the normalised copy (freed after): ``torch.linalg.eigh``'s divide-and-conquer
+    driver needs about 2 in^2 floats of workspace beside a copy of its input, MRRR a few
+    in-long vectors."""
     h = hessian.to(torch.float32, copy=True)
     diag = h.diagonal()
     dead = diag == 0
