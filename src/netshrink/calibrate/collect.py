@@ -132,19 +132,34 @@ class Hooks:
 
 @contextmanager
 def module_calls(model: nn.Module) -> Iterator[None]:
-    """Eval mode without gradients, every submodule called as a module; restored afterwards.
+    """Eval mode without gradients, every submodule called as a module, no key/value caches;
+    restored afterwards.
 
     torch's fused fast path of ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` (taken
     in eval mode without gradients) reads the weights directly and never calls ``linear1``,
     ``linear2`` or ``out_proj``, so their hooks would see nothing: it is turned off meanwhile.
+    A Hugging Face model whose config has ``use_cache`` hands each layer a cache object that
+    every call appends its keys and values to; the sequential engines call a block several
+    times on the same arguments, so the second call saw twice the keys (GPT-2: "The size of
+    tensor a (44) must match the size of tensor b (22)"). Calibration needs no cache: it is off
+    meanwhile.
     """
     was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
+    caching = {
+        id(c): c
+        for m in model.modules()
+        if getattr(c := getattr(m, "config", None), "use_cache", False) is True
+    }
     model.eval()
     torch.backends.mha.set_fastpath_enabled(False)
+    for config in caching.values():
+        config.use_cache = False
     try:
         with torch.no_grad():
             yield
     finally:
+        for config in caching.values():
+            config.use_cache = True
         torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
 
