@@ -28,7 +28,7 @@ from netshrink.calibrate import (
     token_mask,
 )
 from netshrink.calibrate.collect import Points
-from netshrink.errors import ConfigError, TargetError, UnsupportedModuleError
+from netshrink.errors import ConfigError, DataError, TargetError, UnsupportedModuleError
 
 
 class TwoInputs(nn.Module):
@@ -197,6 +197,24 @@ def test_blocks_that_never_run_are_reported() -> None:
     model.unused = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
     with pytest.raises(UnsupportedModuleError, match="never ran"):
         run_blocks(model, [((torch.randn(1, 4), torch.randn(1, 4)), None)], Record(), show=False)
+
+
+def test_a_model_failing_on_the_data_before_its_first_block_is_a_data_error() -> None:
+    class NeedsY(TwoInputs):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+            if y is None:  # as an encoder-decoder given no decoder inputs
+                raise ValueError("You must specify y")
+            h = super().forward(x, y)
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    with pytest.raises(DataError, match=r"does not run on the calibration batches.*specify y"):
+        run_blocks(NeedsY(), [(torch.randn(2, 4), None)], Record(), show=False)
 
 
 def test_a_module_giving_no_tensor_is_a_target_error_naming_it() -> None:

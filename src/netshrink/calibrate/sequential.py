@@ -36,7 +36,7 @@ from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_call
 from netshrink.calibrate.memory import large_tensors_unmapped, release_freed_memory
 from netshrink.calibrate.reducers import Reducer
 from netshrink.context import Batch
-from netshrink.errors import TargetError, UnsupportedModuleError
+from netshrink.errors import DataError, TargetError, UnsupportedModuleError
 from netshrink.progress import track
 
 
@@ -167,7 +167,11 @@ def tensor_bytes(values: Iterable[Any]) -> int:
 def first_block_calls(
     model: nn.Module, block: nn.Module, batches: Sequence[Batch]
 ) -> list[BlockCall]:
-    """The arguments ``block`` is called with, once per batch, without running past it."""
+    """The arguments ``block`` is called with, once per batch, without running past it.
+
+    Raises :class:`DataError` when the model fails on a batch before reaching the block: it is
+    the model as given that does not run on the calibration data (say an encoder-decoder given
+    no decoder inputs), not a layer to leave out."""
     calls: list[BlockCall] = []
     tokens: torch.Tensor | None = None
 
@@ -183,6 +187,12 @@ def first_block_calls(
                 run(model, inputs)
             except StopForward:
                 continue
+            except Exception as exc:
+                raise DataError(
+                    f"{type(model).__name__} does not run on the calibration batches "
+                    f"({type(exc).__name__}: {exc}); give calib_data inputs its forward "
+                    "accepts (an encoder-decoder needs its decoder inputs too)"
+                ) from exc
             raise UnsupportedModuleError(
                 f"the first block never ran on a calibration batch; choose blocks that "
                 f"{type(model).__name__}.forward calls"
