@@ -28,6 +28,7 @@ from netshrink.calibrate import (
     token_mask,
 )
 from netshrink.calibrate.collect import Points
+from netshrink.calibrate.sequential import BlockCall, piece_rows, split_call
 from netshrink.errors import ConfigError, DataError, TargetError, UnsupportedModuleError
 
 
@@ -323,8 +324,6 @@ def test_blocks_run_in_pieces_gather_the_statistics_of_whole_batches(monkeypatch
 def test_split_calls_rejoin_to_the_call_and_leave_shared_arguments_whole(
     batch: int, tokens: int, rows: int
 ) -> None:
-    from netshrink.calibrate.sequential import BlockCall, split_call
-
     hidden, mask = torch.randn(batch, tokens, 3), torch.randn(batch, 1, tokens, tokens)
     shared, flags = torch.randn(1, tokens, 3), torch.rand(batch, tokens) > 0.5
     call = BlockCall(
@@ -345,6 +344,48 @@ def test_split_calls_rejoin_to_the_call_and_leave_shared_arguments_whole(
     )
     assert torch.equal(torch.cat([p.tokens for p in parts]), flags)
     assert all(p.kwargs["bias"] is shared for p in parts)  # not per sequence: every piece whole
+
+
+class _MixesSequences(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        return self.inner(x - x.mean(0))  # each sequence's output depends on the others
+
+
+class _BatchTimesHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        # a (batch x 2, positions) argument, as ALiBi biases are: not cut, so a piece fails
+        return self.inner(x) + heads.view(x.shape[0], 2, -1).sum(1).unsqueeze(-1)
+
+
+class _PerSequenceKeyword(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * scale
+
+
+def test_per_sequence_keyword_arguments_are_cut_with_the_batch() -> None:
+    call = BlockCall((torch.randn(4, 3, 4),), {"scale": torch.rand(4, 1, 1)}, None)
+    with torch.no_grad():
+        assert piece_rows(_PerSequenceKeyword(), [call], rows=6) == 6
+
+
+@pytest.mark.parametrize("block", [_MixesSequences(), _BatchTimesHeads()])
+def test_a_block_whose_pieces_differ_from_the_whole_runs_whole(block: nn.Module) -> None:
+    call = BlockCall((torch.randn(4, 3, 4),), {"heads": torch.randn(8, 3)}, None)
+    with torch.no_grad():
+        assert piece_rows(block, [call], rows=6) == 0
+        assert piece_rows(block, [call], rows=12) == 12  # fits whole: nothing to cut
 
 
 def test_token_vectors_are_filtered_only_when_shaped_like_the_mask() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import netshrink as ns
-from netshrink.calibrate.sequential import BlockCall, first_block_calls
+from netshrink.calibrate.sequential import BlockCall, first_block_calls, piece_rows
 from netshrink.calibrate.staged import Paired, asymmetric_target, bias_shift, refit_norms, stages
 from netshrink.errors import ConfigError
 from netshrink.prune import nm_layout_ok
@@ -95,7 +95,6 @@ def test_a_layers_input_is_kept_padded_unless_mostly_padding(real: int) -> None:
 
 def test_statistics_gathered_in_pieces_equal_those_of_whole_batches() -> None:
     # rows=7: one sequence a piece; the padded second sequence keeps its attention mask slice
-    from netshrink.calibrate.sequential import piece_rows
     from netshrink.calibrate.staged import _stage_statistics
 
     model, calib = tiny_bert()
@@ -112,52 +111,6 @@ def test_statistics_gathered_in_pieces_equal_those_of_whole_batches() -> None:
         for field in ("gram", "cross", "total"):
             a, b = getattr(cut[name], field), getattr(whole[name], field)
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-class _MixesSequences(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        return self.inner(x - x.mean(0))  # each sequence's output depends on the others
-
-
-class _BatchTimesHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        # a (batch x 2, positions) argument, as ALiBi biases are: not cut, so a piece fails
-        return self.inner(x) + heads.view(x.shape[0], 2, -1).sum(1).unsqueeze(-1)
-
-
-class _PerSequenceKeyword(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
-        return self.inner(x) * scale
-
-
-def test_per_sequence_keyword_arguments_are_cut_with_the_batch() -> None:
-    from netshrink.calibrate.sequential import piece_rows
-
-    call = BlockCall((torch.randn(4, 3, 4),), {"scale": torch.rand(4, 1, 1)}, None)
-    with torch.no_grad():
-        assert piece_rows(_PerSequenceKeyword(), [call], rows=6) == 6
-
-
-@pytest.mark.parametrize("block", [_MixesSequences(), _BatchTimesHeads()])
-def test_a_block_whose_pieces_differ_from_the_whole_runs_whole(block: nn.Module) -> None:
-    from netshrink.calibrate.sequential import piece_rows
-
-    call = BlockCall((torch.randn(4, 3, 4),), {"heads": torch.randn(8, 3)}, None)
-    with torch.no_grad():
-        assert piece_rows(block, [call], rows=6) == 0
-        assert piece_rows(block, [call], rows=12) == 12  # fits whole: nothing to cut
 
 
 def test_asymmetric_target_is_the_weight_itself_without_upstream_error() -> None:
