@@ -302,8 +302,8 @@ def minilm_table(args: argparse.Namespace) -> dict[str, list[str]]:
         lines = tables[section] = list(header)
         for label, make in chosen.items():
             reports.lines.clear()
-            start = time.perf_counter()
             resident(model)
+            start = time.perf_counter()
             with peak_growth() as growth:
                 compressed = make()
             seconds = time.perf_counter() - start
