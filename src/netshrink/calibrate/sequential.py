@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from netshrink.batches import run
 from netshrink.calibrate.collect import Hooks, Points, first_tensor, module_calls, token_mask
@@ -220,18 +221,6 @@ activation). A statistics forward's activations come on top of the block's stati
 16 x 101-token batch was 21 MiB of one stream's."""
 
 
-def _cut(value: Any, batch: int, part: slice) -> Any:
-    """``value`` with every tensor of two or more dimensions whose first is ``batch`` sliced to
-    ``part`` along it (inside tuples, lists and dicts too); anything else as it is."""
-    if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == batch:
-        return value[part]
-    if isinstance(value, tuple | list):
-        return type(value)(_cut(v, batch, part) for v in value)
-    if isinstance(value, dict):
-        return {key: _cut(v, batch, part) for key, v in value.items()}
-    return value
-
-
 def split_call(call: BlockCall, rows: int) -> list[BlockCall]:
     """``call`` cut along its batch dimension (its first argument's first) into calls of at
     most ``rows`` batch x position rows (at least one sequence each); ``[call]`` when it fits
@@ -243,14 +232,17 @@ def split_call(call: BlockCall, rows: int) -> list[BlockCall]:
     size = max(1, rows // max(1, hidden[0].numel() // hidden.shape[-1]))
     if size >= batch:
         return [call]
-    return [
-        BlockCall(
-            _cut(call.args, batch, part),
-            _cut(call.kwargs, batch, part),
-            None if call.tokens is None else call.tokens[part],
-        )
-        for part in (slice(i, i + size) for i in range(0, batch, size))
-    ]
+
+    def cut(part: slice) -> BlockCall:
+        # every tensor of two or more dimensions whose first is the batch's is per sequence
+        def piece(v: Any) -> Any:
+            per_sequence = torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == batch
+            return v[part] if per_sequence else v
+
+        args, kwargs = pytree.tree_map(piece, (call.args, call.kwargs))
+        return BlockCall(args, kwargs, None if call.tokens is None else call.tokens[part])
+
+    return [cut(slice(i, i + size)) for i in range(0, batch, size)]
 
 
 def piece_rows(block: nn.Module, calls: Sequence[BlockCall], rows: int | None = None) -> int:
@@ -261,16 +253,14 @@ def piece_rows(block: nn.Module, calls: Sequence[BlockCall], rows: int | None = 
     trying: a block that mixes sequences, or takes a batch-sized tensor that is not
     per-sequence, runs whole."""
     rows = PIECE_ROWS if rows is None else rows
-    call = next((c for c in calls if len(split_call(c, rows)) > 1), None)
-    if call is None:
+    found = next(((c, p) for c in calls if len(p := split_call(c, rows)) > 1), None)
+    if found is None:
         return rows
+    call, parts = found
     whole = first_tensor(block(*call.args, **call.kwargs), "the block's output")
     try:
         joined = torch.cat(
-            [
-                first_tensor(block(*p.args, **p.kwargs), "the block's output")
-                for p in split_call(call, rows)
-            ]
+            [first_tensor(block(*p.args, **p.kwargs), "the block's output") for p in parts]
         )
     except Exception:  # any failure of a piece (a shape check, an assert) means: run whole
         return 0
