@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+import hf_fixtures
 import netshrink as ns
 from foreign_models import Foreign, hugging_face
 from netshrink.batches import run
+from netshrink.errors import DataError
 
 SEQUENTIAL: dict[str, tuple[Any, dict[str, Any]]] = {
     "gptq": (ns.quantize.gptq, {"bits": 4, "group_size": 16}),
@@ -63,3 +65,18 @@ def _leaves(output: Any) -> list[torch.Tensor]:
         output = output.to_tuple()
     items = output if isinstance(output, tuple | list) else [output]
     return [t.float() for t in items if torch.is_tensor(t)]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("sequential", [True, False])
+def test_an_encoder_decoder_without_decoder_inputs_is_a_data_error(sequential: bool) -> None:
+    # T5Model runs its decoder after the encoder; given encoder inputs only it fails there,
+    # which used to read as "leave that layer out", advice no option could follow
+    model = hf_fixtures.build("t5")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    batch = ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None)
+    for technique, options in (SEQUENTIAL["gptq"], SEQUENTIAL["wanda"]):
+        with pytest.raises(DataError, match=r"does not run on calib_data's first batch.*decoder"):
+            technique(model, calib_data=[batch], sequential=sequential, **options)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -9,7 +9,8 @@ techniques name, and a family package exports its techniques with :func:`export_
 :meth:`Technique.apply` is where every technique is made safe on any model, once: it validates
 the options and the context, works on a copy (the caller's model is never modified), turns a
 raw exception into an :class:`~netshrink.errors.UnsupportedModuleError` naming the layer that
-raised, refuses a result that changed nothing or untied tied weights, checks that one forward
+raised (or a :class:`~netshrink.errors.DataError` when the given model does not run on the given
+data either), refuses a result that changed nothing or untied tied weights, checks that one forward
 on the example inputs still runs and keeps the output structure and shapes, and only then
 fine-tunes.
 """
@@ -164,7 +165,8 @@ class Technique:
 
         In order: check the needs and the weights; when ``ctx.example_inputs`` is given, record
         the output structure and shapes of one forward; run the technique (any exception that is
-        not a :class:`~netshrink.errors.NetshrinkError` becomes an UnsupportedModuleError naming
+        not a :class:`~netshrink.errors.NetshrinkError` becomes a DataError when the unchanged
+        model fails on the first batch of its data too, else an UnsupportedModuleError naming
         the layer running when it was raised); refuse a model that did not change or lost a
         weight tie; check that
         one forward still runs with the same output structure and shapes; fine-tune. The
@@ -217,6 +219,7 @@ class Technique:
             except NetshrinkError:
                 raise
             except Exception as exc:
+                self._blame_data(original, config, ctx)
                 where = flight.culprit(model, exc)
                 hint = (
                     f" in {where}; leave that layer out with targets.exclude"
@@ -227,6 +230,27 @@ class Technique:
                     f"{self.name} failed on {type(original).__name__}{hint} "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
+
+    def _blame_data(self, original: nn.Module, config: Any, ctx: Context) -> None:
+        """Raise :class:`DataError` when the caller's unchanged model fails on the first batch of
+        the data this technique read: then the data, not a layer, is what to fix (an
+        encoder-decoder given encoder inputs only fails in its decoder, which no
+        ``targets.exclude`` can mend). Data given as a one-pass iterator is not read again."""
+        for item in ("calib_data", "train_data"):
+            data = getattr(ctx, item)
+            if item not in self.needs(config) or data is None or iter(data) is data:
+                continue
+            first = next(iter(data), None)
+            if first is None:
+                continue
+            try:
+                forward_signature(original, first[0])
+            except UnsupportedModuleError as exc:
+                raise DataError(
+                    f"{self.name}: the model as given does not run on {item}'s first batch "
+                    f"({exc}); give inputs its forward accepts (an encoder-decoder needs its "
+                    "decoder inputs too)"
+                ) from exc.__cause__
 
 
 @contextmanager
