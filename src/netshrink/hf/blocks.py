@@ -26,6 +26,7 @@ heads per group — what the forward repeats K/V by — never changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,11 +117,20 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+IsLinear = Callable[[Any], bool]
+"""Which modules count as a Linear projection (pruning: ``nn.Linear`` only)."""
+
+
 def _linear_attention(
-    path: str, module: nn.Module, names: tuple[str, str, str], out: str, head_dim: int
+    path: str,
+    module: nn.Module,
+    names: tuple[str, str, str],
+    out: str,
+    head_dim: int,
+    linear: IsLinear,
 ) -> Attention | None:
     q, k, v = (getattr(module, n) for n in names)
-    if not all(_is_linear(m) for m in (q, k, v)) or head_dim <= 0:
+    if not all(linear(m) for m in (q, k, v)) or head_dim <= 0:
         return None
     heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
     if heads * head_dim != q.out_features or kv_heads < 1 or heads % kv_heads:
@@ -137,7 +147,9 @@ def _linear_attention(
     )  # fmt: skip
 
 
-def _attention_of(path: str, module: nn.Module, model: nn.Module) -> Attention | None:
+def _attention_of(
+    path: str, module: nn.Module, model: nn.Module, linear: IsLinear = _is_linear
+) -> Attention | None:
     """The :class:`Attention` at ``path``, or None when ``module`` is no attention module."""
     if isinstance(module, nn.MultiheadAttention):
         plain = module.in_proj_weight is not None and module.bias_k is None
@@ -153,17 +165,18 @@ def _attention_of(path: str, module: nn.Module, model: nn.Module) -> Attention |
     if _child(module, "query", "key", "value") and hasattr(module, "attention_head_size"):
         parent = path.rpartition(".")[0]
         out = _join(parent, "output", "dense")
-        if not _is_linear(_get(model, out)):
+        if not linear(_get(model, out)):
             return None
         qkv = ("query", "key", "value")
-        return _linear_attention(path, module, qkv, out, int(module.attention_head_size))
+        return _linear_attention(path, module, qkv, out, int(module.attention_head_size), linear)
     for names, o, dim in (
         (("q_lin", "k_lin", "v_lin"), "out_lin", "attention_head_size"),
         (("q_proj", "k_proj", "v_proj"), "o_proj", "head_dim"),
         (("q", "k", "v"), "o", "key_value_proj_dim"),
     ):
-        if _child(module, *names, o) and _is_linear(getattr(module, o)) and hasattr(module, dim):
-            return _linear_attention(path, module, names, _join(path, o), int(getattr(module, dim)))
+        if _child(module, *names, o) and linear(getattr(module, o)) and hasattr(module, dim):
+            head_dim = int(getattr(module, dim))
+            return _linear_attention(path, module, names, _join(path, o), head_dim, linear)
     conv = _child(module, "c_attn", "c_proj")
     if conv and all(_is_conv1d(m) for m in conv):
         d, e = int(module.head_dim), int(module.split_size)
@@ -192,11 +205,13 @@ def _is_cross(path: str, module: nn.Module) -> bool:
     )
 
 
-def find_attention(model: nn.Module) -> list[Attention]:
-    """Every self-attention module of ``model`` that structured pruning understands."""
+def find_attention(model: nn.Module, linear: IsLinear = _is_linear) -> list[Attention]:
+    """Every self-attention module of ``model`` that structured pruning understands;
+    ``linear`` says which modules count as its Linear projections (by default ``nn.Linear``,
+    whose rows and columns pruning cuts)."""
     found = []
     for path, module in model.named_modules():
-        att = _attention_of(path, module, model)
+        att = _attention_of(path, module, model, linear)
         if att is not None and not _is_cross(path, module):
             found.append(att)
     return found

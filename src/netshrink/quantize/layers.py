@@ -3,10 +3,12 @@
 Each layer keeps what an integer kernel needs in its state dict — int8 weight codes (int4
 codes packed two per byte), one float32 scale per output channel, an int32 bias in units of
 ``input_scale * weight_scale`` and the uint8 scale/zero point of its input (and of its output
-when that output joins a residual addition). The forward pass *simulates* the integer kernel in
-float (fake quantization: quantize, dequantize, float conv); it is exact up to float rounding
-against an integer implementation. Exported to ONNX, the same ops become QuantizeLinear /
-DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QGemm / QLinearAdd.
+when that output joins a residual addition, or the int8 scale of its output when it feeds
+attention's matmuls: see :mod:`netshrink.quantize.static_attention`). The forward pass
+*simulates* the integer kernel in float (fake quantization: quantize, dequantize, float conv); it
+is exact up to float rounding against an integer implementation. Exported to ONNX, the same ops
+become QuantizeLinear / DequantizeLinear pairs that ONNX Runtime fuses into QLinearConv / QGemm /
+QLinearAdd.
 
 A :class:`QuantLinear` may also keep a per-input-channel smoothing vector s (SmoothQuant, Xiao
 et al. 2022, sec. 4, where s cannot be folded into the op before it): it quantizes x / s and
@@ -42,8 +44,10 @@ def fake_quant(
     zero_point: torch.Tensor,
     frozen: tuple[float, int] | None = None,
     qmax: int = 255,
+    signed: bool = False,
 ) -> torch.Tensor:
-    """Quantize ``x`` to unsigned codes in [0, qmax] and back.
+    """Quantize ``x`` to unsigned codes in [0, qmax] and back (``signed``: int8 codes in
+    [-(qmax + 1) / 2, qmax / 2] with the zero point 0).
 
     Activations are asymmetric uint8 (what ONNX Runtime's x86 kernels expect); ``qmax`` below 255
     keeps fewer codes of the same container (4-bit activations: 15). With ``frozen`` (the same
@@ -52,11 +56,12 @@ def fake_quant(
     DequantizeLinear, which the autograd-friendly ``fake_quantize_per_tensor_affine`` (used for
     training) does not.
     """
+    lo, hi, dtype = (-(qmax + 1) // 2, qmax // 2, torch.int8) if signed else (0, qmax, torch.uint8)
     if frozen is None or (torch.is_grad_enabled() and x.requires_grad):
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, qmax)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, lo, hi)
     s, z = frozen
-    q = _QD.quantize_per_tensor(x, s, z, 0, qmax, torch.uint8)
-    return _QD.dequantize_per_tensor(q, s, z, 0, qmax, torch.uint8)
+    q = _QD.quantize_per_tensor(x, s, z, lo, hi, dtype)
+    return _QD.dequantize_per_tensor(q, s, z, lo, hi, dtype)
 
 
 class _FrozenQParams(nn.Module):
@@ -82,10 +87,17 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
     weight_shape: tuple[int, ...]
 
     def _init_storage(
-        self, bits: int, bias: bool, quant_output: bool, act_bits: int, smooth: bool = False
+        self,
+        bits: int,
+        bias: bool,
+        quant_output: bool,
+        act_bits: int,
+        smooth: bool = False,
+        signed_output: bool = False,
     ) -> None:
         self.bits, self.has_bias, self.quant_output = bits, bias, quant_output
         self.act_bits, self.smoothed = act_bits, smooth
+        self.signed_output = quant_output and signed_output
         # codes live in the smallest packable container: 2, 4 or 8 bits
         self.storage_bits = next(b for b in (2, 4, 8) if bits <= b)
         out_channels, numel = self.weight_shape[0], math.prod(self.weight_shape)
@@ -151,11 +163,15 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
             "quant_output": self.quant_output,
             "act_bits": self.act_bits,
             **({"smooth": True} if self.smoothed else {}),
+            **({"signed_output": True} if self.signed_output else {}),
         }
 
     @classmethod
-    def empty_like(cls, mod: Any, bits: int, quant_output: bool, act_bits: int) -> Any:
-        """An unfilled quantized layer shaped like the float layer ``mod``."""
+    def empty_like(
+        cls, mod: Any, bits: int, quant_output: bool, act_bits: int, signed_output: bool = False
+    ) -> Any:
+        """An unfilled quantized layer shaped like the float layer ``mod`` (``signed_output``:
+        its output on int8 codes with the zero point 0 rather than on uint8)."""
         raise NotImplementedError
 
     @classmethod
@@ -168,12 +184,14 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
         out: Any,
         wscale: Any = None,
         act_bits: int = 8,
+        signed_output: bool = False,
     ) -> Any:
         """Quantize the conv/linear ``mod`` with input qparams ``inp``, output qparams ``out``
-        (or None), optionally given per-channel weight scales ``wscale`` (from QAT), activation
-        codes on ``act_bits`` bits. A :class:`SmoothedLinear` keeps its smoothing vector;
-        ``inp`` is then the range of its smoothed input x / s."""
-        q = cls.empty_like(mod, bits, out is not None, act_bits)
+        (or None; symmetric int8 ones with ``signed_output``), optionally given per-channel
+        weight scales ``wscale`` (from QAT), activation codes on ``act_bits`` bits. A
+        :class:`SmoothedLinear` keeps its smoothing vector; ``inp`` is then the range of its
+        smoothed input x / s."""
+        q = cls.empty_like(mod, bits, out is not None, act_bits, signed_output)
         if isinstance(mod, SmoothedLinear):
             q._fill(mod.scaled_weight, mod.bias, per_channel, inp, out, wscale, mod.smooth)
         else:
@@ -244,7 +262,7 @@ class _QuantWeights(_FrozenQParams, CompressedLayer):
         y = op(x)
         if self.quant_output:
             out = self.output_scale, self.output_zero_point, self._frozen["output_"]
-            y = fake_quant(y, *out, qmax)
+            y = fake_quant(y, *out, 255 if self.signed_output else qmax, self.signed_output)
         return y
 
 
@@ -258,11 +276,12 @@ class QuantConv2d(_QuantWeights):
         bits: int = 8,
         quant_output: bool = False,
         act_bits: int = 8,
+        signed_output: bool = False,
     ) -> None:
         super().__init__()
         self.geometry = ConvGeometry.from_spec(conv)
         self.weight_shape = self.geometry.weight_shape
-        self._init_storage(bits, bias, quant_output, act_bits)
+        self._init_storage(bits, bias, quant_output, act_bits, signed_output=signed_output)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -270,13 +289,19 @@ class QuantConv2d(_QuantWeights):
 
     @classmethod
     def empty_like(
-        cls, conv: nn.Conv2d, bits: int, quant_output: bool, act_bits: int
+        cls,
+        conv: nn.Conv2d,
+        bits: int,
+        quant_output: bool,
+        act_bits: int,
+        signed_output: bool = False,
     ) -> QuantConv2d:
         """An unfilled layer shaped like ``conv``."""
         geometry = ConvGeometry.of(conv)
         if not geometry.zero_padded:
             raise ValueError("only numeric zero padding")
-        return cls(geometry.spec(), conv.bias is not None, bits, quant_output, act_bits)
+        spec = geometry.spec()
+        return cls(spec, conv.bias is not None, bits, quant_output, act_bits, signed_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Simulated integer convolution (see the module docstring)."""
@@ -295,11 +320,12 @@ class QuantLinear(_QuantWeights):
         quant_output: bool = False,
         act_bits: int = 8,
         smooth: bool = False,
+        signed_output: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_shape = (out_features, in_features)
-        self._init_storage(bits, bias, quant_output, act_bits, smooth)
+        self._init_storage(bits, bias, quant_output, act_bits, smooth, signed_output)
 
     def spec(self) -> dict[str, Any]:
         """JSON constructor arguments."""
@@ -311,12 +337,17 @@ class QuantLinear(_QuantWeights):
 
     @classmethod
     def empty_like(
-        cls, linear: nn.Linear | SmoothedLinear, bits: int, quant_output: bool, act_bits: int
+        cls,
+        linear: nn.Linear | SmoothedLinear,
+        bits: int,
+        quant_output: bool,
+        act_bits: int,
+        signed_output: bool = False,
     ) -> QuantLinear:
         """An unfilled layer shaped like ``linear``."""
         return cls(
             linear.in_features, linear.out_features, linear.bias is not None, bits,
-            quant_output, act_bits, isinstance(linear, SmoothedLinear),
+            quant_output, act_bits, isinstance(linear, SmoothedLinear), signed_output,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

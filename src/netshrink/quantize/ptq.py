@@ -43,6 +43,7 @@ from netshrink.quantize.dynamic_int8 import DynamicInt8Linear, Int8Embedding
 from netshrink.quantize.layers import QuantConv2d, QuantLinear, QuantReLU
 from netshrink.quantize.observers import Observer, ObserverName, make_observer
 from netshrink.quantize.smoothed import SmoothedLinear
+from netshrink.quantize.static_attention import attention_projections
 from netshrink.quantize.static_dynamic import dynamic_layers, to_dynamic, unsmooth
 from netshrink.quantize.static_gptq import gptq_round
 from netshrink.quantize.tracing import fold_bn, trace_flow
@@ -97,6 +98,12 @@ class StaticConfig(TechniqueConfig):
         "instead of with a calibrated range (int8 weights as quantize.dynamic), for inputs one "
         "range fits badly, e.g. the FFN output projections (GELU outputs) of a transformer",
     )
+    attention: bool = Field(
+        False,
+        description="also quantize the outputs of self-attention's query and key projections "
+        "(int8, symmetric, calibrated), so that a runtime runs Q K^T in int8 (OpenVINO: its "
+        "fused int8 attention kernel)",
+    )
 
     @model_validator(mode="after")
     def _gptq_per_channel(self) -> StaticConfig:
@@ -104,6 +111,15 @@ class StaticConfig(TechniqueConfig):
             raise ValueError(
                 "weight_rounding gptq rounds onto one grid per output channel; set "
                 "per_channel: true, or weight_rounding: nearest"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _attention_int8(self) -> StaticConfig:
+        if self.attention and self.activations == "int4":
+            raise ValueError(
+                "attention: true quantizes Q and K to 8 bits, which activations: int4 would "
+                "not hold for them; use activations: int8 with attention, or drop attention"
             )
         return self
 
@@ -175,11 +191,14 @@ def observe_ranges(
     observer: ObserverName,
     ctx: Context,
     act_bits: int = 8,
+    signed_outputs: frozenset[str] = frozenset(),
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Observe inputs of ``names``, outputs of those in ``feeds_add`` and of every ReLU.
+    """Observe inputs of ``names``, outputs of those in ``feeds_add`` or ``signed_outputs`` and
+    of every ReLU.
 
     Returns unsigned ``act_bits`` ``(scale, zero_point)`` per observation point:
-    ``"<name>:in"``, ``"<name>:out"``. The model is left in eval mode.
+    ``"<name>:in"``, ``"<name>:out"``; symmetric 8-bit ones (zero point 0) for the outputs of
+    ``signed_outputs``. The model is left in eval mode.
     """
     observers: dict[str, Observer] = {}
     points: dict[str, list[Reducer]] = {}
@@ -195,14 +214,18 @@ def observe_ranges(
 
     for name in names:
         watch(name, "input")
-        if name in feeds_add:
+        if name in feeds_add or name in signed_outputs:
             watch(name, "output")
     for name, mod in model.named_modules():
         if type(mod) is nn.ReLU:
             watch(name, "output")
     model.eval()
     collect(model, points, batches, "quantize calibration", show=ctx.progress)
-    return {k: choose_qparams(*o.range(), act_bits, False) for k, o in observers.items()}
+    signed = {f"{name}:out" for name in signed_outputs}
+    return {
+        k: choose_qparams(*o.range(), *((8, True) if k in signed else (act_bits, False)))
+        for k, o in observers.items()
+    }
 
 
 def quantize_relus(
@@ -223,18 +246,23 @@ def convert(
     per_channel: bool,
     weight_scales: dict[str, torch.Tensor] | None = None,
     act_bits: int = 8,
+    signed_outputs: frozenset[str] = frozenset(),
 ) -> nn.Module:
     """Swap the calibrated conv/linear layers and ReLUs for their quantized versions.
 
     ``weight_scales`` (from QAT, or from GPTQ rounding) fixes the weight scale of the layers it
-    names; the others get min-max scales. ``qparams`` are on ``act_bits`` unsigned codes.
+    names; the others get min-max scales. ``qparams`` are on ``act_bits`` unsigned codes, but
+    for the outputs of ``signed_outputs``: symmetric int8 (see :func:`observe_ranges`).
     """
     scales = weight_scales or {}
     for name, b in bits.items():
         mod = model.get_submodule(name)
         layer_cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
         inp, out = qparams[f"{name}:in"], qparams.get(f"{name}:out")
-        new = layer_cls.from_float(mod, b, per_channel, inp, out, scales.get(name), act_bits)
+        signed = name in signed_outputs
+        new = layer_cls.from_float(
+            mod, b, per_channel, inp, out, scales.get(name), act_bits, signed
+        )
         replace_module(model, name, new)
     quantize_relus(model, qparams, act_bits)
     return model
@@ -248,17 +276,22 @@ def quantize_static_model(
     per_channel: bool = True,
     bias_correction: bool = False,
     dynamic: tuple[str, ...] = (),
+    signed_outputs: frozenset[str] = frozenset(),
 ) -> nn.Module:
     """Fold, calibrate on ``ctx.calib_data`` and convert ``model`` in place; with
     ``config.weight_rounding`` gptq the weight codes are chosen by GPTQ first
     (:func:`~netshrink.quantize.static_gptq.gptq_round`); with ``bias_correction``, then shift
     each converted layer's bias by its mean output error (against the float layers). The
     ``dynamic`` Linears (not in ``bits``) get int8 weights, rounded the same way, and per-token
-    run-time input quantization (:mod:`netshrink.quantize.static_dynamic`)."""
+    run-time input quantization (:mod:`netshrink.quantize.static_dynamic`). The layers of
+    ``signed_outputs`` also quantize their outputs to symmetric int8
+    (:mod:`netshrink.quantize.static_attention`)."""
     batches = materialize(ctx.calib_data or [], "calib_data")[: config.calib_batches]
     act_bits = 8 if config.activations == "int8" else 4
     feeds_add = fold_batchnorms(model, bits)
-    qparams = observe_ranges(model, bits, feeds_add, batches, config.observer, ctx, act_bits)
+    qparams = observe_ranges(
+        model, bits, feeds_add, batches, config.observer, ctx, act_bits, signed_outputs
+    )
     floats = {n: model.get_submodule(n) for n in bits} if bias_correction else {}
     floats = {n: copy.deepcopy(m) for n, m in floats.items() if m.bias is not None}
     if bias_correction and not floats:
@@ -271,7 +304,7 @@ def quantize_static_model(
     if config.weight_rounding == "gptq":
         scales = gptq_round(model, {**bits, **dict.fromkeys(dynamic, 8)}, batches, ctx.progress)
     to_dynamic(model, list(dynamic), scales)
-    convert(model, bits, qparams, per_channel, scales, act_bits)
+    convert(model, bits, qparams, per_channel, scales, act_bits, signed_outputs)
     if floats:
         shifts = correct_biases(model, floats, batches, ctx.progress)
         log.info("quantize.static: bias correction, mean |shift| per layer %s", shifts)
@@ -284,6 +317,8 @@ def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     default = 8 if config.weights == "int8" else 4
     bits = weight_bits(model, config, default, extra=(SmoothedLinear,))
     dynamic = dynamic_layers(model, config.dynamic, bits)
+    static_bits = {n: b for n, b in bits.items() if n not in dynamic}
+    qkv = attention_projections(model, static_bits) if config.attention else set()
     selected = config.targets.select(model, (*layer_types(), SmoothedLinear, nn.Embedding))
     changed = with_tables(selected, config.embeddings, "quantize.static")
     tables = untied(
@@ -292,10 +327,10 @@ def static(model: nn.Module, config: StaticConfig, ctx: Context) -> nn.Module:
     linearize(model, bits)
     unsmooth(model, dynamic)
     model.eval()
-    static_bits = {n: b for n, b in bits.items() if n not in dynamic}
     quantize_static_model(
-        model, static_bits, config, ctx, config.per_channel, config.bias_correction, tuple(dynamic)
-    )
+        model, static_bits, config, ctx, config.per_channel, config.bias_correction,
+        tuple(dynamic), frozenset(qkv),
+    )  # fmt: skip
     for name in tables:
         replace_module(model, name, Int8Embedding.from_float(model.get_submodule(name)))
     warn_left_alone(model, "quantize.static", FLOAT_ONLY, "no integer kernel for them here")
