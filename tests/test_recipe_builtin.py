@@ -98,7 +98,9 @@ def test_transformer_recipe_runs_on_a_tiny_bert_and_shrinks_it(name: str, tmp_pa
     assert 0.0 < result.report.summary()["metric_after"] <= 1.0
 
 
-def test_transformer_int8_ov_leaves_the_first_ffn_outputs_dynamic(tmp_path) -> None:
+def test_transformer_int8_ov_leaves_the_first_ffn_outputs_dynamic_and_int8_attention(
+    tmp_path,
+) -> None:
     model = hf.load_model(f"hf:{hf_fixtures.model_dir(tmp_path, 'bert-4x4')}")
     ctx = Context(calib_data=hf.data_for(model, None).calib[:2], progress=False)
     smooth, static = load("transformer-int8-ov").stages
@@ -111,6 +113,9 @@ def test_transformer_int8_ov_leaves_the_first_ffn_outputs_dynamic(tmp_path) -> N
     layers = len(model.model.encoder.layer)
     assert dynamic == {f"model.encoder.layer.{i}.output.dense" for i in range(min(3, layers))}
     assert len(kinds) == 6 * layers  # Q, K, V, attention output, FFN in and out
+    signed = {n for n, m in out.named_modules() if getattr(m, "signed_output", False)}
+    block = "model.encoder.layer.{}.attention.self.{}"
+    assert signed == {block.format(i, p) for i in range(layers) for p in ("query", "key")}
 
 
 @pytest.mark.parametrize(
