@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -82,17 +83,23 @@ FFN_OUT = r"re:(.*\.)?layers?\.[{}]\.output\.dense"
 
 
 def ns_smooth_static(
-    setup: Setup, rounding: str = "nearest", dynamic: str | None = None
+    setup: Setup, rounding: str = "nearest", dynamic: str | None = None, attention: bool = False
 ) -> torch.nn.Module:
     """quantize.smoothquant (alpha auto, in-layer on post-LN MiniLM) then quantize.static with
     int8 embedding rows and weight codes rounded by ``rounding`` (nearest or gptq), both on the
     128 longest-padded calibration sentences; ``dynamic``: the layers (digits) whose FFN output
-    projection quantizes its input per token at run time (static option ``dynamic``)."""
+    projection quantizes its input per token at run time (static option ``dynamic``);
+    ``attention``: Q, K and V quantized too (static option ``attention``)."""
     calib = [(b, None) for b in setup.calib_longest]
     smoothed = ns.quantize.smoothquant(setup.fp32, alpha="auto", calib_data=calib, progress=False)
     extra = {"dynamic": {"include": [FFN_OUT.format(dynamic)]}} if dynamic else {}
     return ns.quantize.static(
-        smoothed, calib_data=calib, weight_rounding=rounding, progress=False, **extra
+        smoothed,
+        calib_data=calib,
+        weight_rounding=rounding,
+        attention=attention,
+        progress=False,
+        **extra,
     )
 
 
@@ -159,16 +166,19 @@ def build_smooth_ov(s: Setup) -> Built:
     return ov_variant(cached_ir(s, "smooth", lambda: ns_smooth_static(s)), s)
 
 
-def build_smooth_gptq_ov(s: Setup) -> Built:
-    return ov_variant(cached_ir(s, "smooth_gptq", lambda: ns_smooth_static(s, "gptq")), s)
-
-
-def smooth_gptq_dynamic_ov(layers: str) -> Callable[[Setup], Built]:
+def smooth_gptq_ov(layers: str | None, attention: bool = False) -> Callable[[Setup], Built]:
     """Builder of the GPTQ static path in OpenVINO whose FFN output projections of ``layers``
-    (digits of :data:`FFN_OUT`'s brackets, e.g. ``0-2``) quantize their input per token at run
-    time; ``0-2`` is the ``transformer-int8-ov`` recipe."""
-    name = f"smooth_gptq_dyn_{layers}"
-    return lambda s: ov_variant(cached_ir(s, name, lambda: ns_smooth_static(s, "gptq", layers)), s)
+    (digits of :data:`FFN_OUT`'s brackets, e.g. ``0-2``; None: none) quantize their input per
+    token at run time, with int8 Q and K when ``attention`` (``0-2`` with ``attention`` is the
+    ``transformer-int8-ov`` recipe)."""
+    name = "smooth_gptq" + (f"_dyn_{layers}" if layers else "") + ("_att" if attention else "")
+
+    def build(s: Setup) -> Built:
+        return ov_variant(
+            cached_ir(s, name, partial(ns_smooth_static, s, "gptq", layers, attention)), s
+        )
+
+    return build
 
 
 def build_nncf_ov(s: Setup) -> Built:
@@ -214,6 +224,7 @@ QUICK = [
     "netshrink dynamic, OpenVINO",
     "netshrink SmoothQuant + static int8, OpenVINO",
     "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO",
+    "netshrink SmoothQuant + static int8 (GPTQ weights, int8 attention), OpenVINO",
     "netshrink transformer-int8-ov (static, FFN out 0-2 dynamic), OpenVINO",
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8",
 ]
@@ -233,12 +244,16 @@ VARIANTS: dict[str, Callable[[Setup], Built]] = {
     "netshrink SmoothQuant + static int8, eager": build_smooth_eager,
     "netshrink SmoothQuant + static int8, ORT": build_smooth_ort,
     "netshrink SmoothQuant + static int8, OpenVINO": build_smooth_ov,
-    "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO": build_smooth_gptq_ov,
-    "netshrink transformer-int8-ov (static, FFN out 0-2 dynamic), OpenVINO": (
-        smooth_gptq_dynamic_ov("0-2")
+    "netshrink SmoothQuant + static int8 (GPTQ weights), OpenVINO": smooth_gptq_ov(None),
+    "netshrink SmoothQuant + static int8 (GPTQ weights, int8 attention), OpenVINO": (
+        smooth_gptq_ov(None, attention=True)
     ),
-    "netshrink static, FFN out 0 dynamic, OpenVINO": smooth_gptq_dynamic_ov("0"),
-    "netshrink static, all 6 FFN outputs dynamic, OpenVINO": smooth_gptq_dynamic_ov("0-5"),
+    "netshrink transformer-int8-ov (static, FFN out 0-2 dynamic), OpenVINO": (
+        smooth_gptq_ov("0-2", attention=True)
+    ),
+    "netshrink static, FFN out 0-2 dynamic, float attention, OpenVINO": smooth_gptq_ov("0-2"),
+    "netshrink static, FFN out 0 dynamic, OpenVINO": smooth_gptq_ov("0"),
+    "netshrink static, all 6 FFN outputs dynamic, OpenVINO": smooth_gptq_ov("0-5"),
     "NNCF PTQ (TRANSFORMER) + OpenVINO int8": build_nncf_ov,
     "torchao int8 dyn + torch.compile": build_torchao,
     "ORT quantize_dynamic": build_ort_dynamic,

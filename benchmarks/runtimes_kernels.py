@@ -27,9 +27,11 @@ def ort_integer_nodes(path: Path) -> dict[str, int]:
 
 def int8_primitives(prims: dict[str, int] | None) -> str:
     """The executed primitives that matter for speed: matmuls/convs by precision, attention
-    (OpenVINO), or ORT's integer nodes."""
+    (OpenVINO; its fused attention kernel runs as a Snippets ``Subgraph``: ``Subgraph/i8`` is
+    int8 attention), or ORT's integer nodes."""
     if not prims:
         return ""
     keep = ("FullyConnected", "MatMul", "Convolution", "ScaledDotProductAttention", "MHA")
+    keep += ("Subgraph",)
     keep += ORT_INTEGER
     return ", ".join(f"{k} x{v}" for k, v in prims.items() if k.split("/")[0] in keep)
