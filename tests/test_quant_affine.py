@@ -17,6 +17,7 @@ from netshrink.quantize.affine import (
     quantize,
     quantize_weight,
 )
+from netshrink.quantize.layers import fake_quant as layer_fake_quant
 from netshrink.quantize.observers import make_observer
 from netshrink.quantize.packing import pack, to_signed, to_unsigned, unpack
 
@@ -167,3 +168,23 @@ def test_observer_errors_name_the_layer() -> None:
         obs.range()
     with pytest.raises(DataError, match=r"blocks\.0\.conv"):
         obs.update(torch.tensor([1.0, float("nan")]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(floats, min_size=1, max_size=64), signed=st.booleans())
+def test_activation_fake_quant_paths_agree_and_stay_within_half_a_step(
+    values: list[float], signed: bool
+) -> None:
+    # the frozen path (decomposed ops, what exports as QDQ) and the autograd one must give the
+    # same numbers, signed (int8 Q/K of attention: true) or unsigned (uint8 activations)
+    x = torch.tensor(values, dtype=torch.float32)
+    scale, zp = choose_qparams(x.amin(), x.amax(), 8, signed)
+    frozen = layer_fake_quant(x, scale, zp, (float(scale), int(zp)), signed=signed)
+    trained = layer_fake_quant(x.requires_grad_(), scale, zp, signed=signed)
+    assert torch.equal(frozen, trained.detach())
+    codes = torch.round(frozen / scale) + zp
+    assert int(codes.min()) >= (-128 if signed else 0) and int(codes.max()) <= (
+        127 if signed else 255
+    )
+    err = (frozen - x.detach()).abs().max()
+    assert float(err) <= float(scale) / 2 * (1 + 1e-4) + float(x.abs().max()) * 1e-6
