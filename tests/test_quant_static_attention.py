@@ -134,3 +134,11 @@ def test_a_model_without_attention_is_told_and_still_quantized() -> None:
     with pytest.warns(UserWarning, match="no self-attention found"):
         model = ns.quantize.static(mlp, calib_data=calib, attention=True, progress=False)
     assert isinstance(model[0], QuantLinear) and not _signed(model)
+
+
+def test_packed_multihead_attention_is_told_apart() -> None:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0).eval()
+    calib = [(torch.randn(4, 6, 16), None) for _ in range(2)]
+    with pytest.warns(UserWarning, match="in_proj_weight"):
+        model = ns.quantize.static(layer, calib_data=calib, attention=True, progress=False)
+    assert not _signed(model) and isinstance(model.linear1, QuantLinear)

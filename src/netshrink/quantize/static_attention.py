@@ -45,15 +45,24 @@ def attention_projections(model: nn.Module, quantized: Iterable[str]) -> set[str
     nothing.
     """
     chosen = set(quantized)
+    attention = find_attention(model, linear=_projection)
     found = {
         slot.module
-        for att in find_attention(model, linear=_projection)
+        for att in attention
         for slot in (*att.q, att.kv[0])
         if slot.kind in ("linear", "conv1d")
     }
     names = found & chosen
     if not names:
-        why = "none of them is quantized here" if found else "it has no self-attention found"
+        if found:
+            why = "none of them is quantized here"
+        elif attention:
+            why = (
+                "its attention computes Q and K inside one module (nn.MultiheadAttention's "
+                "in_proj_weight), with no projection output to quantize"
+            )
+        else:
+            why = "it has no self-attention found"
         warnings.warn(
             f"quantize.static: attention: true but {why} (query and key projections of "
             "BERT, DistilBERT, ViT, GPT-2, T5 or Llama-style attention); attention stays float",
